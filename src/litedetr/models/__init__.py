@@ -1,0 +1,1 @@
+"""Detectors, backbones, criterion and checkpoint conversion."""

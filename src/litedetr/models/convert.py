@@ -1,0 +1,112 @@
+"""Load weights saved by the authors' code (IDEA-Research/Lite-DETR, the DINO code base).
+
+Their names are rewritten by an ordered table of regular expressions (first full match wins), then
+checked against the target module: every key must be used and every parameter filled, with equal
+shapes; otherwise :class:`ConversionError` names the offending keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+from litedetr.nn import MultiScaleDeformableAttention
+
+__all__ = ["ConversionError", "OFFICIAL_RULES", "rename_official", "load_official_state_dict"]
+
+logger = logging.getLogger(__name__)
+
+_ENCODER_LAYER_PARTS = {
+    "self_attn": "self_attn",
+    "norm1": "norm",
+    "linear1": "ffn.linear1",
+    "linear2": "ffn.linear2",
+    "norm2": "ffn.norm",
+    "linear12": "ffn_low.linear1",
+    "linear22": "ffn_low.linear2",
+    "norm22": "ffn_low.norm",
+}
+
+OFFICIAL_RULES: list[tuple[str, str]] = [
+    (r"transformer\.level_embed", "input_stage.level_embed"),
+    (r"input_proj\.(\d+)\.([01])\.(weight|bias)", r"input_stage.input_proj.\1.\2.\3"),
+    *(
+        (rf"transformer\.encoder\.layers\.(\d+)\.{theirs}\.(.+)", rf"encoder.layers.\1.{ours}.\2")
+        for theirs, ours in _ENCODER_LAYER_PARTS.items()
+    ),
+]
+"""``(pattern, replacement)`` pairs from the authors' key names to ours."""
+
+
+class ConversionError(ValueError):
+    """A state dict that does not fit the target model; the message names the keys."""
+
+
+def _listing(title: str, keys: list[str], limit: int = 20) -> str:
+    shown = "\n  ".join(keys[:limit])
+    more = f"\n  ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"{title} ({len(keys)}):\n  {shown}{more}"
+
+
+def rename_official(state_dict: Mapping[str, Tensor], rules: list[tuple[str, str]] = OFFICIAL_RULES) -> dict[str, Tensor]:
+    """Rewrite the authors' key names to ours; raises :class:`ConversionError` listing keys no rule knows."""
+    compiled = [(re.compile(p), r) for p, r in rules]
+    renamed, unknown = {}, []
+    for key, value in state_dict.items():
+        for pattern, replacement in compiled:
+            if pattern.fullmatch(key):
+                renamed[pattern.sub(replacement, key)] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ConversionError(_listing("keys in the checkpoint that no conversion rule knows", unknown))
+    return renamed
+
+
+def _unused_query_projections(model: nn.Module) -> set[str]:
+    """The authors' plain attention also holds a ``query_proj`` it never uses: names to drop."""
+    return {
+        f"{name}.query_proj.{p}"
+        for name, module in model.named_modules()
+        if isinstance(module, MultiScaleDeformableAttention) and not module.key_aware
+        for p in ("weight", "bias")
+    }
+
+
+def load_official_state_dict(
+    model: nn.Module, state_dict: Mapping[str, Tensor], rules: list[tuple[str, str]] = OFFICIAL_RULES
+) -> None:
+    """Convert the authors' ``state_dict`` and load it into ``model``, strictly.
+
+    Raises:
+        ConversionError: keys unknown to the rules, left over, missing from the checkpoint, or of
+            another shape; each listed by name.
+    """
+    renamed = rename_official(state_dict, rules)
+    unused = _unused_query_projections(model) & renamed.keys()
+    for key in unused:
+        del renamed[key]
+    if unused:
+        logger.info("dropped %d unused query_proj weights of plain deformable attention", len(unused))
+    own = model.state_dict()
+    problems = []
+    leftover = sorted(set(renamed) - set(own))
+    missing = sorted(set(own) - set(renamed))
+    wrong_shape = sorted(
+        f"{k}: checkpoint {tuple(renamed[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(renamed) & set(own)
+        if renamed[k].shape != own[k].shape
+    )
+    if leftover:
+        problems.append(_listing("checkpoint keys with no place in the model", leftover))
+    if missing:
+        problems.append(_listing("model keys missing from the checkpoint", missing))
+    if wrong_shape:
+        problems.append(_listing("keys whose shapes differ", wrong_shape))
+    if problems:
+        raise ConversionError("the checkpoint does not fit this model (another preset or class count?)\n" + "\n".join(problems))
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in renamed.items()})

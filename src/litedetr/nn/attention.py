@@ -1,0 +1,129 @@
+"""Multi-scale deformable attention module, plain (MSDA) or key-aware (KDA)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from litedetr.ops import ms_deform_attn, ms_deform_attn_key_aware
+
+__all__ = ["MultiScaleDeformableAttention", "sampling_locations"]
+
+
+def sampling_locations(reference_points: Tensor, offsets: Tensor, spatial_shapes: Tensor) -> Tensor:
+    """Sampling locations from reference points and predicted offsets.
+
+    Args:
+        reference_points: ``(B, Lq, L, 2)`` points ``(x, y)`` or ``(B, Lq, L, 4)`` boxes ``(cx, cy, w, h)``,
+            normalised to [0, 1].
+        offsets: ``(B, Lq, M, L, P, 2)``, in pixels of each level for points, in units of
+            ``box size / (2 P)`` for boxes (the deformable-DETR convention).
+        spatial_shapes: ``(L, 2)`` of ``(H_l, W_l)``.
+
+    Returns:
+        ``(B, Lq, M, L, P, 2)`` locations ``(x, y)`` in [0, 1] (outside the map where offsets lead out).
+    """
+    ref = reference_points[:, :, None, :, None]
+    if reference_points.shape[-1] == 2:
+        normalizer = spatial_shapes.flip(-1).to(offsets.dtype)  # (W_l, H_l)
+        return ref + offsets / normalizer[None, None, None, :, None, :]
+    if reference_points.shape[-1] == 4:
+        n_points = offsets.shape[-2]
+        return ref[..., :2] + offsets / n_points * ref[..., 2:] * 0.5
+    raise ValueError(f"reference points must end in 2 (points) or 4 (boxes), got shape {tuple(reference_points.shape)}")
+
+
+class MultiScaleDeformableAttention(nn.Module):
+    """Each query attends to ``n_points`` sampled locations per head and level around its reference.
+
+    Plain deformable attention predicts the attention weights with a linear layer on the query.
+    Key-aware deformable attention (``key_aware=True``, Lite DETR) samples keys together with the
+    values and weights them by a softmax of ``q.k / sqrt(d_head)`` over all levels and points; keys are
+    the projected values (the authors' ``proj_key=False``), so it adds only ``query_proj``.
+
+    Args:
+        d_model: channels ``C``.
+        n_levels: feature levels ``L``.
+        n_heads: heads ``M`` (``C`` must be divisible by it).
+        n_points: sampling points ``P`` per head and level.
+        key_aware: KDA instead of plain deformable attention.
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, key_aware: bool = False):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.key_aware = key_aware
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        if key_aware:
+            self.query_proj = nn.Linear(d_model, d_model)
+        else:
+            self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The authors' initialisation: offsets start on a ring of directions, one per head, ``i+1`` pixels out for point ``i``."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True).values
+        grid = grid[:, None, None, :] * torch.arange(1, self.n_points + 1, dtype=torch.float32)[None, None, :, None]
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.expand(-1, self.n_levels, -1, -1).reshape(-1))
+        if self.key_aware:
+            nn.init.xavier_uniform_(self.query_proj.weight)
+            nn.init.zeros_(self.query_proj.bias)
+        else:
+            nn.init.zeros_(self.attention_weights.weight)
+            nn.init.zeros_(self.attention_weights.bias)
+        for proj in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def sampling(self, query: Tensor, reference_points: Tensor, spatial_shapes: Tensor) -> Tensor:
+        """``(B, Lq, C)`` queries -> ``(B, Lq, M, L, P, 2)`` sampling locations in [0, 1]."""
+        b, lq, _ = query.shape
+        offsets = self.sampling_offsets(query).view(b, lq, self.n_heads, self.n_levels, self.n_points, 2)
+        return sampling_locations(reference_points, offsets, spatial_shapes)
+
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        value: Tensor,
+        spatial_shapes: Tensor,
+        padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """
+        Args:
+            query: ``(B, Lq, C)`` (position embedding already added).
+            reference_points: ``(B, Lq, L, 2)`` points or ``(B, Lq, L, 4)`` boxes in [0, 1].
+            value: ``(B, S, C)`` the flattened multi-scale maps (keys too, for KDA).
+            spatial_shapes: ``(L, 2)`` of ``(H_l, W_l)``, ``sum(H_l * W_l) == S``.
+            padding_mask: ``(B, S)`` bool, True = padding; padded keys/values are zero.
+
+        Returns:
+            ``(B, Lq, C)``.
+        """
+        b, lq, _ = query.shape
+        s = value.shape[1]
+        if reference_points.shape[:3] != (b, lq, self.n_levels):
+            raise ValueError(f"reference points {tuple(reference_points.shape)} do not fit {b} x {lq} queries, {self.n_levels} levels")
+        v = self.value_proj(value)
+        if padding_mask is not None:
+            v = v.masked_fill(padding_mask[..., None], 0.0)
+        v = v.view(b, s, self.n_heads, -1)
+        locations = self.sampling(query, reference_points, spatial_shapes)
+        if self.key_aware:
+            q = self.query_proj(query).view(b, lq, self.n_heads, -1)
+            out = ms_deform_attn_key_aware(q, v, v, spatial_shapes, locations)
+        else:
+            weights = self.attention_weights(query).view(b, lq, self.n_heads, self.n_levels * self.n_points)
+            weights = weights.softmax(-1).view(b, lq, self.n_heads, self.n_levels, self.n_points)
+            out = ms_deform_attn(v, spatial_shapes, locations, weights)
+        return self.output_proj(out)

@@ -1,0 +1,127 @@
+"""Multi-scale deformable attention (MSDA) and key-aware deformable attention (KDA).
+
+Pure tensor functions, built on ``torch.nn.functional.grid_sample`` (bilinear, zero padding outside
+the map, ``align_corners=False``: the sampling convention of the authors' code). Everything is
+differentiable w.r.t. every floating-point input.
+
+Notation: ``B`` batch, ``S`` tokens over all levels, ``M`` heads, ``D`` channels per head, ``Lq``
+queries, ``L`` levels, ``P`` points per level and head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["ms_deform_attn", "ms_deform_attn_key_aware"]
+
+
+def _level_maps(feats: Tensor, spatial_shapes: Tensor) -> list[Tensor]:
+    """Split ``(B, S, M, C)`` into per-level maps ``(B*M, C, H_l, W_l)`` (one transposing copy)."""
+    b, s, m, c = feats.shape
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    if sum(h * w for h, w in shapes) != s:
+        raise ValueError(f"spatial_shapes {shapes} cover {sum(h * w for h, w in shapes)} tokens, input has {s}")
+    channels_first = feats.permute(0, 2, 3, 1).reshape(b * m, c, s)
+    return [level.view(b * m, c, h, w) for level, (h, w) in zip(channels_first.split([h * w for h, w in shapes], -1), shapes)]
+
+
+def _level_grids(sampling_locations: Tensor) -> Tensor:
+    """``(B, Lq, M, L, P, 2)`` locations in [0, 1] -> ``(L, B*M, Lq, P, 2)`` grids in [-1, 1]."""
+    b, lq, m, n_levels, p, _ = sampling_locations.shape
+    grids = (2 * sampling_locations - 1).permute(3, 0, 2, 1, 4, 5)
+    return grids.reshape(n_levels, b * m, lq, p, 2)
+
+
+def _check_shapes(feats: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor) -> None:
+    if feats.dim() != 4:
+        raise ValueError(f"expected (B, S, M, D) keys/values, got shape {tuple(feats.shape)}")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(f"expected (B, Lq, M, L, P, 2) sampling locations, got {tuple(sampling_locations.shape)}")
+    b, _, m, _ = feats.shape
+    if sampling_locations.shape[0] != b or sampling_locations.shape[2] != m:
+        raise ValueError(
+            f"batch/heads of sampling locations {tuple(sampling_locations.shape)} do not match values {tuple(feats.shape)}"
+        )
+    if spatial_shapes.shape != (sampling_locations.shape[3], 2):
+        raise ValueError(f"spatial_shapes must be (L, 2) with L={sampling_locations.shape[3]}, got {tuple(spatial_shapes.shape)}")
+
+
+def _sample(maps: list[Tensor], grids: Tensor) -> list[Tensor]:
+    """Bilinearly sample each level: ``(B*M, C, H_l, W_l)`` at ``(B*M, Lq, P, 2)`` -> ``(B*M, C, Lq, P)``."""
+    return [
+        F.grid_sample(level_map, grid.to(level_map.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+        for level_map, grid in zip(maps, grids)
+    ]
+
+
+def _merge_heads(out: Tensor, b: int, m: int) -> Tensor:
+    """``(B*M, D, Lq)`` -> ``(B, Lq, M*D)``."""
+    _, d, lq = out.shape
+    return out.view(b, m * d, lq).transpose(1, 2).contiguous()
+
+
+def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+    """Multi-scale deformable attention with given attention weights.
+
+    Args:
+        value: ``(B, S, M, D)`` values of all levels, flattened level by level (row-major per level).
+        spatial_shapes: ``(L, 2)`` long tensor of ``(H_l, W_l)``.
+        sampling_locations: ``(B, Lq, M, L, P, 2)`` as ``(x, y)`` in [0, 1] of each level's map.
+        attention_weights: ``(B, Lq, M, L, P)`` (normally softmax-normalised over ``L*P``).
+
+    Returns:
+        ``(B, Lq, M*D)``.
+    """
+    _check_shapes(value, spatial_shapes, sampling_locations)
+    b, _, m, _ = value.shape
+    _, lq, _, n_levels, p, _ = sampling_locations.shape
+    if attention_weights.shape != (b, lq, m, n_levels, p):
+        raise ValueError(f"attention_weights must be {(b, lq, m, n_levels, p)}, got {tuple(attention_weights.shape)}")
+    weights = attention_weights.permute(3, 0, 2, 1, 4).reshape(n_levels, b * m, 1, lq, p).to(value.dtype)
+    sampled = _sample(_level_maps(value, spatial_shapes), _level_grids(sampling_locations))
+    out = sum((level * w).sum(-1) for level, w in zip(sampled, weights))
+    return _merge_heads(out, b, m)
+
+
+def ms_deform_attn_key_aware(
+    query: Tensor, key: Tensor, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor
+) -> Tensor:
+    """Key-aware deformable attention (KDA, Lite DETR).
+
+    Keys and values are bilinearly sampled at the same locations, in one pass per level (when ``key``
+    is ``value``, as in the authors' ``proj_key=False`` setting, the map is sampled once). Per head,
+    the weights are a softmax over all ``L*P`` sampled keys of ``q.k / sqrt(D)``; a sample outside a
+    map is a zero key and a zero value, and stays in the softmax (as in the authors' code).
+
+    Args:
+        query: ``(B, Lq, M, D)`` projected queries.
+        key: ``(B, S, M, D)``.
+        value: ``(B, S, M, D)``.
+        spatial_shapes: ``(L, 2)`` long tensor of ``(H_l, W_l)``.
+        sampling_locations: ``(B, Lq, M, L, P, 2)`` as ``(x, y)`` in [0, 1].
+
+    Returns:
+        ``(B, Lq, M*D)``.
+    """
+    _check_shapes(value, spatial_shapes, sampling_locations)
+    if key.shape != value.shape:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must have the same shape")
+    b, _, m, d = value.shape
+    _, lq, _, _, _, _ = sampling_locations.shape
+    if query.shape != (b, lq, m, d):
+        raise ValueError(f"query must be {(b, lq, m, d)}, got {tuple(query.shape)}")
+    shared = key is value
+    feats = value if shared else torch.cat([key, value], dim=-1)
+    sampled = _sample(_level_maps(feats, spatial_shapes), _level_grids(sampling_locations))
+    keys = sampled if shared else [s[:, :d] for s in sampled]
+    values = sampled if shared else [s[:, d:] for s in sampled]
+
+    q = query.to(value.dtype).permute(0, 2, 3, 1).reshape(b * m, d, lq, 1) * (1.0 / math.sqrt(d))
+    logits = torch.cat([(k * q).sum(1) for k in keys], dim=-1)  # (B*M, Lq, L*P)
+    weights = logits.float().softmax(-1).to(logits.dtype).unsqueeze(1).split([k.shape[-1] for k in keys], dim=-1)
+    out = sum((v * w).sum(-1) for v, w in zip(values, weights))
+    return _merge_heads(out, b, m)

@@ -1,0 +1,83 @@
+"""Geometry of multi-scale token maps: level offsets, valid ratios, reference points, sine embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["level_start_index", "valid_ratios", "encoder_reference_points", "sine_position_embedding"]
+
+
+def level_start_index(spatial_shapes: Tensor) -> Tensor:
+    """``(L, 2)`` shapes ``(H_l, W_l)`` -> ``(L,)`` index of each level's first token in the flat sequence."""
+    sizes = spatial_shapes.prod(1)
+    return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+
+
+def valid_ratios(mask: Tensor) -> Tensor:
+    """Fraction of a padded map that holds the image.
+
+    Args:
+        mask: ``(B, H, W)`` bool, True = padding (images are padded at the bottom and right).
+
+    Returns:
+        ``(B, 2)`` as ``(valid_w / W, valid_h / H)``.
+    """
+    _, h, w = mask.shape
+    valid_h = (~mask[:, :, 0]).sum(1)
+    valid_w = (~mask[:, 0, :]).sum(1)
+    return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+
+
+def encoder_reference_points(spatial_shapes: Tensor, ratios: Tensor) -> Tensor:
+    """Reference point of every token: the centre of its cell, normalised by the image's valid area.
+
+    Args:
+        spatial_shapes: ``(L, 2)`` of ``(H_l, W_l)``.
+        ratios: ``(B, L, 2)`` valid ratios ``(w, h)`` per level.
+
+    Returns:
+        ``(B, S, L, 2)`` points ``(x, y)``: each token's point, expressed in every level's
+        padded-map coordinates (the deformable-DETR convention).
+    """
+    points = []
+    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        ys, xs = torch.meshgrid(
+            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=ratios.device),
+            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=ratios.device),
+            indexing="ij",
+        )
+        ys = ys.reshape(-1)[None] / (ratios[:, None, lvl, 1] * h)
+        xs = xs.reshape(-1)[None] / (ratios[:, None, lvl, 0] * w)
+        points.append(torch.stack([xs, ys], -1))
+    return torch.cat(points, 1)[:, :, None] * ratios[:, None]
+
+
+def sine_position_embedding(
+    mask: Tensor, num_feats: int = 128, temperature_h: float = 10000.0, temperature_w: float = 10000.0
+) -> Tensor:
+    """Normalised 2-d sine position embedding (DETR; DINO uses temperature 20 on both axes).
+
+    Args:
+        mask: ``(B, H, W)`` bool, True = padding.
+        num_feats: channels per axis; the output has ``2 * num_feats``.
+
+    Returns:
+        ``(B, 2*num_feats, H, W)``: ``y`` channels first, then ``x``, each as interleaved sin/cos.
+    """
+    not_mask = ~mask
+    y = not_mask.cumsum(1, dtype=torch.float32)
+    x = not_mask.cumsum(2, dtype=torch.float32)
+    eps, scale = 1e-6, 2 * math.pi
+    y = y / (y[:, -1:, :] + eps) * scale
+    x = x / (x[:, :, -1:] + eps) * scale
+    dims = torch.arange(num_feats, dtype=torch.float32, device=mask.device)
+    exponent = 2 * torch.div(dims, 2, rounding_mode="floor") / num_feats
+
+    def embed(coord: Tensor, temperature: float) -> Tensor:
+        angles = coord[..., None] / temperature**exponent
+        return torch.stack([angles[..., 0::2].sin(), angles[..., 1::2].cos()], dim=4).flatten(3)
+
+    return torch.cat([embed(y, temperature_h), embed(x, temperature_w)], dim=3).permute(0, 3, 1, 2)
