@@ -70,7 +70,7 @@ def rename_official(state_dict: Mapping[str, Tensor], rules: list[tuple[str, str
 def _unused_query_projections(model: nn.Module) -> set[str]:
     """The authors' plain attention also holds a ``query_proj`` it never uses: names to drop."""
     return {
-        f"{name}.query_proj.{p}"
+        f"{name}.query_proj.{p}".lstrip(".")
         for name, module in model.named_modules()
         if isinstance(module, MultiScaleDeformableAttention) and not module.key_aware
         for p in ("weight", "bias")

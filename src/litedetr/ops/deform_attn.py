@@ -122,6 +122,7 @@ def ms_deform_attn_key_aware(
 
     q = query.to(value.dtype).permute(0, 2, 3, 1).reshape(b * m, d, lq, 1) * (1.0 / math.sqrt(d))
     logits = torch.cat([(k * q).sum(1) for k in keys], dim=-1)  # (B*M, Lq, L*P)
-    weights = logits.float().softmax(-1).to(logits.dtype).unsqueeze(1).split([k.shape[-1] for k in keys], dim=-1)
+    weights = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(logits.dtype)
+    weights = weights.unsqueeze(1).split([k.shape[-1] for k in keys], dim=-1)
     out = sum((v * w).sum(-1) for v, w in zip(values, weights))
     return _merge_heads(out, b, m)

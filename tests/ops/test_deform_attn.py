@@ -1,0 +1,150 @@
+"""MSDA / KDA ops against a naive per-point bilinear reference, gradcheck, dtypes and errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from litedetr.ops import ms_deform_attn, ms_deform_attn_key_aware
+
+SHAPES = torch.tensor([[5, 7], [3, 4], [2, 2]])
+
+
+def bilinear(feature: torch.Tensor, x: float, y: float) -> torch.Tensor:
+    """Sample ``(H, W, C)`` at normalised ``(x, y)``; pixel centres at ``(j+0.5)/W``; zeros outside."""
+    h, w, c = feature.shape
+    px, py = x * w - 0.5, y * h - 0.5
+    x0, y0 = math.floor(px), math.floor(py)
+    out = torch.zeros(c, dtype=feature.dtype)
+    for yy, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):
+        for xx, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0)):
+            if 0 <= yy < h and 0 <= xx < w:
+                out = out + wy * wx * feature[yy, xx]
+    return out
+
+
+def level_maps(feats: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor]:
+    """``(S, C)`` -> per-level ``(H, W, C)``."""
+    sizes = [int(h * w) for h, w in shapes]
+    return [f.view(int(h), int(w), -1) for f, (h, w) in zip(feats.split(sizes), shapes)]
+
+
+def naive(query, key, value, shapes, locations, weights=None):
+    """Loop over batch, query, head, level, point."""
+    b, lq, m, n_levels, p, _ = locations.shape
+    d = value.shape[-1]
+    out = torch.zeros(b, lq, m, d, dtype=value.dtype)
+    for bi in range(b):
+        for hi in range(m):
+            vmaps = level_maps(value[bi, :, hi], shapes)
+            kmaps = level_maps(key[bi, :, hi], shapes) if key is not None else None
+            for qi in range(lq):
+                samples_v, logits = [], []
+                for li in range(n_levels):
+                    for pi in range(p):
+                        x, y = locations[bi, qi, hi, li, pi].tolist()
+                        samples_v.append(bilinear(vmaps[li], x, y))
+                        if kmaps is not None:
+                            logits.append(bilinear(kmaps[li], x, y) @ query[bi, qi, hi] / math.sqrt(d))
+                if weights is None:
+                    w = torch.softmax(torch.stack(logits), 0)
+                else:
+                    w = weights[bi, qi, hi].reshape(-1)
+                out[bi, qi, hi] = (w[:, None] * torch.stack(samples_v)).sum(0)
+    return out.flatten(2)
+
+
+def random_inputs(b=2, lq=5, m=2, d=4, p=3, dtype=torch.float64, requires_grad=False):
+    s = int(SHAPES.prod(1).sum())
+    n_levels = len(SHAPES)
+    g = torch.Generator().manual_seed(0)
+    kw = dict(dtype=dtype, generator=g)
+    query = torch.randn(b, lq, m, d, **kw)
+    key = torch.randn(b, s, m, d, **kw)
+    value = torch.randn(b, s, m, d, **kw)
+    # locations in [-0.2, 1.2]: some samples fall (partly) outside the maps
+    locations = torch.rand(b, lq, m, n_levels, p, 2, **kw) * 1.4 - 0.2
+    weights = torch.rand(b, lq, m, n_levels, p, **kw)
+    tensors = [query, key, value, locations, weights]
+    return [t.requires_grad_(requires_grad) for t in tensors]
+
+
+def test_msda_matches_naive_bilinear():
+    _, _, value, locations, weights = random_inputs()
+    expected = naive(None, None, value, SHAPES, locations, weights)
+    torch.testing.assert_close(ms_deform_attn(value, SHAPES, locations, weights), expected)
+
+
+@pytest.mark.parametrize("shared_key", [False, True])
+def test_kda_matches_naive_bilinear(shared_key):
+    query, key, value, locations, _ = random_inputs()
+    key = value if shared_key else key
+    expected = naive(query, key, value, SHAPES, locations)
+    torch.testing.assert_close(ms_deform_attn_key_aware(query, key, value, SHAPES, locations), expected)
+
+
+def test_msda_gradcheck():
+    _, _, value, locations, weights = random_inputs(b=1, lq=3, m=2, d=3, p=2, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, loc, w: ms_deform_attn(v, SHAPES, loc, w), (value, locations, weights))
+
+
+def test_kda_gradcheck_all_inputs():
+    query, key, value, locations, _ = random_inputs(b=1, lq=3, m=2, d=3, p=2, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, loc: ms_deform_attn_key_aware(q, k, v, SHAPES, loc), (query, key, value, locations)
+    )
+
+
+def test_kda_gradcheck_shared_key_value():
+    query, _, value, locations, _ = random_inputs(b=1, lq=3, m=2, d=3, p=2, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, v, loc: ms_deform_attn_key_aware(q, v, v, SHAPES, loc), (query, value, locations)
+    )
+
+
+def test_kda_equals_msda_with_the_dot_product_weights():
+    """KDA is MSDA whose weights are softmax(q.k/sqrt(d)) of the sampled keys."""
+    query, key, value, locations, _ = random_inputs()
+    b, lq, m, n_levels, p, _ = locations.shape
+    sampled_keys = torch.zeros(b, lq, m, n_levels * p, query.shape[-1], dtype=query.dtype)
+    for li in range(n_levels):
+        one_hot = torch.zeros(b, lq, m, n_levels, p, dtype=query.dtype)
+        for pi in range(p):
+            one_hot.zero_()
+            one_hot[:, :, :, li, pi] = 1
+            sampled_keys[:, :, :, li * p + pi] = ms_deform_attn(key, SHAPES, locations, one_hot).view(b, lq, m, -1)
+    weights = torch.softmax((sampled_keys * query[:, :, :, None]).sum(-1) / math.sqrt(query.shape[-1]), -1)
+    expected = ms_deform_attn(value, SHAPES, locations, weights.view(b, lq, m, n_levels, p))
+    torch.testing.assert_close(ms_deform_attn_key_aware(query, key, value, SHAPES, locations), expected)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2), (torch.float16, 5e-3)])
+def test_low_precision_dtypes(dtype, tol):
+    query, key, value, locations, weights = random_inputs(dtype=torch.float32)
+    ref_msda = ms_deform_attn(value, SHAPES, locations, weights)
+    ref_kda = ms_deform_attn_key_aware(query, key, value, SHAPES, locations)
+    cast = [t.to(dtype) for t in (query, key, value, locations, weights)]
+    out_msda = ms_deform_attn(cast[2], SHAPES, cast[3], cast[4])
+    out_kda = ms_deform_attn_key_aware(cast[0], cast[1], cast[2], SHAPES, cast[3])
+    assert out_msda.dtype == dtype and out_kda.dtype == dtype
+    torch.testing.assert_close(out_msda.float(), ref_msda, atol=tol * 10, rtol=tol)
+    torch.testing.assert_close(out_kda.float(), ref_kda, atol=tol * 10, rtol=tol)
+
+
+def test_low_precision_backward_runs():
+    query, key, value, locations = [t.to(torch.bfloat16).requires_grad_() for t in random_inputs(dtype=torch.float32)[:4]]
+    ms_deform_attn_key_aware(query, key, value, SHAPES, locations).float().square().sum().backward()
+    for t in (query, key, value, locations):
+        assert t.grad is not None and t.grad.dtype == torch.bfloat16 and torch.isfinite(t.grad.float()).all()
+
+
+def test_shape_errors_name_the_problem():
+    query, key, value, locations, weights = random_inputs()
+    with pytest.raises(ValueError, match="spatial_shapes"):
+        ms_deform_attn(value, torch.tensor([[5, 7], [3, 4], [2, 3]]), locations, weights)
+    with pytest.raises(ValueError, match="attention_weights"):
+        ms_deform_attn(value, SHAPES, locations, weights[..., :1])
+    with pytest.raises(ValueError, match="query"):
+        ms_deform_attn_key_aware(query[..., :2], key, value, SHAPES, locations)
