@@ -1,5 +1,6 @@
 """Pure tensor functions: no parameters, no modules."""
 
+from litedetr.ops.boxes import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou, inverse_sigmoid
 from litedetr.ops.deform_attn import ms_deform_attn, ms_deform_attn_key_aware
 from litedetr.ops.geometry import encoder_reference_points, level_start_index, sine_position_embedding, valid_ratios
 
@@ -10,4 +11,9 @@ __all__ = [
     "valid_ratios",
     "encoder_reference_points",
     "sine_position_embedding",
+    "box_cxcywh_to_xyxy",
+    "box_xyxy_to_cxcywh",
+    "box_iou",
+    "generalized_box_iou",
+    "inverse_sigmoid",
 ]

@@ -1,0 +1,84 @@
+"""Command-line interface: ``litedetr COMMAND ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from litedetr.nn import DeformableEncoder, LiteEncoder
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 800x1333 (HxW), got {text!r}") from None
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return h, w
+
+
+def _level_shapes(h: int, w: int, n_levels: int) -> torch.Tensor:
+    """Map sizes of strides 8, 16, ... as ResNet (ceil at every stride-2 step) and the extra stride-2 conv produce them."""
+    shapes = []
+    for _ in range(3):  # stem+pool (/4) then stride-2 stages down to /8
+        h, w = -(-h // 2), -(-w // 2)
+    for _ in range(n_levels):
+        shapes.append((h, w))
+        h, w = -(-h // 2), -(-w // 2)
+    return torch.tensor(shapes)
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    shapes = _level_shapes(*args.size, args.levels)
+    if args.high is None:
+        encoder = DeformableEncoder(num_layers=args.blocks * args.updates, d_model=32, n_levels=args.levels, n_heads=1, d_ffn=1)
+        title = f"standard deformable encoder, {len(encoder.layers)} layers"
+    else:
+        encoder = LiteEncoder(args.high, args.updates, args.blocks, d_model=32, n_levels=args.levels, n_heads=1, d_ffn=1, d_ffn_low=1)
+        title = f"Lite encoder H{args.high}L{args.levels - args.high}-({args.updates}+1)x{args.blocks}"
+    schedule = encoder.schedule(shapes)
+    if args.json:
+        print(json.dumps({"levels": shapes.tolist(), "layers": [vars(s) for s in schedule]}))
+        return 0
+    sizes = shapes.prod(1).tolist()
+    strides = [8 * 2**i for i in range(args.levels)]
+    print(f"{title} at {args.size[0]}x{args.size[1]}")
+    print("tokens per level (stride: HxW = tokens): " + ", ".join(f"{s}: {h}x{w} = {n}" for s, (h, w), n in zip(strides, shapes.tolist(), sizes)))
+    print(f"{'layer':>5}  {'query levels':>12}  {'queries':>8}  {'share':>6}  {'narrow FFN':>10}")
+    for step in schedule:
+        levels = ",".join(str(strides[i]) for i in range(step.first_level, args.levels))
+        print(f"{step.layer:>5}  {levels:>12}  {step.num_queries:>8}  {step.num_queries / step.num_tokens:>6.1%}  {step.narrow_ffn_tokens:>10}")
+    total = sum(s.num_queries for s in schedule)
+    print(f"query-token updates: {total} ({total / (len(schedule) * sum(sizes)):.1%} of a standard encoder of equal depth)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="litedetr", description="Lite DETR: efficient multi-scale DETR encoders.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("schedule", help="which tokens are queries in each encoder layer, for an image size")
+    p.add_argument("--size", type=_size, default=(800, 1333), help="image size HxW (default 800x1333)")
+    p.add_argument("--high", type=int, default=3, help="H: number of high-level (coarsest) scales")
+    p.add_argument("--standard", dest="high", action="store_const", const=None, help="the standard encoder instead")
+    p.add_argument("--updates", type=int, default=2, help="A: high-level updates per block")
+    p.add_argument("--blocks", type=int, default=3, help="B: number of blocks")
+    p.add_argument("--levels", type=int, default=4, help="number of feature levels (default 4)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_schedule)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"litedetr: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

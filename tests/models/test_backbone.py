@@ -1,0 +1,157 @@
+import sys
+
+import pytest
+import torch
+import torchvision
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from litedetr.models.backbone import ResNetBackbone, SwinBackbone, build_backbone
+
+
+@pytest.fixture(scope="module")
+def r18() -> ResNetBackbone:
+    return ResNetBackbone("resnet18")
+
+
+def test_resnet18_shapes_and_strides(r18):
+    assert r18.out_channels == (128, 256, 512)
+    assert r18.strides == (8, 16, 32)
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        features = r18(images)
+    assert [f.shape for f in features] == [
+        (2, c, 64 // s, 96 // s) for c, s in zip(r18.out_channels, r18.strides)
+    ]
+
+
+def test_resnet50_channels_and_shapes():
+    backbone = build_backbone("resnet50")
+    assert isinstance(backbone, ResNetBackbone)
+    assert backbone.out_channels == (512, 1024, 2048)
+    with torch.no_grad():
+        features = backbone(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in features] == [512, 1024, 2048]
+    assert [f.shape[-1] for f in features] == [8, 4, 2]
+
+
+def test_resnet_uses_frozen_batch_norm_and_freezes_stem_and_layer1(r18):
+    norms = [m for m in r18.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert norms and not any(isinstance(m, torch.nn.BatchNorm2d) for m in r18.modules())
+    for name, parameter in r18.body.named_parameters():
+        trainable = name.split(".")[0] in {"layer2", "layer3", "layer4"}
+        assert parameter.requires_grad == trainable, name
+    assert not hasattr(r18.body, "fc")
+
+
+def test_resnet_frozen_params_get_no_gradient(r18):
+    r18.zero_grad()
+    sum(f.sum() for f in r18(torch.randn(1, 3, 32, 32))).backward()
+    assert r18.body.conv1.weight.grad is None
+    assert r18.body.layer1[0].conv1.weight.grad is None
+    assert r18.body.layer2[0].conv1.weight.grad is not None
+
+
+def _imagenet_style_resnet18_file(tmp_path):
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None)
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    return reference.eval(), path
+
+
+def test_resnet_weights_file_round_trip(tmp_path):
+    reference, path = _imagenet_style_resnet18_file(tmp_path)
+    backbone = ResNetBackbone("resnet18", weights_path=str(path))
+    ours = backbone.body.state_dict()
+    theirs = reference.state_dict()
+    for key, value in ours.items():
+        torch.testing.assert_close(value, theirs[key], rtol=0, atol=0, msg=key)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        c5 = backbone(images)[-1]
+        r = reference
+        x = r.maxpool(r.relu(r.bn1(r.conv1(images))))
+        expected = r.layer4(r.layer3(r.layer2(r.layer1(x))))
+    torch.testing.assert_close(c5, expected, rtol=1e-4, atol=1e-5)
+    assert not backbone.body.conv1.weight.requires_grad
+
+
+def test_resnet_bad_weights_file_names_keys(tmp_path):
+    _, path = _imagenet_style_resnet18_file(tmp_path)
+    state_dict = torch.load(path, weights_only=True)
+    del state_dict["layer3.0.conv2.weight"]
+    state_dict["layer9.weight"] = torch.zeros(1)
+    state_dict["conv1.weight"] = torch.zeros(64, 3, 3, 3)
+    bad = tmp_path / "bad.pth"
+    torch.save(state_dict, bad)
+    with pytest.raises(ValueError) as info:
+        ResNetBackbone("resnet18", weights_path=str(bad))
+    message = str(info.value)
+    assert "missing keys: layer3.0.conv2.weight" in message
+    assert "unexpected keys: layer9.weight" in message
+    assert "conv1.weight: file (64, 3, 3, 3) vs model (64, 3, 7, 7)" in message
+
+
+def test_resnet_weights_of_another_depth_are_rejected(tmp_path):
+    _, path = _imagenet_style_resnet18_file(tmp_path)
+    with pytest.raises(ValueError, match=r"missing keys: .*layer1\.2\.conv1\.weight"):
+        ResNetBackbone("resnet34", weights_path=str(path))
+
+
+def test_weights_file_must_hold_a_state_dict(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(ValueError, match="expected a state dict"):
+        ResNetBackbone("resnet18", weights_path=str(path))
+
+
+def test_unknown_backbone_names():
+    with pytest.raises(ValueError, match="unknown backbone 'vgg16'"):
+        build_backbone("vgg16")
+    with pytest.raises(ValueError, match="unknown ResNet"):
+        ResNetBackbone("resnet152")
+
+
+def test_swin_without_timm_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)
+    with pytest.raises(ImportError, match="pip install timm"):
+        SwinBackbone()
+
+
+def test_swin_shapes_and_weights_round_trip(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    classifier = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)
+    path = tmp_path / "swin_t.pth"
+    torch.save(classifier.state_dict(), path)
+
+    backbone = build_backbone("swin_t", weights_path=str(path))
+    assert isinstance(backbone, SwinBackbone)
+    assert backbone.out_channels == (192, 384, 768)
+    assert backbone.strides == (8, 16, 32)
+    torch.testing.assert_close(
+        backbone.body.state_dict()["layers_2.blocks.3.mlp.fc1.weight"],
+        classifier.state_dict()["layers.2.blocks.3.mlp.fc1.weight"],
+        rtol=0,
+        atol=0,
+    )
+    with torch.no_grad():
+        features = backbone(torch.randn(1, 3, 100, 130))
+    # padded to 100 x 132 (a multiple of the patch size), then ceil(size / stride)
+    assert [tuple(f.shape) for f in features] == [(1, 192, 13, 17), (1, 384, 7, 9), (1, 768, 4, 5)]
+
+
+def test_swin_bad_weights_file(tmp_path):
+    pytest.importorskip("timm")
+    path = tmp_path / "bad.pth"
+    torch.save({"patch_embed.proj.weight": torch.zeros(96, 3, 4, 4), "extra.bias": torch.zeros(3)}, path)
+    with pytest.raises(ValueError) as info:
+        SwinBackbone(weights_path=str(path))
+    message = str(info.value)
+    assert "layers_0.blocks.0.attn.qkv.weight" in message.split("missing keys:")[1]
+    assert "unexpected keys: extra.bias" in message
