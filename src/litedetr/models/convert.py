@@ -11,6 +11,7 @@ import logging
 import re
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor, nn
 
 from litedetr.nn import MultiScaleDeformableAttention
@@ -29,6 +30,29 @@ _ENCODER_LAYER_PARTS = {
     "linear22": "ffn_low.linear2",
     "norm22": "ffn_low.norm",
 }
+_DECODER_LAYER_PARTS = {
+    "cross_attn": "cross_attn",
+    "norm1": "norm_cross",
+    "self_attn": "self_attn",
+    "norm2": "norm_self",
+    "linear1": "ffn.linear1",
+    "linear2": "ffn.linear2",
+    "norm3": "ffn.norm",
+}
+_TOP_LEVEL = {
+    r"backbone\.0\.body": "backbone.body",
+    r"transformer\.decoder\.norm": "decoder.norm",
+    r"transformer\.decoder\.ref_point_head": "decoder.ref_point_head",
+    r"transformer\.tgt_embed": "query_content",
+    r"transformer\.enc_output": "enc_output",
+    r"transformer\.enc_output_norm": "enc_output_norm",
+    r"transformer\.enc_out_bbox_embed": "enc_box_head",
+    r"transformer\.enc_out_class_embed": "enc_class_head",
+    r"label_enc": "label_embed",
+    # the authors hold one class head and one box head shared by all decoder layers, under several names
+    r"(?:transformer\.decoder\.)?class_embed\.\d+": "class_head",
+    r"(?:transformer\.decoder\.)?bbox_embed\.\d+": "box_head",
+}
 
 OFFICIAL_RULES: list[tuple[str, str]] = [
     (r"transformer\.level_embed", "input_stage.level_embed"),
@@ -37,6 +61,11 @@ OFFICIAL_RULES: list[tuple[str, str]] = [
         (rf"transformer\.encoder\.layers\.(\d+)\.{theirs}\.(.+)", rf"encoder.layers.\1.{ours}.\2")
         for theirs, ours in _ENCODER_LAYER_PARTS.items()
     ),
+    *(
+        (rf"transformer\.decoder\.layers\.(\d+)\.{theirs}\.(.+)", rf"decoder.layers.\1.{ours}.\2")
+        for theirs, ours in _DECODER_LAYER_PARTS.items()
+    ),
+    *((rf"{theirs}\.(.+)", rf"{ours}.\1") for theirs, ours in _TOP_LEVEL.items()),
 ]
 """``(pattern, replacement)`` pairs from the authors' key names to ours."""
 
@@ -52,18 +81,27 @@ def _listing(title: str, keys: list[str], limit: int = 20) -> str:
 
 
 def rename_official(state_dict: Mapping[str, Tensor], rules: list[tuple[str, str]] = OFFICIAL_RULES) -> dict[str, Tensor]:
-    """Rewrite the authors' key names to ours; raises :class:`ConversionError` listing keys no rule knows."""
+    """Rewrite the authors' key names to ours.
+
+    Several of their names may map to one of ours (a head shared by all decoder layers); those
+    tensors must be equal. Raises :class:`ConversionError` listing keys no rule knows.
+    """
     compiled = [(re.compile(p), r) for p, r in rules]
-    renamed, unknown = {}, []
+    renamed, unknown, unshared = {}, [], []
     for key, value in state_dict.items():
         for pattern, replacement in compiled:
             if pattern.fullmatch(key):
-                renamed[pattern.sub(replacement, key)] = value
+                ours = pattern.sub(replacement, key)
+                if ours in renamed and not torch.equal(renamed[ours], value):
+                    unshared.append(f"{key} (differs from the other tensor for {ours})")
+                renamed[ours] = value
                 break
         else:
             unknown.append(key)
     if unknown:
         raise ConversionError(_listing("keys in the checkpoint that no conversion rule knows", unknown))
+    if unshared:
+        raise ConversionError(_listing("per-layer heads that are not shared (only shared heads are supported)", unshared))
     return renamed
 
 

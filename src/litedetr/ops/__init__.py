@@ -2,7 +2,14 @@
 
 from litedetr.ops.boxes import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou, inverse_sigmoid
 from litedetr.ops.deform_attn import ms_deform_attn, ms_deform_attn_key_aware
-from litedetr.ops.geometry import encoder_reference_points, level_start_index, sine_position_embedding, valid_ratios
+from litedetr.ops.geometry import (
+    box_sine_embedding,
+    encoder_proposals,
+    encoder_reference_points,
+    level_start_index,
+    sine_position_embedding,
+    valid_ratios,
+)
 
 __all__ = [
     "ms_deform_attn",
@@ -11,6 +18,8 @@ __all__ = [
     "valid_ratios",
     "encoder_reference_points",
     "sine_position_embedding",
+    "box_sine_embedding",
+    "encoder_proposals",
     "box_cxcywh_to_xyxy",
     "box_xyxy_to_cxcywh",
     "box_iou",

@@ -75,12 +75,20 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Te
 
     Returns:
         ``(B, Lq, M*D)``.
+
+    CUDA inputs run the fused Triton kernel (``litedetr::ms_deform_attn``, see
+    :mod:`litedetr.ops.custom_ops`) when Triton is installed; other inputs run the PyTorch code below.
     """
     _check_shapes(value, spatial_shapes, sampling_locations)
     b, _, m, _ = value.shape
     _, lq, _, n_levels, p, _ = sampling_locations.shape
     if attention_weights.shape != (b, lq, m, n_levels, p):
         raise ValueError(f"attention_weights must be {(b, lq, m, n_levels, p)}, got {tuple(attention_weights.shape)}")
+    if value.is_cuda:
+        from litedetr.ops import custom_ops
+
+        if custom_ops.triton_enabled():
+            return custom_ops.ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
     weights = attention_weights.permute(3, 0, 2, 1, 4).reshape(n_levels, b * m, 1, lq, p).to(value.dtype)
     sampled = _sample(_level_maps(value, spatial_shapes), _level_grids(sampling_locations))
     out = sum((level * w).sum(-1) for level, w in zip(sampled, weights))
@@ -106,6 +114,9 @@ def ms_deform_attn_key_aware(
 
     Returns:
         ``(B, Lq, M*D)``.
+
+    CUDA inputs run the fused Triton kernel (``litedetr::ms_deform_attn_key_aware``, see
+    :mod:`litedetr.ops.custom_ops`) when Triton is installed; other inputs run the PyTorch code below.
     """
     _check_shapes(value, spatial_shapes, sampling_locations)
     if key.shape != value.shape:
@@ -114,6 +125,11 @@ def ms_deform_attn_key_aware(
     _, lq, _, _, _, _ = sampling_locations.shape
     if query.shape != (b, lq, m, d):
         raise ValueError(f"query must be {(b, lq, m, d)}, got {tuple(query.shape)}")
+    if value.is_cuda:
+        from litedetr.ops import custom_ops
+
+        if custom_ops.triton_enabled():
+            return custom_ops.ms_deform_attn_key_aware(query, key, value, spatial_shapes, sampling_locations)
     shared = key is value
     feats = value if shared else torch.cat([key, value], dim=-1)
     sampled = _sample(_level_maps(feats, spatial_shapes), _level_grids(sampling_locations))

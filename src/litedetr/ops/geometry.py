@@ -7,7 +7,14 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["level_start_index", "valid_ratios", "encoder_reference_points", "sine_position_embedding"]
+__all__ = [
+    "level_start_index",
+    "valid_ratios",
+    "encoder_reference_points",
+    "sine_position_embedding",
+    "box_sine_embedding",
+    "encoder_proposals",
+]
 
 
 def level_start_index(spatial_shapes: Tensor) -> Tensor:
@@ -81,3 +88,56 @@ def sine_position_embedding(
         return torch.stack([angles[..., 0::2].sin(), angles[..., 1::2].cos()], dim=4).flatten(3)
 
     return torch.cat([embed(y, temperature_h), embed(x, temperature_w)], dim=3).permute(0, 3, 1, 2)
+
+
+def box_sine_embedding(boxes: Tensor, num_feats: int = 128, temperature: float = 10000.0) -> Tensor:
+    """Sine embedding of normalised boxes (DAB-DETR / DINO decoder query positions).
+
+    Args:
+        boxes: ``(..., 4)`` as ``(cx, cy, w, h)`` in [0, 1] (or ``(..., 2)`` points).
+
+    Returns:
+        ``(..., num_feats * boxes.shape[-1])`` in the order ``y, x, w, h``.
+    """
+    dims = torch.arange(num_feats, dtype=torch.float32, device=boxes.device)
+    freqs = temperature ** (2 * torch.div(dims, 2, rounding_mode="floor") / num_feats)
+    angles = boxes[..., None] * (2 * math.pi) / freqs  # (..., 4, num_feats)
+    embed = torch.stack([angles[..., 0::2].sin(), angles[..., 1::2].cos()], -1).flatten(-2)
+    order = [1, 0, 2, 3][: boxes.shape[-1]]
+    return embed[..., order, :].flatten(-2)
+
+
+def encoder_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
+    """One box proposal per encoder token (two-stage Deformable DETR / DINO).
+
+    Each token proposes a box centred on its cell with side ``0.05 * 2**level`` (normalised to the
+    valid image). Padded tokens, and tokens whose proposal has a coordinate outside (0.01, 0.99),
+    get a zero memory and an infinite proposal so they are never selected usefully.
+
+    Args:
+        memory: ``(B, S, C)`` encoder output.
+        padding_mask: ``(B, S)`` True = padding.
+        spatial_shapes: ``(L, 2)`` of ``(H_l, W_l)``.
+
+    Returns:
+        ``(B, S, C)`` masked memory and ``(B, S, 4)`` proposals as inverse-sigmoid ``(cx, cy, w, h)``.
+    """
+    b = memory.shape[0]
+    proposals, start = [], 0
+    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        mask = padding_mask[:, start : start + h * w].view(b, h, w)
+        valid_h, valid_w = (~mask[:, :, 0]).sum(1), (~mask[:, 0, :]).sum(1)
+        ys, xs = torch.meshgrid(
+            torch.arange(h, dtype=torch.float32, device=memory.device),
+            torch.arange(w, dtype=torch.float32, device=memory.device),
+            indexing="ij",
+        )
+        scale = torch.stack([valid_w, valid_h], -1).view(b, 1, 1, 2)
+        centres = (torch.stack([xs, ys], -1)[None] + 0.5) / scale
+        sizes = torch.full_like(centres, 0.05 * 2.0**lvl)
+        proposals.append(torch.cat([centres, sizes], -1).view(b, -1, 4))
+        start += h * w
+    boxes = torch.cat(proposals, 1)
+    keep = ((boxes > 0.01) & (boxes < 0.99)).all(-1, keepdim=True) & ~padding_mask[..., None]
+    logits = torch.log(boxes / (1 - boxes)).masked_fill(~keep, float("inf"))
+    return memory.masked_fill(~keep, 0.0), logits

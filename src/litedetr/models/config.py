@@ -1,0 +1,159 @@
+"""Typed detector configurations and the named presets that spell the paper's models.
+
+Preset names: ``[lite-]FAMILY-BACKBONE[-tiny][-hHlL-AxB]``, e.g. ``lite-dino-r50-h3l1-2x3`` is
+Lite-DINO with a ResNet-50 and the H3L1-(2+1)x3 encoder (3 high-level scales, 1 low-level scale,
+A = 2 high-level updates per block, B = 3 blocks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["EncoderConfig", "DetectorConfig", "PRESETS", "get_config", "config_from_dict"]
+
+Family = Literal["deformable-detr", "dino", "h-detr"]
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The encoder: ``lite`` (HL-(A+1)xB) or ``standard`` (every token a query in ``num_layers`` layers)."""
+
+    kind: Literal["standard", "lite"] = "standard"
+    num_layers: int = 6
+    n_high: int = 3
+    high_updates: int = 2
+    blocks: int = 3
+    d_ffn: int = 2048
+    d_ffn_low: int | None = 256
+    key_aware: bool = False
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Everything that defines a detector's architecture and its inference-time behaviour."""
+
+    family: Family = "dino"
+    num_classes: int = 91
+    backbone: str = "resnet50"
+    d_model: int = 256
+    n_heads: int = 8
+    n_levels: int = 4
+    n_points: int = 4
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder_layers: int = 6
+    decoder_ffn: int = 2048
+    decoder_key_aware: bool = False
+    dropout: float = 0.0
+    num_queries: int = 900
+    num_select: int = 300
+    learned_query_content: bool = True
+    look_forward_twice: bool = True
+    dn_number: int = 0
+    dn_label_noise_ratio: float = 0.5
+    dn_box_noise_scale: float = 1.0
+    one_to_many_queries: int = 0
+    one_to_many_repeat: int = 6
+    min_size: tuple[int, ...] = (800,)
+    max_size: int = 1333
+    pe_temperature: float = 20.0
+
+    def __post_init__(self) -> None:
+        if self.d_model % 32 or self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by 32 (GroupNorm) and by n_heads ({self.n_heads})")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.num_select > self.num_queries * self.num_classes:
+            raise ValueError(f"num_select ({self.num_select}) exceeds queries x classes")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def config_from_dict(data: dict[str, Any]) -> DetectorConfig:
+    """Inverse of :meth:`DetectorConfig.to_dict` (e.g. from a checkpoint's JSON); unknown keys are an error."""
+    data = dict(data)
+    known = {f.name for f in dataclasses.fields(DetectorConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown detector config keys: {unknown}")
+    encoder = EncoderConfig(**data.pop("encoder", {}))
+    if "min_size" in data:
+        data["min_size"] = tuple(data["min_size"])
+    return DetectorConfig(encoder=encoder, **data)
+
+
+def _lite(n_high: int, a: int, b: int, d_ffn: int, d_ffn_low: int | None = 256) -> EncoderConfig:
+    return EncoderConfig("lite", n_high=n_high, high_updates=a, blocks=b, d_ffn=d_ffn, d_ffn_low=d_ffn_low, key_aware=True)
+
+
+_FAMILIES: dict[str, DetectorConfig] = {
+    # two-stage Deformable DETR with iterative box refinement: content and anchors from the encoder's top-k
+    "deformable-detr": DetectorConfig(
+        family="deformable-detr",
+        encoder=EncoderConfig(d_ffn=1024),
+        decoder_ffn=1024,
+        dropout=0.1,
+        num_queries=300,
+        num_select=100,
+        learned_query_content=False,
+        look_forward_twice=False,
+        pe_temperature=10000.0,
+    ),
+    # DINO: contrastive denoising, mixed query selection, look forward twice
+    "dino": DetectorConfig(family="dino", dn_number=100),
+    # H-DETR (H-Deformable-DETR with mixed selection and look forward twice): a one-to-many group of 1500 queries
+    "h-detr": DetectorConfig(family="h-detr", num_queries=300, num_select=100, one_to_many_queries=1500),
+}
+
+_BACKBONES = {"r50": "resnet50", "r101": "resnet101", "swint": "swin_t"}
+_LITE_VARIANTS = {"h3l1-2x3": (3, 2, 3), "h3l1-3x2": (3, 3, 2), "h3l1-6x1": (3, 6, 1), "h2l2-2x3": (2, 2, 3)}
+
+
+def _tiny(config: DetectorConfig) -> DetectorConfig:
+    """A CPU-sized variant: ResNet-18, d_model 128, 3 decoder layers, few queries, small images."""
+    return dataclasses.replace(
+        config,
+        backbone="resnet18",
+        d_model=128,
+        n_heads=4,
+        encoder=dataclasses.replace(config.encoder, d_ffn=256, d_ffn_low=64 if config.encoder.kind == "lite" else None),
+        decoder_layers=3,
+        decoder_ffn=256,
+        dropout=0.0,
+        num_queries=60,
+        num_select=60,
+        dn_number=20 if config.dn_number else 0,
+        one_to_many_queries=120 if config.one_to_many_queries else 0,
+        one_to_many_repeat=3 if config.one_to_many_queries else config.one_to_many_repeat,
+        min_size=(320,),
+        max_size=512,
+    )
+
+
+def _build_presets() -> dict[str, DetectorConfig]:
+    presets: dict[str, DetectorConfig] = {}
+    for family, base in _FAMILIES.items():
+        for tag, backbone in _BACKBONES.items():
+            standard = dataclasses.replace(base, backbone=backbone)
+            presets[f"{family}-{tag}"] = standard
+            for variant, (h, a, b) in _LITE_VARIANTS.items():
+                presets[f"lite-{family}-{tag}-{variant}"] = dataclasses.replace(
+                    standard, encoder=_lite(h, a, b, base.encoder.d_ffn), decoder_key_aware=True
+                )
+        presets[f"{family}-r18-tiny"] = _tiny(base)
+        presets[f"lite-{family}-r18-tiny-h3l1-2x3"] = _tiny(presets[f"lite-{family}-r50-h3l1-2x3"])
+    return presets
+
+
+PRESETS: dict[str, DetectorConfig] = _build_presets()
+"""Every named preset; ``litedetr models`` lists them."""
+
+
+def get_config(name: str, **overrides: Any) -> DetectorConfig:
+    """The preset ``name`` with fields replaced by ``overrides`` (e.g. ``num_classes=20``)."""
+    if name not in PRESETS:
+        close = [p for p in PRESETS if name.split("-")[0] in p][:8]
+        raise ValueError(f"unknown model preset {name!r}; e.g. {close or sorted(PRESETS)[:8]} (see `litedetr models`)")
+    return dataclasses.replace(PRESETS[name], **overrides)
