@@ -24,3 +24,18 @@ def test_schedule_standard_encoder(capsys):
 def test_bad_configuration_is_one_clear_line(capsys):
     assert main(["schedule", "--high", "4"]) == 2
     assert capsys.readouterr().err.strip() == "litedetr: error: n_high must be in 1..3, got 4"
+
+
+def test_models_lists_the_paper_presets(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("deformable-detr-r50", "lite-deformable-detr-r50-h3l1-2x3", "dino-r50", "lite-dino-r50-h3l1-2x3",
+                 "lite-dino-r50-h3l1-6x1", "lite-dino-r50-h2l2-2x3", "dino-swint", "lite-dino-swint-h3l1-2x3",
+                 "h-detr-r50", "lite-h-detr-r50-h3l1-2x3", "lite-dino-r18-tiny-h3l1-2x3"):  # fmt: skip
+        assert f"\n{name} " in out
+    assert "H3L1-(2+1)x3, KDA" in out
+
+
+def test_convert_missing_file_is_one_line(capsys, tmp_path):
+    assert main(["convert", str(tmp_path / "none.pth"), "--preset", "dino-r50", "--out", str(tmp_path / "o.safetensors")]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -8,6 +8,9 @@ import sys
 
 import torch
 
+from litedetr.models import PRESETS, convert_official_checkpoint
+from litedetr.models.config import EncoderConfig
+from litedetr.models.convert import ConversionError
 from litedetr.nn import DeformableEncoder, LiteEncoder
 
 def _size(text: str) -> tuple[int, int]:
@@ -56,6 +59,36 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encoder_label(enc: EncoderConfig, n_levels: int) -> str:
+    attention = "KDA" if enc.key_aware else "MSDA"
+    if enc.kind == "standard":
+        return f"standard x{enc.num_layers}, {attention}"
+    return f"H{enc.n_high}L{n_levels - enc.n_high}-({enc.high_updates}+1)x{enc.blocks}, {attention}"
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    rows = [
+        (name, c.family, c.backbone, _encoder_label(c.encoder, c.n_levels), str(c.num_queries), f"{max(c.min_size)}/{c.max_size}")
+        for name, c in sorted(PRESETS.items())
+        if args.filter is None or args.filter in name
+    ]
+    if args.json:
+        print(json.dumps({name: PRESETS[name].to_dict() for name, *_ in rows}))
+        return 0
+    header = ("preset", "family", "backbone", "encoder", "queries", "image short/long")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    overrides = {"num_classes": args.num_classes} if args.num_classes is not None else {}
+    convert_official_checkpoint(args.checkpoint, args.preset, args.out, **overrides)
+    print(f"wrote {args.out} ({args.preset})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="litedetr", description="Lite DETR: efficient multi-scale DETR encoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", type=int, default=4, help="number of feature levels (default 4)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_schedule)
+
+    p = sub.add_parser("models", help="list the named model presets")
+    p.add_argument("filter", nargs="?", help="only presets whose name contains this text")
+    p.add_argument("--json", action="store_true", help="print the full configs as JSON")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("convert", help="convert an authors' Lite-DINO checkpoint (.pth) into a litedetr model file")
+    p.add_argument("checkpoint", help="the authors' .pth file (state dict under 'model')")
+    p.add_argument("--preset", required=True, help="the preset it was trained as, e.g. lite-dino-r50-h3l1-2x3")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--num-classes", type=int, help="class count if not the preset's (91)")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -75,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
+    except FileNotFoundError as err:
+        print(f"litedetr: error: {err.filename}: no such file", file=sys.stderr)
+        return 2
+    except (ValueError, ConversionError) as err:
         print(f"litedetr: error: {err}", file=sys.stderr)
         return 2
 

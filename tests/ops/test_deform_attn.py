@@ -71,18 +71,32 @@ def random_inputs(b=2, lq=5, m=2, d=4, p=3, dtype=torch.float64, requires_grad=F
     return [t.requires_grad_(requires_grad) for t in tensors]
 
 
-def test_msda_matches_naive_bilinear():
-    _, _, value, locations, weights = random_inputs()
-    expected = naive(None, None, value, SHAPES, locations, weights)
+# requires_grad=False runs the gather path (embedding_bag), True the grid_sample path (autograd)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_msda_matches_naive_bilinear(requires_grad):
+    _, _, value, locations, weights = random_inputs(requires_grad=requires_grad)
+    expected = naive(None, None, value.detach(), SHAPES, locations.detach(), weights.detach())
     torch.testing.assert_close(ms_deform_attn(value, SHAPES, locations, weights), expected)
 
 
+@pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("shared_key", [False, True])
-def test_kda_matches_naive_bilinear(shared_key):
-    query, key, value, locations, _ = random_inputs()
+def test_kda_matches_naive_bilinear(shared_key, requires_grad):
+    query, key, value, locations, _ = random_inputs(requires_grad=requires_grad)
     key = value if shared_key else key
-    expected = naive(query, key, value, SHAPES, locations)
+    expected = naive(query.detach(), key.detach(), value.detach(), SHAPES, locations.detach())
     torch.testing.assert_close(ms_deform_attn_key_aware(query, key, value, SHAPES, locations), expected)
+
+
+def test_locations_on_cell_borders_and_far_outside():
+    """Exact cell centres, map edges and far-away samples agree with the reference in both paths."""
+    _, _, value, _, weights = random_inputs()
+    b, lq, m, n_levels, p = weights.shape
+    grid = torch.tensor([-3.0, -0.01, 0.0, 0.1, 0.5, 1.0, 1.01, 4.0], dtype=value.dtype)
+    locations = grid[torch.randint(len(grid), (b, lq, m, n_levels, p, 2))]
+    expected = naive(None, None, value, SHAPES, locations, weights)
+    torch.testing.assert_close(ms_deform_attn(value, SHAPES, locations, weights), expected)
+    torch.testing.assert_close(ms_deform_attn(value.requires_grad_(), SHAPES, locations, weights), expected)
 
 
 def test_msda_gradcheck():

@@ -1,81 +1,73 @@
-"""Bilinear sampling of flattened multi-scale maps as weighted row gathers.
+"""Bilinear sampling of flattened multi-scale maps as weighted row gathers (the no-autograd CPU path).
 
 A bilinear sample is a weighted sum of four map cells. With the maps stored as a table of rows
-(``(B*S*M, D)``: token-major, head-minor, i.e. ``value.reshape(-1, D)`` with no copy), a sample is
-a bag of four row indices with four weights, and :func:`torch.nn.functional.embedding_bag` sums the
-bags with contiguous, vectorised row reads. Bags can also span every level and point of a query-head
-(with attention weights folded into the bilinear weights), which computes deformable attention in
-one gather-reduce without materialising the sampled values.
+(``value.reshape(-1, D)``: ``(B*S*M, D)``, token-major and head-minor, no copy), a sample is a bag
+of four row indices with four weights, and :func:`torch.nn.functional.embedding_bag` sums bags with
+contiguous, vectorised row reads. A bag can also span every level and point of a query-head, with
+the attention weights folded into the bilinear weights: deformable attention in one gather-reduce,
+without materialising sampled values.
 
 Conventions are ``grid_sample``'s with ``align_corners=False`` and zero padding: cell ``(i, j)`` of
-an ``H x W`` map has its centre at ``((j + 0.5) / W, (i + 0.5) / H)``; cells outside the map are
-zero (here: weight zero on a clamped, valid row index).
+an ``H x W`` map has its centre at ``((j + 0.5) / W, (i + 0.5) / H)``; a corner outside the map
+gets weight zero (and a clamped, valid row index).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Corners", "bilinear_corners"]
+__all__ = ["bilinear_corners", "gather_rows"]
 
 
-class Corners(NamedTuple):
-    """Rows and weights of the four bilinear corners of every sample.
-
-    Attributes:
-        rows: ``(B, Lq, M, L, P, 2, 2)`` int64 row indices into the ``(B*S*M, D)`` table.
-        weights_y: ``(B, Lq, M, L, P, 2, 1)`` weights of the two rows (zero outside the map).
-        weights_x: ``(B, Lq, M, L, P, 1, 2)`` weights of the two columns (zero outside the map).
-    """
-
-    rows: Tensor
-    weights_y: Tensor
-    weights_x: Tensor
-
-
-def _axis(coord: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
-    """Neighbour indices (clamped into the map) and their linear weights (zero outside) along one axis.
-
-    Args:
-        coord: ``(..., L, P)`` pixel coordinate (cell centres at integers).
-        size: ``(L, 1)`` map size along the axis.
-
-    Returns:
-        ``(..., L, P, 2)`` long indices and weights.
-    """
-    low = coord.detach().floor()
-    frac = coord - low
-    idx = low.long().unsqueeze(-1) + torch.tensor([0, 1], device=coord.device)
-    size = size[..., None]
-    inside = (idx >= 0) & (idx < size)
-    weights = torch.stack([1 - frac, frac], -1) * inside
-    return torch.minimum(idx.clamp_min(0), size - 1), weights
-
-
-def bilinear_corners(spatial_shapes: Tensor, sampling_locations: Tensor, num_tokens: int) -> Corners:
+@torch.no_grad()
+def bilinear_corners(spatial_shapes: Tensor, sampling_locations: Tensor, num_tokens: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Table rows and bilinear weights of the four corners of every sampling location.
 
     Args:
         spatial_shapes: ``(L, 2)`` long ``(H_l, W_l)``; levels are flattened row-major, one after another.
         sampling_locations: ``(B, Lq, M, L, P, 2)`` as ``(x, y)`` in [0, 1] of each level's map.
         num_tokens: ``S = sum(H_l * W_l)``.
+        dtype: dtype of the returned weights (the table's).
 
     Returns:
-        :class:`Corners`; the weights are differentiable w.r.t. the locations.
+        ``rows (B, Lq, M, L, P, 4)`` (int32, or int64 for tables of 2**31 rows or more) into the
+        ``(B*S*M, D)`` table, and ``weights (B, Lq, M, L, P, 4)``; corners ordered
+        ``(y0, x0), (y0, x1), (y1, x0), (y1, x1)``.
     """
-    b, _, m, n_levels, _, _ = sampling_locations.shape
-    shapes = spatial_shapes.to(sampling_locations.device)
-    heights, widths = shapes[:, :1], shapes[:, 1:]
-    starts = torch.cumsum(shapes.prod(1), 0) - shapes.prod(1)
-    x, y = (sampling_locations * shapes.flip(-1)[:, None, :].to(sampling_locations.dtype) - 0.5).unbind(-1)
-    xi, wx = _axis(x, widths)
-    yi, wy = _axis(y, heights)
-    # row of cell (y, x) of level l, image b, head h: ((b * S + start_l + y * W_l + x) * M + h
-    image = torch.arange(b, device=xi.device).view(b, 1, 1, 1, 1, 1) * num_tokens
-    head = torch.arange(m, device=xi.device).view(1, 1, m, 1, 1, 1)
-    row_of_y = (image + starts.view(n_levels, 1, 1) + yi * widths[..., None]) * m + head
-    rows = row_of_y.unsqueeze(-1) + (xi * m).unsqueeze(-2)
-    return Corners(rows, wy.unsqueeze(-1), wx.unsqueeze(-2))
+    b, lq, m, n_levels, p, _ = sampling_locations.shape
+    index_dtype = torch.int32 if b * num_tokens * m < 2**31 else torch.int64
+    device = sampling_locations.device
+    rows = torch.empty(b, lq, m, n_levels, p, 4, dtype=index_dtype, device=device)
+    weights = torch.empty(b, lq, m, n_levels, p, 4, dtype=dtype, device=device)
+    # row of cell (y, x) of level l, image i, head h: (i * S + start_l + y * W_l + x) * M + h
+    image_head = (
+        torch.arange(b, dtype=index_dtype, device=device)[:, None, None, None] * (num_tokens * m)
+        + torch.arange(m, dtype=index_dtype, device=device)[None, None, :, None]
+    )
+    coord_dtype = torch.promote_types(sampling_locations.dtype, torch.float32)
+    per_level = sampling_locations.to(coord_dtype).permute(3, 5, 0, 1, 2, 4).contiguous()  # (L, 2, B, Lq, M, P)
+    start = 0
+    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        x = per_level[lvl, 0] * w - 0.5
+        y = per_level[lvl, 1] * h - 0.5
+        x0, y0 = x.floor(), y.floor()
+        fx, fy = x - x0, y - y0
+        wx = ((1 - fx) * ((x0 >= 0) & (x0 <= w - 1)), fx * ((x0 >= -1) & (x0 <= w - 2)))
+        wy = ((1 - fy) * ((y0 >= 0) & (y0 <= h - 1)), fy * ((y0 >= -1) & (y0 <= h - 2)))
+        cols = (x0.clamp(0, w - 1).to(index_dtype) * m, (x0 + 1).clamp_(0, w - 1).to(index_dtype) * m)
+        first = image_head + start * m
+        line = (y0.clamp(0, h - 1).to(index_dtype) * (w * m) + first, (y0 + 1).clamp_(0, h - 1).to(index_dtype) * (w * m) + first)
+        corners = ((0, 0), (0, 1), (1, 0), (1, 1))
+        rows[:, :, :, lvl] = torch.stack([line[iy] + cols[ix] for iy, ix in corners], -1)
+        weights[:, :, :, lvl] = torch.stack([wy[iy] * wx[ix] for iy, ix in corners], -1)
+        start += h * w
+    return rows, weights
+
+
+def gather_rows(table: Tensor, rows: Tensor, weights: Tensor) -> Tensor:
+    """Weighted sums of table rows: ``(N, D)`` table, ``(..., K)`` rows and weights -> ``(..., D)``."""
+    k = rows.shape[-1]
+    out = F.embedding_bag(rows.reshape(-1, k), table, per_sample_weights=weights.reshape(-1, k).to(table.dtype), mode="sum")
+    return out.view(*rows.shape[:-1], table.shape[-1])

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from litedetr.ops.bilinear import bilinear_corners, gather_rows
+
 __all__ = ["ms_deform_attn", "ms_deform_attn_key_aware"]
 
 
@@ -23,8 +25,6 @@ def _level_maps(feats: Tensor, spatial_shapes: Tensor) -> list[Tensor]:
     """Split ``(B, S, M, C)`` into per-level maps ``(B*M, C, H_l, W_l)`` (one transposing copy)."""
     b, s, m, c = feats.shape
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    if sum(h * w for h, w in shapes) != s:
-        raise ValueError(f"spatial_shapes {shapes} cover {sum(h * w for h, w in shapes)} tokens, input has {s}")
     channels_first = feats.permute(0, 2, 3, 1).reshape(b * m, c, s)
     return [level.view(b * m, c, h, w) for level, (h, w) in zip(channels_first.split([h * w for h, w in shapes], -1), shapes)]
 
@@ -48,6 +48,8 @@ def _check_shapes(feats: Tensor, spatial_shapes: Tensor, sampling_locations: Ten
         )
     if spatial_shapes.shape != (sampling_locations.shape[3], 2):
         raise ValueError(f"spatial_shapes must be (L, 2) with L={sampling_locations.shape[3]}, got {tuple(spatial_shapes.shape)}")
+    if not spatial_shapes.is_cuda and int(spatial_shapes.prod(1).sum()) != feats.shape[1]:
+        raise ValueError(f"spatial_shapes {spatial_shapes.tolist()} cover {int(spatial_shapes.prod(1).sum())} tokens, input has {feats.shape[1]}")
 
 
 def _sample(maps: list[Tensor], grids: Tensor) -> list[Tensor]:
@@ -56,6 +58,23 @@ def _sample(maps: list[Tensor], grids: Tensor) -> list[Tensor]:
         F.grid_sample(level_map, grid.to(level_map.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
         for level_map, grid in zip(maps, grids)
     ]
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _kda_gather(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor) -> Tensor:
+    """KDA without autograd: keys gathered per sample, values gathered already weighted (never materialised)."""
+    b, s, m, d = value.shape
+    lq, n_levels, p = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    rows, weights = bilinear_corners(spatial_shapes, sampling_locations, s, value.dtype)
+    keys = gather_rows(key.reshape(-1, d), rows, weights).view(b * lq * m, n_levels * p, d)
+    q = query.to(value.dtype).reshape(b * lq * m, d, 1) * (1.0 / math.sqrt(d))
+    logits = torch.bmm(keys, q).view(b, lq, m, n_levels, p)
+    attention = logits.flatten(3).softmax(-1, dtype=torch.promote_types(value.dtype, torch.float32)).view_as(logits)
+    weights *= attention.to(value.dtype)[..., None]
+    return gather_rows(value.reshape(-1, d), rows.flatten(3), weights.flatten(3)).view(b, lq, m * d)
 
 
 def _merge_heads(out: Tensor, b: int, m: int) -> Tensor:
@@ -89,6 +108,11 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Te
 
         if custom_ops.triton_enabled():
             return custom_ops.ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
+    if not _needs_grad(value, sampling_locations, attention_weights):
+        rows, corner_weights = bilinear_corners(spatial_shapes, sampling_locations, value.shape[1], value.dtype)
+        corner_weights *= attention_weights.to(value.dtype)[..., None]
+        out = gather_rows(value.reshape(-1, value.shape[-1]), rows.flatten(3), corner_weights.flatten(3))
+        return out.view(b, lq, -1)
     weights = attention_weights.permute(3, 0, 2, 1, 4).reshape(n_levels, b * m, 1, lq, p).to(value.dtype)
     sampled = _sample(_level_maps(value, spatial_shapes), _level_grids(sampling_locations))
     out = sum((level * w).sum(-1) for level, w in zip(sampled, weights))
@@ -130,6 +154,8 @@ def ms_deform_attn_key_aware(
 
         if custom_ops.triton_enabled():
             return custom_ops.ms_deform_attn_key_aware(query, key, value, spatial_shapes, sampling_locations)
+    if not _needs_grad(query, key, value, sampling_locations):
+        return _kda_gather(query, key, value, spatial_shapes, sampling_locations)
     shared = key is value
     feats = value if shared else torch.cat([key, value], dim=-1)
     sampled = _sample(_level_maps(feats, spatial_shapes), _level_grids(sampling_locations))

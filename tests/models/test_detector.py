@@ -1,0 +1,217 @@
+"""Detectors: the authors' Lite-DINO reproduced end to end, checkpoint conversion, API, training outputs."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import FIXTURES, load_fixture
+from litedetr import build_model
+from litedetr.cli import main as cli_main
+from litedetr.models import Detector, convert_official_checkpoint, get_config, load_model, read_config, save_model
+from litedetr.models.convert import ConversionError, load_official_state_dict
+from litedetr.models.postprocess import postprocess
+
+FIXTURE_OVERRIDES = dict(num_queries=30, num_select=30, decoder_ffn=128)
+
+
+def fixture_config():
+    base = get_config("lite-dino-r50-h3l1-2x3")
+    return dataclasses.replace(base, encoder=dataclasses.replace(base.encoder, d_ffn=128), **FIXTURE_OVERRIDES)
+
+
+def authors_state_dict(fixture: dict, model: Detector) -> dict[str, torch.Tensor]:
+    """The fixture's weights plus (any) ResNet body under the authors' names."""
+    state = {k: v.float() for k, v in fixture["state_dict_without_backbone_body"].items()}
+    state.update({"backbone.0." + k.removeprefix("backbone."): v for k, v in model.state_dict().items() if k.startswith("backbone.")})
+    return state
+
+
+def test_lite_dino_reproduces_authors_predictions():
+    f = load_fixture("lite_dino_h3l1_2x3_seed0.pt")
+    model = Detector(fixture_config()).eval()
+    load_official_state_dict(model, authors_state_dict(f, model))
+    with torch.no_grad():
+        out = model.forward_features([feat for feat, _ in f["backbone_features"]], f["image_mask"])
+    assert (out["pred_logits"] - f["pred_logits"]).abs().max().item() < 1e-4
+    assert (out["pred_boxes"] - f["pred_boxes"]).abs().max().item() < 1e-4
+    for ours, theirs in zip(postprocess(out["pred_logits"], out["pred_boxes"], f["image_sizes"], 30), f["postprocessed"]):
+        assert torch.equal(ours["labels"], theirs["labels"])
+        torch.testing.assert_close(ours["scores"], theirs["scores"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(ours["boxes"], theirs["boxes"], atol=1e-3, rtol=0)
+
+
+def official_keys() -> dict[str, list[int]]:
+    path = FIXTURES / "official_lite_dino_r50_state_dict_keys.json"
+    if not path.exists():
+        pytest.skip(f"{path} is not present")
+    return json.loads(path.read_text())
+
+
+def test_every_key_of_the_released_checkpoints_is_converted():
+    keys = official_keys()
+    state = {k: torch.zeros(shape) for k, shape in keys.items()}
+    model = build_model("lite-dino-r50-h3l1-2x3")
+    load_official_state_dict(model, state)  # raises on unknown, left-over, missing or mis-shaped keys
+    assert len(keys) == 644
+
+
+def test_checkpoint_of_another_schedule_is_refused_by_name():
+    state = {k: torch.zeros(shape) for k, shape in official_keys().items()}
+    with pytest.raises(ConversionError, match=r"encoder\.layers\.1\.ffn_low\.linear1\.weight"):
+        load_official_state_dict(build_model("lite-dino-r50-h3l1-6x1"), state)
+
+
+def test_convert_command_round_trip(tmp_path):
+    f = load_fixture("lite_dino_h3l1_2x3_seed0.pt")
+    reference = Detector(fixture_config()).eval()
+    checkpoint = tmp_path / "r50_s3ex3.pth"
+    torch.save({"model": authors_state_dict(f, reference), "args": argparse.Namespace(enc_scale=3)}, checkpoint)
+    out = tmp_path / "converted.safetensors"
+    convert_official_checkpoint(checkpoint, "lite-dino-r50-h3l1-2x3", out, encoder=fixture_config().encoder, **FIXTURE_OVERRIDES)
+    model = load_model(out)
+    with torch.no_grad():
+        preds = model.forward_features([feat for feat, _ in f["backbone_features"]], f["image_mask"])
+    assert (preds["pred_logits"] - f["pred_logits"]).abs().max().item() < 1e-4
+    assert cli_main(["convert", str(checkpoint), "--preset", "lite-dino-r50-h3l1-2x3", "--out", str(tmp_path / "x.safetensors")]) == 2
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(0)
+    return [torch.rand(3, 96, 128, generator=g), torch.rand(3, 120, 90, generator=g)]
+
+
+def small(name: str, **overrides) -> Detector:
+    torch.manual_seed(0)
+    return build_model(name, num_classes=3, min_size=(96,), max_size=128, num_queries=20, num_select=10, **overrides)
+
+
+def test_eval_returns_boxes_scores_labels_per_image(images):
+    model = small("lite-dino-r18-tiny-h3l1-2x3").eval()
+    with torch.no_grad():
+        preds = model(images)
+    assert len(preds) == 2
+    for p, img in zip(preds, images):
+        assert p["boxes"].shape == (10, 4) and p["scores"].shape == (10,) and p["labels"].shape == (10,)
+        assert bool((p["scores"][:-1] >= p["scores"][1:]).all()) and p["labels"].max() < 3
+        assert torch.isfinite(p["boxes"]).all()
+        # boxes are in the original image's pixels: centres lie inside it
+        centres = (p["boxes"][:, :2] + p["boxes"][:, 2:]) / 2
+        assert bool((centres >= 0).all() and (centres[:, 0] <= img.shape[2]).all() and (centres[:, 1] <= img.shape[1]).all())
+
+
+def targets_for(images):
+    return [
+        {"boxes": torch.tensor([[10.0, 12.0, 60.0, 50.0], [30.0, 40.0, 90.0, 80.0]]), "labels": torch.tensor([0, 2])},
+        {"boxes": torch.tensor([[5.0, 5.0, 40.0, 100.0]]), "labels": torch.tensor([1])},
+    ]
+
+
+@pytest.mark.parametrize(
+    "name,present,absent",
+    [
+        ("dino-r18-tiny", ["loss_class_dn", "loss_bbox_dn_0", "loss_giou_enc"], ["loss_class_o2m"]),
+        ("lite-h-detr-r18-tiny-h3l1-2x3", ["loss_class_o2m", "loss_bbox_1_o2m"], ["loss_class_dn"]),
+        ("lite-deformable-detr-r18-tiny-h3l1-2x3", ["loss_class", "loss_giou_1", "loss_bbox_enc"], ["loss_class_dn", "loss_class_o2m"]),
+    ],
+)
+def test_training_losses_of_each_family(images, name, present, absent):
+    model = small(name, one_to_many_queries=40) if "h-detr" in name else small(name)
+    model.train()
+    losses = model(images, targets_for(images))
+    assert set(present) <= set(losses) and not set(absent) & set(losses)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads) > 0.9 * len(grads)
+
+
+def test_one_to_many_branch_only_in_training(images):
+    model = small("h-detr-r18-tiny", one_to_many_queries=40)
+    features = model.backbone(torch.stack([torch.rand(3, 96, 96), torch.rand(3, 96, 96)]))
+    mask = torch.zeros(2, 96, 96, dtype=torch.bool)
+    model.train()
+    train_out = model.forward_features(features, mask, [{"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "labels": torch.tensor([1])}] * 2)
+    assert train_out["one_to_many"]["pred_logits"].shape == (2, 40, 3) and train_out["pred_logits"].shape == (2, 20, 3)
+    model.eval()
+    with torch.no_grad():
+        eval_out = model.forward_features(features, mask)
+    assert "one_to_many" not in eval_out and eval_out["pred_logits"].shape == (2, 20, 3)
+
+
+def test_one_to_one_queries_do_not_see_one_to_many_queries():
+    """Changing the one-to-many group's content leaves the one-to-one predictions unchanged."""
+    model = small("h-detr-r18-tiny", one_to_many_queries=40)
+    features = model.backbone(torch.rand(1, 3, 96, 96))
+    mask = torch.zeros(1, 96, 96, dtype=torch.bool)
+    targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "labels": torch.tensor([1])}]
+    model.train()
+    with torch.no_grad():
+        before = model.forward_features(features, mask, targets)["pred_logits"]
+        model.query_content.weight[20:] += 1.0
+        after = model.forward_features(features, mask, targets)["pred_logits"]
+    torch.testing.assert_close(before, after)
+
+
+def test_predictions_do_not_depend_on_the_rest_of_the_batch():
+    model = small("lite-dino-r18-tiny-h3l1-2x3").eval()
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.rand(3, 96, 96, generator=g), torch.rand(3, 96, 96, generator=g)
+    with torch.no_grad():
+        alone, batched = model([a])[0], model([a, b])[0]
+    for key in ("boxes", "scores"):
+        torch.testing.assert_close(alone[key], batched[key], atol=1e-4, rtol=1e-4)
+    assert torch.equal(alone["labels"], batched["labels"])
+
+
+@pytest.mark.parametrize(
+    "target,message",
+    [
+        ({"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]]), "labels": torch.tensor([7])}, r"target 0: labels must lie in \[0, 3\)"),
+        ({"boxes": torch.tensor([[5.0, 1.0, 5.0, 9.0]]), "labels": torch.tensor([0])}, "target 0: boxes must have x1 > x0"),
+        ({"boxes": torch.zeros(2, 4), "labels": torch.tensor([0])}, "target 0: boxes must be"),
+    ],
+)
+def test_bad_targets_are_named(images, target, message):
+    model = small("dino-r18-tiny").train()
+    with pytest.raises(ValueError, match=message):
+        model(images[:1], [target])
+
+
+def test_images_without_objects_train(images):
+    model = small("dino-r18-tiny").train()
+    losses = model(images, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2)
+    assert torch.isfinite(sum(losses.values()))
+
+
+def test_save_and_load_round_trip(tmp_path, images):
+    model = small("lite-h-detr-r18-tiny-h3l1-2x3").eval()
+    path = save_model(model, tmp_path / "model.safetensors")
+    assert read_config(path) == model.config
+    loaded = load_model(path)
+    with torch.no_grad():
+        for a, b in zip(model(images), loaded(images)):
+            torch.testing.assert_close(a["boxes"], b["boxes"])
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_loading_a_foreign_file_says_so(tmp_path):
+    path = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError, match="without a litedetr config"):
+        load_model(path)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a litedetr model file"):
+        load_model(tmp_path / "junk.safetensors")
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model preset 'dino-r51'"):
+        build_model("dino-r51")
