@@ -92,14 +92,14 @@ def test_resnet_bad_weights_file_names_keys(tmp_path):
     with pytest.raises(ValueError) as info:
         ResNetBackbone("resnet18", weights_path=str(bad))
     message = str(info.value)
-    assert "missing keys: layer3.0.conv2.weight" in message
-    assert "unexpected keys: layer9.weight" in message
+    assert "missing keys (1):\n    layer3.0.conv2.weight" in message
+    assert "unexpected keys (no place in the model) (1):\n    layer9.weight" in message
     assert "conv1.weight: file (64, 3, 3, 3) vs model (64, 3, 7, 7)" in message
 
 
 def test_resnet_weights_of_another_depth_are_rejected(tmp_path):
     _, path = _imagenet_style_resnet18_file(tmp_path)
-    with pytest.raises(ValueError, match=r"missing keys: .*layer1\.2\.conv1\.weight"):
+    with pytest.raises(ValueError, match=r"missing keys \(80\):\s+layer1\.2\.bn1\.bias"):
         ResNetBackbone("resnet34", weights_path=str(path))
 
 
@@ -153,5 +153,5 @@ def test_swin_bad_weights_file(tmp_path):
     with pytest.raises(ValueError) as info:
         SwinBackbone(weights_path=str(path))
     message = str(info.value)
-    assert "layers_0.blocks.0.attn.qkv.weight" in message.split("missing keys:")[1]
-    assert "unexpected keys: extra.bias" in message
+    assert "missing keys (" in message and "more" in message.split("unexpected keys")[0]
+    assert "unexpected keys (no place in the model) (1):\n    extra.bias" in message

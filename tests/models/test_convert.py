@@ -67,5 +67,5 @@ def test_missing_and_leftover_keys_are_named():
 def test_shape_mismatch_is_named():
     sd = authors_names(small_model())
     sd["transformer.encoder.layers.0.linear1.weight"] = torch.zeros(128, 32)
-    with pytest.raises(ConversionError, match=r"encoder.layers.0.ffn.linear1.weight: checkpoint \(128, 32\) vs model \(64, 32\)"):
+    with pytest.raises(ConversionError, match=r"encoder.layers.0.ffn.linear1.weight: file \(128, 32\) vs model \(64, 32\)"):
         load_official_state_dict(small_model(), sd)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+
+from litedetr.models.state_dict import fit_problems
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 __all__ = ["ResNetBackbone", "SwinBackbone", "build_backbone", "BACKBONES"]
@@ -40,19 +42,7 @@ def _load_weights_file(weights_path: str) -> dict[str, Tensor]:
 
 def _check_fits(module: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
     """Raise ``ValueError`` naming every missing, unexpected or mis-shaped key."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    wrong_shape = sorted(
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state_dict)
-        if state_dict[k].shape != own[k].shape
-    )
-    problems = [
-        f"{title}: {', '.join(keys)}"
-        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong_shape))
-        if keys
-    ]
+    problems = fit_problems(module, state_dict)
     if problems:
         raise ValueError(f"{source} does not fit {type(module).__name__}:\n  " + "\n  ".join(problems))
 

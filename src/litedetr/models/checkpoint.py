@@ -20,6 +20,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from litedetr.models.config import DetectorConfig, config_from_dict, get_config
 from litedetr.models.convert import ConversionError, load_official_state_dict
 from litedetr.models.detector import Detector
+from litedetr.models.state_dict import fit_problems
 
 __all__ = ["save_model", "load_model", "read_config", "convert_official_checkpoint", "CONFIG_KEY"]
 
@@ -64,9 +65,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
     config = read_config(path)
     model = Detector(config)
     state = load_file(str(path), device="cpu")
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{path}: weights do not fit its config: missing {result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}")
+    problems = fit_problems(model, state)
+    if problems:
+        raise ValueError(f"{path}: the weights do not fit the file's own config\n" + "\n".join(problems))
+    model.load_state_dict(state)
     return model.to(device).eval()
 
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from litedetr.models.state_dict import fit_problems
 from litedetr.nn import MultiScaleDeformableAttention
 
 __all__ = ["ConversionError", "OFFICIAL_RULES", "rename_official", "load_official_state_dict"]
@@ -74,12 +75,6 @@ class ConversionError(ValueError):
     """A state dict that does not fit the target model; the message names the keys."""
 
 
-def _listing(title: str, keys: list[str], limit: int = 20) -> str:
-    shown = "\n  ".join(keys[:limit])
-    more = f"\n  ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return f"{title} ({len(keys)}):\n  {shown}{more}"
-
-
 def rename_official(state_dict: Mapping[str, Tensor], rules: list[tuple[str, str]] = OFFICIAL_RULES) -> dict[str, Tensor]:
     """Rewrite the authors' key names to ours.
 
@@ -99,9 +94,9 @@ def rename_official(state_dict: Mapping[str, Tensor], rules: list[tuple[str, str
         else:
             unknown.append(key)
     if unknown:
-        raise ConversionError(_listing("keys in the checkpoint that no conversion rule knows", unknown))
+        raise ConversionError("\n".join(["keys in the checkpoint that no conversion rule knows:", *unknown]))
     if unshared:
-        raise ConversionError(_listing("per-layer heads that are not shared (only shared heads are supported)", unshared))
+        raise ConversionError("\n".join(["per-layer heads that are not shared (only shared heads are supported):", *unshared]))
     return renamed
 
 
@@ -130,21 +125,8 @@ def load_official_state_dict(
         del renamed[key]
     if unused:
         logger.info("dropped %d unused query_proj weights of plain deformable attention", len(unused))
-    own = model.state_dict()
-    problems = []
-    leftover = sorted(set(renamed) - set(own))
-    missing = sorted(set(own) - set(renamed))
-    wrong_shape = sorted(
-        f"{k}: checkpoint {tuple(renamed[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(renamed) & set(own)
-        if renamed[k].shape != own[k].shape
-    )
-    if leftover:
-        problems.append(_listing("checkpoint keys with no place in the model", leftover))
-    if missing:
-        problems.append(_listing("model keys missing from the checkpoint", missing))
-    if wrong_shape:
-        problems.append(_listing("keys whose shapes differ", wrong_shape))
+    problems = fit_problems(model, renamed)
     if problems:
         raise ConversionError("the checkpoint does not fit this model (another preset or class count?)\n" + "\n".join(problems))
+    own = model.state_dict()
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in renamed.items()})
