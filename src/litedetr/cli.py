@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -89,6 +90,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMAND_MODULES = ()
+"""Modules that each add one command: ``add_parser(subparsers)`` registers it and sets ``func``."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="litedetr", description="Lite DETR: efficient multi-scale DETR encoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--num-classes", type=int, help="class count if not the preset's (91)")
     p.set_defaults(func=cmd_convert)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 

@@ -58,6 +58,8 @@ class DetectorConfig:
     min_size: tuple[int, ...] = (800,)
     max_size: int = 1333
     pe_temperature: float = 20.0
+    class_names: tuple[str, ...] = ()
+    """Optional display name of each label ``0..num_classes-1`` (empty: labels are shown as numbers)."""
 
     def __post_init__(self) -> None:
         if self.d_model % 32 or self.d_model % self.n_heads:
@@ -66,6 +68,12 @@ class DetectorConfig:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.num_select > self.num_queries * self.num_classes:
             raise ValueError(f"num_select ({self.num_select}) exceeds queries x classes")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names given for {self.num_classes} classes")
+
+    def class_name(self, label: int) -> str:
+        """The display name of ``label`` (its number when the config has no names)."""
+        return self.class_names[label] if self.class_names else str(label)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,8 +87,9 @@ def config_from_dict(data: dict[str, Any]) -> DetectorConfig:
     if unknown:
         raise ValueError(f"unknown detector config keys: {unknown}")
     encoder = EncoderConfig(**data.pop("encoder", {}))
-    if "min_size" in data:
-        data["min_size"] = tuple(data["min_size"])
+    for key in ("min_size", "class_names"):
+        if key in data:
+            data[key] = tuple(data[key])
     return DetectorConfig(encoder=encoder, **data)
 
 
