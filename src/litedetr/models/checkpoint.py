@@ -22,7 +22,7 @@ from litedetr.models.convert import ConversionError, load_official_state_dict
 from litedetr.models.detector import Detector
 from litedetr.models.state_dict import fit_problems
 
-__all__ = ["save_model", "load_model", "read_config", "convert_official_checkpoint", "CONFIG_KEY"]
+__all__ = ["save_model", "load_model", "read_config", "load_official_checkpoint", "convert_official_checkpoint", "CONFIG_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ def _read_official(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def convert_official_checkpoint(path: str | os.PathLike, preset: str, out: str | os.PathLike, **overrides) -> Detector:
-    """Convert an authors' Lite-DINO checkpoint into a litedetr model file for ``preset``.
+def load_official_checkpoint(path: str | os.PathLike, preset: str, device: str | torch.device = "cpu", **overrides) -> Detector:
+    """Build ``preset`` and load an authors' Lite-DINO checkpoint into it (names converted).
 
     Raises:
         ConversionError: the checkpoint does not fit the preset (keys named).
@@ -97,6 +97,17 @@ def convert_official_checkpoint(path: str | os.PathLike, preset: str, out: str |
         )
     model = Detector(config)
     load_official_state_dict(model, state)
+    logger.info("loaded %s (%d tensors) as %s", path, len(state), preset)
+    return model.to(device).eval()
+
+
+def convert_official_checkpoint(path: str | os.PathLike, preset: str, out: str | os.PathLike, **overrides) -> Detector:
+    """Convert an authors' Lite-DINO checkpoint into a litedetr model file for ``preset``.
+
+    Raises:
+        ConversionError: the checkpoint does not fit the preset (keys named).
+    """
+    model = load_official_checkpoint(path, preset, **overrides)
     save_model(model, out)
-    logger.info("converted %s (%d tensors) to %s", path, len(state), out)
+    logger.info("wrote %s", out)
     return model

@@ -14,6 +14,9 @@ made and supervised (see :class:`~litedetr.models.config.DetectorConfig`):
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +26,7 @@ from litedetr.models.backbone import build_backbone
 from litedetr.models.config import DetectorConfig
 from litedetr.models.criterion import SetCriterion
 from litedetr.models.denoising import build_denoising_queries
+from litedetr.models.inputs import ImageInput, as_image_list, batched
 from litedetr.models.matcher import HungarianMatcher
 from litedetr.models.postprocess import postprocess
 from litedetr.models.transform import batch_images
@@ -102,6 +106,58 @@ class Detector(nn.Module):
             nn.init.zeros_(head.layers[-1].bias)
         if self.query_content is not None:
             nn.init.normal_(self.query_content.weight)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu", preset: str | None = None) -> Detector:
+        """A detector in eval mode from a litedetr model file, or from an authors' ``.pth`` checkpoint with ``preset``.
+
+        Args:
+            path: a ``.safetensors`` file written by :func:`~litedetr.models.checkpoint.save_model`, or the
+                authors' released ``.pth`` (state dict under ``model``).
+            device: where the model goes.
+            preset: the preset an authors' checkpoint was trained as (e.g. ``lite-dino-r50-h3l1-2x3``);
+                only for ``.pth`` files, whose config is not stored in the file.
+        """
+        from litedetr.models.checkpoint import load_model, load_official_checkpoint  # checkpoint imports this module
+
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: no such checkpoint file")
+        if preset is not None:
+            return load_official_checkpoint(path, preset, device)
+        if Path(path).suffix in (".pth", ".pt"):
+            raise ValueError(f"{path}: an authors' .pth checkpoint does not store its architecture; pass its preset")
+        return load_model(path, device)
+
+    @torch.no_grad()
+    def predict(self, inputs: ImageInput | Sequence[ImageInput], threshold: float = 0.3, batch_size: int = 4) -> list[dict[str, Any]]:
+        """Detections for one image or many, in batches of ``batch_size``, in eval mode (the mode is restored after).
+
+        Args:
+            inputs: file paths, PIL images, ``(H, W, 3)`` uint8 arrays or ``(3, H, W)`` tensors (float in
+                [0, 1] or uint8), one or a sequence (see :mod:`litedetr.models.inputs`).
+            threshold: keep detections scoring at least this.
+
+        Returns:
+            per image, in input order: ``boxes (N, 4)`` xyxy pixels of the original image (clipped to it),
+            ``scores (N,)`` descending, ``labels (N,)`` and ``names`` (N class names), on the CPU.
+        """
+        device, was_training = self.class_head.weight.device, self.training
+        self.eval()
+        results = []
+        try:
+            for images in batched(as_image_list(inputs), batch_size):
+                for image, pred in zip(images, self([img.to(device) for img in images])):
+                    keep = pred["scores"] >= threshold
+                    h, w = image.shape[1:]
+                    boxes = pred["boxes"][keep].cpu()
+                    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+                    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+                    labels = pred["labels"][keep].cpu()
+                    names = [self.config.class_name(int(c)) for c in labels]
+                    results.append({"boxes": boxes, "scores": pred["scores"][keep].cpu(), "labels": labels, "names": names})
+        finally:
+            self.train(was_training)
+        return results
 
     def forward(self, images: list[Tensor] | Tensor, targets: list[dict[str, Tensor]] | None = None) -> list[dict[str, Tensor]] | dict[str, Tensor]:
         if self.training and targets is None:

@@ -60,7 +60,15 @@ def _sample(maps: list[Tensor], grids: Tensor) -> list[Tensor]:
     ]
 
 
-def _needs_grad(*tensors: Tensor) -> bool:
+def _use_grid_sample(*tensors: Tensor) -> bool:
+    """Whether to take the ``grid_sample`` path: with autograd, and while tracing or exporting to ONNX.
+
+    The gather path (``embedding_bag`` with per-sample weights) has no gradient w.r.t. locations
+    and no ONNX export; a trace (``torch.jit.trace``, ``torch.onnx.export(..., dynamo=False)``)
+    must record ``grid_sample`` (ONNX ``GridSample``, opset >= 16) instead.
+    """
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return True
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
@@ -108,7 +116,7 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Te
 
         if custom_ops.triton_enabled():
             return custom_ops.ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
-    if not _needs_grad(value, sampling_locations, attention_weights):
+    if not _use_grid_sample(value, sampling_locations, attention_weights):
         rows, corner_weights = bilinear_corners(spatial_shapes, sampling_locations, value.shape[1], value.dtype)
         corner_weights *= attention_weights.to(value.dtype)[..., None]
         out = gather_rows(value.reshape(-1, value.shape[-1]), rows.flatten(3), corner_weights.flatten(3))
@@ -154,7 +162,7 @@ def ms_deform_attn_key_aware(
 
         if custom_ops.triton_enabled():
             return custom_ops.ms_deform_attn_key_aware(query, key, value, spatial_shapes, sampling_locations)
-    if not _needs_grad(query, key, value, sampling_locations):
+    if not _use_grid_sample(query, key, value, sampling_locations):
         return _kda_gather(query, key, value, spatial_shapes, sampling_locations)
     shared = key is value
     feats = value if shared else torch.cat([key, value], dim=-1)

@@ -1,0 +1,84 @@
+"""Turn what users pass to :meth:`Detector.predict` into ``(3, H, W)`` float tensors in [0, 1].
+
+Accepted, one or a list of them: image file paths, PIL images, numpy arrays ``(H, W, 3)`` uint8 (RGB)
+and tensors ``(3, H, W)`` (float in [0, 1] or uint8); a ``(B, 3, H, W)`` tensor counts as ``B``
+images. Files are read lazily, one batch at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+__all__ = ["ImageInput", "as_image_list", "load_image", "to_image_tensor", "batched"]
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
+"""One image: a file path, a PIL image, an ``(H, W, 3)`` uint8 array or a ``(3, H, W)`` tensor."""
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Read an image file as RGB (EXIF orientation applied).
+
+    Raises:
+        ValueError: the file is missing or not a readable image (the message names it).
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such image file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{path}: not a readable image ({err})") from None
+
+
+def to_image_tensor(image: ImageInput) -> Tensor:
+    """One image -> ``(3, H, W)`` float32 tensor in [0, 1] (tensors keep their device)."""
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image(image)
+    if isinstance(image, Image.Image):
+        image = np.array(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"numpy images must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    if isinstance(image, Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"image tensors must be (3, H, W), got shape {tuple(image.shape)}")
+        if image.dtype == torch.uint8:
+            return image.float() / 255.0
+        if not image.is_floating_point():
+            raise ValueError(f"image tensors must be float in [0, 1] or uint8, got {image.dtype}")
+        if image.numel() and (image.min() < 0 or image.max() > 1):
+            raise ValueError(f"float image tensors must lie in [0, 1], got values in [{image.min():.3g}, {image.max():.3g}]")
+        return image.float()
+    raise ValueError(f"unsupported image type {type(image).__name__}: pass file paths, PIL images, numpy arrays or tensors")
+
+
+def as_image_list(inputs: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    """One image or many -> a list of images (a ``(B, 3, H, W)`` tensor gives ``B``)."""
+    if isinstance(inputs, Tensor) and inputs.dim() == 4:
+        return list(inputs)
+    if isinstance(inputs, (str, os.PathLike, Image.Image, np.ndarray, Tensor)):
+        return [inputs]
+    if not isinstance(inputs, Sequence):
+        raise ValueError(f"unsupported image type {type(inputs).__name__}: pass file paths, PIL images, numpy arrays or tensors")
+    images = list(inputs)
+    if not images:
+        raise ValueError("no images given")
+    return images
+
+
+def batched(images: list[ImageInput], batch_size: int) -> Iterator[list[Tensor]]:
+    """Consecutive batches of at most ``batch_size`` images, each converted (files read) only when reached."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, len(images), batch_size):
+        yield [to_image_tensor(image) for image in images[start : start + batch_size]]
+
