@@ -90,7 +90,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMAND_MODULES = ()
+COMMAND_MODULES = (
+    "litedetr.tools.predict",
+)
 """Modules that each add one command: ``add_parser(subparsers)`` registers it and sets ``func``."""
 
 

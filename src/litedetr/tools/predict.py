@@ -1,0 +1,90 @@
+"""``litedetr predict``: detect objects in images and write the boxes (JSON) and annotated pictures (PNG).
+
+Output in ``--out``: ``predictions.json``, one list entry per image in input order::
+
+    [{"image": "photos/a.jpg", "width": 640, "height": 480, "drawing": "a.png",
+      "detections": [{"box": [x0, y0, x1, y1], "score": 0.91, "label": 17, "name": "cat"}, ...]}, ...]
+
+with boxes in pixels of the original image, and ``<image stem>.png`` per image (``-2``, ``-3`` ...
+appended when stems repeat) with the boxes, class names and scores drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from litedetr.models import Detector
+from litedetr.models.inputs import load_image
+from litedetr.tools.draw import draw_detections
+
+__all__ = ["IMAGE_SUFFIXES", "find_images", "predict_files", "add_parser"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files as given, directories expanded to their image files (sorted, not recursive)."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+        elif path.exists():
+            found.append(path)
+        else:
+            raise ValueError(f"{path}: no such image file or directory")
+    if not found:
+        raise ValueError(f"no image files in {', '.join(map(str, paths))}")
+    return found
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    names, seen = [], {}
+    for path in paths:
+        seen[path.stem] = seen.get(path.stem, 0) + 1
+        names.append(path.stem if seen[path.stem] == 1 else f"{path.stem}-{seen[path.stem]}")
+    return names
+
+
+def predict_files(model: Detector, paths: list[Path], out: Path, threshold: float = 0.3, batch_size: int = 4) -> list[dict[str, Any]]:
+    """Detect, draw ``<stem>.png`` per image and write ``predictions.json`` into ``out``; returns the JSON's entries."""
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    names = _unique_names(paths)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        images = [load_image(p) for p in chunk]
+        for path, name, image, result in zip(chunk, names[start:], images, model.predict(images, threshold, batch_size)):
+            drawing = f"{name}.png"
+            draw_detections(image, result["boxes"], result["scores"], result["labels"], result["names"]).save(out / drawing)
+            detections = [
+                {"box": [round(v, 2) for v in box], "score": round(score, 4), "label": label, "name": cls}
+                for box, score, label, cls in zip(result["boxes"].tolist(), result["scores"].tolist(), result["labels"].tolist(), result["names"])
+            ]
+            entries.append({"image": str(path), "width": image.width, "height": image.height, "drawing": drawing, "detections": detections})
+    (out / "predictions.json").write_text(json.dumps(entries, indent=1))
+    return entries
+
+
+def run(args: argparse.Namespace) -> int:
+    model = Detector.from_checkpoint(args.checkpoint, args.device, args.preset)
+    entries = predict_files(model, find_images(args.images), Path(args.out), args.threshold, args.batch_size)
+    total = sum(len(e["detections"]) for e in entries)
+    print(f"{len(entries)} images, {total} detections with score >= {args.threshold}: {Path(args.out) / 'predictions.json'} and one PNG per image")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("predict", help="detect objects in images; write predictions.json and annotated PNGs")
+    p.add_argument("images", nargs="+", help="image files and/or directories of images")
+    p.add_argument("--checkpoint", required=True, help="a litedetr .safetensors model file (or an authors' .pth with --preset)")
+    p.add_argument("--preset", help="the preset of an authors' .pth checkpoint, e.g. lite-dino-r50-h3l1-2x3")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--threshold", type=float, default=0.3, help="keep detections scoring at least this (default 0.3)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.set_defaults(func=run)

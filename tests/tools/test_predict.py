@@ -1,0 +1,77 @@
+"""``litedetr predict``: predictions.json matches Detector.predict; PNGs have the boxes drawn; one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from litedetr import build_model, save_model
+from litedetr.cli import main
+from litedetr.tools.draw import draw_detections, label_color, synthetic_scene
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("lite-dino-r18-tiny-h3l1-2x3", num_classes=2, class_names=("ball", "box"), min_size=(96,), max_size=128, num_queries=20, num_select=8)
+    return model.eval(), save_model(model, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+def test_writes_json_and_drawings_matching_the_api(checkpoint, tmp_path):
+    model, path = checkpoint
+    images = tmp_path / "images"
+    images.mkdir()
+    synthetic_scene(90, 120, seed=1).save(images / "a.png")
+    synthetic_scene(100, 80, seed=2).save(images / "b.jpg")
+    (images / "notes.txt").write_text("not an image")
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    synthetic_scene(64, 64, seed=3).save(other / "a.png")
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(path), str(images), str(other / "a.png"), "--out", str(out), "--threshold", "0"]) == 0
+
+    entries = json.loads((out / "predictions.json").read_text())
+    assert [e["drawing"] for e in entries] == ["a.png", "b.png", "a-2.png"]
+    assert [(e["width"], e["height"]) for e in entries] == [(120, 90), (80, 100), (64, 64)]
+    expected = model.predict([images / "a.png", images / "b.jpg", other / "a.png"], threshold=0.0)
+    for entry, result in zip(entries, expected):
+        assert [d["name"] for d in entry["detections"]] == result["names"]
+        assert [d["label"] for d in entry["detections"]] == result["labels"].tolist()
+        np.testing.assert_allclose([d["box"] for d in entry["detections"]], result["boxes"].numpy(), atol=0.01)
+        np.testing.assert_allclose([d["score"] for d in entry["detections"]], result["scores"].numpy(), atol=1e-4)
+        drawing = np.asarray(Image.open(out / entry["drawing"]))
+        assert drawing.shape == (entry["height"], entry["width"], 3)
+
+
+def test_drawn_box_outline_and_label_are_in_the_picture():
+    image = Image.new("RGB", (200, 150), (128, 128, 128))
+    drawn = np.asarray(draw_detections(image, torch.tensor([[40.0, 50.0, 160.0, 120.0]]), torch.tensor([0.9]), torch.tensor([3]), ["cat"]))
+    color = np.array(label_color(3))
+    assert (drawn[85, 40] == color).all() and (drawn[85, 159] == color).all()  # left and right edges
+    assert (drawn[120 - 1, 100] == color).all() and (drawn[85, 100] == 128).all()  # bottom edge; inside untouched
+    label = drawn[:50, 40:100]
+    assert (label == color).all(-1).sum() > 100 and (~(label == color).all(-1) & ~(label == 128).all(-1)).sum() > 10  # tag with text
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: ["--checkpoint", str(d / "none.safetensors"), str(d)], "none.safetensors: no such checkpoint file"),
+        (lambda d: [str(d / "missing.jpg")], "missing.jpg: no such image file or directory"),
+        (lambda d: [str(d / "bad.jpg")], "bad.jpg: not a readable image"),
+        (lambda d: [str(d / "empty")], "no image files in"),
+    ],
+)
+def test_errors_are_one_line(checkpoint, tmp_path, capsys, make, message):
+    (tmp_path / "bad.jpg").write_bytes(b"garbage")
+    (tmp_path / "empty").mkdir()
+    args = make(tmp_path)
+    if "--checkpoint" not in args:
+        args = ["--checkpoint", str(checkpoint[1]), *args]
+    assert main(["predict", *args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("litedetr: error: ") and message in err and err.count("\n") == 1
