@@ -92,6 +92,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 COMMAND_MODULES = (
     "litedetr.tools.predict",
+    "litedetr.tools.export",
+    "litedetr.tools.flops",
+    "litedetr.tools.bench",
 )
 """Modules that each add one command: ``add_parser(subparsers)`` registers it and sets ``func``."""
 

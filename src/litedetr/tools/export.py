@@ -1,0 +1,161 @@
+"""``litedetr export``: one ONNX graph from normalised images to boxes, scores and labels.
+
+The graph (TorchScript-based exporter, opset 17 for ``GridSample``) takes ``images (B, 3, h, w)``
+float32, normalised with the ImageNet mean and std (see :mod:`litedetr.models.transform`), and
+returns the top ``num_select`` (query, class) pairs per image: ``boxes (B, N, 4)`` xyxy in pixels of
+the input, ``scores (B, N)`` descending, ``labels (B, N)`` int64. The batch size is free.
+
+The encoder's geometry (level offsets, reference points, proposals) is fixed by the map sizes, so
+the graph holds one canvas size ``H x W``: without ``dynamic_size`` the input must be exactly
+``H x W``; with it, any ``h <= H``, ``w <= W`` is padded (bottom/right) onto the canvas inside the
+graph with the matching padding mask, as the PyTorch model pads a batch. Resize images to fit the
+canvas first (e.g. with :func:`litedetr.models.transform.resized_size`); larger inputs are cropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from litedetr.models import Detector
+from litedetr.models.transform import IMAGENET_MEAN, IMAGENET_STD
+from litedetr.ops import box_cxcywh_to_xyxy
+from litedetr.tools.draw import synthetic_scene
+
+__all__ = ["OnnxDetector", "export_onnx", "onnx_session", "compare_with_onnxruntime", "normalized_scene", "add_parser"]
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+OUTPUT_NAMES = ("boxes", "scores", "labels")
+
+
+def require(name: str) -> ModuleType:
+    """Import an optional export dependency, or fail with how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ValueError(f"ONNX export needs {name}: pip install 'litedetr[export]'") from None
+
+
+class OnnxDetector(nn.Module):
+    """The traceable inference path of a :class:`Detector`: normalised images -> top-k detections.
+
+    Args:
+        model: the detector (eval mode).
+        canvas: ``(H, W)`` the map sizes are built for; inputs are padded onto it.
+    """
+
+    def __init__(self, model: Detector, canvas: tuple[int, int]):
+        super().__init__()
+        self.model, self.canvas = model, canvas
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(B, 3, h, w)`` normalised -> ``boxes (B, N, 4)`` xyxy pixels of the input, ``scores (B, N)``, ``labels (B, N)``."""
+        height, width = self.canvas
+        h, w = images.shape[2], images.shape[3]
+        canvas = F.pad(images, (0, width - w, 0, height - h))
+        rows = torch.arange(height, device=images.device)[:, None] >= h
+        cols = torch.arange(width, device=images.device)[None, :] >= w
+        mask = (rows | cols).expand(images.shape[0], -1, -1)
+        outputs = self.model.forward_features(self.model.backbone(canvas), mask)
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        num_classes = logits.shape[-1]
+        scores, index = logits.sigmoid().flatten(1).topk(self.model.config.num_select, dim=1)
+        labels, query = index % num_classes, index // num_classes
+        picked = box_cxcywh_to_xyxy(boxes).gather(1, query[..., None].expand(-1, -1, 4))
+        valid_w, valid_h = (~cols).sum().to(boxes.dtype), (~rows).sum().to(boxes.dtype)
+        return picked * torch.stack([valid_w, valid_h, valid_w, valid_h]), scores, labels
+
+
+def export_onnx(model: Detector, path: str | os.PathLike, size: tuple[int, int], dynamic_size: bool = False) -> Path:
+    """Write ``model``'s inference graph for ``size = (H, W)`` canvases to ``path`` and check it with ``onnx.checker``."""
+    onnx = require("onnx")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = OnnxDetector(model.eval(), size).eval()
+    axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
+    dynamic_axes = {"images": axes, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
+    example = torch.zeros(1, 3, *size)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings: the map sizes become constants, by design
+        torch.onnx.export(
+            wrapper, (example,), str(path), dynamo=False, opset_version=OPSET,
+            input_names=["images"], output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic_axes,
+        )  # fmt: skip
+    onnx.checker.check_model(onnx.load(str(path)))
+    logger.info("exported %s (%dx%d%s)", path, *size, ", dynamic size" if dynamic_size else "")
+    return path
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None):
+    """An onnxruntime CPU inference session for ``path`` (``threads``: intra-op threads, default all)."""
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def normalized_scene(batch: int, height: int, width: int, seed: int = 0) -> Tensor:
+    """``(B, 3, H, W)`` ImageNet-normalised synthetic scenes (:func:`~litedetr.tools.draw.synthetic_scene`)."""
+    images = [torch.from_numpy(np.array(synthetic_scene(height, width, seed + i))).permute(2, 0, 1).float() / 255 for i in range(batch)]
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return (torch.stack(images) - mean) / std
+
+
+def compare_with_onnxruntime(model: Detector, path: str | os.PathLike, images: Tensor, canvas: tuple[int, int]) -> dict[str, float]:
+    """Max abs differences between onnxruntime and PyTorch on ``images (B, 3, h, w)`` (boxes in pixels, scores)
+    and the fraction of equal labels."""
+    with torch.no_grad():
+        boxes, scores, labels = OnnxDetector(model.eval(), canvas)(images)
+    ort_boxes, ort_scores, ort_labels = onnx_session(path).run(list(OUTPUT_NAMES), {"images": images.numpy()})
+    return {
+        "boxes": float(np.abs(ort_boxes - boxes.numpy()).max()),
+        "scores": float(np.abs(ort_scores - scores.numpy()).max()),
+        "labels_equal": float((ort_labels == labels.numpy()).mean()),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    model = Detector.from_checkpoint(args.checkpoint, "cpu", args.preset)
+    path = export_onnx(model, args.out, args.size, args.dynamic_size)
+    h, w = args.size
+    check_size = (h * 3 // 4, w) if args.dynamic_size else (h, w)
+    diff = compare_with_onnxruntime(model, path, normalized_scene(1, *check_size), args.size)
+    inputs = f"images (B, 3, <={h}, <={w})" if args.dynamic_size else f"images (B, 3, {h}, {w})"
+    print(f"wrote {path}: {inputs} normalised -> boxes (B, {model.config.num_select}, 4), scores, labels")
+    print(f"onnxruntime vs PyTorch on a {check_size[0]}x{check_size[1]} test scene: max |boxes| {diff['boxes']:.2e} px, "
+          f"max |scores| {diff['scores']:.2e}, labels equal {diff['labels_equal']:.0%}")  # fmt: skip
+    return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 800x1333 (HxW), got {text!r}") from None
+    if h < 32 or w < 32:
+        raise argparse.ArgumentTypeError(f"size must be at least 32x32, got {text!r}")
+    return h, w
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="export a detector to ONNX (normalised images -> boxes, scores, labels)")
+    p.add_argument("--checkpoint", required=True, help="a litedetr .safetensors model file (or an authors' .pth with --preset)")
+    p.add_argument("--preset", help="the preset of an authors' .pth checkpoint")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="output format (onnx)")
+    p.add_argument("--size", type=_size, required=True, help="input canvas HxW, e.g. 800x1333")
+    p.add_argument("--dynamic-size", action="store_true", help="accept any input up to HxW (padded onto the canvas in the graph)")
+    p.add_argument("--out", required=True, help="output .onnx file")
+    p.set_defaults(func=run)

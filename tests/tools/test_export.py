@@ -1,0 +1,78 @@
+"""ONNX export: every family, Lite encoder with KDA and a standard encoder; onnxruntime reproduces PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from litedetr import build_model, save_model
+from litedetr.cli import main
+from litedetr.models.transform import IMAGENET_MEAN, IMAGENET_STD
+from litedetr.tools.export import OnnxDetector, compare_with_onnxruntime, export_onnx, normalized_scene, onnx_session, require
+
+SIZE = (128, 128)
+
+
+def tiny(name: str):
+    torch.manual_seed(0)
+    return build_model(name, num_classes=5, num_queries=20, num_select=20, min_size=(SIZE[0],), max_size=SIZE[1]).eval()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["lite-deformable-detr-r18-tiny-h3l1-2x3", "lite-dino-r18-tiny-h3l1-2x3", "lite-h-detr-r18-tiny-h3l1-2x3", "deformable-detr-r18-tiny"],
+)
+def test_onnxruntime_reproduces_pytorch(name, tmp_path):
+    model = tiny(name)
+    path = export_onnx(model, tmp_path / "model.onnx", SIZE)
+    graph = onnx.load(str(path))
+    assert any(node.op_type == "GridSample" for node in graph.graph.node)
+    assert [o.name for o in graph.graph.output] == ["boxes", "scores", "labels"]
+    diff = compare_with_onnxruntime(model, path, normalized_scene(2, *SIZE, seed=3), SIZE)
+    assert diff["boxes"] < 1e-3 and diff["scores"] < 1e-3 and diff["labels_equal"] == 1.0, diff
+
+
+def test_graph_equals_the_detectors_own_inference():
+    model = tiny("lite-dino-r18-tiny-h3l1-2x3")
+    images = normalized_scene(2, *SIZE, seed=5)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    with torch.no_grad():
+        boxes, scores, labels = OnnxDetector(model, SIZE)(images)
+        expected = model(list(images * std + mean))
+    for i, pred in enumerate(expected):
+        torch.testing.assert_close(scores[i], pred["scores"])
+        assert torch.equal(labels[i], pred["labels"])
+        torch.testing.assert_close(boxes[i], pred["boxes"], atol=1e-3, rtol=0)
+
+
+def test_dynamic_size_pads_onto_the_canvas(tmp_path):
+    model = tiny("lite-h-detr-r18-tiny-h3l1-2x3")
+    path = export_onnx(model, tmp_path / "dynamic.onnx", SIZE, dynamic_size=True)
+    for h, w in (SIZE, (96, 128), (128, 80)):
+        diff = compare_with_onnxruntime(model, path, normalized_scene(1, h, w, seed=h + w), SIZE)
+        assert diff["boxes"] < 1e-3 and diff["scores"] < 1e-3 and diff["labels_equal"] == 1.0, (h, w, diff)
+    boxes, _, _ = onnx_session(path).run(None, {"images": normalized_scene(1, 96, 80).numpy()})
+    assert boxes.shape == (1, 20, 4)
+
+
+def test_fixed_size_graph_refuses_other_sizes(tmp_path):
+    path = export_onnx(tiny("dino-r18-tiny"), tmp_path / "fixed.onnx", SIZE)
+    with pytest.raises(Exception, match="images"):
+        onnx_session(path).run(None, {"images": np.zeros((1, 3, 96, 128), np.float32)})
+
+
+def test_cli_export(tmp_path, capsys):
+    checkpoint = save_model(tiny("lite-dino-r18-tiny-h3l1-2x3"), tmp_path / "m.safetensors")
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--size", "128x128", "--out", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert out.exists() and "labels equal 100%" in report
+    assert main(["export", "--checkpoint", str(tmp_path / "none.safetensors"), "--size", "128x128", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("litedetr: error: ")
+
+
+def test_missing_dependency_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"pip install 'litedetr\[export\]'"):
+        require("onnx_not_installed_anywhere")
