@@ -1,0 +1,47 @@
+"""The benchmark tool: report shape and sanity on a tiny model, peak-memory measurement, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from litedetr.cli import main
+from litedetr.tools.bench import benchmark, peak_memory
+
+TINY = "lite-dino-r18-tiny-h3l1-2x3"
+
+
+def test_bench_reports_model_and_encoder():
+    report = benchmark(TINY, (64, 64), batch=2, repeats=2).to_dict()
+    assert report["batch"] == 2 and report["mode"] == "inference" and report["runs"] == 2
+    assert 0 < report["encoder_latency_s"] < report["model_latency_s"] <= report["model_latency_p90_s"]
+    assert report["images_per_s"] == pytest.approx(2 / report["model_latency_s"])
+    assert 0 < report["encoder_peak_memory_bytes"] < report["model_peak_memory_bytes"]
+
+
+def test_training_step_needs_more_memory_than_inference():
+    inference = benchmark(TINY, (64, 64), repeats=1, warmup=0)
+    train = benchmark(TINY, (64, 64), repeats=1, warmup=0, train=True)
+    assert train.model_timing.peak_memory_bytes > inference.model_timing.peak_memory_bytes
+
+
+def test_cpu_peak_memory_tracks_allocations():
+    size = 4 * 2**20  # one float32 tensor of 4 MiB alive at a time, two at the peak
+
+    def run() -> None:
+        a = torch.ones(2**20)
+        b = a * 2
+        del a
+        c = b + 1
+        del b, c
+
+    assert peak_memory(run, torch.device("cpu")) == pytest.approx(2 * size, rel=0.01)
+
+
+def test_cli_json_and_errors(capsys):
+    assert main(["bench", "--model", TINY, "--size", "64x64", "--repeats", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model_latency_s"] > 0 and report["encoder_latency_s"] > 0 and report["device"] == "cpu"
+    assert main(["bench", "--model", TINY, "--size", "64x64", "--batch", "0"]) == 2

@@ -1,0 +1,115 @@
+"""GFLOPs counting: agreement with fvcore on our model, with fvcore on the authors' code, path independence, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from litedetr import build_model
+from litedetr.cli import main
+from litedetr.nn import MultiScaleDeformableAttention
+from litedetr.tools.flops import AUTHORS_FVCORE, COMPONENTS, FlopCounter, count_flops
+
+fvcore_nn = pytest.importorskip("fvcore.nn")
+
+TINY = "lite-dino-r18-tiny-h3l1-2x3"
+SIZE = (128, 160)
+
+
+class _Features(nn.Module):
+    """Backbone + forward_features, every output tensor returned (so tracing keeps every head)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(tree_leaves(self.model.forward_features(self.model.backbone(image), mask)))
+
+
+def _fvcore_sdpa(inputs, outputs) -> int:
+    """fvcore has no handle for scaled_dot_product_attention (our decoder's self-attention): q.k and weights.v products."""
+    q, k, v = (fvcore_nn.jit_handles.get_shape(x) for x in inputs[:3])
+    return math.prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def _fvcore_by_module(model: nn.Module, size: tuple[int, int]) -> dict[str, float]:
+    """fvcore's GFLOPs per top-level module of our model, traced with autograd on (our grid_sample path)."""
+    h, w = size
+    inputs = (torch.rand(1, 3, h, w), torch.zeros(1, h, w, dtype=torch.bool))
+    analysis = fvcore_nn.FlopCountAnalysis(_Features(model), inputs).set_op_handle("aten::scaled_dot_product_attention", _fvcore_sdpa)
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    assert "grid_sampler" in analysis.by_operator() and "aten::embedding_bag" not in analysis.unsupported_ops()
+    by_module = analysis.by_module()
+    return {name: by_module[f"model.{name}"] / 1e9 for name, _ in model.named_children()} | {"total": analysis.total() / 1e9}
+
+
+def _encoder_core_terms_fvcore_skips(model: nn.Module, report) -> float:
+    """GFLOPs we count in the encoder's attention cores and fvcore does not (element-wise mul+sum, softmax):
+    per query, head, level and point the weighted sum (D), KDA's q.k (D) and one softmax entry."""
+    queries = sum(s.num_queries for s in report.schedule)
+    attn = next(m for m in model.encoder.modules() if isinstance(m, MultiScaleDeformableAttention))
+    d_head = attn.d_model // attn.n_heads
+    per_sample = d_head + (d_head if attn.key_aware else 0) + 1
+    return queries * attn.n_heads * attn.n_levels * attn.n_points * per_sample / 1e9
+
+
+@pytest.mark.parametrize("preset", [TINY, "dino-r18-tiny"])
+def test_agrees_with_fvcore_on_our_model(preset):
+    model = build_model(preset).eval()
+    ours = count_flops(model, SIZE)
+    theirs = _fvcore_by_module(model, SIZE)
+    assert ours.total == pytest.approx(theirs["total"], rel=0.02)
+    for part in ("backbone", "input_stage"):
+        assert ours.components[part] == pytest.approx(theirs[part], rel=1e-9)
+    selection = sum(theirs[n] for n in ("enc_output", "enc_output_norm", "enc_class_head", "enc_box_head"))
+    assert ours.components["query_selection"] == pytest.approx(selection, rel=1e-9)
+    # the encoder differs by exactly what fvcore leaves out of the attention cores
+    assert ours.components["encoder"] - theirs["encoder"] == pytest.approx(_encoder_core_terms_fvcore_skips(model, ours), rel=1e-9)
+    # fvcore names the box head's refinement calls inside the decoder "box_head"; its trace drops the
+    # last layer's refinement, whose output is unused, which we count as run
+    decoder_and_heads = theirs["decoder"] + theirs["class_head"] + theirs["box_head"]
+    assert ours.components["decoder"] + ours.components["heads"] == pytest.approx(decoder_and_heads, rel=0.1)
+
+
+def test_count_does_not_depend_on_the_attention_path():
+    """Gather path (no autograd) and grid_sample path (autograd) count the same; skipping the arithmetic changes nothing."""
+    model = build_model(TINY).eval()
+    image, mask = torch.rand(1, 3, *SIZE), torch.zeros(1, *SIZE, dtype=torch.bool)
+    counts = []
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), FlopCounter(model) as counter:
+            model.forward_features(model.backbone(image), mask)
+        counts.append(dict(counter.flops))
+    assert counts[0] == counts[1]
+    assert count_flops(model, SIZE, execute=True).components == count_flops(model, SIZE).components
+
+
+def test_components_add_up_and_schedule_is_reported():
+    report = count_flops(TINY, SIZE)
+    assert report.other == 0 and all(report.components[c] > 0 for c in COMPONENTS)
+    assert report.total == pytest.approx(sum(report.components.values()))
+    assert report.spatial_shapes == [(16, 20), (8, 10), (4, 5), (2, 3)]
+    assert [s.num_queries for s in report.schedule] == [106, 426] * 3
+
+
+@pytest.mark.parametrize("preset", sorted(AUTHORS_FVCORE))
+def test_agrees_with_fvcore_on_the_authors_code(preset):
+    """Within 3% of fvcore's count of the authors' code at 850x1040, per bucket (their decoder = our decoder + heads)."""
+    ours = count_flops(preset).authors_buckets()
+    for bucket, theirs in AUTHORS_FVCORE[preset].items():
+        assert ours[bucket] == pytest.approx(theirs, rel=0.03), bucket
+
+
+def test_cli_json(capsys):
+    assert main(["flops", "--model", TINY, "--size", "128x160", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["total"] == pytest.approx(sum(report[c] for c in COMPONENTS) + report["other"])
+    assert report["tokens_per_level"] == [320, 80, 20, 6] and report["queries_per_encoder_layer"] == [106, 426] * 3
+    assert main(["flops", "--model", TINY, "--size", "0x160"]) == 2
