@@ -1,11 +1,15 @@
-"""Shared test helpers: the authors' reference tensors in ../shared/fixtures (skipped when absent)."""
+"""Shared test helpers: the authors' reference tensors in ../shared/fixtures (skipped when absent) and
+small COCO-format datasets written on the fly."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
@@ -20,3 +24,27 @@ def load_fixture(name: str) -> dict:
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)
+
+
+def write_coco(root: Path, images: list[dict], annotations: list[dict], categories: list[dict]) -> tuple[Path, Path]:
+    """Write ``images`` (dicts with ``id``, ``file_name``, ``height``, ``width``) as random PNGs and the JSON.
+
+    Returns the annotation file and the images folder.
+    """
+    folder = root / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for image in images:
+        pixels = (rng.random((image["height"], image["width"], 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / image["file_name"])
+    annotation_file = root / "instances.json"
+    annotation_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return annotation_file, folder
+
+
+def coco_image(image_id: int, height: int = 40, width: int = 50) -> dict:
+    return {"id": image_id, "file_name": f"{image_id:03d}.png", "height": height, "width": width}
+
+
+def coco_box(ann_id: int, image_id: int, category_id: int, bbox: list[float], iscrowd: int = 0) -> dict:
+    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": iscrowd}

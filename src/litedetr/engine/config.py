@@ -1,0 +1,82 @@
+"""The typed configuration of a training run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from litedetr.data.transforms import AugmentConfig
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run; stored in its checkpoints so a resume can check it.
+
+    Optimisation follows DINO: AdamW with ``lr`` (``lr_backbone`` for the backbone, ``lr`` x
+    ``lr_sampling_mult`` for the deformable sampling offsets), a 10x drop at each epoch in
+    ``lr_drop``, gradient-norm clipping. ``batch_size`` is per process; the effective batch is
+    ``batch_size x accumulate x processes``.
+
+    Attributes:
+        model: preset name; ``model_overrides`` change its :class:`DetectorConfig` fields.
+        train_annotations, train_images, val_annotations, val_images: COCO-format data
+            (``val_*`` empty: no evaluation).
+        image_sizes: training short sides, one drawn per batch; evaluation uses the largest.
+        max_size: longest image side after resizing.
+        amp: autocast (bf16 on the CPU; fp16 with a gradient scaler on CUDA).
+        ema_decay: keep an exponential moving average of the weights (``None``: off); evaluation and
+            the final model file then use the average.
+        eval_every: evaluate every this many epochs (and after the last).
+        checkpoint_every: also write the resume checkpoint every this many optimiser steps (0: only
+            at the end of each epoch).
+        deterministic: ``torch.use_deterministic_algorithms`` (bit-exact reruns on the CPU).
+    """
+
+    model: str
+    train_annotations: str
+    train_images: str
+    val_annotations: str = ""
+    val_images: str = ""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    backbone_weights: str | None = None
+    epochs: int = 12
+    batch_size: int = 2
+    accumulate: int = 1
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    lr_sampling_mult: float = 0.1
+    weight_decay: float = 1e-4
+    lr_drop: tuple[int, ...] = (11,)
+    clip_norm: float = 0.1
+    image_sizes: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+    max_size: int = 1333
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    amp: bool = False
+    ema_decay: float | None = None
+    workers: int = 2
+    seed: int = 42
+    eval_every: int = 1
+    checkpoint_every: int = 0
+    deterministic: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "accumulate", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.image_sizes or min(self.image_sizes) < 32:
+            raise ValueError(f"image_sizes must be short sides >= 32 px, got {self.image_sizes}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = dict(data)
+        data["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.get("augment", {}).items()})
+        for key in ("lr_drop", "image_sizes"):
+            data[key] = tuple(data[key])
+        return cls(**data)

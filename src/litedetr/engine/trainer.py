@@ -1,0 +1,320 @@
+"""The training loop: data, optimiser, schedule, mixed precision, EMA, checkpoints, evaluation, logs.
+
+A run directory holds::
+
+    checkpoint.pt       everything needed to resume exactly (written atomically)
+    model.safetensors   the latest weights (the EMA weights when EMA is on), for eval/predict/export
+    train_config.json   the run's TrainConfig
+    log.jsonl           one JSON object per optimiser step and per evaluation
+    detections_val.json the last evaluation's detections (COCO results format)
+    curves.png          training loss and validation AP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from litedetr.data.coco import CocoDetection, collate
+from litedetr.data.transforms import train_transform
+from litedetr.engine import distributed
+from litedetr.engine.config import TrainConfig
+from litedetr.engine.ema import ModelEMA
+from litedetr.engine.evaluate import evaluate
+from litedetr.engine.plots import plot_curves
+from litedetr.engine.sampler import ResumableSampler
+from litedetr.engine.state import load_state, rng_state, save_state, set_rng_state
+from litedetr.models import Detector, build_model, save_model
+from litedetr.models.state_dict import fit_problems
+
+__all__ = ["Trainer", "TrainingDiverged", "TrainResult", "CHECKPOINT", "MODEL_FILE"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+MODEL_FILE = "model.safetensors"
+_RESUMABLE_CHANGES = {"epochs", "eval_every", "workers", "device", "checkpoint_every"}
+"""TrainConfig fields a resumed run may change."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    """Attributes:
+    epochs_done: completed epochs; ``interrupted``: stopped by a signal (resume to continue).
+    metrics: the last evaluation's COCO metrics (empty without validation data).
+    """
+
+    out: Path
+    epochs_done: int
+    steps: int
+    interrupted: bool = False
+    metrics: dict[str, float | None] = field(default_factory=dict)
+
+
+def _datasets(config: TrainConfig) -> tuple[CocoDetection, CocoDetection | None]:
+    augment = train_transform(config.augment)
+    train = CocoDetection(config.train_annotations, config.train_images, augment, seed=config.seed)
+    if not config.val_annotations:
+        return train, None
+    val = CocoDetection(config.val_annotations, config.val_images)
+    if val.category_ids != train.category_ids:
+        raise ValueError(f"{config.val_annotations}: categories {list(val.category_ids)} differ from the training set's {list(train.category_ids)}")
+    return train, val
+
+
+def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """DINO's three groups: backbone, deformable sampling offsets, everything else."""
+    groups: dict[str, list[nn.Parameter]] = {"backbone": [], "sampling": [], "rest": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = "backbone" if name.startswith("backbone.") else "sampling" if "sampling_offsets" in name else "rest"
+        groups[key].append(param)
+    lrs = {"backbone": config.lr_backbone, "sampling": config.lr * config.lr_sampling_mult, "rest": config.lr}
+    return [{"params": params, "lr": lrs[key], "name": key} for key, params in groups.items() if params]
+
+
+class Trainer:
+    """Trains ``config`` into ``out``; with ``resume`` it continues from ``out/checkpoint.pt``."""
+
+    def __init__(self, config: TrainConfig, out: str | Path, resume: bool = False):
+        self.config, self.out = config, Path(out)
+        self.device = torch.device(config.device)
+        distributed.init_from_env(self.device)
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(config.seed + distributed.rank())
+        self.train_set, self.val_set = _datasets(config)
+        self.model: Detector = build_model(
+            config.model,
+            backbone_weights=config.backbone_weights,
+            num_classes=self.train_set.num_classes,
+            class_names=self.train_set.class_names,
+            min_size=config.image_sizes,
+            max_size=config.max_size,
+            **config.model_overrides,
+        ).to(self.device)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, config), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=list(config.lr_drop), gamma=0.1)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp and self.device.type == "cuda")
+        self.ema = ModelEMA(self.model, config.ema_decay) if config.ema_decay else None
+        self.epoch, self.batches_done, self.step = 0, 0, 0
+        self.history: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        if resume:
+            self._resume()
+        elif (self.out / CHECKPOINT).exists():
+            raise ValueError(f"{self.out} already holds a run ({CHECKPOINT}); pass --resume to continue it or choose another --out")
+        self.net = DistributedDataParallel(self.model) if distributed.is_distributed() else self.model
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "step": self.step,
+            "rng": rng_state(),
+            "train_config": json.dumps(self.config.to_dict()),
+            "history": json.dumps(self.history),
+        }
+
+    def save(self) -> None:
+        """Write the resume checkpoint and the model file (rank 0; the others wait)."""
+        if distributed.is_main():
+            save_state(self.out / CHECKPOINT, self._state())
+            save_model(self.ema.module if self.ema else self.model, self.out / MODEL_FILE)
+        distributed.barrier()
+
+    def _resume(self) -> None:
+        path = self.out / CHECKPOINT
+        if not path.exists():
+            raise ValueError(f"{path}: nothing to resume (no checkpoint in {self.out})")
+        state = load_state(path)
+        saved = json.loads(state["train_config"])
+        changed = sorted(k for k, v in self.config.to_dict().items() if k not in _RESUMABLE_CHANGES and json.dumps(saved.get(k)) != json.dumps(v))
+        if changed:
+            raise ValueError(f"{path}: the checkpoint was trained with other settings ({', '.join(changed)}); resume with the same ones")
+        problems = fit_problems(self.model, state["model"])
+        if problems:
+            raise ValueError(f"{path}: the checkpoint's weights do not fit the model\n" + "\n".join(problems))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema and state["ema"]:
+            self.ema.load_state_dict(state["ema"])
+        self.epoch, self.batches_done, self.step = state["epoch"], state["batches_done"], state["step"]
+        self.history = json.loads(state["history"])
+        set_rng_state(state["rng"])
+        logger.info("resumed %s at epoch %d, batch %d (step %d)", path, self.epoch, self.batches_done, self.step)
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _loader(self, dataset: CocoDetection, shuffle: bool, epoch: int, start: int) -> DataLoader:
+        sampler = ResumableSampler(len(dataset), distributed.world_size(), distributed.rank(), shuffle, self.config.seed)
+        sampler.set_epoch(epoch, start)
+        dataset.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(self.config.seed + epoch)  # worker seeds: not drawn from the global RNG
+        return DataLoader(
+            dataset, self.config.batch_size, sampler=sampler, num_workers=self.config.workers, collate_fn=collate, generator=generator
+        )
+
+    def _autocast(self):
+        if not self.config.amp:
+            return nullcontext()
+        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if distributed.is_main():
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self._tensorboard is not None:
+                for key, value in record.items():
+                    if isinstance(value, float):
+                        self._tensorboard.add_scalar(f"{record['kind']}/{key}", value, self.step)
+
+    def _check_finite(self, loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
+        bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0)
+        if distributed.is_distributed():
+            torch.distributed.all_reduce(bad.to(self.device))
+        if bad.item():
+            terms = sorted(k for k, v in losses.items() if not torch.isfinite(v))
+            kept = f"the last good checkpoint {self.out / CHECKPOINT} is kept" if (self.out / CHECKPOINT).exists() else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"the loss became {loss.item()} at epoch {self.epoch}, step {self.step} (non-finite terms on this rank: {terms or 'none'}); "
+                f"{kept}. Lower the learning rate{' or train without --amp' if self.config.amp else ''}."
+            )
+
+    def _train_epoch(self) -> None:
+        cfg = self.config
+        loader = self._loader(self.train_set, True, self.epoch, self.batches_done * cfg.batch_size)
+        self.net.train()
+        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="batch", disable=not distributed.is_main(), dynamic_ncols=True)
+        started = time.perf_counter()
+        for images, targets in bar:
+            images = [img.to(self.device) for img in images]
+            targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+            with self._autocast():
+                losses = self.net(images, targets)
+            loss = sum(losses.values())
+            self._check_finite(loss, losses)
+            self.scaler.scale(loss / cfg.accumulate).backward()
+            self.batches_done += 1
+            if self.batches_done % cfg.accumulate:
+                continue
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm) if cfg.clip_norm > 0 else torch.tensor(0.0)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema:
+                self.ema.update(self.model)
+            self.step += 1
+            values = distributed.all_reduce_mean({"loss": loss.item(), "grad_norm": float(grad_norm)})
+            bar.set_postfix(loss=f"{values['loss']:.3f}")
+            self._log({"kind": "train", "epoch": self.epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"], **values,
+                       "seconds": round(time.perf_counter() - started, 3)})  # fmt: skip
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save()
+            if self._stop_requested():
+                return
+        self.epoch, self.batches_done = self.epoch + 1, 0
+        self.scheduler.step()
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got SIGTERM/SIGINT (all ranks stop at the same step)."""
+        flag = torch.tensor(1.0 if self._stop.is_set() else 0.0)
+        if distributed.is_distributed():
+            flag = flag.to(self.device)
+            torch.distributed.all_reduce(flag)
+        return bool(flag.item())
+
+    def evaluate(self) -> dict[str, float | None]:
+        assert self.val_set is not None
+        loader = self._loader(self.val_set, False, 0, 0)
+        model = self.ema.module if self.ema else self.model
+        metrics = evaluate(model, loader, self.device, self.out / "detections_val.json")
+        self._log({"kind": "eval", "epoch": self.epoch, "step": self.step, **{k: v for k, v in metrics.items() if v is not None}})
+        if distributed.is_main():
+            logger.info("epoch %d: AP %.3f AP50 %.3f", self.epoch, metrics["AP"] or 0.0, metrics["AP50"] or 0.0)
+        return metrics
+
+    def fit(self) -> TrainResult:
+        """Train to ``config.epochs``; stops cleanly (checkpoint written) on SIGTERM/SIGINT."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():
+            (self.out / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        self._tensorboard = _tensorboard_writer(self.out) if distributed.is_main() else None
+        previous = _install_signal_handlers(self._stop)
+        metrics: dict[str, float | None] = {}
+        try:
+            while self.epoch < self.config.epochs:
+                self._train_epoch()
+                if self._stop.is_set() or self._stop_requested():
+                    self.save()
+                    logger.warning("stopped by a signal at epoch %d, step %d; %s written", self.epoch, self.step, self.out / CHECKPOINT)
+                    return TrainResult(self.out, self.epoch, self.step, interrupted=True)
+                self.save()
+                last = self.epoch == self.config.epochs
+                if self.val_set is not None and (last or self.epoch % self.config.eval_every == 0):
+                    metrics = self.evaluate()
+        finally:
+            _restore_signal_handlers(previous)
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+        if distributed.is_main():
+            plot_curves(self.history, self.out / "curves.png")
+        return TrainResult(self.out, self.epoch, self.step, metrics=metrics)
+
+
+def _tensorboard_writer(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logger.debug("tensorboard is not installed: no TensorBoard scalars")
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _install_signal_handlers(stop: threading.Event) -> dict[int, Any]:
+    """SIGTERM/SIGINT set ``stop``; a second SIGINT interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        logger.warning("received %s: finishing the current step and writing a checkpoint", signal.Signals(signum).name)
+        stop.set()
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)

@@ -1,0 +1,137 @@
+"""``litedetr train``: train a preset on a COCO-format dataset (the built-in synthetic one by default)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from litedetr.data import AugmentConfig, SyntheticSpec, find_split, write_synthetic_dataset
+from litedetr.engine import TrainConfig, Trainer
+from litedetr.engine import distributed
+from litedetr.models import get_config
+
+__all__ = ["add_parser", "add_data_arguments", "resolve_data", "default_image_sizes"]
+
+logger = logging.getLogger(__name__)
+
+DETR_SCALES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+"""DETR's training short sides for 800 px evaluation; other sizes scale them."""
+
+
+def default_image_sizes(preset: str) -> tuple[tuple[int, ...], int]:
+    """DETR's multi-scale training sizes scaled to the preset's evaluation size, and its max size."""
+    config = get_config(preset)
+    factor = max(config.min_size) / 800
+    return tuple(sorted({round(s * factor / 32) * 32 for s in DETR_SCALES} | {max(config.min_size)})), config.max_size
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, splits: tuple[str, ...]) -> None:
+    group = parser.add_argument_group("data (default: the built-in synthetic dataset)")
+    group.add_argument("--data", type=Path, help="a dataset folder in COCO's layout (annotations/instances_<split>*.json, <split>*/)")
+    for split in splits:
+        group.add_argument(f"--{split}-json", type=Path, help=f"the {split} instances JSON (instead of --data)")
+        group.add_argument(f"--{split}-images", type=Path, help=f"the {split} images folder (with --{split}-json)")
+
+
+def resolve_data(args: argparse.Namespace, split: str, synthetic_root: Path) -> tuple[str, str]:
+    """``(annotations, images)`` of ``split`` from ``--data``, ``--SPLIT-json/-images`` or the synthetic dataset."""
+    json_path, images = getattr(args, f"{split}_json"), getattr(args, f"{split}_images")
+    if json_path is not None or images is not None:
+        if json_path is None or images is None:
+            raise ValueError(f"--{split}-json and --{split}-images go together")
+        return str(json_path), str(images)
+    if args.data is None:
+        if distributed.is_main():
+            write_synthetic_dataset(synthetic_root, SyntheticSpec())
+        distributed.barrier()
+        args.data = synthetic_root
+        logger.info("no dataset given: using the built-in synthetic dataset at %s", synthetic_root)
+    found = find_split(args.data, split)
+    return str(found.annotations), str(found.images)
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    distributed.init_from_env(torch.device(args.device))
+    train_json, train_images = resolve_data(args, "train", args.out / "synthetic-data")
+    has_val = args.val_json is not None or args.data is not None
+    val_json, val_images = resolve_data(args, "val", args.out / "synthetic-data") if has_val else ("", "")
+    sizes, max_size = default_image_sizes(args.model)
+    sizes = args.image_sizes or sizes
+    config = TrainConfig(
+        model=args.model,
+        train_annotations=train_json,
+        train_images=train_images,
+        val_annotations=val_json,
+        val_images=val_images,
+        backbone_weights=args.backbone_weights,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        accumulate=args.accumulate,
+        lr=args.lr,
+        lr_backbone=args.lr_backbone,
+        lr_drop=tuple(args.lr_drop) if args.lr_drop is not None else (max(1, args.epochs * 11 // 12),),
+        image_sizes=sizes,
+        max_size=args.max_size or max_size,
+        augment=AugmentConfig().scaled(max(sizes) / 800),
+        amp=args.amp,
+        ema_decay=args.ema,
+        workers=args.workers,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        deterministic=args.deterministic,
+        device=args.device,
+    )
+    result = Trainer(config, args.out, resume=args.resume).fit()
+    if not distributed.is_main():
+        return 0
+    if result.interrupted:
+        print(f"interrupted after {result.steps} steps; continue with: litedetr train ... --out {args.out} --resume")
+        return 130
+    print(f"trained {result.epochs_done} epochs ({result.steps} steps); model: {args.out / 'model.safetensors'}")
+    if result.metrics:
+        print(format_metrics(result.metrics))
+    return 0
+
+
+def format_metrics(metrics: dict[str, float | None]) -> str:
+    """The six COCO box metrics as a two-line table."""
+    names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    values = ["-" if metrics.get(n) is None else f"{metrics[n]:.3f}" for n in names]
+    return "  ".join(f"{n:>6}" for n in names) + "\n" + "  ".join(f"{v:>6}" for v in values)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train a detector on a COCO-format dataset (default: the synthetic one)")
+    p.add_argument("--model", required=True, help="preset name (see `litedetr models`)")
+    add_data_arguments(p, ("train", "val"))
+    p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, logs, model file)")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--batch-size", type=int, default=2, help="images per step and process (default 2)")
+    p.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr-backbone", type=float, default=1e-5)
+    p.add_argument("--lr-drop", type=int, nargs="+", help="epochs after which the learning rate drops 10x (default: 11/12 of the run)")
+    p.add_argument("--image-sizes", type=_sizes, help="training short sides, e.g. 480,512,544 (default: DETR's, scaled to the preset)")
+    p.add_argument("--max-size", type=int, help="longest side (default: the preset's)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
+    p.add_argument("--ema", type=float, metavar="DECAY", help="keep an EMA of the weights, e.g. 0.9997")
+    p.add_argument("--backbone-weights", help="local ImageNet weights for the backbone (a torchvision state dict)")
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: per epoch only)")
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact reruns on CPU)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.set_defaults(func=run)
