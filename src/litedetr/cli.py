@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from litedetr.engine import TrainingDiverged
 from litedetr.models import PRESETS, convert_official_checkpoint
 from litedetr.models.config import EncoderConfig
 from litedetr.models.convert import ConversionError
@@ -91,8 +92,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 COMMAND_MODULES = (
+    "litedetr.tools.train",
+    "litedetr.tools.evaluate",
+    "litedetr.tools.demo",
     "litedetr.tools.predict",
     "litedetr.tools.export",
+    "litedetr.tools.explain",
     "litedetr.tools.flops",
     "litedetr.tools.bench",
 )
@@ -139,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ConversionError) as err:
         print(f"litedetr: error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"litedetr: error: training stopped: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("litedetr: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
