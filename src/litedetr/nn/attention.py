@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from litedetr.ops import ms_deform_attn, ms_deform_attn_key_aware
+from litedetr.ops import key_aware_attention_weights, ms_deform_attn, ms_deform_attn_key_aware
 
-__all__ = ["MultiScaleDeformableAttention", "sampling_locations"]
+__all__ = ["MultiScaleDeformableAttention", "sampling_locations", "AttentionCapture"]
+
+AttentionCapture = Callable[[Tensor, Tensor], None]
+"""``capture(locations (B, Lq, M, L, P, 2), weights (B, Lq, M, L, P))``, see :attr:`MultiScaleDeformableAttention.capture`."""
 
 
 def sampling_locations(reference_points: Tensor, offsets: Tensor, spatial_shapes: Tensor) -> Tensor:
@@ -49,6 +53,11 @@ class MultiScaleDeformableAttention(nn.Module):
         n_heads: heads ``M`` (``C`` must be divisible by it).
         n_points: sampling points ``P`` per head and level.
         key_aware: KDA instead of plain deformable attention.
+
+    Attributes:
+        capture: an optional :data:`AttentionCapture` callback (None by default), called by ``forward``
+            with the sampling locations and the attention weights it applied (KDA: the softmax of
+            ``q.k``, computed again for the callback). For inspection tools (``litedetr explain``).
     """
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, key_aware: bool = False):
@@ -64,6 +73,7 @@ class MultiScaleDeformableAttention(nn.Module):
             self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
+        self.capture: AttentionCapture | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -122,8 +132,12 @@ class MultiScaleDeformableAttention(nn.Module):
         if self.key_aware:
             q = self.query_proj(query).view(b, lq, self.n_heads, -1)
             out = ms_deform_attn_key_aware(q, v, v, spatial_shapes, locations)
+            if self.capture is not None:
+                self.capture(locations, key_aware_attention_weights(q, v, spatial_shapes, locations))
         else:
             weights = self.attention_weights(query).view(b, lq, self.n_heads, self.n_levels * self.n_points)
             weights = weights.softmax(-1).view(b, lq, self.n_heads, self.n_levels, self.n_points)
             out = ms_deform_attn(v, spatial_shapes, locations, weights)
+            if self.capture is not None:
+                self.capture(locations, weights)
         return self.output_proj(out)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from litedetr.ops.bilinear import bilinear_corners, gather_rows
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_key_aware"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_key_aware", "key_aware_attention_weights"]
 
 
 def _level_maps(feats: Tensor, spatial_shapes: Tensor) -> list[Tensor]:
@@ -170,9 +170,34 @@ def ms_deform_attn_key_aware(
     keys = sampled if shared else [s[:, :d] for s in sampled]
     values = sampled if shared else [s[:, d:] for s in sampled]
 
-    q = query.to(value.dtype).permute(0, 2, 3, 1).reshape(b * m, d, lq, 1) * (1.0 / math.sqrt(d))
-    logits = torch.cat([(k * q).sum(1) for k in keys], dim=-1)  # (B*M, Lq, L*P)
-    weights = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(logits.dtype)
-    weights = weights.unsqueeze(1).split([k.shape[-1] for k in keys], dim=-1)
+    weights = _kda_softmax(query, keys).unsqueeze(1).split([k.shape[-1] for k in keys], dim=-1)
     out = sum((v * w).sum(-1) for v, w in zip(values, weights))
     return _merge_heads(out, b, m)
+
+
+def _kda_softmax(query: Tensor, keys: list[Tensor]) -> Tensor:
+    """KDA weights from ``(B, Lq, M, D)`` queries and per-level sampled keys ``(B*M, D, Lq, P)`` -> ``(B*M, Lq, L*P)``."""
+    b, lq, m, d = query.shape
+    q = query.to(keys[0].dtype).permute(0, 2, 3, 1).reshape(b * m, d, lq, 1) * (1.0 / math.sqrt(d))
+    logits = torch.cat([(k * q).sum(1) for k in keys], dim=-1)
+    return logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(logits.dtype)
+
+
+def key_aware_attention_weights(query: Tensor, key: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor) -> Tensor:
+    """The attention weights KDA applies: softmax over ``L*P`` of ``q.k / sqrt(D)`` of the sampled keys.
+
+    For inspection (e.g. ``litedetr explain``); the same computation as in
+    :func:`ms_deform_attn_key_aware` (``grid_sample`` path), out-of-map samples included as zero keys.
+
+    Args:
+        query: ``(B, Lq, M, D)``; key: ``(B, S, M, D)``; spatial_shapes: ``(L, 2)``;
+        sampling_locations: ``(B, Lq, M, L, P, 2)`` in [0, 1].
+
+    Returns:
+        ``(B, Lq, M, L, P)``, summing to 1 over ``L, P``.
+    """
+    _check_shapes(key, spatial_shapes, sampling_locations)
+    b, lq, m, n_levels, p, _ = sampling_locations.shape
+    keys = _sample(_level_maps(key, spatial_shapes), _level_grids(sampling_locations))
+    weights = _kda_softmax(query, keys).view(b, m, lq, n_levels, p)
+    return weights.transpose(1, 2)
