@@ -202,8 +202,8 @@ class FlopCounter(TorchDispatchMode):
     Args:
         model: the detector; hooks on its modules track which component is running.
         execute: ``False`` skips the arithmetic of matrix products and convolutions (their outputs
-            are zeros of the right shape and dtype), which makes counting a large model at a large
-            size take about a second; every op still runs in order, with its real shapes.
+            are zeros of the right shape and dtype), which makes counting an R50 model at 850x1040 take
+            a few seconds on one core; every op still runs in order, with its real shapes.
     """
 
     def __init__(self, model: Detector, execute: bool = True):
@@ -219,7 +219,7 @@ class FlopCounter(TorchDispatchMode):
             if not name:
                 continue
             self._handles.append(module.register_forward_pre_hook(self._enter_module(name)))
-            self._handles.append(module.register_forward_hook(self._exit_module, always_call=True))
+            self._handles.append(module.register_forward_hook(self._exit_module, with_kwargs=True, always_call=True))
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
@@ -235,10 +235,11 @@ class FlopCounter(TorchDispatchMode):
 
         return hook
 
-    def _exit_module(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _exit_module(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self._stack.pop()
         if isinstance(module, MultiScaleDeformableAttention):
-            self.flops[self._component()] += deformable_attention_flops(module, args[0].shape[0] * args[0].shape[1])
+            query = args[0] if args else kwargs["query"]
+            self.flops[self._component()] += deformable_attention_flops(module, query.shape[0] * query.shape[1])
 
     def _component(self) -> str:
         if not self._stack:
