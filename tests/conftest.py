@@ -48,3 +48,11 @@ def coco_image(image_id: int, height: int = 40, width: int = 50) -> dict:
 
 def coco_box(ann_id: int, image_id: int, category_id: int, bbox: list[float], iscrowd: int = 0) -> dict:
     return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": iscrowd}
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory) -> Path:
+    """A synthetic dataset of 64x64 images (4 train, 2 val, up to 3 objects each)."""
+    from litedetr.data import SyntheticSpec, write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), SyntheticSpec(num_train=4, num_val=2, image_size=(64, 64), max_objects=3))

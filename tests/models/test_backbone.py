@@ -155,3 +155,15 @@ def test_swin_bad_weights_file(tmp_path):
     message = str(info.value)
     assert "missing keys (" in message and "more" in message.split("unexpected keys")[0]
     assert "unexpected keys (no place in the model) (1):\n    extra.bias" in message
+
+
+def test_trainable_norm_trains_batch_norm_and_every_layer():
+    frozen, trainable = ResNetBackbone("resnet18"), ResNetBackbone("resnet18", trainable_norm=True)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())
+    assert not all(p.requires_grad for p in frozen.parameters())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in trainable.modules()) == 20
+    assert all(p.requires_grad for p in trainable.parameters())
+    trainable.train()
+    before = trainable.body.bn1.running_mean.clone()
+    trainable(torch.rand(2, 3, 64, 64))
+    assert not torch.equal(before, trainable.body.bn1.running_mean), "batch statistics must update in training"

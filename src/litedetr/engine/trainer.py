@@ -198,17 +198,19 @@ class Trainer:
                     if isinstance(value, float):
                         self._tensorboard.add_scalar(f"{record['kind']}/{key}", value, self.step)
 
+    def _diverged_message(self, what: str) -> str:
+        kept = f"the last good checkpoint {self.out / CHECKPOINT} is kept" if (self.out / CHECKPOINT).exists() else "no checkpoint was written yet"
+        hint = "Lower the learning rate" + (" or train without --amp" if self.config.amp else "")
+        return f"{what} at epoch {self.epoch + 1}, step {self.step + 1}; {kept}. {hint}."
+
     def _check_finite(self, loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
-        bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0)
+        """Stop every rank with :class:`TrainingDiverged` when any rank's loss is NaN or infinite."""
+        bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=self.device)
         if distributed.is_distributed():
-            torch.distributed.all_reduce(bad.to(self.device))
+            torch.distributed.all_reduce(bad)
         if bad.item():
             terms = sorted(k for k, v in losses.items() if not torch.isfinite(v))
-            kept = f"the last good checkpoint {self.out / CHECKPOINT} is kept" if (self.out / CHECKPOINT).exists() else "no checkpoint was written yet"
-            raise TrainingDiverged(
-                f"the loss became {loss.item()} at epoch {self.epoch}, step {self.step} (non-finite terms on this rank: {terms or 'none'}); "
-                f"{kept}. Lower the learning rate{' or train without --amp' if self.config.amp else ''}."
-            )
+            raise TrainingDiverged(self._diverged_message(f"the loss became {loss.item()} (non-finite terms on this rank: {terms or 'none'})"))
 
     def _train_epoch(self) -> None:
         cfg = self.config
@@ -219,8 +221,11 @@ class Trainer:
         for images, targets in bar:
             images = [img.to(self.device) for img in images]
             targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-            with self._autocast():
-                losses = self.net(images, targets)
+            try:
+                with self._autocast():
+                    losses = self.net(images, targets)
+            except FloatingPointError as err:
+                raise TrainingDiverged(self._diverged_message(str(err))) from None
             loss = sum(losses.values())
             self._check_finite(loss, losses)
             self.scaler.scale(loss / cfg.accumulate).backward()

@@ -48,12 +48,14 @@ def _check_fits(module: nn.Module, state_dict: Mapping[str, Tensor], source: str
 
 
 class ResNetBackbone(nn.Module):
-    """torchvision ResNet with frozen batch norm; stem and ``layer1`` frozen, as in DETR.
+    """torchvision ResNet; by default with frozen batch norm and the stem and ``layer1`` frozen, as in DETR.
 
     Args:
         name: ``resnet18``, ``resnet34``, ``resnet50`` or ``resnet101``.
         weights_path: optional local file holding a torchvision ImageNet state dict of the same
             architecture (its ``fc.*`` classifier entries are ignored). ``None``: random init.
+        trainable_norm: ordinary batch norm and every layer trained: for training from scratch,
+            where frozen statistics of a random network would leave the features unnormalised.
 
     Attributes:
         out_channels: channels of C3, C4, C5.
@@ -62,17 +64,18 @@ class ResNetBackbone(nn.Module):
 
     strides: tuple[int, ...] = (8, 16, 32)
 
-    def __init__(self, name: str = "resnet50", weights_path: str | None = None) -> None:
+    def __init__(self, name: str = "resnet50", weights_path: str | None = None, trainable_norm: bool = False) -> None:
         super().__init__()
         if name not in _RESNET_CHANNELS:
             raise ValueError(f"unknown ResNet {name!r}; choose one of {sorted(_RESNET_CHANNELS)}")
         self.out_channels: tuple[int, ...] = _RESNET_CHANNELS[name]
-        body = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d)
+        body = getattr(torchvision.models, name)(weights=None, norm_layer=nn.BatchNorm2d if trainable_norm else FrozenBatchNorm2d)
         del body.fc, body.avgpool
         if weights_path is not None:
             self._load(body, weights_path)
         self.body = body
-        self._freeze_stem_and_layer1()
+        if not trainable_norm:
+            self._freeze_stem_and_layer1()
 
     @staticmethod
     def _load(body: nn.Module, weights_path: str) -> None:
@@ -167,10 +170,15 @@ def _feature_key(key: str) -> str:
     return key
 
 
-def build_backbone(name: str, weights_path: str | None = None) -> ResNetBackbone | SwinBackbone:
-    """Backbone by name (one of :data:`BACKBONES`), randomly initialised unless ``weights_path`` is given."""
+def build_backbone(name: str, weights_path: str | None = None, trainable_norm: bool = False) -> ResNetBackbone | SwinBackbone:
+    """Backbone by name (one of :data:`BACKBONES`), randomly initialised unless ``weights_path`` is given.
+
+    ``trainable_norm`` (ResNets only) trains batch norm and every layer, for training from scratch.
+    """
     if name in _RESNET_CHANNELS:
-        return ResNetBackbone(name, weights_path)
+        return ResNetBackbone(name, weights_path, trainable_norm)
+    if trainable_norm:
+        raise ValueError(f"backbone_trainable_norm applies to ResNets, not {name!r} (Swin uses layer norm, always trained)")
     if name in _SWIN_NAMES:
         return SwinBackbone(name, weights_path)
     raise ValueError(f"unknown backbone {name!r}; choose one of {list(BACKBONES)}")

@@ -37,6 +37,8 @@ class DetectorConfig:
     family: Family = "dino"
     num_classes: int = 91
     backbone: str = "resnet50"
+    backbone_trainable_norm: bool = False
+    """ResNet batch norm trained with every layer (from-scratch training) instead of DETR's frozen one."""
     d_model: int = 256
     n_heads: int = 8
     n_levels: int = 4

@@ -73,7 +73,7 @@ class Detector(nn.Module):
         super().__init__()
         self.config = config
         d = config.d_model
-        self.backbone = build_backbone(config.backbone, backbone_weights)
+        self.backbone = build_backbone(config.backbone, backbone_weights, config.backbone_trainable_norm)
         self.input_stage = EncoderInput(tuple(self.backbone.out_channels), d, config.n_levels, config.pe_temperature, config.pe_temperature)
         self.encoder = _build_encoder(config)
         self.enc_output = nn.Linear(d, d)
