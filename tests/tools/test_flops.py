@@ -116,3 +116,12 @@ def test_cli_json(capsys):
     assert report["total"] == pytest.approx(sum(report[c] for c in COMPONENTS) + report["other"])
     assert report["tokens_per_level"] == [320, 80, 20, 6] and report["queries_per_encoder_layer"] == [106, 426] * 3
     assert main(["flops", "--model", TINY, "--size", "0x160"]) == 2
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_batch_norm_counts_as_fvcore(train):
+    """Eval: scale and shift, 2 per element; training: 5 per element (fvcore's norm count)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)).train(train)
+    with FlopCounter(model) as counter:
+        model(torch.rand(1, 3, 5, 6))
+    assert counter.flops["other"] == 3 * 4 * 30 + (5 if train else 2) * 4 * 30

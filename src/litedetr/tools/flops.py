@@ -9,7 +9,9 @@ counts every ATen op it sees:
   convolutions: ``batch * prod(weight shape) * prod(output spatial)`` (bias not counted);
 - fused attention (``scaled_dot_product_attention`` kernels): ``q.k`` and ``weights.v`` products,
   plus its softmax;
-- layer / group norm: 5 per element; nearest upsampling (the padding masks): 1 per output element;
+- layer / group norm: 5 per element; batch norm 2 per element in eval, 5 in training (the
+  ResNets' frozen batch norm is element-wise and counts 0, as in fvcore); nearest upsampling
+  (the padding masks): 1 per output element;
 - softmax: 1 per element (fvcore counts none; it is well below 0.1% of any model here);
 - element-wise ops, indexing, top-k: 0.
 
@@ -105,6 +107,13 @@ def _conv_flops(x: Tensor, w: Tensor, out: Tensor, transposed: bool) -> int:
     return x.shape[0] * prod(w.shape) * prod(spatial)
 
 
+def _batch_norm_flops(x: Tensor, weight: Tensor | None, training: bool) -> int:
+    """fvcore's: in training a norm (5 per element, 4 without affine); in eval a scale and shift (2, or 1)."""
+    if training:
+        return x.numel() * (5 if weight is not None else 4)
+    return x.numel() * (2 if weight is not None else 1)
+
+
 def _sdpa_flops(q: Tensor, k: Tensor, v: Tensor) -> int:
     """``(B, H, Lq, D)`` queries, ``(B, H, Lk, D)`` keys, ``(B, H, Lk, Dv)`` values: products + softmax."""
     batch_heads, lq, lk = prod(q.shape[:-2]), q.shape[-2], k.shape[-2]
@@ -124,6 +133,9 @@ def _handlers() -> dict[Any, Callable[..., int]]:
         aten.convolution: lambda args, kwargs, out: _conv_flops(args[0], args[1], out, bool(args[6])),
         aten.native_layer_norm: lambda args, kwargs, out: args[0].numel() * (5 if args[2] is not None else 4),
         aten.native_group_norm: lambda args, kwargs, out: args[0].numel() * (5 if args[1] is not None else 4),
+        aten._native_batch_norm_legit_no_training: lambda args, kwargs, out: _batch_norm_flops(args[0], args[1], False),
+        aten._native_batch_norm_legit: lambda args, kwargs, out: _batch_norm_flops(args[0], args[1], len(args) > 5 and bool(args[5])),
+        aten.native_batch_norm: lambda args, kwargs, out: _batch_norm_flops(args[0], args[1], bool(args[5])),
         aten.upsample_nearest2d: lambda args, kwargs, out: out.numel(),
         aten._softmax: lambda args, kwargs, out: args[0].numel(),
         aten._scaled_dot_product_flash_attention_for_cpu: sdpa,
@@ -200,13 +212,14 @@ class FlopCounter(TorchDispatchMode):
     """Counts FLOPs of every ATen op run in the context, per component of ``model``.
 
     Args:
-        model: the detector; hooks on its modules track which component is running.
+        model: the detector (or any module: ops outside the detector's components count as ``"other"``);
+            hooks on its modules track which component is running.
         execute: ``False`` skips the arithmetic of matrix products and convolutions (their outputs
             are zeros of the right shape and dtype), which makes counting an R50 model at 850x1040 take
             a few seconds on one core; every op still runs in order, with its real shapes.
     """
 
-    def __init__(self, model: Detector, execute: bool = True):
+    def __init__(self, model: nn.Module, execute: bool = True):
         super().__init__()
         self.model = model
         self.execute = execute
@@ -222,7 +235,7 @@ class FlopCounter(TorchDispatchMode):
             self._handles.append(module.register_forward_hook(self._exit_module, with_kwargs=True, always_call=True))
         return super().__enter__()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
