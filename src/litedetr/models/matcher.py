@@ -83,6 +83,8 @@ class HungarianMatcher(nn.Module):
             torch.cat([t["boxes"] for t in targets]).float(),
         )
         cost = cost.view(bs, num_queries, -1).cpu()
+        if not torch.isfinite(cost).all():
+            raise FloatingPointError("matching cost is not finite (the predictions hold NaN or inf)")
         indices = []
         for b, block in enumerate(cost.split(sizes, -1)):
             pred_idx, tgt_idx = linear_sum_assignment(block[b].numpy())

@@ -79,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         accumulate=args.accumulate,
         lr=args.lr,
         lr_backbone=args.lr_backbone,
+        weight_decay=args.weight_decay,
+        clip_norm=args.clip_norm,
         lr_drop=tuple(args.lr_drop) if args.lr_drop is not None else (max(1, args.epochs * 11 // 12),),
         image_sizes=sizes,
         max_size=args.max_size or max_size,
@@ -122,6 +124,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--lr-backbone", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--clip-norm", type=float, default=0.1, help="gradient-norm clipping (0: off)")
     p.add_argument("--lr-drop", type=int, nargs="+", help="epochs after which the learning rate drops 10x (default: 11/12 of the run)")
     p.add_argument("--image-sizes", type=_sizes, help="training short sides, e.g. 480,512,544 (default: DETR's, scaled to the preset)")
     p.add_argument("--max-size", type=int, help="longest side (default: the preset's)")

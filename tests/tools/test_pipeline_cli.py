@@ -1,0 +1,81 @@
+"""The user's pipeline through the CLI: train -> eval -> predict on a generated dataset, and the
+one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import coco_box, coco_image, write_coco
+from litedetr.cli import main
+
+TRAIN = ["--model", "lite-dino-r18-tiny-h3l1-2x3", "--batch-size", "2", "--image-sizes", "64", "--max-size", "64", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_synthetic, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    assert main(["train", *TRAIN, "--data", str(tiny_synthetic), "--epochs", "2", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_writes_a_complete_run(trained, capsys):
+    for name in ("checkpoint.pt", "model.safetensors", "train_config.json", "log.jsonl", "curves.png", "detections_val.json"):
+        assert (trained / name).stat().st_size > 0, name
+    records = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in records if r["kind"] == "eval"] == [1, 2]
+
+
+def test_eval_and_predict_use_the_trained_model(trained, tiny_synthetic, tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(trained / "model.safetensors"), "--data", str(tiny_synthetic), "--out", str(tmp_path / "eval"), "--workers", "0"]) == 0
+    table = capsys.readouterr().out
+    assert "AP50" in table and "APl" in table
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert all(v is None or 0 <= v <= 1 for v in metrics.values())
+
+    images = sorted((tiny_synthetic / "val").iterdir())
+    assert main(["predict", "--checkpoint", str(trained / "model.safetensors"), *map(str, images), "--out", str(tmp_path / "pred"), "--threshold", "0"]) == 0
+    predictions = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert len(predictions) == len(images)
+    assert {d["name"] for p in predictions for d in p["detections"]} <= {"circle", "square", "triangle", "cross", "star"}
+    assert all((tmp_path / "pred" / p["drawing"]).exists() for p in predictions)
+
+
+def test_resume_of_a_finished_run_changes_nothing_and_a_second_run_is_refused(trained, tiny_synthetic, capsys):
+    before = (trained / "model.safetensors").read_bytes()
+    assert main(["train", *TRAIN, "--data", str(tiny_synthetic), "--epochs", "2", "--out", str(trained), "--resume"]) == 0
+    assert (trained / "model.safetensors").read_bytes() == before
+    capsys.readouterr()
+    assert main(["train", *TRAIN, "--data", str(tiny_synthetic), "--epochs", "2", "--out", str(trained)]) == 2
+    assert "already holds a run (checkpoint.pt); pass --resume" in capsys.readouterr().err
+
+
+def test_resume_with_other_settings_is_refused(trained, tiny_synthetic, capsys):
+    assert main(["train", *TRAIN, "--data", str(tiny_synthetic), "--epochs", "2", "--lr", "1e-3", "--out", str(trained), "--resume"]) == 2
+    assert "trained with other settings (lr)" in capsys.readouterr().err
+
+
+def test_eval_with_a_model_of_another_class_count_is_one_line(trained, tmp_path, capsys):
+    annotations, images = write_coco(tmp_path, [coco_image(1)], [coco_box(1, 1, 1, [1, 1, 10, 10])], [{"id": 1, "name": "only"}])
+    code = main(["eval", "--checkpoint", str(trained / "model.safetensors"), "--val-json", str(annotations), "--val-images", str(images), "--out", str(tmp_path / "e")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("litedetr: error:") and "the model has 5 classes" in err and "has 1 categories" in err and "\n" not in err
+
+
+def test_diverging_training_stops_with_a_clear_message(tiny_synthetic, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TRAIN, "--data", str(tiny_synthetic), "--epochs", "2", "--lr", "1e30", "--clip-norm", "0", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "training stopped:" in err and "not finite" in err and "Lower the learning rate" in err
+
+
+def test_missing_dataset_parts_are_named(tmp_path, capsys):
+    assert main(["train", *TRAIN, "--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "no annotations/instances_train*.json" in capsys.readouterr().err
+    assert main(["train", *TRAIN, "--train-json", str(tmp_path / "a.json"), "--out", str(tmp_path / "r")]) == 2
+    assert "--train-json and --train-images go together" in capsys.readouterr().err
