@@ -5,7 +5,8 @@ A run directory holds::
     checkpoint.pt       everything needed to resume exactly (written atomically)
     model.safetensors   the latest weights (the EMA weights when EMA is on), for eval/predict/export
     train_config.json   the run's TrainConfig
-    log.jsonl           one JSON object per optimiser step and per evaluation
+    log.jsonl           one JSON object per optimiser step (weighted loss sum, the last decoder
+                        layer's class/L1/GIoU terms, gradient norm, lr) and per evaluation
     detections_val.json the last evaluation's detections (COCO results format)
     curves.png          training loss and validation AP
 """
@@ -240,7 +241,8 @@ class Trainer:
             if self.ema:
                 self.ema.update(self.model)
             self.step += 1
-            values = distributed.all_reduce_mean({"loss": loss.item(), "grad_norm": float(grad_norm)})
+            final_layer = {k: v.item() for k, v in losses.items() if k in ("loss_class", "loss_bbox", "loss_giou")}
+            values = distributed.all_reduce_mean({"loss": loss.item(), "grad_norm": float(grad_norm), **final_layer})
             bar.set_postfix(loss=f"{values['loss']:.3f}")
             self._log({"kind": "train", "epoch": self.epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"], **values,
                        "seconds": round(time.perf_counter() - started, 3)})  # fmt: skip
