@@ -1,0 +1,295 @@
+"""Accuracy vs encoder cost on the synthetic dataset: DINO and Lite-DINO variants, with and without KDA.
+
+Trains DINO (standard 6-layer encoder, plain deformable attention) and Lite-DINO H3L1-(2+1)x3,
+H3L1-(6+1)x1 and H2L2-(2+1)x3, each with key-aware deformable attention (KDA, in the encoder and the
+decoder's cross-attention) and with plain multi-scale deformable attention (MSDA): 7 models, all
+with the ResNet-18 tiny presets' backbone and widths, on the built-in synthetic dataset, with the
+demo's budget (:class:`litedetr.tools.demo.DemoRecipe`: dataset, image size, epochs, batch size,
+learning rate and its drop, seed; the same TrainConfig the demo builds). As with ``litedetr demo
+--epochs``, another ``--epochs`` keeps the demo's learning-rate drop epoch.
+
+For each model: COCO box AP, AP50, APs, APm, APl on the validation split; encoder GFLOPs at the
+training image size (``count_flops``); CPU encoder latency, measured after all training, side by
+side in one process with the same threads (every model's encoder in turn within each repeat, on
+the tokens of the same validation image, without autograd; median). Writes ``tradeoff.md``,
+``tradeoff.json`` and ``tradeoff.png`` (AP vs encoder GFLOPs) to ``--out``; the dataset and one
+training run per model go to ``--out/tradeoff-runs/``. A run that finished is reused, an
+interrupted one resumed, so a second invocation only measures. Each full-budget run takes about
+10-20 minutes on two cores.
+
+    python benchmarks/tradeoff.py [--models dino h3l1-2x3 h3l1-2x3-msda ...] [--epochs 8] [--threads 2]
+        [--out benchmarks/results]
+    # smoke run: python benchmarks/tradeoff.py --epochs 1 --train-images 8 --val-images 4 --image-size 64 --out /tmp/tradeoff
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+
+from litedetr.data import CocoDetection, SyntheticSpec, find_split, write_synthetic_dataset
+from litedetr.engine import CHECKPOINT, MODEL_FILE, TrainConfig, Trainer
+from litedetr.engine.state import load_state
+from litedetr.models import Detector, get_config
+from litedetr.models.transform import batch_images
+from litedetr.tools.bench import time_calls
+from litedetr.tools.demo import DemoRecipe, _train_config
+from litedetr.tools.flops import count_flops
+
+DINO_PRESET = "dino-r18-tiny"
+LITE_PRESET = "lite-dino-r18-tiny-h3l1-2x3"
+LITE_SHAPES = {"h3l1-2x3": (3, 2, 3), "h3l1-6x1": (3, 6, 1), "h2l2-2x3": (2, 2, 3)}
+"""Short name -> (high-level scales H, high-level updates per block A, blocks B) of HL-(A+1)xB."""
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+TABLE_METRICS = ("AP", "AP50", "APs", "APm", "APl")
+RUNS_DIR = "tradeoff-runs"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model of the comparison: a preset and the :class:`DetectorConfig` fields it changes."""
+
+    name: str
+    """Short name for ``--models``: ``dino``, ``h3l1-2x3``, ``h3l1-2x3-msda``, ..."""
+    label: str
+    preset: str
+    overrides: dict[str, Any]
+
+
+def variants() -> dict[str, Variant]:
+    """The 7 models by short name: DINO, then each Lite shape with KDA and with MSDA."""
+    found = {"dino": Variant("dino", "DINO (standard encoder, MSDA)", DINO_PRESET, {})}
+    base = get_config(LITE_PRESET)
+    for shape, (high, updates, blocks) in LITE_SHAPES.items():
+        for key_aware in (True, False):
+            encoder = dataclasses.replace(base.encoder, n_high=high, high_updates=updates, blocks=blocks, key_aware=key_aware)
+            name = shape if key_aware else f"{shape}-msda"
+            label = f"Lite-DINO H{high}L{base.n_levels - high}-({updates}+1)x{blocks} {'KDA' if key_aware else 'MSDA'}"
+            found[name] = Variant(name, label, LITE_PRESET, {"encoder": encoder, "decoder_key_aware": key_aware})
+    return found
+
+
+def scaled_recipe(epochs: int | None = None, train_images: int | None = None, val_images: int | None = None, image_size: int | None = None) -> DemoRecipe:
+    """The demo's recipe with the given budget changes; the dataset's images scale with ``image_size``."""
+    recipe = DemoRecipe()
+    size = image_size or recipe.image_size
+    data_h, data_w = recipe.data.image_size
+    data = dataclasses.replace(
+        recipe.data,
+        num_train=train_images or recipe.data.num_train,
+        num_val=val_images or recipe.data.num_val,
+        image_size=(round(data_h * size / recipe.image_size), round(data_w * size / recipe.image_size)),
+    )
+    return dataclasses.replace(recipe, data=data, image_size=size, epochs=epochs or recipe.epochs)
+
+
+def variant_recipe(recipe: DemoRecipe, variant: Variant) -> DemoRecipe:
+    """``recipe`` training ``variant`` (the recipe's own model overrides kept, the variant's on top)."""
+    overrides = {**dict(recipe.model_overrides), **variant.overrides}
+    return dataclasses.replace(recipe, model=variant.preset, model_overrides=tuple(overrides.items()))
+
+
+def dataset_dir(runs: Path, spec: SyntheticSpec) -> Path:
+    """One folder per dataset spec, so runs trained on another dataset never pass for this one's."""
+    h, w = spec.image_size
+    return runs / f"data-{spec.num_train}-{spec.num_val}-{h}x{w}-max{spec.max_objects}-seed{spec.seed}"
+
+
+def _same_settings(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    return all(json.dumps(saved.get(k)) == json.dumps(v) for k, v in wanted.items() if k not in ("workers", "device"))
+
+
+def _final_metrics(run_dir: Path, epochs: int) -> dict[str, float | None] | None:
+    """The evaluation logged after the last epoch (``None`` when the run stopped before it)."""
+    log = run_dir / "log.jsonl"
+    if not log.exists():
+        return None
+    evals = [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "eval" and r["epoch"] == epochs]
+    return {k: evals[-1].get(k) for k in METRICS} if evals else None
+
+
+def train_or_reuse(config: TrainConfig, run_dir: Path) -> tuple[dict[str, float | None], bool]:
+    """Metrics of ``config`` trained in ``run_dir`` and whether they come from an earlier, finished run.
+
+    A finished run with the same settings is reused; an unfinished one is resumed (the trainer
+    refuses other settings).
+
+    Raises:
+        ValueError: ``run_dir`` holds a run trained for more epochs than ``config.epochs``.
+        SystemExit: training was stopped by a signal (its checkpoint is written; run again to resume).
+    """
+    checkpoint = run_dir / CHECKPOINT
+    if checkpoint.exists():
+        state = load_state(checkpoint)
+        if state["epoch"] > config.epochs:
+            raise ValueError(f"{run_dir} holds a run of {state['epoch']} epochs, more than the {config.epochs} asked for; use another --out")
+        if state["epoch"] == config.epochs and _same_settings(json.loads(state["train_config"]), config.to_dict()):
+            metrics = _final_metrics(run_dir, config.epochs)
+            if metrics is not None:
+                return metrics, True
+    trainer = Trainer(config, run_dir, resume=checkpoint.exists())
+    result = trainer.fit()
+    if result.interrupted:
+        raise SystemExit(f"stopped by a signal; {checkpoint} is written, run the same command again to resume")
+    metrics = result.metrics or trainer.evaluate()
+    return {k: metrics.get(k) for k in METRICS}, False
+
+
+def encoder_call(model: Detector, image: torch.Tensor) -> Callable[[], object]:
+    """A call of ``model``'s encoder (no autograd) on the tokens of ``image`` resized as the model resizes."""
+    cfg = model.config
+    batch = batch_images([image], cfg.min_size, cfg.max_size, training=False)
+    with torch.no_grad():
+        t = model.input_stage(model.backbone(batch.tensors), batch.mask)
+    args = (t.src, t.pos, t.spatial_shapes, t.valid_ratios, t.padding_mask)
+    return torch.no_grad()(lambda: model.encoder(*args))
+
+
+def interleaved_latency_ms(calls: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Median milliseconds of each call, the calls taking turns within every repeat after one warm-up each,
+    so that load from other processes falls on all of them alike."""
+    device = torch.device("cpu")
+    for call in calls:
+        call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for call, record in zip(calls, times):
+            record.extend(time_calls(call, device, repeats=1, warmup=0))
+    return [1000 * statistics.median(t) for t in times]
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The results table with a line on the budget it was measured with."""
+    size = meta["image_size"]
+    lines = [
+        (
+            f"Synthetic dataset ({meta['train_images']} train / {meta['val_images']} val images), {meta['epochs']} epoch(s), "
+            f"{size}x{size} images, seed {meta['seed']}; encoder GFLOPs and CPU latency at {size}x{size} "
+            f"(batch 1, {meta['threads']} threads, median of {meta['repeats']}). AP in %."
+        ),
+        "",
+        "| model | " + " | ".join(TABLE_METRICS) + " | encoder GFLOPs | encoder latency (ms) |",
+        "|---|" + "---:|" * (len(TABLE_METRICS) + 2),
+    ]
+    for row in rows:
+        metrics = " | ".join(_cell(row["metrics"][k]) for k in TABLE_METRICS)
+        lines.append(f"| {row['label']} | {metrics} | {row['encoder_gflops']:.3f} | {row['encoder_latency_ms']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """AP vs encoder GFLOPs, one point per model labelled without the ``Lite-DINO`` prefix (circles: KDA, squares: MSDA)."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    middle = (min(r["encoder_gflops"] for r in rows) + max(r["encoder_gflops"] for r in rows)) / 2
+    for row in rows:
+        kda, gflops = row["key_aware"], row["encoder_gflops"]
+        ap = 100 * (row["metrics"]["AP"] or 0.0)
+        ax.scatter(gflops, ap, marker="o" if kda else "s", color="tab:blue" if kda else "tab:orange", zorder=3)
+        right = gflops > middle  # labels point inwards, so that none runs off the plot
+        ax.annotate(row["label"].removeprefix("Lite-DINO "), (gflops, ap), textcoords="offset points", xytext=(-5 if right else 5, 4), ha="right" if right else "left", fontsize=7)
+    ax.scatter([], [], marker="o", color="tab:blue", label="KDA")
+    ax.scatter([], [], marker="s", color="tab:orange", label="MSDA")
+    ax.set_xlabel("encoder GFLOPs")
+    ax.set_ylabel("AP (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+
+
+def main() -> None:
+    names = list(variants())
+    default = DemoRecipe()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=names, default=names, metavar="NAME", help=f"subset of {', '.join(names)} (default all)")
+    parser.add_argument("--epochs", type=int, help=f"training epochs (default the demo's {default.epochs})")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="results folder; runs go to OUT/tradeoff-runs")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads for training and timing (default torch's)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed encoder calls per model (default 20)")
+    parser.add_argument("--train-images", type=int, help=f"training images (default {default.data.num_train})")
+    parser.add_argument("--val-images", type=int, help=f"validation images (default {default.data.num_val})")
+    parser.add_argument("--image-size", type=int, help=f"training and measuring side in pixels (default {default.image_size})")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    recipe = scaled_recipe(args.epochs, args.train_images, args.val_images, args.image_size)
+    chosen = [variants()[name] for name in names if name in args.models]
+    runs = args.out / RUNS_DIR
+    data = write_synthetic_dataset(dataset_dir(runs, recipe.data), recipe.data)
+
+    trained: dict[str, tuple[dict[str, float | None], bool, float]] = {}
+    for variant in chosen:
+        start = time.perf_counter()
+        metrics, reused = train_or_reuse(_train_config(variant_recipe(recipe, variant), data, "cpu"), runs / variant.name)
+        trained[variant.name] = (metrics, reused, time.perf_counter() - start)
+        print(f"{variant.name}: AP {_cell(metrics['AP'])} ({'reused' if reused else f'trained in {trained[variant.name][2]:.0f} s'})", flush=True)
+
+    val = find_split(data, "val")
+    image = CocoDetection(val.annotations, val.images)[0][0]
+    models = [Detector.from_checkpoint(runs / v.name / MODEL_FILE) for v in chosen]
+    latencies = interleaved_latency_ms([encoder_call(m, image) for m in models], args.repeats)
+    size = (recipe.image_size, recipe.image_size)
+    rows = []
+    for variant, model, latency in zip(chosen, models, latencies):
+        metrics, reused, seconds = trained[variant.name]
+        rows.append({
+            "name": variant.name,
+            "label": variant.label,
+            "preset": variant.preset,
+            "encoder": dataclasses.asdict(model.config.encoder),
+            "key_aware": model.config.encoder.key_aware,
+            "decoder_key_aware": model.config.decoder_key_aware,
+            "metrics": metrics,
+            "encoder_gflops": count_flops(model, size).components["encoder"],
+            "encoder_latency_ms": latency,
+            "reused_run": reused,
+            "train_seconds": None if reused else round(seconds, 1),
+            "run": str(runs / variant.name),
+        })  # fmt: skip
+
+    meta = {
+        "train_images": recipe.data.num_train,
+        "val_images": recipe.data.num_val,
+        "dataset_image_size": list(recipe.data.image_size),
+        "image_size": recipe.image_size,
+        "epochs": recipe.epochs,
+        "batch_size": recipe.batch_size,
+        "lr": recipe.lr,
+        "lr_drop": list(recipe.lr_drop),
+        "seed": recipe.seed,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "dataset": str(data),
+    }
+    table = markdown(rows, meta)
+    print("\n" + table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tradeoff.md").write_text(table)
+    (args.out / "tradeoff.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    title = f"Synthetic dataset, {recipe.epochs} epoch(s) at {recipe.image_size}x{recipe.image_size}: AP vs encoder GFLOPs"
+    plot(rows, args.out / "tradeoff.png", title)
+    print(f"wrote {args.out / 'tradeoff.md'}, {args.out / 'tradeoff.json'}, {args.out / 'tradeoff.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""benchmarks/tradeoff.py: the 7 model configs, the demo's budget, and reuse of finished runs (no training)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from litedetr.engine import CHECKPOINT
+from litedetr.engine.state import save_state
+from litedetr.models import build_model, get_config
+from litedetr.tools.demo import DemoRecipe, _train_config
+from litedetr.tools.flops import count_flops
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "tradeoff.py"
+
+
+@pytest.fixture(scope="module")
+def tradeoff():
+    spec = importlib.util.spec_from_file_location("tradeoff", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tradeoff"] = module  # dataclasses resolve annotations through sys.modules
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules["tradeoff"]
+
+
+def test_seven_models_with_intended_encoders(tradeoff):
+    found = tradeoff.variants()
+    assert list(found) == ["dino", "h3l1-2x3", "h3l1-2x3-msda", "h3l1-6x1", "h3l1-6x1-msda", "h2l2-2x3", "h2l2-2x3-msda"]
+    configs = {name: get_config(v.preset, **v.overrides) for name, v in found.items()}
+    assert configs["dino"] == get_config("dino-r18-tiny")
+    assert configs["h3l1-2x3"] == get_config("lite-dino-r18-tiny-h3l1-2x3")
+    assert configs["dino"].encoder.kind == "standard" and not configs["dino"].encoder.key_aware
+    for name, (high, updates, blocks) in {"h3l1-2x3": (3, 2, 3), "h3l1-6x1": (3, 6, 1), "h2l2-2x3": (2, 2, 3)}.items():
+        for full, kda in ((name, True), (f"{name}-msda", False)):
+            enc = configs[full].encoder
+            assert (enc.kind, enc.n_high, enc.high_updates, enc.blocks) == ("lite", high, updates, blocks)
+            assert enc.key_aware is kda and configs[full].decoder_key_aware is kda
+    others = {"encoder", "decoder_key_aware"}
+    for config in configs.values():  # same backbone, widths, queries and decoder everywhere
+        assert {k: v for k, v in config.to_dict().items() if k not in others} == {k: v for k, v in configs["dino"].to_dict().items() if k not in others}
+        assert config.backbone == "resnet18"
+
+
+def test_encoder_gflops_order(tradeoff):
+    gflops = {}
+    for name, v in tradeoff.variants().items():
+        gflops[name] = count_flops(build_model(v.preset, num_classes=5, **v.overrides), (128, 128)).components["encoder"]
+    lite = [name for name in gflops if name != "dino"]
+    assert all(gflops[name] < gflops["dino"] for name in lite)
+    for shape in ("h3l1-2x3", "h3l1-6x1", "h2l2-2x3"):
+        assert gflops[f"{shape}-msda"] < gflops[shape]  # KDA's q.k products
+        assert gflops[shape] <= gflops["h3l1-2x3"]
+
+
+def test_budget_is_the_demos(tradeoff):
+    assert tradeoff.scaled_recipe() == DemoRecipe()
+    small = tradeoff.scaled_recipe(epochs=1, train_images=8, val_images=4, image_size=64)
+    assert (small.epochs, small.data.num_train, small.data.num_val, small.image_size) == (1, 8, 4, 64)
+    assert small.data.image_size == (80, 80)  # the demo's 320 px dataset scaled as the 256 px training size
+    assert (small.lr, small.batch_size, small.lr_drop, small.seed) == (DemoRecipe.lr, DemoRecipe.batch_size, DemoRecipe.lr_drop, DemoRecipe.seed)
+
+
+def test_finished_run_is_reused_and_longer_run_refused(tradeoff, tiny_synthetic, tmp_path):
+    variant = tradeoff.variants()["h2l2-2x3-msda"]
+    config = _train_config(tradeoff.variant_recipe(tradeoff.scaled_recipe(epochs=2, image_size=64), variant), tiny_synthetic, "cpu")
+    assert config.model_overrides["encoder"] == variant.overrides["encoder"]
+    run = tmp_path / "run"
+    run.mkdir()
+    state = {"model": {}, "train_config": json.dumps(config.to_dict()), "epoch": 2, "history": "[]"}
+    save_state(run / CHECKPOINT, state)
+    evaluation = {"kind": "eval", "epoch": 2, "step": 4, "AP": 0.25, "AP50": 0.5, "AP75": 0.2, "APs": 0.1, "APm": 0.3}
+    (run / "log.jsonl").write_text(json.dumps({"kind": "train", "epoch": 0, "step": 1, "loss": 3.0}) + "\n" + json.dumps(evaluation) + "\n")
+    metrics, reused = tradeoff.train_or_reuse(config, run)
+    assert reused and metrics == {"AP": 0.25, "AP50": 0.5, "AP75": 0.2, "APs": 0.1, "APm": 0.3, "APl": None}
+    save_state(run / CHECKPOINT, {**state, "epoch": 3})
+    with pytest.raises(ValueError, match="more than the 2"):
+        tradeoff.train_or_reuse(config, run)
