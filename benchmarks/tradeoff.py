@@ -44,7 +44,7 @@ from litedetr.engine.state import load_state
 from litedetr.models import Detector, get_config
 from litedetr.models.transform import batch_images
 from litedetr.tools.bench import time_calls
-from litedetr.tools.demo import DemoRecipe, _train_config
+from litedetr.tools.demo import DemoRecipe, demo_train_config
 from litedetr.tools.flops import count_flops
 
 DINO_PRESET = "dino-r18-tiny"
@@ -238,7 +238,7 @@ def main() -> None:
     trained: dict[str, tuple[dict[str, float | None], bool, float]] = {}
     for variant in chosen:
         start = time.perf_counter()
-        metrics, reused = train_or_reuse(_train_config(variant_recipe(recipe, variant), data, "cpu"), runs / variant.name)
+        metrics, reused = train_or_reuse(demo_train_config(variant_recipe(recipe, variant), data, "cpu"), runs / variant.name)
         trained[variant.name] = (metrics, reused, time.perf_counter() - start)
         print(f"{variant.name}: AP {_cell(metrics['AP'])} ({'reused' if reused else f'trained in {trained[variant.name][2]:.0f} s'})", flush=True)
 

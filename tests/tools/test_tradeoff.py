@@ -12,7 +12,7 @@ import pytest
 from litedetr.engine import CHECKPOINT
 from litedetr.engine.state import save_state
 from litedetr.models import build_model, get_config
-from litedetr.tools.demo import DemoRecipe, _train_config
+from litedetr.tools.demo import DemoRecipe, demo_train_config
 from litedetr.tools.flops import count_flops
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "tradeoff.py"
@@ -69,7 +69,7 @@ def test_budget_is_the_demos(tradeoff):
 
 def test_finished_run_is_reused_and_longer_run_refused(tradeoff, tiny_synthetic, tmp_path):
     variant = tradeoff.variants()["h2l2-2x3-msda"]
-    config = _train_config(tradeoff.variant_recipe(tradeoff.scaled_recipe(epochs=2, image_size=64), variant), tiny_synthetic, "cpu")
+    config = demo_train_config(tradeoff.variant_recipe(tradeoff.scaled_recipe(epochs=2, image_size=64), variant), tiny_synthetic, "cpu")
     assert config.model_overrides["encoder"] == variant.overrides["encoder"]
     run = tmp_path / "run"
     run.mkdir()

@@ -27,7 +27,7 @@ from litedetr.tools.flops import count_flops
 from litedetr.tools.predict import predict_files
 from litedetr.tools.train import format_metrics
 
-__all__ = ["DemoRecipe", "run_demo", "add_parser"]
+__all__ = ["DemoRecipe", "demo_train_config", "run_demo", "add_parser"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ class DemoRecipe:
     predicted_images: int = 6
 
 
-def _train_config(recipe: DemoRecipe, data: Path, device: str) -> TrainConfig:
+def demo_train_config(recipe: DemoRecipe, data: Path, device: str) -> TrainConfig:
+    """The training run of ``recipe`` on the synthetic dataset at ``data`` (also the trade-off benchmark's budget)."""
     train, val = find_split(data, "train"), find_split(data, "val")
     return TrainConfig(
         model=recipe.model,
@@ -90,7 +91,7 @@ def run_demo(out: Path, recipe: DemoRecipe = DemoRecipe(), device: str = "cpu") 
     started = time.perf_counter()
     data = write_synthetic_dataset(out / "data", recipe.data)
     run_dir = out / "run"
-    trainer = Trainer(_train_config(recipe, data, device), run_dir, resume=(run_dir / CHECKPOINT).exists())
+    trainer = Trainer(demo_train_config(recipe, data, device), run_dir, resume=(run_dir / CHECKPOINT).exists())
     result = trainer.fit()
     if result.interrupted:
         raise KeyboardInterrupt
