@@ -21,7 +21,7 @@ import torch
 
 from litedetr.data import AugmentConfig, SyntheticSpec, find_split, write_synthetic_dataset
 from litedetr.engine import CHECKPOINT, MODEL_FILE, TrainConfig, Trainer
-from litedetr.models import Detector, get_config
+from litedetr.models import Detector
 from litedetr.models.config import EncoderConfig
 from litedetr.tools.flops import count_flops
 from litedetr.tools.predict import predict_files
@@ -105,7 +105,7 @@ def run_demo(out: Path, recipe: DemoRecipe = DemoRecipe(), device: str = "cpu") 
     summary = {
         "metrics": {k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")},
         "model": recipe.model,
-        "config": get_config(recipe.model, **dict(recipe.model_overrides)).to_dict(),
+        "config": model.config.to_dict(),
         "encoder_gflops": gflops,
         "image_size": recipe.image_size,
         "train_steps": result.steps,
