@@ -63,7 +63,8 @@ def test_budget_is_the_demos(tradeoff):
     assert tradeoff.scaled_recipe() == DemoRecipe()
     small = tradeoff.scaled_recipe(epochs=1, train_images=8, val_images=4, image_size=64)
     assert (small.epochs, small.data.num_train, small.data.num_val, small.image_size) == (1, 8, 4, 64)
-    assert small.data.image_size == (80, 80)  # the demo's 320 px dataset scaled as the 256 px training size
+    scale = 64 / DemoRecipe.image_size  # the demo's dataset images scale with the training size
+    assert small.data.image_size == tuple(round(side * scale) for side in DemoRecipe.data.image_size)
     assert (small.lr, small.batch_size, small.lr_drop, small.seed) == (DemoRecipe.lr, DemoRecipe.batch_size, DemoRecipe.lr_drop, DemoRecipe.seed)
 
 

@@ -34,19 +34,21 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DemoRecipe:
-    """What the demo trains: sized so two CPU cores finish in about ten minutes.
+    """What the demo trains, sized for about ten minutes on two CPU cores.
 
-    The backbone starts from random weights, so it trains at the full learning rate.
+    The backbone starts from random weights, so it trains with batch norm and at the full learning
+    rate (``backbone_trainable_norm``); 200 denoising queries (up to 10 groups) speed up learning.
+    Images are 160x160, which keeps a training step near half a second.
     """
 
     model: str = "lite-dino-r18-tiny-h3l1-2x3"
-    model_overrides: tuple[tuple[str, Any], ...] = ()
-    data: SyntheticSpec = SyntheticSpec(num_train=1000, num_val=100, image_size=(320, 320), seed=0)
-    image_size: int = 256
-    epochs: int = 8
+    model_overrides: tuple[tuple[str, Any], ...] = (("backbone_trainable_norm", True), ("dn_number", 200))
+    data: SyntheticSpec = SyntheticSpec(num_train=1000, num_val=100, image_size=(160, 160), seed=0)
+    image_size: int = 160
+    epochs: int = 6
     batch_size: int = 4
-    lr: float = 2e-4
-    lr_drop: tuple[int, ...] = (7,)
+    lr: float = 4e-4
+    lr_drop: tuple[int, ...] = (5,)
     workers: int = 1
     seed: int = 0
     predicted_images: int = 6
@@ -126,7 +128,8 @@ def run_demo(out: Path, recipe: DemoRecipe = DemoRecipe(), device: str = "cpu") 
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = run_demo(args.out, DemoRecipe(epochs=args.epochs) if args.epochs else DemoRecipe(), args.device)
+    recipe = DemoRecipe() if args.epochs is None else dataclasses.replace(DemoRecipe(), epochs=args.epochs, lr_drop=(max(1, args.epochs - 1),))
+    summary = run_demo(args.out, recipe, args.device)
     g = summary["encoder_gflops"]
     print(f"\nLite-DINO ({summary['model']}) trained for {summary['train_steps']} steps on the synthetic dataset in {summary['seconds']['total'] / 60:.1f} min")
     print("COCO box metrics on its validation split:")
@@ -143,6 +146,6 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="build the synthetic dataset, train a small Lite-DINO on the CPU, evaluate, draw predictions")
     p.add_argument("--out", type=Path, default=Path("litedetr-demo"), help="where everything goes (default ./litedetr-demo)")
-    p.add_argument("--epochs", type=int, help=f"training epochs (default {DemoRecipe.epochs})")
+    p.add_argument("--epochs", type=int, help=f"training epochs (default {DemoRecipe.epochs}; the learning rate drops 10x for the last one)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
