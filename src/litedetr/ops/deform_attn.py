@@ -73,7 +73,9 @@ def _use_grid_sample(*tensors: Tensor) -> bool:
 
 
 def _kda_gather(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor) -> Tensor:
-    """KDA without autograd: keys gathered per sample, values gathered already weighted (never materialised)."""
+    """KDA without autograd: keys gathered per sample; when ``key is value`` the sampled keys are the
+    sampled values and are weighted with one batched product, otherwise values are gathered already
+    weighted (never materialised)."""
     b, s, m, d = value.shape
     lq, n_levels, p = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
     rows, weights = bilinear_corners(spatial_shapes, sampling_locations, s, value.dtype)
@@ -81,6 +83,8 @@ def _kda_gather(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: Tenso
     q = query.to(value.dtype).reshape(b * lq * m, d, 1) * (1.0 / math.sqrt(d))
     logits = torch.bmm(keys, q).view(b, lq, m, n_levels, p)
     attention = logits.flatten(3).softmax(-1, dtype=torch.promote_types(value.dtype, torch.float32)).view_as(logits)
+    if key is value:
+        return torch.bmm(attention.to(value.dtype).view(b * lq * m, 1, n_levels * p), keys).view(b, lq, m * d)
     weights *= attention.to(value.dtype)[..., None]
     return gather_rows(value.reshape(-1, d), rows.flatten(3), weights.flatten(3)).view(b, lq, m * d)
 
