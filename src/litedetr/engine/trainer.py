@@ -119,6 +119,7 @@ class Trainer:
         self.epoch, self.batches_done, self.step = 0, 0, 0
         self.history: list[dict[str, Any]] = []
         self._stop = threading.Event()
+        self._tensorboard = None
         if resume:
             self._resume()
         elif (self.out / CHECKPOINT).exists():
