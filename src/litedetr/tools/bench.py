@@ -144,7 +144,8 @@ def _model_run(model: Detector, images: Tensor, train: bool) -> Callable[[], obj
     return run
 
 
-def _encoder_run(model: Detector, images: Tensor, train: bool) -> Callable[[], object]:
+def encoder_run(model: Detector, images: Tensor, train: bool) -> Callable[[], object]:
+    """A call of ``model``'s encoder alone on the input-stage tokens of ``images (B, 3, H, W)`` (computed once)."""
     cfg = model.config
     batch = batch_images(images, cfg.min_size, cfg.max_size, training=False)
     with torch.no_grad():
@@ -184,7 +185,7 @@ def benchmark(
     model.train(train)
     images = torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(0)).to(dev)
     model_timing = _timing(_model_run(model, images, train), dev, repeats, warmup)
-    encoder_timing = _timing(_encoder_run(model, images, train), dev, repeats, warmup)
+    encoder_timing = _timing(encoder_run(model, images, train), dev, repeats, warmup)
     report = BenchReport(preset, (h, w), str(dev), batch, train, model_timing, encoder_timing)
     logger.info("%s: model %.4f s, encoder %.4f s (median of %d)", preset, model_timing.median_s, encoder_timing.median_s, repeats)
     return report
