@@ -9,6 +9,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from litedetr.data.synthetic import render_image
+
 __all__ = ["label_color", "draw_detections", "synthetic_scene"]
 
 
@@ -49,30 +51,10 @@ def draw_detections(image: Image.Image, boxes: Tensor, scores: Tensor, labels: T
 
 
 def synthetic_scene(height: int, width: int, seed: int = 0) -> Image.Image:
-    """A real-looking test image: a smooth textured background with a few filled shapes on it.
+    """A real-looking test image: a scene of the built-in synthetic dataset (textured background, shapes).
 
     Used to check exported graphs and to time them on inputs with image statistics (edges, flat
     regions, texture) rather than pure noise.
     """
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    channels = []
-    for _ in range(3):
-        fx, fy, phase = rng.uniform(0.01, 0.08, 2).tolist() + [rng.uniform(0, 2 * np.pi)]
-        wave = 0.5 + 0.25 * np.sin(xx * fx + phase) * np.cos(yy * fy) + 0.2 * (xx / width - yy / height)
-        channels.append(wave + rng.normal(0, 0.04, (height, width)))
-    background = (np.clip(np.stack(channels, -1), 0, 1) * 255).astype(np.uint8)
-    image = Image.fromarray(background)
-    draw = ImageDraw.Draw(image)
-    for i in range(6):
-        w, h = rng.uniform(0.12, 0.4) * width, rng.uniform(0.12, 0.4) * height
-        x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
-        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
-        shape = (x0, y0, x0 + w, y0 + h)
-        if i % 3 == 0:
-            draw.ellipse(shape, fill=fill, outline=(0, 0, 0), width=2)
-        elif i % 3 == 1:
-            draw.rectangle(shape, fill=fill, outline=(255, 255, 255), width=2)
-        else:
-            draw.polygon([(x0 + w / 2, y0), (x0 + w, y0 + h), (x0, y0 + h)], fill=fill)
-    return image
+    pixels, _ = render_image(np.random.default_rng(seed), (height, width), max_objects=6)
+    return Image.fromarray(pixels)
