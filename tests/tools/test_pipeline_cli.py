@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import coco_box, coco_image, write_coco
+from litedetr import load_model
 from litedetr.cli import main
 
 TRAIN = ["--model", "lite-dino-r18-tiny-h3l1-2x3", "--batch-size", "2", "--image-sizes", "64", "--max-size", "64", "--workers", "0"]
@@ -79,3 +80,18 @@ def test_missing_dataset_parts_are_named(tmp_path, capsys):
     assert "no annotations/instances_train*.json" in capsys.readouterr().err
     assert main(["train", *TRAIN, "--train-json", str(tmp_path / "a.json"), "--out", str(tmp_path / "r")]) == 2
     assert "--train-json and --train-images go together" in capsys.readouterr().err
+
+
+def test_preset_fields_are_set_from_the_command_line(tiny_synthetic, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", *TRAIN, "--data", str(tiny_synthetic), "--epochs", "1", "--out", str(out)]
+    assert main([*args, "--set", "backbone_trainable_norm=true", "dn_number=4", 'encoder={"d_ffn_low": 32}']) == 0
+    config = json.loads((out / "train_config.json").read_text())["model_overrides"]
+    assert config == {"backbone_trainable_norm": True, "dn_number": 4, "encoder": {"d_ffn_low": 32}}
+    model = load_model(out / "model.safetensors")
+    assert model.config.backbone_trainable_norm and model.config.dn_number == 4 and model.config.encoder.d_ffn_low == 32
+    capsys.readouterr()
+    assert main([*args[:-1], str(tmp_path / "other"), "--set", "no_such_field=1"]) == 2
+    assert "unknown DetectorConfig fields ['no_such_field']" in capsys.readouterr().err
+    assert main([*args[:-1], str(tmp_path / "third"), "--set", "num_classes=3"]) == 2
+    assert "model overrides ['num_classes'] come from the dataset" in capsys.readouterr().err

@@ -167,4 +167,9 @@ def get_config(name: str, **overrides: Any) -> DetectorConfig:
     if name not in PRESETS:
         close = [p for p in PRESETS if name.split("-")[0] in p][:8]
         raise ValueError(f"unknown model preset {name!r}; e.g. {close or sorted(PRESETS)[:8]} (see `litedetr models`)")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(DetectorConfig)})
+    if unknown:
+        raise ValueError(f"unknown DetectorConfig fields {unknown}")
+    if isinstance(overrides.get("encoder"), dict):
+        overrides["encoder"] = dataclasses.replace(PRESETS[name].encoder, **overrides["encoder"])
     return dataclasses.replace(PRESETS[name], **overrides)

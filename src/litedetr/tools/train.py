@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -60,6 +61,17 @@ def _sizes(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _override(text: str) -> tuple[str, object]:
+    """``key=value`` with a JSON value (``true``, ``100``, ``[1, 2]``); anything else is a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def run(args: argparse.Namespace) -> int:
     distributed.init_from_env(torch.device(args.device))
     train_json, train_images = resolve_data(args, "train", args.out / "synthetic-data")
@@ -73,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         train_images=train_images,
         val_annotations=val_json,
         val_images=val_images,
+        model_overrides=dict(args.set),
         backbone_weights=args.backbone_weights,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -116,6 +129,8 @@ def format_metrics(metrics: dict[str, float | None]) -> str:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a detector on a COCO-format dataset (default: the synthetic one)")
     p.add_argument("--model", required=True, help="preset name (see `litedetr models`)")
+    p.add_argument("--set", type=_override, nargs="+", default=[], metavar="KEY=VALUE",
+                   help="change preset fields, e.g. backbone_trainable_norm=true dn_number=100 (DetectorConfig)")  # fmt: skip
     add_data_arguments(p, ("train", "val"))
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, logs, model file)")
     p.add_argument("--epochs", type=int, default=12)
