@@ -72,5 +72,6 @@ def test_interrupted_and_resumed_run_equals_a_straight_run(tiny_synthetic, strai
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed parameters differ from the straight run's"
     assert load_state(resumed / "checkpoint.pt")["step"] == total
+    assert train_steps(resumed) == total, "the log holds each step once"
     metrics = [json.loads(line) for line in (resumed / "log.jsonl").read_text().splitlines() if '"eval"' in line]
     assert len(metrics) == 1 and 0 <= metrics[0]["AP"] <= 1

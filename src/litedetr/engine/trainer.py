@@ -173,6 +173,8 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.epoch, self.batches_done, self.step = state["epoch"], state["batches_done"], state["step"]
         self.history = json.loads(state["history"])
+        if distributed.is_main():  # drop records of steps after the checkpoint: they are trained again
+            (self.out / "log.jsonl").write_text("".join(json.dumps(record) + "\n" for record in self.history))
         set_rng_state(state["rng"])
         logger.info("resumed %s at epoch %d, batch %d (step %d)", path, self.epoch, self.batches_done, self.step)
 
