@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import contextlib
+
 import pytest
 import torch
 
-from litedetr.ops import ms_deform_attn, ms_deform_attn_key_aware
+from litedetr.ops import cpu_kernels, ms_deform_attn, ms_deform_attn_key_aware
 
 SHAPES = torch.tensor([[5, 7], [3, 4], [2, 2]])
 
@@ -71,32 +73,50 @@ def random_inputs(b=2, lq=5, m=2, d=4, p=3, dtype=torch.float64, requires_grad=F
     return [t.requires_grad_(requires_grad) for t in tensors]
 
 
-# requires_grad=False runs the gather path (embedding_bag), True the grid_sample path (autograd)
-@pytest.mark.parametrize("requires_grad", [False, True])
-def test_msda_matches_naive_bilinear(requires_grad):
-    _, _, value, locations, weights = random_inputs(requires_grad=requires_grad)
-    expected = naive(None, None, value.detach(), SHAPES, locations.detach(), weights.detach())
-    torch.testing.assert_close(ms_deform_attn(value, SHAPES, locations, weights), expected)
+# the three CPU paths: "kernel" (C++, no autograd), "gather" (embedding_bag, no autograd) and
+# "grid_sample" (autograd: the inputs require grad)
+PATHS = ["kernel", "gather", "grid_sample"]
 
 
-@pytest.mark.parametrize("requires_grad", [False, True])
+def on_path(path: str, tensors: list[torch.Tensor]) -> contextlib.AbstractContextManager:
+    """Prepare ``tensors`` for ``path`` (requires_grad for grid_sample) and return the context to call the op in."""
+    if path == "kernel" and not cpu_kernels.enabled(*tensors):
+        pytest.skip("the C++ CPU kernels are not available here")
+    for t in tensors:
+        t.requires_grad_(path == "grid_sample")
+    return cpu_kernels.cpu_kernels_disabled() if path != "kernel" else contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_msda_matches_naive_bilinear(path):
+    _, _, value, locations, weights = random_inputs()
+    expected = naive(None, None, value, SHAPES, locations, weights)
+    with on_path(path, [value, locations, weights]):
+        torch.testing.assert_close(ms_deform_attn(value, SHAPES, locations, weights), expected)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shared_key", [False, True])
-def test_kda_matches_naive_bilinear(shared_key, requires_grad):
-    query, key, value, locations, _ = random_inputs(requires_grad=requires_grad)
+def test_kda_matches_naive_bilinear(shared_key, path):
+    query, key, value, locations, _ = random_inputs()
     key = value if shared_key else key
-    expected = naive(query.detach(), key.detach(), value.detach(), SHAPES, locations.detach())
-    torch.testing.assert_close(ms_deform_attn_key_aware(query, key, value, SHAPES, locations), expected)
+    expected = naive(query, key, value, SHAPES, locations)
+    with on_path(path, [query, key, value, locations]):
+        torch.testing.assert_close(ms_deform_attn_key_aware(query, key, value, SHAPES, locations), expected)
 
 
-def test_locations_on_cell_borders_and_far_outside():
-    """Exact cell centres, map edges and far-away samples agree with the reference in both paths."""
-    _, _, value, _, weights = random_inputs()
+@pytest.mark.parametrize("path", PATHS)
+def test_locations_on_cell_borders_and_far_outside(path):
+    """Exact cell centres, map edges and far-away samples agree with the reference on every path."""
+    query, _, value, _, weights = random_inputs()
     b, lq, m, n_levels, p = weights.shape
     grid = torch.tensor([-3.0, -0.01, 0.0, 0.1, 0.5, 1.0, 1.01, 4.0], dtype=value.dtype)
-    locations = grid[torch.randint(len(grid), (b, lq, m, n_levels, p, 2))]
-    expected = naive(None, None, value, SHAPES, locations, weights)
-    torch.testing.assert_close(ms_deform_attn(value, SHAPES, locations, weights), expected)
-    torch.testing.assert_close(ms_deform_attn(value.requires_grad_(), SHAPES, locations, weights), expected)
+    locations = grid[torch.randint(len(grid), (b, lq, m, n_levels, p, 2), generator=torch.Generator().manual_seed(1))]
+    expected_msda = naive(None, None, value, SHAPES, locations, weights)
+    expected_kda = naive(query, value, value, SHAPES, locations)
+    with on_path(path, [query, value, weights]):
+        torch.testing.assert_close(ms_deform_attn(value, SHAPES, locations, weights), expected_msda)
+        torch.testing.assert_close(ms_deform_attn_key_aware(query, value, value, SHAPES, locations), expected_kda)
 
 
 def test_msda_gradcheck():

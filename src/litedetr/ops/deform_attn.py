@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from litedetr.ops import cpu_kernels
 from litedetr.ops.bilinear import bilinear_corners, gather_rows
 
 __all__ = ["ms_deform_attn", "ms_deform_attn_key_aware", "key_aware_attention_weights"]
@@ -108,7 +109,8 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Te
         ``(B, Lq, M*D)``.
 
     CUDA inputs run the fused Triton kernel (``litedetr::ms_deform_attn``, see
-    :mod:`litedetr.ops.custom_ops`) when Triton is installed; other inputs run the PyTorch code below.
+    :mod:`litedetr.ops.custom_ops`) when Triton is installed; CPU inputs without autograd the fused
+    C++ kernel (:mod:`litedetr.ops.cpu_kernels`) where it builds; other inputs the PyTorch code below.
     """
     _check_shapes(value, spatial_shapes, sampling_locations)
     b, _, m, _ = value.shape
@@ -121,6 +123,8 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Te
         if custom_ops.triton_enabled():
             return custom_ops.ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
     if not _use_grid_sample(value, sampling_locations, attention_weights):
+        if cpu_kernels.enabled(value):
+            return cpu_kernels.ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
         rows, corner_weights = bilinear_corners(spatial_shapes, sampling_locations, value.shape[1], value.dtype)
         corner_weights *= attention_weights.to(value.dtype)[..., None]
         out = gather_rows(value.reshape(-1, value.shape[-1]), rows.flatten(3), corner_weights.flatten(3))
@@ -152,7 +156,8 @@ def ms_deform_attn_key_aware(
         ``(B, Lq, M*D)``.
 
     CUDA inputs run the fused Triton kernel (``litedetr::ms_deform_attn_key_aware``, see
-    :mod:`litedetr.ops.custom_ops`) when Triton is installed; other inputs run the PyTorch code below.
+    :mod:`litedetr.ops.custom_ops`) when Triton is installed; CPU inputs without autograd the fused
+    C++ kernel (:mod:`litedetr.ops.cpu_kernels`) where it builds; other inputs the PyTorch code below.
     """
     _check_shapes(value, spatial_shapes, sampling_locations)
     if key.shape != value.shape:
@@ -167,6 +172,8 @@ def ms_deform_attn_key_aware(
         if custom_ops.triton_enabled():
             return custom_ops.ms_deform_attn_key_aware(query, key, value, spatial_shapes, sampling_locations)
     if not _use_grid_sample(query, key, value, sampling_locations):
+        if cpu_kernels.enabled(key, value):
+            return cpu_kernels.ms_deform_attn_key_aware(query, key, value, spatial_shapes, sampling_locations)
         return _kda_gather(query, key, value, spatial_shapes, sampling_locations)
     shared = key is value
     feats = value if shared else torch.cat([key, value], dim=-1)

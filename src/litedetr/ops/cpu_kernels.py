@@ -1,0 +1,116 @@
+"""Fused C++ CPU kernels for MSDA and KDA forward passes without autograd (inference).
+
+The PyTorch implementation in :mod:`litedetr.ops.deform_attn` samples through index tensors it
+builds first and, for KDA, materialises every sampled key. The kernels in ``csrc/deform_attn_cpu.cpp``
+work per (image, query, head): bilinear corners are computed in place, the sampled keys of one
+query-head stay in a small buffer, and the softmax and weighted sum follow at once. Same conventions
+and results as the PyTorch code (to float rounding), parallel over torch's intra-op threads.
+
+They are compiled with torch's JIT extension loader on first use (a C++ compiler and ``ninja`` are
+needed; about a minute, once) and cached by torch (``TORCH_EXTENSIONS_DIR``, by default under
+``~/.cache/torch_extensions``), one build per CPU instruction set (``torch.backends.cpu``'s
+capability). Where they cannot be built, :mod:`litedetr.ops` logs one warning and keeps its PyTorch
+implementation. Set ``LITEDETR_CPU_KERNELS=0`` to never build or use them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+__all__ = ["ENV_SWITCH", "cpu_kernels_disabled", "enabled", "load", "ms_deform_attn", "ms_deform_attn_key_aware"]
+
+logger = logging.getLogger(__name__)
+
+ENV_SWITCH = "LITEDETR_CPU_KERNELS"
+"""Environment variable; ``0`` turns the C++ kernels off (never built, never used)."""
+SOURCE = Path(__file__).parent / "csrc" / "deform_attn_cpu.cpp"
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx2", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+_DTYPES = (torch.float32, torch.float64)
+_disabled_depth = 0
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The compiled kernels (built on the first call of a process that finds no cached build), or
+    None, with one logged warning naming the cause, where they cannot be built."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    try:
+        from torch.utils.cpp_extension import load as load_extension
+
+        _put_ninja_on_path()
+
+        logger.info("loading the C++ CPU deformable-attention kernels (%s; the first build takes about a minute)", capability)
+        return load_extension(
+            name=f"litedetr_deform_attn_cpu_{capability.lower()}",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", *_ISA_FLAGS.get(capability, [])],
+            verbose=False,
+        )
+    except Exception as error:  # noqa: BLE001 - any failure (no compiler or ninja, a failed build or load) means: fall back
+        logger.warning("C++ CPU kernels unavailable, using the PyTorch implementation (set %s=0 to skip the build): %s", ENV_SWITCH, error)
+        return None
+
+
+def _put_ninja_on_path() -> None:
+    """torch's loader runs ``ninja`` from PATH; the ``ninja`` wheel's binary is not on it outside an activated environment."""
+    if shutil.which("ninja") is None:
+        with contextlib.suppress(ImportError):
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def enabled(*tensors: Tensor) -> bool:
+    """Whether :mod:`litedetr.ops` runs these (CPU, float32/float64) tensors through the C++ kernels:
+    not switched off (``LITEDETR_CPU_KERNELS=0``, :func:`cpu_kernels_disabled`) and built."""
+    if _disabled_depth or os.environ.get(ENV_SWITCH, "1") == "0":
+        return False
+    if not all(t.device.type == "cpu" and t.dtype in _DTYPES for t in tensors):
+        return False
+    return load() is not None
+
+
+@contextlib.contextmanager
+def cpu_kernels_disabled() -> Iterator[None]:
+    """Within this context, :mod:`litedetr.ops` runs its PyTorch implementation on CPU (reference runs, benchmarks)."""
+    global _disabled_depth
+    _disabled_depth += 1
+    try:
+        yield
+    finally:
+        _disabled_depth -= 1
+
+
+def _kernels() -> ModuleType:
+    module = load()
+    if module is None:
+        raise RuntimeError("the C++ CPU kernels could not be built (see the logged warning)")
+    return module
+
+
+def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+    """MSDA forward: ``(B, S, M, D)`` values, ``(L, 2)`` shapes, ``(B, Lq, M, L, P, 2)`` locations,
+    ``(B, Lq, M, L, P)`` weights -> ``(B, Lq, M*D)``. No autograd; shapes checked by the caller."""
+    locations = sampling_locations.to(value.dtype)
+    return _kernels().ms_deform_attn_forward(value, spatial_shapes, locations, attention_weights)
+
+
+def ms_deform_attn_key_aware(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor) -> Tensor:
+    """KDA forward: ``(B, Lq, M, D)`` queries, ``(B, S, M, D)`` keys and values (sampled once when
+    ``key is value``), ``(L, 2)`` shapes, ``(B, Lq, M, L, P, 2)`` locations -> ``(B, Lq, M*D)``.
+    No autograd; shapes checked by the caller."""
+    locations = sampling_locations.to(value.dtype)
+    return _kernels().ms_deform_attn_key_aware_forward(query.to(value.dtype), key, value, spatial_shapes, locations, key is value)

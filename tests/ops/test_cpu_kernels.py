@@ -1,0 +1,117 @@
+"""The C++ CPU kernels: agreement with the PyTorch paths at D=32 (the compiled-in fast path), float64
+accuracy of the float32 kernel, thread invariance, strided inputs, dispatch and the build fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from litedetr.ops import cpu_kernels, ms_deform_attn, ms_deform_attn_key_aware
+
+SHAPES = torch.tensor([[20, 24], [10, 12], [5, 6], [3, 3]])
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.enabled(torch.zeros(1)), reason="the C++ CPU kernels are not available here")
+
+
+def inputs(dtype: torch.dtype, d: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Encoder-like inputs: 2 images, every token a query, 8 heads, 4 points, some samples off the map."""
+    s = int(SHAPES.prod(1).sum())
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(dtype=dtype, generator=g)
+    return {
+        "query": torch.randn(2, s, 8, d, **kw),
+        "key": torch.randn(2, s, 8, d, **kw),
+        "value": torch.randn(2, s, 8, d, **kw),
+        "locations": torch.rand(2, s, 8, len(SHAPES), 4, 2, **kw) * 1.2 - 0.1,
+        "weights": torch.rand(2, s, 8, len(SHAPES), 4, **kw).softmax(-1),
+    }
+
+
+def run_all(x: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """MSDA, KDA with separate keys and KDA with shared keys/values, on whatever path is active."""
+    return [
+        ms_deform_attn(x["value"], SHAPES, x["locations"], x["weights"]),
+        ms_deform_attn_key_aware(x["query"], x["key"], x["value"], SHAPES, x["locations"]),
+        ms_deform_attn_key_aware(x["query"], x["value"], x["value"], SHAPES, x["locations"]),
+    ]
+
+
+@pytest.mark.parametrize("d", [32, 12])
+def test_kernels_match_the_pytorch_path_in_float64(d):
+    x = inputs(torch.float64, d)
+    with cpu_kernels.cpu_kernels_disabled():
+        expected = run_all(x)
+    for out, ref in zip(run_all(x), expected):
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_kernels_are_as_accurate_as_the_pytorch_path():
+    """Against float64 results, the float32 kernels' error is float32 rounding, no larger than the PyTorch path's."""
+    x64 = inputs(torch.float64)
+    truth = run_all(x64)
+    x32 = {k: v.float() for k, v in x64.items()}
+    kernel = run_all(x32)
+    with cpu_kernels.cpu_kernels_disabled():
+        pytorch = run_all(x32)
+    for out, ref, exact in zip(kernel, pytorch, truth):
+        kernel_error = (out.double() - exact).abs().max().item()
+        pytorch_error = (ref.double() - exact).abs().max().item()
+        assert kernel_error < 1e-5
+        assert kernel_error <= 2 * pytorch_error + 1e-7
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    x = inputs(torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run_all(x)
+        torch.set_num_threads(max(2, threads))
+        multi = run_all(x)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(single, multi):
+        assert torch.equal(a, b)
+
+
+def test_strided_inputs():
+    """Views that are not contiguous (a channels-last value, a sliced query) give the contiguous results."""
+    x = inputs(torch.float64)
+    strided = dict(x)
+    strided["value"] = x["value"].permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0)
+    strided["query"] = torch.cat([x["query"], x["query"]], dim=-1)[..., :32]
+    assert not strided["value"].is_contiguous() and not strided["query"].is_contiguous()
+    for a, b in zip(run_all(strided), run_all(x)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_dispatch():
+    x = inputs(torch.float32)
+    assert cpu_kernels.enabled(x["value"])
+    with cpu_kernels.cpu_kernels_disabled():
+        assert not cpu_kernels.enabled(x["value"])
+    assert not cpu_kernels.enabled(x["value"].bfloat16()), "low precision takes the PyTorch path"
+    value = x["value"].requires_grad_()
+    assert ms_deform_attn(value, SHAPES, x["locations"], x["weights"]).grad_fn is not None, "autograd takes the grid_sample path"
+
+
+def test_environment_switch(monkeypatch):
+    x = inputs(torch.float32)
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    assert not cpu_kernels.enabled(x["value"])
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "1")
+    assert cpu_kernels.enabled(x["value"])
+
+
+def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
+    import torch.utils.cpp_extension
+
+    def broken(**_):
+        raise RuntimeError("Error building extension 'litedetr_deform_attn_cpu'")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", broken)
+    with caplog.at_level(logging.WARNING, logger="litedetr.ops.cpu_kernels"):
+        assert cpu_kernels.load.__wrapped__() is None
+    assert "C++ CPU kernels unavailable" in caplog.text and "Error building extension" in caplog.text
