@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from litedetr.nn import DeformableEncoder, LiteEncoder
-from litedetr.ops import encoder_reference_points, ms_deform_attn_key_aware
+from litedetr.ops import ms_deform_attn_key_aware
 
 SHAPES = torch.tensor([[100, 167], [50, 84], [25, 42], [13, 21]])
 D_MODEL, HEADS, POINTS = 256, 8, 4

@@ -15,7 +15,8 @@ import json
 import time
 from pathlib import Path
 
-from litedetr.tools.flops import AUTHORS_FVCORE, DEFAULT_SIZE, count_flops, parse_size
+from litedetr.tools.args import parse_size
+from litedetr.tools.flops import AUTHORS_FVCORE, DEFAULT_SIZE, count_flops
 
 # (label, preset, paper total GFLOPs, paper encoder GFLOPs, baseline preset of the encoder ratio)
 PAPER_ROWS = [

@@ -14,16 +14,7 @@ from litedetr.models import PRESETS, convert_official_checkpoint
 from litedetr.models.config import EncoderConfig
 from litedetr.models.convert import ConversionError
 from litedetr.nn import DeformableEncoder, LiteEncoder
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 800x1333 (HxW), got {text!r}") from None
-    if h <= 0 or w <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return h, w
-
+from litedetr.tools.args import size_type
 
 def _level_shapes(h: int, w: int, n_levels: int) -> torch.Tensor:
     """Map sizes of strides 8, 16, ... as ResNet (ceil at every stride-2 step) and the extra stride-2 conv produce them."""
@@ -108,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="litedetr", description="Lite DETR: efficient multi-scale DETR encoders.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("schedule", help="which tokens are queries in each encoder layer, for an image size")
-    p.add_argument("--size", type=_size, default=(800, 1333), help="image size HxW (default 800x1333)")
+    p.add_argument("--size", type=size_type(1), default=(800, 1333), help="image size HxW (default 800x1333)")
     p.add_argument("--high", type=int, default=3, help="H: number of high-level (coarsest) scales")
     p.add_argument("--standard", dest="high", action="store_const", const=None, help="the standard encoder instead")
     p.add_argument("--updates", type=int, default=2, help="A: high-level updates per block")

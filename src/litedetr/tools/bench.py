@@ -31,7 +31,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from litedetr.models import Detector, build_model
 from litedetr.models.transform import batch_images
-from litedetr.tools.flops import DEFAULT_SIZE, parse_size
+from litedetr.tools.args import parse_size
+from litedetr.tools.flops import DEFAULT_SIZE
 
 __all__ = ["Timing", "BenchReport", "benchmark", "time_calls", "peak_memory", "add_parser"]
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from litedetr.models import Detector
 from litedetr.models.transform import IMAGENET_MEAN, IMAGENET_STD
 from litedetr.ops import box_cxcywh_to_xyxy
+from litedetr.tools.args import size_type
 from litedetr.tools.draw import synthetic_scene
 
 __all__ = ["OnnxDetector", "export_onnx", "onnx_session", "compare_with_onnxruntime", "normalized_scene", "add_parser"]
@@ -140,22 +141,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 800x1333 (HxW), got {text!r}") from None
-    if h < 32 or w < 32:
-        raise argparse.ArgumentTypeError(f"size must be at least 32x32, got {text!r}")
-    return h, w
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export a detector to ONNX (normalised images -> boxes, scores, labels)")
     p.add_argument("--checkpoint", required=True, help="a litedetr .safetensors model file (or an authors' .pth with --preset)")
     p.add_argument("--preset", help="the preset of an authors' .pth checkpoint")
     p.add_argument("--format", choices=["onnx"], default="onnx", help="output format (onnx)")
-    p.add_argument("--size", type=_size, required=True, help="input canvas HxW, e.g. 800x1333")
+    p.add_argument("--size", type=size_type(32), required=True, help="input canvas HxW, e.g. 800x1333")
     p.add_argument("--dynamic-size", action="store_true", help="accept any input up to HxW (padded onto the canvas in the graph)")
     p.add_argument("--out", required=True, help="output .onnx file")
     p.set_defaults(func=run)

@@ -62,8 +62,9 @@ from torch.utils._pytree import tree_map
 from litedetr.models import Detector, build_model
 from litedetr.nn import MultiScaleDeformableAttention
 from litedetr.nn.encoder import LayerQueries
+from litedetr.tools.args import parse_size
 
-__all__ = ["AUTHORS_FVCORE", "COMPONENTS", "FlopReport", "FlopCounter", "count_flops", "deformable_attention_flops", "format_report", "parse_size", "add_parser"]
+__all__ = ["AUTHORS_FVCORE", "COMPONENTS", "FlopReport", "FlopCounter", "count_flops", "deformable_attention_flops", "format_report", "add_parser"]
 
 logger = logging.getLogger(__name__)
 
@@ -319,15 +320,6 @@ def count_flops(model: Detector | str, size: tuple[int, int] = DEFAULT_SIZE, exe
     report = FlopReport(name, (h, w), components, counter.flops["other"] / 1e9, [tuple(s) for s in spatial_shapes.tolist()], model.encoder.schedule(spatial_shapes))
     logger.info("%s at %dx%d: %.1f GFLOPs", name, h, w, report.total)
     return report
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``'850x1040'`` -> ``(850, 1040)`` (argparse type)."""
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 850x1040 (HxW), got {text!r}") from None
-    return h, w
 
 
 def format_report(report: FlopReport) -> str:
