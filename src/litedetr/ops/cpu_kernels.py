@@ -56,7 +56,8 @@ def load() -> ModuleType | None:
         return load_extension(
             name=f"litedetr_deform_attn_cpu_{capability.lower()}",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", *_ISA_FLAGS.get(capability, [])],
+            extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(capability, [])],  # OpenMP: at::parallel_for runs serially without it
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as error:  # noqa: BLE001 - any failure (no compiler or ninja, a failed build or load) means: fall back
