@@ -2,7 +2,9 @@
 
 Token shapes of an 800x1333 image (levels 100x167, 50x84, 25x42, 13x21), batch 1, d_model 256,
 8 heads, 4 points, every token a query. All rows are measured side by side in one run; peak memory
-is measured in a fresh subprocess per row (peak RSS growth during the timed call).
+is measured in a fresh subprocess per row (peak RSS growth during the timed call). Rows without
+autograd run on both CPU backends of :mod:`litedetr.ops`: ``[kernel]`` the fused C++ kernels,
+``[pytorch]`` the PyTorch implementation (``embedding_bag`` gathers).
 
     python benchmarks/encoder_speed.py [--repeats 5] [--out benchmarks/results/encoder_speed.json]
 """
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from litedetr.nn import DeformableEncoder, LiteEncoder
-from litedetr.ops import ms_deform_attn_key_aware
+from litedetr.ops import cpu_kernels, ms_deform_attn_key_aware
 
 SHAPES = torch.tensor([[100, 167], [50, 84], [25, 42], [13, 21]])
 D_MODEL, HEADS, POINTS = 256, 8, 4
@@ -77,7 +79,19 @@ def encoder_inputs():
 
 
 def make_case(name: str) -> Callable[[], object]:
-    """A zero-argument callable running one benchmark row."""
+    """A zero-argument callable running one benchmark row (on the PyTorch backend for ``[pytorch]`` rows)."""
+    run = _case(name)
+    if "[pytorch]" not in name:
+        return run
+
+    def on_pytorch() -> object:
+        with cpu_kernels.cpu_kernels_disabled():
+            return run()
+
+    return on_pytorch
+
+
+def _case(name: str) -> Callable[[], object]:
     if name.startswith("kda"):
         op = ms_deform_attn_key_aware if "ours" in name else two_pass_kda
         shared = "distinct" not in name
@@ -90,7 +104,7 @@ def make_case(name: str) -> Callable[[], object]:
             return run
         inputs = op_inputs(shared_key=shared)
         return lambda: torch.no_grad()(op)(inputs[0], inputs[1], inputs[2], SHAPES, inputs[3])
-    model = encoder(name.split()[0])
+    model = encoder(name.split()[0])  # "standard" or "lite"
     src, pos, ratios = encoder_inputs()
     return lambda: torch.no_grad()(model)(src, pos, SHAPES, ratios)
 
@@ -125,15 +139,21 @@ def peak_memory(name: str) -> int:
     return result
 
 
+STANDARD = "standard encoder (6 layers, MSDA, FFN 2048) fwd"
+LITE = "lite encoder H3L1-(2+1)x3 (KDA, FFN 2048/256) fwd"
 ROWS = [
     "kda two-pass fwd",
-    "kda ours fwd",
+    "kda ours fwd [kernel]",
+    "kda ours fwd [pytorch]",
     "kda two-pass fwd+bwd",
     "kda ours fwd+bwd",
     "kda two-pass distinct-key fwd",
-    "kda ours distinct-key fwd",
-    "standard encoder (6 layers, MSDA, FFN 2048) fwd",
-    "lite encoder H3L1-(2+1)x3 (KDA, FFN 2048/256) fwd",
+    "kda ours distinct-key fwd [kernel]",
+    "kda ours distinct-key fwd [pytorch]",
+    f"{STANDARD} [kernel]",
+    f"{LITE} [kernel]",
+    f"{STANDARD} [pytorch]",
+    f"{LITE} [pytorch]",
 ]
 
 
@@ -163,10 +183,13 @@ def main() -> None:
         return results[a]["median_s"] / results[b]["median_s"]
 
     summary = {
-        "kda_fwd_speedup": ratio("kda two-pass fwd", "kda ours fwd"),
+        "kda_fwd_speedup_kernel": ratio("kda two-pass fwd", "kda ours fwd [kernel]"),
+        "kda_fwd_speedup_pytorch": ratio("kda two-pass fwd", "kda ours fwd [pytorch]"),
         "kda_fwd_bwd_speedup": ratio("kda two-pass fwd+bwd", "kda ours fwd+bwd"),
-        "kda_distinct_key_fwd_speedup": ratio("kda two-pass distinct-key fwd", "kda ours distinct-key fwd"),
-        "lite_over_standard_encoder_latency": ratio(ROWS[-1], ROWS[-2]),
+        "kda_distinct_key_fwd_speedup_kernel": ratio("kda two-pass distinct-key fwd", "kda ours distinct-key fwd [kernel]"),
+        "kda_distinct_key_fwd_speedup_pytorch": ratio("kda two-pass distinct-key fwd", "kda ours distinct-key fwd [pytorch]"),
+        "lite_over_standard_encoder_latency_kernel": ratio(f"{LITE} [kernel]", f"{STANDARD} [kernel]"),
+        "lite_over_standard_encoder_latency_pytorch": ratio(f"{LITE} [pytorch]", f"{STANDARD} [pytorch]"),
         "kda_max_abs_diff_vs_two_pass": max_err,
     }
     print("\n| row | median ms | peak MB |\n|---|---:|---:|")

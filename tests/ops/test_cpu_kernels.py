@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from litedetr.ops import cpu_kernels, ms_deform_attn, ms_deform_attn_key_aware
+from litedetr.ops import attention_backend, cpu_kernels, ms_deform_attn, ms_deform_attn_key_aware
 
 SHAPES = torch.tensor([[20, 24], [10, 12], [5, 6], [3, 3]])
 
@@ -89,12 +89,15 @@ def test_strided_inputs():
 
 def test_dispatch():
     x = inputs(torch.float32)
-    assert cpu_kernels.enabled(x["value"])
+    assert cpu_kernels.enabled(x["value"]) and attention_backend(x["value"]) == "cpu_kernel"
     with cpu_kernels.cpu_kernels_disabled():
-        assert not cpu_kernels.enabled(x["value"])
-    assert not cpu_kernels.enabled(x["value"].bfloat16()), "low precision takes the PyTorch path"
+        assert not cpu_kernels.enabled(x["value"]) and attention_backend(x["value"]) == "gather"
+    assert attention_backend(x["value"].bfloat16()) == "gather", "low precision takes the PyTorch path"
     value = x["value"].requires_grad_()
-    assert ms_deform_attn(value, SHAPES, x["locations"], x["weights"]).grad_fn is not None, "autograd takes the grid_sample path"
+    assert attention_backend(value) == "grid_sample"
+    assert ms_deform_attn(value, SHAPES, x["locations"], x["weights"]).grad_fn is not None
+    with torch.no_grad():
+        assert attention_backend(value) == "cpu_kernel"
 
 
 def test_environment_switch(monkeypatch):

@@ -19,12 +19,14 @@ def test_bench_reports_model_and_encoder():
     assert 0 < report["encoder_latency_s"] < report["model_latency_s"] <= report["model_latency_p90_s"]
     assert report["images_per_s"] == pytest.approx(2 / report["model_latency_s"])
     assert 0 < report["encoder_peak_memory_bytes"] < report["model_peak_memory_bytes"]
+    assert report["attention"] in ("cpu_kernel", "gather")
 
 
 def test_training_step_needs_more_memory_than_inference():
     inference = benchmark(TINY, (64, 64), repeats=1, warmup=0)
     train = benchmark(TINY, (64, 64), repeats=1, warmup=0, train=True)
     assert train.model_timing.peak_memory_bytes > inference.model_timing.peak_memory_bytes
+    assert train.attention == "grid_sample"
 
 
 def test_cpu_peak_memory_tracks_allocations():

@@ -1,7 +1,7 @@
 """Pure tensor functions: no parameters, no modules."""
 
 from litedetr.ops.boxes import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou, inverse_sigmoid
-from litedetr.ops.deform_attn import key_aware_attention_weights, ms_deform_attn, ms_deform_attn_key_aware
+from litedetr.ops.deform_attn import attention_backend, key_aware_attention_weights, ms_deform_attn, ms_deform_attn_key_aware
 from litedetr.ops.geometry import (
     box_sine_embedding,
     encoder_proposals,
@@ -12,6 +12,7 @@ from litedetr.ops.geometry import (
 )
 
 __all__ = [
+    "attention_backend",
     "ms_deform_attn",
     "ms_deform_attn_key_aware",
     "key_aware_attention_weights",

@@ -19,7 +19,7 @@ from torch import Tensor
 from litedetr.ops import cpu_kernels
 from litedetr.ops.bilinear import bilinear_corners, gather_rows
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_key_aware", "key_aware_attention_weights"]
+__all__ = ["attention_backend", "ms_deform_attn", "ms_deform_attn_key_aware", "key_aware_attention_weights"]
 
 
 def _level_maps(feats: Tensor, spatial_shapes: Tensor) -> list[Tensor]:
@@ -73,6 +73,23 @@ def _use_grid_sample(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def attention_backend(*tensors: Tensor) -> str:
+    """The implementation :func:`ms_deform_attn` and :func:`ms_deform_attn_key_aware` run for these inputs.
+
+    ``"triton"`` (CUDA, Triton installed), ``"grid_sample"`` (autograd, tracing or ONNX export),
+    ``"cpu_kernel"`` (CPU float32/float64 without autograd, the C++ kernels built) or ``"gather"``
+    (the rest: ``embedding_bag`` row gathers).
+    """
+    if tensors[0].is_cuda:
+        from litedetr.ops import custom_ops
+
+        if custom_ops.triton_enabled():
+            return "triton"
+    if _use_grid_sample(*tensors):
+        return "grid_sample"
+    return "cpu_kernel" if cpu_kernels.enabled(*tensors) else "gather"
+
+
 def _kda_gather(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor) -> Tensor:
     """KDA without autograd: keys gathered per sample; when ``key is value`` the sampled keys are the
     sampled values and are weighted with one batched product, otherwise values are gathered already
@@ -117,14 +134,14 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Te
     _, lq, _, n_levels, p, _ = sampling_locations.shape
     if attention_weights.shape != (b, lq, m, n_levels, p):
         raise ValueError(f"attention_weights must be {(b, lq, m, n_levels, p)}, got {tuple(attention_weights.shape)}")
-    if value.is_cuda:
+    backend = attention_backend(value, sampling_locations, attention_weights)
+    if backend == "triton":
         from litedetr.ops import custom_ops
 
-        if custom_ops.triton_enabled():
-            return custom_ops.ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
-    if not _use_grid_sample(value, sampling_locations, attention_weights):
-        if cpu_kernels.enabled(value):
-            return cpu_kernels.ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
+        return custom_ops.ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
+    if backend == "cpu_kernel":
+        return cpu_kernels.ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
+    if backend == "gather":
         rows, corner_weights = bilinear_corners(spatial_shapes, sampling_locations, value.shape[1], value.dtype)
         corner_weights *= attention_weights.to(value.dtype)[..., None]
         out = gather_rows(value.reshape(-1, value.shape[-1]), rows.flatten(3), corner_weights.flatten(3))
@@ -166,14 +183,14 @@ def ms_deform_attn_key_aware(
     _, lq, _, _, _, _ = sampling_locations.shape
     if query.shape != (b, lq, m, d):
         raise ValueError(f"query must be {(b, lq, m, d)}, got {tuple(query.shape)}")
-    if value.is_cuda:
+    backend = attention_backend(value, query, key, sampling_locations)
+    if backend == "triton":
         from litedetr.ops import custom_ops
 
-        if custom_ops.triton_enabled():
-            return custom_ops.ms_deform_attn_key_aware(query, key, value, spatial_shapes, sampling_locations)
-    if not _use_grid_sample(query, key, value, sampling_locations):
-        if cpu_kernels.enabled(key, value):
-            return cpu_kernels.ms_deform_attn_key_aware(query, key, value, spatial_shapes, sampling_locations)
+        return custom_ops.ms_deform_attn_key_aware(query, key, value, spatial_shapes, sampling_locations)
+    if backend == "cpu_kernel":
+        return cpu_kernels.ms_deform_attn_key_aware(query, key, value, spatial_shapes, sampling_locations)
+    if backend == "gather":
         return _kda_gather(query, key, value, spatial_shapes, sampling_locations)
     shared = key is value
     feats = value if shared else torch.cat([key, value], dim=-1)

@@ -31,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from litedetr.models import Detector, build_model
 from litedetr.models.transform import batch_images
+from litedetr.ops import attention_backend
 from litedetr.tools.args import parse_size
 from litedetr.tools.flops import DEFAULT_SIZE
 
@@ -58,6 +59,8 @@ class BenchReport:
     train: bool
     model_timing: Timing
     encoder_timing: Timing
+    attention: str
+    """The deformable-attention implementation that ran (:func:`litedetr.ops.attention_backend`)."""
 
     def to_dict(self) -> dict:
         return {
@@ -75,6 +78,7 @@ class BenchReport:
             "encoder_images_per_s": self.batch / self.encoder_timing.median_s,
             "encoder_peak_memory_bytes": self.encoder_timing.peak_memory_bytes,
             "runs": self.model_timing.runs,
+            "attention": self.attention,
         }
 
 
@@ -187,14 +191,15 @@ def benchmark(
     images = torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(0)).to(dev)
     model_timing = _timing(_model_run(model, images, train), dev, repeats, warmup)
     encoder_timing = _timing(encoder_run(model, images, train), dev, repeats, warmup)
-    report = BenchReport(preset, (h, w), str(dev), batch, train, model_timing, encoder_timing)
+    attention = attention_backend(torch.empty(0, device=dev).requires_grad_(train))
+    report = BenchReport(preset, (h, w), str(dev), batch, train, model_timing, encoder_timing, attention)
     logger.info("%s: model %.4f s, encoder %.4f s (median of %d)", preset, model_timing.median_s, encoder_timing.median_s, repeats)
     return report
 
 
 def format_report(report: BenchReport) -> str:
     mode = "training step (forward + backward)" if report.train else "inference"
-    lines = [f"{report.model} at {report.size[0]}x{report.size[1]}, batch {report.batch}, {report.device}, {mode}"]
+    lines = [f"{report.model} at {report.size[0]}x{report.size[1]}, batch {report.batch}, {report.device}, {mode}, attention: {report.attention}"]
     lines.append(f"{'':>8}  {'median':>10}  {'p90':>10}  {'images/s':>9}  {'peak memory':>12}")
     for label, t in (("model", report.model_timing), ("encoder", report.encoder_timing)):
         lines.append(f"{label:>8}  {t.median_s * 1e3:>7.1f} ms  {t.p90_s * 1e3:>7.1f} ms  {report.batch / t.median_s:>9.2f}  {t.peak_memory_bytes / 2**20:>8.1f} MiB")
