@@ -20,7 +20,7 @@ import functools
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -48,10 +48,8 @@ def load() -> ModuleType | None:
     None, with one logged warning naming the cause, where they cannot be built."""
     capability = torch.backends.cpu.get_cpu_capability()
     try:
-        from torch.utils.cpp_extension import load as load_extension
-
+        load_extension = _import_loader()
         _put_ninja_on_path()
-
         logger.info("loading the C++ CPU deformable-attention kernels (%s; the first build takes about a minute)", capability)
         return load_extension(
             name=f"litedetr_deform_attn_cpu_{capability.lower()}",
@@ -65,6 +63,18 @@ def load() -> ModuleType | None:
         return None
 
 
+def _import_loader() -> Callable[..., ModuleType]:
+    """``torch.utils.cpp_extension.load``, imported without its CUDA_HOME warning (irrelevant to a CPU build)."""
+    torch_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = torch_logger.level
+    torch_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load as load_extension
+    finally:
+        torch_logger.setLevel(level)
+    return load_extension
+
+
 def _put_ninja_on_path() -> None:
     """torch's loader runs ``ninja`` from PATH; the ``ninja`` wheel's binary is not on it outside an activated environment."""
     if shutil.which("ninja") is None:
@@ -76,8 +86,9 @@ def _put_ninja_on_path() -> None:
 
 def enabled(*tensors: Tensor) -> bool:
     """Whether :mod:`litedetr.ops` runs these (CPU, float32/float64) tensors through the C++ kernels:
-    not switched off (``LITEDETR_CPU_KERNELS=0``, :func:`cpu_kernels_disabled`) and built."""
-    if _disabled_depth or os.environ.get(ENV_SWITCH, "1") == "0":
+    not switched off (``LITEDETR_CPU_KERNELS=0``, :func:`cpu_kernels_disabled`), not inside
+    ``torch.compile`` (which compiles the PyTorch implementation instead), and built."""
+    if _disabled_depth or os.environ.get(ENV_SWITCH, "1") == "0" or torch.compiler.is_compiling():
         return False
     if not all(t.device.type == "cpu" and t.dtype in _DTYPES for t in tensors):
         return False
