@@ -2,7 +2,8 @@
 
 Token shapes of an 800x1333 image (levels 100x167, 50x84, 25x42, 13x21), batch 1, d_model 256,
 8 heads, 4 points, every token a query. All rows are measured side by side in one run; peak memory
-is measured in a fresh subprocess per row (peak RSS growth during the timed call). Rows without
+is what one call allocates at its peak beyond its inputs (the profiler's allocation events, as
+``litedetr bench`` measures it). Rows without
 autograd run on both CPU backends of :mod:`litedetr.ops`: ``[kernel]`` the fused C++ kernels,
 ``[pytorch]`` the PyTorch implementation (``embedding_bag`` gathers).
 
@@ -14,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import platform
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 from litedetr.nn import DeformableEncoder, LiteEncoder
 from litedetr.ops import cpu_kernels, ms_deform_attn_key_aware
+from litedetr.tools.bench import peak_memory
 
 SHAPES = torch.tensor([[100, 167], [50, 84], [25, 42], [13, 21]])
 D_MODEL, HEADS, POINTS = 256, 8, 4
@@ -119,26 +119,6 @@ def time_case(run: Callable[[], object], repeats: int) -> list[float]:
     return times
 
 
-def _peak_worker(name: str, queue) -> None:
-    run = make_case(name)
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * resource.getpagesize()
-    run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    queue.put(max(peak - before, 0))
-
-
-def peak_memory(name: str) -> int:
-    """Peak RSS growth (bytes) of one call of the row, in a fresh process."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_worker, args=(name, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
-
-
 STANDARD = "standard encoder (6 layers, MSDA, FFN 2048) fwd"
 LITE = "lite encoder H3L1-(2+1)x3 (KDA, FFN 2048/256) fwd"
 ROWS = [
@@ -167,7 +147,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "encoder_speed.json")
-    parser.add_argument("--no-memory", action="store_true", help="skip the per-row peak-memory subprocesses")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-row peak-memory measurement")
     args = parser.parse_args()
 
     max_err = check_outputs_agree()
@@ -176,7 +156,7 @@ def main() -> None:
         times = time_case(make_case(name), args.repeats)
         results[name] = {"median_s": statistics.median(times), "min_s": min(times)}
         if not args.no_memory:
-            results[name]["peak_mb"] = peak_memory(name) / 2**20
+            results[name]["peak_mb"] = peak_memory(make_case(name), torch.device("cpu")) / 2**20
         print(f"{name:55s} {results[name]['median_s'] * 1e3:9.1f} ms", flush=True)
 
     def ratio(a: str, b: str) -> float:
