@@ -20,12 +20,14 @@ import functools
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
+
+from litedetr.ops.switch import KernelSwitch
 
 __all__ = ["ENV_SWITCH", "cpu_kernels_disabled", "enabled", "load", "ms_deform_attn", "ms_deform_attn_key_aware"]
 
@@ -39,7 +41,7 @@ _ISA_FLAGS = {
     "AVX2": ["-mavx2", "-mfma"],
 }
 _DTYPES = (torch.float32, torch.float64)
-_disabled_depth = 0
+_switch = KernelSwitch()
 
 
 @functools.cache
@@ -88,22 +90,16 @@ def enabled(*tensors: Tensor) -> bool:
     """Whether :mod:`litedetr.ops` runs these (CPU, float32/float64) tensors through the C++ kernels:
     not switched off (``LITEDETR_CPU_KERNELS=0``, :func:`cpu_kernels_disabled`), not inside
     ``torch.compile`` (which compiles the PyTorch implementation instead), and built."""
-    if _disabled_depth or os.environ.get(ENV_SWITCH, "1") == "0" or torch.compiler.is_compiling():
+    if not _switch.on or os.environ.get(ENV_SWITCH, "1") == "0" or torch.compiler.is_compiling():
         return False
     if not all(t.device.type == "cpu" and t.dtype in _DTYPES for t in tensors):
         return False
     return load() is not None
 
 
-@contextlib.contextmanager
-def cpu_kernels_disabled() -> Iterator[None]:
+def cpu_kernels_disabled() -> contextlib.AbstractContextManager[None]:
     """Within this context, :mod:`litedetr.ops` runs its PyTorch implementation on CPU (reference runs, benchmarks)."""
-    global _disabled_depth
-    _disabled_depth += 1
-    try:
-        yield
-    finally:
-        _disabled_depth -= 1
+    return _switch.off()
 
 
 def _kernels() -> ModuleType:

@@ -21,7 +21,6 @@ always take the Triton path, whatever the device.
 
 import contextlib
 import importlib.util
-from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -29,27 +28,22 @@ import torch
 from torch import Tensor
 
 from litedetr.ops.geometry import level_start_index as _level_start_index
+from litedetr.ops.switch import KernelSwitch
 
 __all__ = ["TRITON_AVAILABLE", "ms_deform_attn", "ms_deform_attn_key_aware", "triton_disabled", "triton_enabled"]
 
 TRITON_AVAILABLE: bool = importlib.util.find_spec("triton") is not None
-_disabled_depth = 0
+_switch = KernelSwitch()
 
 
 def triton_enabled() -> bool:
     """Whether :mod:`litedetr.ops` sends CUDA inputs to the Triton kernels (Triton installed, not inside :func:`triton_disabled`)."""
-    return TRITON_AVAILABLE and _disabled_depth == 0
+    return TRITON_AVAILABLE and _switch.on
 
 
-@contextlib.contextmanager
-def triton_disabled() -> Iterator[None]:
+def triton_disabled() -> contextlib.AbstractContextManager[None]:
     """Within this context, :mod:`litedetr.ops` runs its PyTorch implementation on CUDA inputs too (reference runs, benchmarks)."""
-    global _disabled_depth
-    _disabled_depth += 1
-    try:
-        yield
-    finally:
-        _disabled_depth -= 1
+    return _switch.off()
 
 
 def _kernels() -> ModuleType:
