@@ -16,6 +16,7 @@ from litedetr.models.convert import ConversionError
 from litedetr.nn import DeformableEncoder, LiteEncoder
 from litedetr.tools.args import size_type
 
+
 def _level_shapes(h: int, w: int, n_levels: int) -> torch.Tensor:
     """Map sizes of strides 8, 16, ... as ResNet (ceil at every stride-2 step) and the extra stride-2 conv produce them."""
     shapes = []
