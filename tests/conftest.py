@@ -4,7 +4,17 @@ small COCO-format datasets written on the fly."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
+
+# OpenMP threads that wait for each other spin for a long time (libgomp's default), which is harmless
+# on an idle machine and ruinous on a busy one: with another CPU-heavy process beside the suite, a
+# small model's training step took 2-6x longer with torch's 2 threads than with 1. A short spin keeps
+# the idle speed (within a few percent) and lets waiting threads yield under load. libgomp reads it
+# when torch loads it, so it is set before torch is imported; subprocesses of the tests inherit it.
+assert "torch" not in sys.modules, "tests/conftest.py must run before torch is imported (GOMP_SPINCOUNT)"
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import numpy as np
 import pytest

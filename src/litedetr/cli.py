@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 
 import torch
@@ -126,8 +127,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes ``litedetr: message`` (``litedetr: warning: message`` above INFO) to the current ``sys.stderr``."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # the stream at the time of writing, so a replaced sys.stderr is followed
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
+        return f"litedetr: {level}{record.getMessage()}"
+
+
+def configure_logging() -> None:
+    """Library modules log through ``logging``; the command line shows their INFO and above on stderr."""
+    logger = logging.getLogger("litedetr")
+    logger.handlers[:] = [handler for handler in logger.handlers if not isinstance(handler, _StderrHandler)] + [_StderrHandler()]
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging()
     try:
         return args.func(args)
     except FileNotFoundError as err:

@@ -19,6 +19,9 @@ from litedetr.engine.state import load_state
 
 pytestmark = pytest.mark.slow
 
+TIMEOUT_S = 600
+"""For each training process: a run takes about 8 s on a quiet machine."""
+
 
 def train_command(data: Path, out: Path, *extra: str) -> list[str]:
     return [
@@ -40,11 +43,15 @@ def train_steps(out: Path) -> int:
 def interrupt(command: list[str], out: Path, sig: int, after_steps: int) -> tuple[int, str]:
     """Start ``command``, send ``sig`` once ``after_steps`` steps are logged; returns the exit code and stderr."""
     process = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + TIMEOUT_S
     while train_steps(out) < after_steps and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    if process.poll() is not None or train_steps(out) < after_steps:
+        process.kill()
+        _, stderr = process.communicate()
+        pytest.fail(f"the run logged {train_steps(out)} of {after_steps} steps before it ended or {TIMEOUT_S} s passed:\n{stderr[-3000:]}")
     process.send_signal(sig)
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=TIMEOUT_S)
     return process.returncode, stderr
 
 
@@ -52,7 +59,7 @@ def interrupt(command: list[str], out: Path, sig: int, after_steps: int) -> tupl
 def straight(tiny_synthetic, tmp_path_factory) -> Path:
     """An uninterrupted run."""
     out = tmp_path_factory.mktemp("straight") / "run"
-    subprocess.run(train_command(tiny_synthetic, out), env=env(), check=True, capture_output=True)
+    subprocess.run(train_command(tiny_synthetic, out), env=env(), check=True, capture_output=True, timeout=TIMEOUT_S)
     return out
 
 
@@ -67,7 +74,7 @@ def test_interrupted_and_resumed_run_equals_a_straight_run(tiny_synthetic, strai
     stopped_at = load_state(resumed / "checkpoint.pt")["step"]
     assert 1 <= stopped_at < total, "the run must be stopped part-way"
 
-    subprocess.run(train_command(tiny_synthetic, resumed, "--resume"), env=env(), check=True, capture_output=True)
+    subprocess.run(train_command(tiny_synthetic, resumed, "--resume"), env=env(), check=True, capture_output=True, timeout=TIMEOUT_S)
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed parameters differ from the straight run's"

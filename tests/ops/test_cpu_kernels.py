@@ -4,6 +4,7 @@ accuracy of the float32 kernel, thread invariance, strided inputs, dispatch and 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +119,36 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="litedetr.ops.cpu_kernels"):
         assert cpu_kernels.load.__wrapped__() is None
     assert "C++ CPU kernels unavailable" in caplog.text and "Error building extension" in caplog.text
+
+
+def test_build_is_keyed_by_source_flags_torch_and_python(monkeypatch, tmp_path):
+    base = cpu_kernels.build_name("AVX2", ["-O3"])
+    assert base.startswith("litedetr_deform_attn_cpu_avx2_") and base == cpu_kernels.build_name("AVX2", ["-O3"])
+    assert cpu_kernels.build_name("AVX512", ["-O3"]).startswith("litedetr_deform_attn_cpu_avx512_")
+    assert cpu_kernels.build_name("AVX2", ["-O3", "-mavx2"]) != base
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    assert cpu_kernels.build_name("AVX2", ["-O3"]) != base
+    monkeypatch.undo()
+    source = tmp_path / "deform_attn_cpu.cpp"
+    source.write_text(cpu_kernels.SOURCE.read_text() + "\n// edited\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", source)
+    assert cpu_kernels.build_name("AVX2", ["-O3"]) != base
+
+
+def test_a_missing_build_is_announced_and_goes_into_its_own_folder(monkeypatch, tmp_path, caplog):
+    import torch.utils.cpp_extension
+
+    calls = []
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kwargs: calls.append(kwargs) or "module")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="litedetr.ops.cpu_kernels"):
+        assert cpu_kernels.load.__wrapped__() == "module"
+    folder = Path(calls[0]["build_directory"])
+    assert folder.parent == tmp_path and folder.name == calls[0]["name"] and folder.is_dir()
+    assert "building the C++ CPU kernels" in caplog.text and "once, about a minute" in caplog.text
+
+    (folder / f"{calls[0]['name']}.so").write_bytes(b"")  # a cached build: loaded without the announcement
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="litedetr.ops.cpu_kernels"):
+        cpu_kernels.load.__wrapped__()
+    assert "building" not in caplog.text

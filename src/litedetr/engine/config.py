@@ -26,9 +26,14 @@ class TrainConfig:
             (``val_*`` empty: no evaluation).
         image_sizes: training short sides, one drawn per batch; evaluation uses the largest.
         max_size: longest image side after resizing.
-        amp: autocast (bf16 on the CPU; fp16 with a gradient scaler on CUDA).
+        amp: autocast (bf16 on the CPU; fp16 with a gradient scaler on CUDA); on a CPU without native
+            bf16 it is several times slower than float32, and the trainer warns
+            (:mod:`litedetr.engine.precision`).
         ema_decay: keep an exponential moving average of the weights (``None``: off); evaluation and
             the final model file then use the average.
+        epoch_batches: batches per epoch and process (0: the whole dataset). Each epoch draws them
+            from its own shuffled order, so a shorter epoch still sees different images each time;
+            a way to fit a schedule of ``epochs`` and ``lr_drop`` into a time budget.
         eval_every: evaluate every this many epochs (and after the last).
         checkpoint_every: also write the resume checkpoint every this many optimiser steps (0: only
             at the end of each epoch).
@@ -43,6 +48,7 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     backbone_weights: str | None = None
     epochs: int = 12
+    epoch_batches: int = 0
     batch_size: int = 2
     accumulate: int = 1
     lr: float = 1e-4
@@ -67,6 +73,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "accumulate", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.epoch_batches < 0 or self.epoch_batches % self.accumulate:
+            raise ValueError(f"epoch_batches must be 0 (whole epochs) or a positive multiple of accumulate ({self.accumulate}), got {self.epoch_batches}")
         if not self.image_sizes or min(self.image_sizes) < 32:
             raise ValueError(f"image_sizes must be short sides >= 32 px, got {self.image_sizes}")
 

@@ -13,6 +13,7 @@ A run directory holds::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -36,6 +37,7 @@ from litedetr.engine.config import TrainConfig
 from litedetr.engine.ema import ModelEMA
 from litedetr.engine.evaluate import evaluate
 from litedetr.engine.plots import plot_curves
+from litedetr.engine.precision import resolve_precision
 from litedetr.engine.sampler import ResumableSampler
 from litedetr.engine.state import load_state, rng_state, save_state, set_rng_state
 from litedetr.models import Detector, build_model, save_model
@@ -117,7 +119,8 @@ class Trainer:
         ).to(self.device)
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, config), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=list(config.lr_drop), gamma=0.1)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp and self.device.type == "cuda")
+        self.precision = resolve_precision(config.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.dtype == torch.float16)
         self.ema = ModelEMA(self.model, config.ema_decay) if config.ema_decay else None
         self.epoch, self.batches_done, self.step = 0, 0, 0
         self.history: list[dict[str, Any]] = []
@@ -159,7 +162,10 @@ class Trainer:
             raise ValueError(f"{path}: nothing to resume (no checkpoint in {self.out})")
         state = load_state(path)
         saved = json.loads(state["train_config"])
-        changed = sorted(k for k, v in self.config.to_dict().items() if k not in _RESUMABLE_CHANGES and json.dumps(saved.get(k)) != json.dumps(v))
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}  # fields newer than the checkpoint
+        changed = sorted(
+            k for k, v in self.config.to_dict().items() if k not in _RESUMABLE_CHANGES and json.dumps(saved.get(k, defaults.get(k))) != json.dumps(v)
+        )
         if changed:
             raise ValueError(f"{path}: the checkpoint was trained with other settings ({', '.join(changed)}); resume with the same ones")
         problems = fit_problems(self.model, state["model"])
@@ -190,10 +196,9 @@ class Trainer:
         )
 
     def _autocast(self):
-        if not self.config.amp:
+        if not self.precision.autocast:
             return nullcontext()
-        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=self.precision.dtype)
 
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -223,7 +228,8 @@ class Trainer:
         cfg = self.config
         loader = self._loader(self.train_set, True, self.epoch, self.batches_done * cfg.batch_size)
         self.net.train()
-        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="batch", disable=not distributed.is_main(), dynamic_ncols=True)
+        batches = min(len(loader), cfg.epoch_batches - self.batches_done) if cfg.epoch_batches else len(loader)
+        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", total=batches, unit="batch", disable=not distributed.is_main(), dynamic_ncols=True)
         started = time.perf_counter()
         for images, targets in bar:
             images = [img.to(self.device) for img in images]
@@ -256,6 +262,9 @@ class Trainer:
                 self.save()
             if self._stop_requested():
                 return
+            if self.batches_done == cfg.epoch_batches:
+                break
+        bar.close()
         self.epoch, self.batches_done = self.epoch + 1, 0
         self.scheduler.step()
 
@@ -283,6 +292,8 @@ class Trainer:
         if distributed.is_main():
             (self.out / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
         self._tensorboard = _tensorboard_writer(self.out) if distributed.is_main() else None
+        if distributed.is_main():
+            logger.info("precision: %s", self.precision.reason)
         previous = _install_signal_handlers(self._stop)
         metrics: dict[str, float | None] = {}
         try:

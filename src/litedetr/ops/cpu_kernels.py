@@ -7,9 +7,9 @@ query-head stay in a small buffer, and the softmax and weighted sum follow at on
 and results as the PyTorch code (to float rounding), parallel over torch's intra-op threads.
 
 They are compiled with torch's JIT extension loader on first use (a C++ compiler and ``ninja`` are
-needed; about a minute, once) and cached by torch (``TORCH_EXTENSIONS_DIR``, by default under
+needed; about a minute, once) and cached under ``TORCH_EXTENSIONS_DIR`` (by default
 ``~/.cache/torch_extensions``), one build per CPU instruction set (``torch.backends.cpu``'s
-capability). Where they cannot be built, :mod:`litedetr.ops` logs one warning and keeps its PyTorch
+capability) and per digest of the source, flags, torch and Python versions (:func:`build_name`). Where they cannot be built, :mod:`litedetr.ops` logs one warning and keeps its PyTorch
 implementation. Set ``LITEDETR_CPU_KERNELS=0`` to never build or use them.
 """
 
@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -29,7 +31,7 @@ from torch import Tensor
 
 from litedetr.ops.switch import KernelSwitch
 
-__all__ = ["ENV_SWITCH", "cpu_kernels_disabled", "enabled", "load", "ms_deform_attn", "ms_deform_attn_key_aware"]
+__all__ = ["ENV_SWITCH", "build_name", "cpu_kernels_disabled", "enabled", "extensions_root", "load", "ms_deform_attn", "ms_deform_attn_key_aware"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,20 +51,45 @@ def load() -> ModuleType | None:
     """The compiled kernels (built on the first call of a process that finds no cached build), or
     None, with one logged warning naming the cause, where they cannot be built."""
     capability = torch.backends.cpu.get_cpu_capability()
+    cflags = ["-O3", "-fopenmp", *_ISA_FLAGS.get(capability, [])]  # OpenMP: at::parallel_for runs serially without it
+    name = build_name(capability, cflags)
     try:
         load_extension = _import_loader()
         _put_ninja_on_path()
-        logger.info("loading the C++ CPU deformable-attention kernels (%s; the first build takes about a minute)", capability)
+        build_directory = extensions_root() / name
+        build_directory.mkdir(parents=True, exist_ok=True)
+        if not (build_directory / f"{name}.so").exists():
+            logger.info("building the C++ CPU kernels (%s; once, about a minute) in %s", capability, build_directory)
         return load_extension(
-            name=f"litedetr_deform_attn_cpu_{capability.lower()}",
+            name=name,
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(capability, [])],  # OpenMP: at::parallel_for runs serially without it
+            extra_cflags=cflags,
             extra_ldflags=["-fopenmp"],
+            build_directory=str(build_directory),
             verbose=False,
         )
     except Exception as error:  # noqa: BLE001 - any failure (no compiler or ninja, a failed build or load) means: fall back
         logger.warning("C++ CPU kernels unavailable, using the PyTorch implementation (set %s=0 to skip the build): %s", ENV_SWITCH, error)
         return None
+
+
+def build_name(capability: str, cflags: list[str]) -> str:
+    """The extension's name, which keys its build: the capability and a digest of everything the
+    binary depends on (the source, the flags, torch's version and the Python version), so that two
+    environments or checkouts on one machine keep their own builds instead of rebuilding each other's."""
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(cflags).encode(), torch.__version__.encode(), sys.version.encode()):
+        digest.update(part)
+    return f"litedetr_deform_attn_cpu_{capability.lower()}_{digest.hexdigest()[:16]}"
+
+
+def extensions_root() -> Path:
+    """Where builds go: ``TORCH_EXTENSIONS_DIR`` as torch's loader reads it, else ``~/.cache/torch_extensions``
+    (or under ``XDG_CACHE_HOME``)."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "torch_extensions"
 
 
 def _import_loader() -> Callable[..., ModuleType]:

@@ -21,6 +21,7 @@ import torch
 
 from litedetr.data import AugmentConfig, SyntheticSpec, find_split, write_synthetic_dataset
 from litedetr.engine import CHECKPOINT, MODEL_FILE, TrainConfig, Trainer
+from litedetr.engine.precision import AmpMode, resolve_precision
 from litedetr.models import Detector
 from litedetr.models.config import EncoderConfig
 from litedetr.tools.flops import count_flops
@@ -38,8 +39,9 @@ class DemoRecipe:
 
     The backbone starts from random weights, so it trains with batch norm and at the full learning
     rate (``backbone_trainable_norm``); 100 denoising queries (up to 5 groups) speed up learning.
-    Images are 160x160 and autocast runs in bf16, which keeps a training step near half a second;
-    the learning rate drops 10x for the last epoch.
+    Images are 160x160; the learning rate drops 10x for the last epoch. ``amp="auto"`` trains under
+    bf16 autocast where the CPU computes bf16 natively and in float32 elsewhere
+    (:func:`litedetr.engine.precision.resolve_precision`).
     """
 
     model: str = "lite-dino-r18-tiny-h3l1-2x3"
@@ -50,7 +52,7 @@ class DemoRecipe:
     batch_size: int = 4
     lr: float = 4e-4
     lr_drop: tuple[int, ...] = (5,)
-    amp: bool = True
+    amp: AmpMode = "auto"
     workers: int = 1
     seed: int = 0
     predicted_images: int = 6
@@ -74,7 +76,7 @@ def demo_train_config(recipe: DemoRecipe, data: Path, device: str) -> TrainConfi
         image_sizes=(recipe.image_size,),
         max_size=recipe.image_size,
         augment=AugmentConfig(crop_prob=0.0),
-        amp=recipe.amp,
+        amp=resolve_precision(recipe.amp, device).autocast,
         workers=recipe.workers,
         seed=recipe.seed,
         eval_every=recipe.epochs,

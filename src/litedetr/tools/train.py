@@ -144,7 +144,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr-drop", type=int, nargs="+", help="epochs after which the learning rate drops 10x (default: 11/12 of the run)")
     p.add_argument("--image-sizes", type=_sizes, help="training short sides, e.g. 480,512,544 (default: DETR's, scaled to the preset)")
     p.add_argument("--max-size", type=int, help="longest side (default: the preset's)")
-    p.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
+    p.add_argument("--amp", action="store_true", help="mixed precision: fp16 on CUDA; bf16 on a CPU (fast only with AVX-512 BF16 or AMX, else a warning)")
     p.add_argument("--ema", type=float, metavar="DECAY", help="keep an EMA of the weights, e.g. 0.9997")
     p.add_argument("--backbone-weights", help="local ImageNet weights for the backbone (a torchvision state dict)")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")

@@ -1,0 +1,86 @@
+"""Which floating-point precision a training run uses, chosen by what the device does natively.
+
+On CUDA, mixed precision is fp16 autocast with a gradient scaler. On the CPU, bf16 autocast pays only
+where the processor has bf16 instructions (AVX-512 BF16 or AMX, used through oneDNN and ATen's
+AVX-512 kernels); elsewhere (AVX2, or ATen dispatching below AVX-512) bf16 is emulated and a step is
+about 10-25x slower than in float32, so ``"auto"`` picks float32 there.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = ["AmpMode", "Precision", "cpu_bf16_native", "resolve_precision"]
+
+logger = logging.getLogger(__name__)
+
+AmpMode = Literal["auto", "on", "off"]
+"""``on``: autocast; ``off``: float32; ``auto``: autocast only where the device computes it natively."""
+
+
+def cpu_bf16_native() -> tuple[bool, str]:
+    """Whether this CPU computes bf16 natively, and why (the ATen capability and the instruction sets).
+
+    Native means ATen dispatches AVX-512 kernels (``torch.backends.cpu.get_cpu_capability()``, which
+    ``ATEN_CPU_CAPABILITY`` can lower) and the processor has AVX-512 BF16 or AMX tiles.
+    """
+    capability = torch.backends.cpu.get_cpu_capability()
+    avx512_bf16 = torch.cpu._is_avx512_bf16_supported()
+    amx = torch.cpu._is_amx_tile_supported()
+    features = [name for name, present in (("AVX-512 BF16", avx512_bf16), ("AMX", amx)) if present]
+    if not capability.startswith("AVX512"):
+        return False, f"the CPU capability is {capability} (no AVX-512 kernels), so bf16 would be emulated"
+    if not features:
+        return False, f"the CPU capability is {capability} but the processor has neither AVX-512 BF16 nor AMX, so bf16 would be emulated"
+    return True, f"the CPU capability is {capability} with {' and '.join(features)}: bf16 is native"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The resolved precision of a run.
+
+    Attributes:
+        autocast: run the forward pass under autocast in ``dtype``.
+        dtype: the autocast dtype (``torch.bfloat16`` on the CPU, ``torch.float16`` on CUDA), or
+            ``torch.float32`` without autocast.
+        reason: one line saying what was chosen and why.
+    """
+
+    autocast: bool
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "float32") if self.autocast else "float32"
+
+
+def resolve_precision(amp: AmpMode | bool, device: torch.device | str) -> Precision:
+    """The precision of a run with ``amp`` (``True``/``False`` mean ``"on"``/``"off"``) on ``device``.
+
+    ``"on"`` on a CPU without native bf16 keeps bf16 (the user asked for it) and logs a warning that it
+    will be slower than float32.
+    """
+    mode = {True: "on", False: "off"}.get(amp, amp) if isinstance(amp, bool) else amp
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"amp must be 'auto', 'on' or 'off', got {amp!r}")
+    device = torch.device(device)
+    if mode == "off":
+        return Precision(False, torch.float32, "float32 (mixed precision off)")
+    if device.type == "cuda":
+        return Precision(True, torch.float16, "fp16 autocast with a gradient scaler (CUDA)")
+    if device.type != "cpu":
+        if mode == "auto":
+            return Precision(False, torch.float32, f"float32 (no mixed-precision recipe for {device.type})")
+        raise ValueError(f"mixed precision is supported on cpu and cuda, not {device.type}")
+    native, why = cpu_bf16_native()
+    if native:
+        return Precision(True, torch.bfloat16, f"bf16 autocast: {why}")
+    if mode == "auto":
+        return Precision(False, torch.float32, f"float32: {why}")
+    logger.warning("bf16 autocast was asked for, but %s: training will be several times slower than in float32 (leave out --amp)", why)
+    return Precision(True, torch.bfloat16, f"bf16 autocast (asked for): {why}")

@@ -1,0 +1,91 @@
+"""The precision a run trains in: bf16 autocast on a CPU only where bf16 is native, float32 elsewhere,
+a warning when bf16 is forced on a CPU that emulates it; fp16 with a scaler on CUDA."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from litedetr.engine import precision
+from litedetr.engine.precision import cpu_bf16_native, resolve_precision
+
+
+@pytest.fixture
+def cpu(monkeypatch):
+    """Pretend to be a CPU with the given ATen capability and bf16 instruction sets."""
+
+    def pretend(capability: str, avx512_bf16: bool = False, amx: bool = False) -> None:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+    return pretend
+
+
+@pytest.mark.parametrize(
+    ("capability", "avx512_bf16", "amx", "native"),
+    [
+        ("AVX2", False, False, False),
+        ("AVX2", True, False, False),  # ATen limited to AVX2 (ATEN_CPU_CAPABILITY=avx2) on a bf16 CPU
+        ("AVX512", False, False, False),  # AVX-512 without BF16 (e.g. Skylake-X): emulated
+        ("AVX512", True, False, True),
+        ("AVX512", False, True, True),
+        ("DEFAULT", False, False, False),
+    ],
+)
+def test_native_bf16_needs_avx512_kernels_and_bf16_instructions(cpu, capability, avx512_bf16, amx, native):
+    cpu(capability, avx512_bf16, amx)
+    got, why = cpu_bf16_native()
+    assert got is native
+    assert capability in why
+
+
+def test_auto_picks_bf16_only_where_native(cpu):
+    cpu("AVX512", avx512_bf16=True)
+    chosen = resolve_precision("auto", "cpu")
+    assert (chosen.autocast, chosen.dtype, chosen.name) == (True, torch.bfloat16, "bf16")
+    assert "native" in chosen.reason
+    cpu("AVX2")
+    chosen = resolve_precision("auto", "cpu")
+    assert (chosen.autocast, chosen.dtype, chosen.name) == (False, torch.float32, "float32")
+    assert chosen.reason.startswith("float32") and "emulated" in chosen.reason
+
+
+def test_forced_bf16_on_an_emulating_cpu_warns(cpu, caplog):
+    cpu("AVX2")
+    with caplog.at_level(logging.WARNING, logger=precision.__name__):
+        chosen = resolve_precision(True, "cpu")
+    assert chosen.autocast and chosen.dtype == torch.bfloat16
+    assert "slower than in float32" in caplog.text and "AVX2" in caplog.text
+    cpu("AVX512", amx=True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=precision.__name__):
+        assert resolve_precision(True, "cpu").autocast
+    assert caplog.text == ""
+
+
+def test_off_cuda_and_bad_values(cpu):
+    cpu("AVX512", avx512_bf16=True)
+    assert resolve_precision(False, "cpu") == resolve_precision("off", "cpu")
+    assert not resolve_precision("off", "cpu").autocast
+    cuda = resolve_precision("on", "cuda")
+    assert cuda.autocast and cuda.dtype == torch.float16
+    with pytest.raises(ValueError, match="amp must be"):
+        resolve_precision("fast", "cpu")
+
+
+def test_the_trainer_and_the_demo_follow_the_choice(cpu, tiny_synthetic, tmp_path):
+    from litedetr.engine import Trainer
+    from litedetr.tools.demo import DemoRecipe, demo_train_config
+
+    cpu("AVX2")
+    assert demo_train_config(DemoRecipe(), tiny_synthetic, "cpu").amp is False
+    cpu("AVX512", avx512_bf16=True)
+    config = demo_train_config(DemoRecipe(), tiny_synthetic, "cpu")
+    assert config.amp is True
+    trainer = Trainer(config, tmp_path / "run")
+    assert trainer.precision.dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
+    with trainer._autocast():
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
