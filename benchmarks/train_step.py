@@ -5,12 +5,13 @@ it is emulated and a step is several times slower than in float32. ``litedetr de
 precision by :func:`litedetr.engine.precision.cpu_bf16_native`; this benchmark measures both, so
 the choice can be checked on any machine.
 
-A step is what the trainer does for one batch of the demo: the demo's model and optimiser settings
-(:class:`litedetr.tools.demo.DemoRecipe`), a batch of ``--batch-size`` synthetic 160x160 images
-through the training transform, forward (under autocast for bf16), backward, gradient clipping and
-an AdamW step. Both precisions train their own copy of the same initial weights on the same batches;
-the timed steps alternate between them (float32, bf16, float32, ...), so both see the same machine
-load. Prints a table and writes ``train_step.json`` to ``--out``.
+A step is the trainer's own (:meth:`litedetr.engine.Trainer.time_steps`: loading a batch, forward
+under autocast for bf16, backward, gradient clipping and an AdamW step) on the demo's model and
+training settings (:class:`litedetr.tools.demo.DemoRecipe`), on one batch of the demo's synthetic
+160x160 images. Each precision trains its own trainer from the same initial weights; the timed steps
+alternate between them (float32, bf16, float32, ...), so both see the same machine load. Prints a
+table and writes ``train_step.json`` to ``--out`` (``train_step_avx2_emulated.json`` when the ATen
+and oneDNN instruction sets are lowered by environment variables).
 
     python benchmarks/train_step.py [--steps 10] [--threads 2] [--out benchmarks/results]
     # emulate an AVX2 CPU on an AVX-512 one: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/train_step.py
@@ -19,55 +20,23 @@ load. Prints a table and writes ``train_step.json`` to ``--out``.
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import os
 import platform
 import statistics
 import tempfile
-import time
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from litedetr.data import CocoDetection, SyntheticSpec, collate, find_split, write_synthetic_dataset
-from litedetr.data.transforms import train_transform
+from litedetr.data import write_synthetic_dataset
+from litedetr.engine import Trainer
 from litedetr.engine.precision import cpu_bf16_native, resolve_precision
-from litedetr.models import build_model
 from litedetr.tools.demo import DemoRecipe, demo_train_config
 
-PRECISIONS = {"float32": None, "bf16": torch.bfloat16}
-
-
-def demo_batches(recipe: DemoRecipe, root: Path, count: int, batch_size: int) -> tuple[list[Any], int]:
-    """``count`` training batches of the demo's data pipeline, and its class count."""
-    spec = SyntheticSpec(num_train=count * batch_size, num_val=1, image_size=recipe.data.image_size, seed=recipe.data.seed)
-    data = write_synthetic_dataset(root, spec)
-    config = demo_train_config(recipe, data, "cpu")
-    train = find_split(data, "train")
-    dataset = CocoDetection(train.annotations, train.images, train_transform(config.augment), seed=recipe.seed)
-    batches = [collate([dataset[i * batch_size + j] for j in range(batch_size)]) for i in range(count)]
-    return batches, dataset.num_classes
-
-
-class Step:
-    """One precision's model, optimiser and training step (forward, backward, clip, AdamW)."""
-
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None, recipe: DemoRecipe):
-        self.model, self.dtype = model.train(), dtype
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=1e-4)
-
-    def __call__(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> float:
-        context = torch.autocast("cpu", dtype=self.dtype) if self.dtype else nullcontext()
-        with context:
-            loss = sum(self.model(images, targets).values())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 0.1)
-        self.optimizer.step()
-        return loss.item()
+PRECISIONS = {"float32": False, "bf16": True}
+"""Name -> TrainConfig.amp (bf16 autocast on the CPU)."""
 
 
 def main() -> None:
@@ -78,21 +47,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    recipe = DemoRecipe()
+    recipe = dataclasses.replace(DemoRecipe(), batch_size=args.batch_size, workers=0)
     warmup = 2
-    with tempfile.TemporaryDirectory() as tmp:
-        batches, num_classes = demo_batches(recipe, Path(tmp), warmup + args.steps, args.batch_size)
-    torch.manual_seed(recipe.seed)
-    model = build_model(recipe.model, num_classes=num_classes, min_size=(recipe.image_size,), max_size=recipe.image_size, **dict(recipe.model_overrides))
-    steps = {name: Step(copy.deepcopy(model), dtype, recipe) for name, dtype in PRECISIONS.items()}
     times: dict[str, list[float]] = {name: [] for name in PRECISIONS}
-    losses: dict[str, list[float]] = {name: [] for name in PRECISIONS}
-    for i, (images, targets) in enumerate(batches):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            losses[name].append(step(images, targets))
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = dataclasses.replace(recipe.data, num_train=4 * args.batch_size, num_val=1)
+        config = demo_train_config(recipe, write_synthetic_dataset(Path(tmp) / "data", spec), "cpu")
+        trainers = {name: Trainer(dataclasses.replace(config, amp=amp), Path(tmp) / name) for name, amp in PRECISIONS.items()}
+        for i in range(warmup + args.steps):
+            for name, trainer in trainers.items():
+                seconds = trainer.time_steps(1, warmup=0)
+                if i >= warmup:
+                    times[name] += seconds
 
     native, why = cpu_bf16_native()
     median = {name: statistics.median(t) for name, t in times.items()}
@@ -112,7 +78,6 @@ def main() -> None:
         "median_step_s": median,
         "p90_step_s": {name: sorted(t)[max(0, round(0.9 * len(t)) - 1)] for name, t in times.items()},
         "bf16_over_float32": median["bf16"] / median["float32"],
-        "first_losses": {name: values[:3] for name, values in losses.items()},
     }
     print(f"CPU capability {result['cpu_capability']}, {args.threads} threads: {why}")
     print(f"{'precision':>10}  {'median s/step':>13}  {'p90 s/step':>10}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from litedetr.data import SyntheticSpec
@@ -26,3 +27,20 @@ def test_demo_writes_summary_predictions_and_resumes_as_a_report(tmp_path):
 
     again = run_demo(tmp_path, TINY)  # a finished run is reported again, not retrained
     assert again["train_steps"] == 1 and again["metrics"] == summary["metrics"]
+
+
+def test_summary_names_the_precision_and_the_schedule(tmp_path):
+    summary = run_demo(tmp_path, TINY)
+    assert summary["precision"] in ("bf16", "float32") and summary["precision_reason"].startswith(("bf16", "float32"))
+    schedule = summary["schedule"]
+    assert schedule["batches_per_epoch"] == schedule["full_batches_per_epoch"] == 1 and schedule["probe_step_s"] > 0
+
+
+def test_a_tight_budget_shortens_every_epoch_and_a_rerun_keeps_the_schedule(tmp_path):
+    recipe = dataclasses.replace(TINY, data=SyntheticSpec(num_train=8, num_val=2, image_size=(80, 80), max_objects=4), batch_size=2, epochs=2,
+                                 train_minutes=1e-4, probe_steps=2)  # fmt: skip
+    summary = run_demo(tmp_path, recipe)
+    assert summary["schedule"]["batches_per_epoch"] == 1 and summary["schedule"]["full_batches_per_epoch"] == 4
+    assert summary["train_steps"] == 2
+    again = run_demo(tmp_path, dataclasses.replace(recipe, train_minutes=60.0))  # a finished run: same schedule, nothing retrained
+    assert again["schedule"] == summary["schedule"] and again["train_steps"] == 2

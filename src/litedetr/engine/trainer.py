@@ -14,6 +14,7 @@ A run directory holds::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import signal
@@ -224,6 +225,50 @@ class Trainer:
             terms = sorted(k for k, v in losses.items() if not torch.isfinite(v))
             raise TrainingDiverged(self._diverged_message(f"the loss became {loss.item()} (non-finite terms on this rank: {terms or 'none'})"))
 
+    def _forward_backward(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Losses of one batch (under autocast when asked), checked finite on every rank, and their backward."""
+        images = [img.to(self.device) for img in images]
+        targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        try:
+            with self._autocast():
+                losses = self.net(images, targets)
+        except FloatingPointError as err:
+            raise TrainingDiverged(self._diverged_message(str(err))) from None
+        loss = sum(losses.values())
+        self._check_finite(loss, losses)
+        self.scaler.scale(loss / self.config.accumulate).backward()
+        return loss, losses
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """Clip, step, clear the gradients and update the EMA; returns the gradient norm before clipping."""
+        self.scaler.unscale_(self.optimizer)
+        clip = self.config.clip_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip) if clip > 0 else torch.tensor(0.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema:
+            self.ema.update(self.model)
+        return grad_norm
+
+    def time_steps(self, count: int, warmup: int = 2) -> list[float]:
+        """Seconds of each of ``count`` training steps after ``warmup`` untimed ones, data loading
+        included, on the first batches of the first epoch (one optimiser step per batch).
+
+        The steps train this trainer's model and write nothing: measure with a trainer made for it.
+        """
+        self.net.train()
+        stream = (batch for epoch in itertools.count() for batch in self._loader(self.train_set, True, epoch, 0))
+        times = []
+        for i in range(warmup + count):
+            start = time.perf_counter()
+            images, targets = next(stream)
+            self._forward_backward(images, targets)
+            self._optimizer_step()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        return times
+
     def _train_epoch(self) -> None:
         cfg = self.config
         loader = self._loader(self.train_set, True, self.epoch, self.batches_done * cfg.batch_size)
@@ -232,26 +277,11 @@ class Trainer:
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", total=batches, unit="batch", disable=not distributed.is_main(), dynamic_ncols=True)
         started = time.perf_counter()
         for images, targets in bar:
-            images = [img.to(self.device) for img in images]
-            targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-            try:
-                with self._autocast():
-                    losses = self.net(images, targets)
-            except FloatingPointError as err:
-                raise TrainingDiverged(self._diverged_message(str(err))) from None
-            loss = sum(losses.values())
-            self._check_finite(loss, losses)
-            self.scaler.scale(loss / cfg.accumulate).backward()
+            loss, losses = self._forward_backward(images, targets)
             self.batches_done += 1
             if self.batches_done % cfg.accumulate:
                 continue
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm) if cfg.clip_norm > 0 else torch.tensor(0.0)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema:
-                self.ema.update(self.model)
+            grad_norm = self._optimizer_step()
             self.step += 1
             final_layer = {k: v.item() for k, v in losses.items() if k in ("loss_class", "loss_bbox", "loss_giou")}
             values = distributed.all_reduce_mean({"loss": loss.item(), "grad_norm": float(grad_norm), **final_layer})

@@ -2,8 +2,9 @@
 
 It writes the synthetic dataset, trains a small Lite-DINO on it, evaluates it with pycocotools,
 draws its predictions on validation images and compares the encoder's GFLOPs with a standard
-encoder's. Running it again in the same ``--out`` resumes an interrupted run (or just reports a
-finished one).
+encoder's. Training fits a time budget: the demo times a few steps first and, on a machine too slow
+for the full schedule, shortens every epoch. Running it again in the same ``--out`` resumes an
+interrupted run (or just reports a finished one).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,7 @@ from typing import Any
 
 import torch
 
-from litedetr.data import AugmentConfig, SyntheticSpec, find_split, write_synthetic_dataset
+from litedetr.data import AugmentConfig, CocoDetection, SyntheticSpec, find_split, write_synthetic_dataset
 from litedetr.engine import CHECKPOINT, MODEL_FILE, TrainConfig, Trainer
 from litedetr.engine.precision import AmpMode, resolve_precision
 from litedetr.models import Detector
@@ -28,7 +31,7 @@ from litedetr.tools.flops import count_flops
 from litedetr.tools.predict import predict_files
 from litedetr.tools.train import format_metrics
 
-__all__ = ["DemoRecipe", "demo_train_config", "run_demo", "add_parser"]
+__all__ = ["DemoRecipe", "demo_train_config", "fit_budget", "run_demo", "add_parser"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,11 @@ class DemoRecipe:
     Images are 160x160; the learning rate drops 10x for the last epoch. ``amp="auto"`` trains under
     bf16 autocast where the CPU computes bf16 natively and in float32 elsewhere
     (:func:`litedetr.engine.precision.resolve_precision`).
+
+    ``train_minutes`` is the training budget: ``probe_steps`` timed steps (on a throwaway copy of the
+    model) give the seconds per step, and where ``epochs`` full epochs would not fit, every epoch is
+    cut to the batches that do (``TrainConfig.epoch_batches``), keeping the schedule's shape (the
+    learning-rate drop before the last epoch). ``None``: the full schedule, however long it takes.
     """
 
     model: str = "lite-dino-r18-tiny-h3l1-2x3"
@@ -56,6 +64,8 @@ class DemoRecipe:
     workers: int = 1
     seed: int = 0
     predicted_images: int = 6
+    train_minutes: float | None = 11.0
+    probe_steps: int = 6
 
 
 def demo_train_config(recipe: DemoRecipe, data: Path, device: str) -> TrainConfig:
@@ -93,12 +103,41 @@ def encoder_gflops(model: Detector, size: int) -> dict[str, float]:
     return {"lite_encoder": lite, "standard_encoder": dense, "ratio": lite / dense}
 
 
+def fit_budget(config: TrainConfig, recipe: DemoRecipe) -> dict[str, Any]:
+    """The schedule that fits ``recipe.train_minutes`` on this machine: batches per epoch (of the full
+    epoch's), and the seconds per step measured for it."""
+    full = -(-len(CocoDetection(config.train_annotations, config.train_images)) // config.batch_size)
+    if recipe.train_minutes is None:
+        return {"budget_minutes": None, "batches_per_epoch": full, "full_batches_per_epoch": full}
+    with tempfile.TemporaryDirectory() as scratch:
+        step_s = statistics.median(Trainer(config, scratch).time_steps(recipe.probe_steps))
+    batches = min(full, max(1, int(recipe.train_minutes * 60 / step_s / config.epochs)))
+    logger.info(
+        "training budget %.0f min at %.2f s per step: %d of %d batches per epoch, %d steps",
+        recipe.train_minutes, step_s, batches, full, batches * config.epochs,
+    )  # fmt: skip
+    return {"budget_minutes": recipe.train_minutes, "probe_step_s": round(step_s, 3), "batches_per_epoch": batches, "full_batches_per_epoch": full}
+
+
 def run_demo(out: Path, recipe: DemoRecipe = DemoRecipe(), device: str = "cpu") -> dict[str, Any]:
-    """Run the demo into ``out``; returns the summary also written to ``out/summary.json``."""
+    """Run the demo into ``out``; returns the summary also written to ``out/summary.json``.
+
+    The schedule chosen for the budget is kept in ``out/schedule.json``, so that a resumed run trains
+    on with the schedule it started with.
+    """
     started = time.perf_counter()
     data = write_synthetic_dataset(out / "data", recipe.data)
-    run_dir = out / "run"
-    trainer = Trainer(demo_train_config(recipe, data, device), run_dir, resume=(run_dir / CHECKPOINT).exists())
+    run_dir, schedule_file = out / "run", out / "schedule.json"
+    resume = (run_dir / CHECKPOINT).exists()
+    config = demo_train_config(recipe, data, device)
+    if resume and schedule_file.exists():
+        schedule = json.loads(schedule_file.read_text())
+    else:
+        schedule = fit_budget(config, dataclasses.replace(recipe, train_minutes=None) if resume else recipe)
+        schedule_file.write_text(json.dumps(schedule, indent=2))
+    batches = schedule["batches_per_epoch"]
+    config = dataclasses.replace(config, epoch_batches=0 if batches == schedule["full_batches_per_epoch"] else batches)
+    trainer = Trainer(config, run_dir, resume=resume)
     result = trainer.fit()
     if result.interrupted:
         raise KeyboardInterrupt
@@ -116,6 +155,9 @@ def run_demo(out: Path, recipe: DemoRecipe = DemoRecipe(), device: str = "cpu") 
         "encoder_gflops": gflops,
         "image_size": recipe.image_size,
         "train_steps": result.steps,
+        "schedule": {"epochs": config.epochs, **schedule},
+        "precision": trainer.precision.name,
+        "precision_reason": trainer.precision.reason,
         "seconds": {"train_and_eval": round(trained - started, 1), "total": round(time.perf_counter() - started, 1)},
         "threads": torch.get_num_threads(),
         "files": {
@@ -134,9 +176,18 @@ def run_demo(out: Path, recipe: DemoRecipe = DemoRecipe(), device: str = "cpu") 
 
 def run(args: argparse.Namespace) -> int:
     recipe = DemoRecipe() if args.epochs is None else dataclasses.replace(DemoRecipe(), epochs=args.epochs, lr_drop=(max(1, args.epochs - 1),))
+    if args.minutes is not None:
+        recipe = dataclasses.replace(recipe, train_minutes=args.minutes or None)
     summary = run_demo(args.out, recipe, args.device)
     g = summary["encoder_gflops"]
+    schedule = summary["schedule"]
     print(f"\nLite-DINO ({summary['model']}) trained for {summary['train_steps']} steps on the synthetic dataset in {summary['seconds']['total'] / 60:.1f} min")
+    print(f"precision: {summary['precision_reason']}")
+    if schedule["batches_per_epoch"] < schedule["full_batches_per_epoch"]:
+        print(
+            f"{schedule['epochs']} epochs of {schedule['batches_per_epoch']} of {schedule['full_batches_per_epoch']} batches, to fit the training budget"
+            f" of {schedule['budget_minutes']:.0f} min at {schedule['probe_step_s']:.2f} s per step; train longer with --minutes"
+        )
     print("COCO box metrics on its validation split:")
     print(format_metrics(summary["metrics"]))
     print(
@@ -152,5 +203,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="build the synthetic dataset, train a small Lite-DINO on the CPU, evaluate, draw predictions")
     p.add_argument("--out", type=Path, default=Path("litedetr-demo"), help="where everything goes (default ./litedetr-demo)")
     p.add_argument("--epochs", type=int, help=f"training epochs (default {DemoRecipe.epochs}; the learning rate drops 10x for the last one)")
+    p.add_argument("--minutes", type=float, help=f"training budget in minutes (default {DemoRecipe.train_minutes:.0f}; 0: the full schedule, however long)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
