@@ -12,7 +12,7 @@ import torch
 
 from litedetr.engine import TrainingDiverged
 from litedetr.models import PRESETS, convert_official_checkpoint
-from litedetr.models.config import EncoderConfig
+from litedetr.models.config import EncoderConfig, suggest_presets
 from litedetr.models.convert import ConversionError
 from litedetr.nn import DeformableEncoder, LiteEncoder
 from litedetr.tools.args import size_type
@@ -67,6 +67,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         for name, c in sorted(PRESETS.items())
         if args.filter is None or args.filter in name
     ]
+    if not rows:
+        print(f"litedetr: no preset name contains {args.filter!r}; {suggest_presets(args.filter)}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps({name: PRESETS[name].to_dict() for name, *_ in rows}))
         return 0

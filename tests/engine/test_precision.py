@@ -80,12 +80,15 @@ def test_the_trainer_and_the_demo_follow_the_choice(cpu, tiny_synthetic, tmp_pat
     from litedetr.engine import Trainer
     from litedetr.tools.demo import DemoRecipe, demo_train_config
 
-    cpu("AVX2")
-    assert demo_train_config(DemoRecipe(), tiny_synthetic, "cpu").amp is False
-    cpu("AVX512", avx512_bf16=True)
     config = demo_train_config(DemoRecipe(), tiny_synthetic, "cpu")
-    assert config.amp is True
-    trainer = Trainer(config, tmp_path / "run")
+    assert config.amp == "auto"
+    cpu("AVX2")
+    trainer = Trainer(config, tmp_path / "avx2")
+    assert trainer.precision.dtype == torch.float32 and "AVX2" in trainer.precision.reason
+    with trainer._autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    cpu("AVX512", avx512_bf16=True)
+    trainer = Trainer(config, tmp_path / "avx512")
     assert trainer.precision.dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
     with trainer._autocast():
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")

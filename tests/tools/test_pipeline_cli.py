@@ -95,3 +95,31 @@ def test_preset_fields_are_set_from_the_command_line(tiny_synthetic, tmp_path, c
     assert "unknown DetectorConfig fields ['no_such_field']" in capsys.readouterr().err
     assert main([*args[:-1], str(tmp_path / "third"), "--set", "num_classes=3"]) == 2
     assert "model overrides ['num_classes'] come from the dataset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--model", "dino-r18"], "unknown model preset 'dino-r18'; did you mean dino-r18-tiny"),
+        (["--epochs", "0"], "epochs must be >= 1"),
+        (["--image-sizes", "16"], "image_sizes must be short sides >= 32"),
+        (["--set", "no_such_field=1"], "unknown DetectorConfig fields ['no_such_field']"),
+        (["--backbone-weights", "missing.pth"], "missing.pth: no such file"),
+    ],
+)
+def test_bad_arguments_fail_before_any_data_is_written(tmp_path, capsys, change, message):
+    """Without --data, train would first write the synthetic dataset (minutes): a bad argument must stop it before."""
+    out = tmp_path / "run"
+    assert main(["train", "--model", "lite-dino-r18-tiny-h3l1-2x3", "--out", str(out), *change]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_preset_suggestions_and_an_empty_listing(capsys):
+    assert main(["train", "--model", "lite-dino-r50-h3l1-2x4", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean lite-dino-r50-h3l1-2x3" in err and "`litedetr models` lists them all" in err
+    assert main(["models", "no-such-family"]) == 1
+    assert "no preset name contains 'no-such-family'" in capsys.readouterr().err
+    assert main(["models", "r18-tiny"]) == 0
+    assert "lite-dino-r18-tiny-h3l1-2x3" in capsys.readouterr().out

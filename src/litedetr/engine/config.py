@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from litedetr.data.transforms import AugmentConfig
 
@@ -27,8 +27,8 @@ class TrainConfig:
         image_sizes: training short sides, one drawn per batch; evaluation uses the largest.
         max_size: longest image side after resizing.
         amp: autocast (bf16 on the CPU; fp16 with a gradient scaler on CUDA); on a CPU without native
-            bf16 it is several times slower than float32, and the trainer warns
-            (:mod:`litedetr.engine.precision`).
+            bf16 it is several times slower than float32, and the trainer warns. ``"auto"``: autocast
+            only where the device computes it natively (:mod:`litedetr.engine.precision`).
         ema_decay: keep an exponential moving average of the weights (``None``: off); evaluation and
             the final model file then use the average.
         epoch_batches: batches per epoch and process (0: the whole dataset). Each epoch draws them
@@ -60,7 +60,7 @@ class TrainConfig:
     image_sizes: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
     max_size: int = 1333
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    amp: bool = False
+    amp: bool | Literal["auto"] = False
     ema_decay: float | None = None
     workers: int = 2
     seed: int = 42
@@ -69,7 +69,13 @@ class TrainConfig:
     deterministic: bool = False
     device: str = "cpu"
 
+    DATASET_FIELDS: ClassVar[frozenset[str]] = frozenset({"num_classes", "class_names", "min_size", "max_size"})
+    """DetectorConfig fields that come from the dataset and the image sizes, never from ``model_overrides``."""
+
     def __post_init__(self) -> None:
+        reserved = sorted(set(self.model_overrides) & self.DATASET_FIELDS)
+        if reserved:
+            raise ValueError(f"model overrides {reserved} come from the dataset and the image sizes; leave them out")
         for name in ("epochs", "batch_size", "accumulate", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -65,7 +65,7 @@ def resolve_precision(amp: AmpMode | bool, device: torch.device | str) -> Precis
     ``"on"`` on a CPU without native bf16 keeps bf16 (the user asked for it) and logs a warning that it
     will be slower than float32.
     """
-    mode = {True: "on", False: "off"}.get(amp, amp) if isinstance(amp, bool) else amp
+    mode = ("on" if amp else "off") if isinstance(amp, bool) else amp
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"amp must be 'auto', 'on' or 'off', got {amp!r}")
     device = torch.device(device)

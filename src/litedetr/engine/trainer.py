@@ -105,9 +105,6 @@ class Trainer:
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(config.seed + distributed.rank())
-        reserved = sorted(set(config.model_overrides) & {"num_classes", "class_names", "min_size", "max_size"})
-        if reserved:
-            raise ValueError(f"model overrides {reserved} come from the dataset and the image sizes; leave them out")
         self.train_set, self.val_set = _datasets(config)
         self.model: Detector = build_model(
             config.model,

@@ -8,6 +8,7 @@ A = 2 high-level updates per block, B = 3 blocks).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -162,11 +163,18 @@ PRESETS: dict[str, DetectorConfig] = _build_presets()
 """Every named preset; ``litedetr models`` lists them."""
 
 
+def suggest_presets(name: str) -> str:
+    """The closest preset names to ``name`` (those that extend it first), and how to list them all."""
+    extending = sorted(p for p in PRESETS if p.startswith(name))
+    close = [p for p in difflib.get_close_matches(name, PRESETS, n=6, cutoff=0.6) if p not in extending]
+    names = (extending + close)[:6]
+    return (f"did you mean {', '.join(names)}? " if names else "") + "`litedetr models` lists them all"
+
+
 def get_config(name: str, **overrides: Any) -> DetectorConfig:
     """The preset ``name`` with fields replaced by ``overrides`` (e.g. ``num_classes=20``)."""
     if name not in PRESETS:
-        close = [p for p in PRESETS if name.split("-")[0] in p][:8]
-        raise ValueError(f"unknown model preset {name!r}; e.g. {close or sorted(PRESETS)[:8]} (see `litedetr models`)")
+        raise ValueError(f"unknown model preset {name!r}; {suggest_presets(name)}")
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(DetectorConfig)})
     if unknown:
         raise ValueError(f"unknown DetectorConfig fields {unknown}")

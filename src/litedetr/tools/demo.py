@@ -18,13 +18,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from litedetr.data import AugmentConfig, CocoDetection, SyntheticSpec, find_split, write_synthetic_dataset
 from litedetr.engine import CHECKPOINT, MODEL_FILE, TrainConfig, Trainer
-from litedetr.engine.precision import AmpMode, resolve_precision
 from litedetr.models import Detector
 from litedetr.models.config import EncoderConfig
 from litedetr.tools.flops import count_flops
@@ -60,7 +59,7 @@ class DemoRecipe:
     batch_size: int = 4
     lr: float = 4e-4
     lr_drop: tuple[int, ...] = (5,)
-    amp: AmpMode = "auto"
+    amp: bool | Literal["auto"] = "auto"
     workers: int = 1
     seed: int = 0
     predicted_images: int = 6
@@ -86,7 +85,7 @@ def demo_train_config(recipe: DemoRecipe, data: Path, device: str) -> TrainConfi
         image_sizes=(recipe.image_size,),
         max_size=recipe.image_size,
         augment=AugmentConfig(crop_prob=0.0),
-        amp=resolve_precision(recipe.amp, device).autocast,
+        amp=recipe.amp,
         workers=recipe.workers,
         seed=recipe.seed,
         eval_every=recipe.epochs,

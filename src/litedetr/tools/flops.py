@@ -318,7 +318,7 @@ def count_flops(model: Detector | str, size: tuple[int, int] = DEFAULT_SIZE, exe
     spatial_shapes = tokens_shapes[0].cpu()
     components = {c: counter.flops[c] / 1e9 for c in COMPONENTS}
     report = FlopReport(name, (h, w), components, counter.flops["other"] / 1e9, [tuple(s) for s in spatial_shapes.tolist()], model.encoder.schedule(spatial_shapes))
-    logger.info("%s at %dx%d: %.1f GFLOPs", name, h, w, report.total)
+    logger.debug("%s at %dx%d: %.1f GFLOPs", name, h, w, report.total)
     return report
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -74,17 +75,14 @@ def _override(text: str) -> tuple[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     distributed.init_from_env(torch.device(args.device))
-    train_json, train_images = resolve_data(args, "train", args.out / "synthetic-data")
-    has_val = args.val_json is not None or args.data is not None
-    val_json, val_images = resolve_data(args, "val", args.out / "synthetic-data") if has_val else ("", "")
+    # every argument is checked before any work (the synthetic dataset takes minutes to write)
     sizes, max_size = default_image_sizes(args.model)
+    get_config(args.model, **{k: v for k, v in args.set if k not in TrainConfig.DATASET_FIELDS})
     sizes = args.image_sizes or sizes
     config = TrainConfig(
         model=args.model,
-        train_annotations=train_json,
-        train_images=train_images,
-        val_annotations=val_json,
-        val_images=val_images,
+        train_annotations="",
+        train_images="",
         model_overrides=dict(args.set),
         backbone_weights=args.backbone_weights,
         epochs=args.epochs,
@@ -107,6 +105,12 @@ def run(args: argparse.Namespace) -> int:
         deterministic=args.deterministic,
         device=args.device,
     )
+    if args.backbone_weights is not None and not Path(args.backbone_weights).is_file():
+        raise FileNotFoundError(2, "no such file", args.backbone_weights)
+    train_json, train_images = resolve_data(args, "train", args.out / "synthetic-data")
+    has_val = args.val_json is not None or args.data is not None
+    val_json, val_images = resolve_data(args, "val", args.out / "synthetic-data") if has_val else ("", "")
+    config = dataclasses.replace(config, train_annotations=train_json, train_images=train_images, val_annotations=val_json, val_images=val_images)
     result = Trainer(config, args.out, resume=args.resume).fit()
     if not distributed.is_main():
         return 0
