@@ -39,3 +39,35 @@ def test_models_lists_the_paper_presets(capsys):
 def test_convert_missing_file_is_one_line(capsys, tmp_path):
     assert main(["convert", str(tmp_path / "none.pth"), "--preset", "dino-r50", "--out", str(tmp_path / "o.safetensors")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_help_and_version_do_not_import_torch():
+    """`litedetr --help` lists every command without importing torch or any command's module (start-up time)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, contextlib, io\n"
+        "from litedetr.cli import main, TOOL_COMMANDS\n"
+        "for argv in (['--help'], ['--version']):\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "    print(out.getvalue())\n"
+        "heavy = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('litedetr.models', 'litedetr.tools.train', 'litedetr.engine')))\n"
+        "print('HEAVY', heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=True)
+    assert "HEAVY []" in result.stdout, result.stdout[-2000:]
+    for command in ("train", "eval", "demo", "predict", "export", "explain", "flops", "bench", "schedule", "models", "convert"):
+        assert command in result.stdout
+    assert "litedetr 0.1.0" in result.stdout
+
+
+def test_a_command_help_shows_its_arguments(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--epochs" in out and "--amp" in out

@@ -1,7 +1,26 @@
-"""litedetr: efficient DETR-family detectors with the Lite DETR encoder."""
+"""litedetr: efficient DETR-family detectors with the Lite DETR encoder.
 
-from litedetr.models import PRESETS, Detector, DetectorConfig, build_model, load_model, save_model
+The public names are imported on first use (with torch), so that ``litedetr --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 __all__ = ["build_model", "load_model", "save_model", "Detector", "DetectorConfig", "PRESETS", "__version__"]
+
+if TYPE_CHECKING:
+    from litedetr.models import PRESETS, Detector, DetectorConfig, build_model, load_model, save_model
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(importlib.import_module("litedetr.models"), name)
+    raise AttributeError(f"module 'litedetr' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

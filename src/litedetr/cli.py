@@ -7,19 +7,23 @@ import importlib
 import json
 import logging
 import sys
+from typing import TYPE_CHECKING
 
-import torch
-
-from litedetr.engine import TrainingDiverged
-from litedetr.models import PRESETS, convert_official_checkpoint
-from litedetr.models.config import EncoderConfig, suggest_presets
-from litedetr.models.convert import ConversionError
-from litedetr.nn import DeformableEncoder, LiteEncoder
+from litedetr import __version__
 from litedetr.tools.args import size_type
+
+if TYPE_CHECKING:
+    import torch
+
+    from litedetr.models.config import EncoderConfig
+
+# torch and the models are imported by the command that runs, not here: `litedetr --help` stays fast.
 
 
 def _level_shapes(h: int, w: int, n_levels: int) -> torch.Tensor:
     """Map sizes of strides 8, 16, ... as ResNet (ceil at every stride-2 step) and the extra stride-2 conv produce them."""
+    import torch
+
     shapes = []
     for _ in range(3):  # stem+pool (/4) then stride-2 stages down to /8
         h, w = -(-h // 2), -(-w // 2)
@@ -30,6 +34,8 @@ def _level_shapes(h: int, w: int, n_levels: int) -> torch.Tensor:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
+    from litedetr.nn import DeformableEncoder, LiteEncoder
+
     shapes = _level_shapes(*args.size, args.levels)
     if args.high is None:
         encoder = DeformableEncoder(num_layers=args.blocks * args.updates, d_model=32, n_levels=args.levels, n_heads=1, d_ffn=1)
@@ -62,6 +68,9 @@ def _encoder_label(enc: EncoderConfig, n_levels: int) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from litedetr.models import PRESETS
+    from litedetr.models.config import suggest_presets
+
     rows = [
         (name, c.family, c.backbone, _encoder_label(c.encoder, c.n_levels), str(c.num_queries), f"{max(c.min_size)}/{c.max_size}")
         for name, c in sorted(PRESETS.items())
@@ -81,27 +90,32 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from litedetr.models import convert_official_checkpoint
+
     overrides = {"num_classes": args.num_classes} if args.num_classes is not None else {}
     convert_official_checkpoint(args.checkpoint, args.preset, args.out, **overrides)
     print(f"wrote {args.out} ({args.preset})")
     return 0
 
 
-COMMAND_MODULES = (
-    "litedetr.tools.train",
-    "litedetr.tools.evaluate",
-    "litedetr.tools.demo",
-    "litedetr.tools.predict",
-    "litedetr.tools.export",
-    "litedetr.tools.explain",
-    "litedetr.tools.flops",
-    "litedetr.tools.bench",
-)
-"""Modules that each add one command: ``add_parser(subparsers)`` registers it and sets ``func``."""
+TOOL_COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("litedetr.tools.train", "train a detector on a COCO-format dataset (default: the synthetic one)"),
+    "eval": ("litedetr.tools.evaluate", "COCO box AP of a model file on a COCO-format dataset"),
+    "demo": ("litedetr.tools.demo", "build the synthetic dataset, train a small Lite-DINO on the CPU, evaluate, draw predictions"),
+    "predict": ("litedetr.tools.predict", "detect objects in images; write predictions.json and annotated PNGs"),
+    "export": ("litedetr.tools.export", "export a detector to ONNX (normalised images -> boxes, scores, labels)"),
+    "explain": ("litedetr.tools.explain", "draw where an encoder token samples (per layer and level) and the token schedule"),
+    "flops": ("litedetr.tools.flops", "GFLOPs per component (backbone, encoder, decoder, ...) at an image size"),
+    "bench": ("litedetr.tools.bench", "latency, images/s and peak memory of a model and of its encoder"),
+}
+"""Command -> (module whose ``add_arguments(parser)`` defines it and sets ``func``, one-line help)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; of the commands in :data:`TOOL_COMMANDS` only ``command``'s module is imported
+    (``None``: all of them), the others are listed by name and help."""
     parser = argparse.ArgumentParser(prog="litedetr", description="Lite DETR: efficient multi-scale DETR encoders.")
+    parser.add_argument("--version", action="version", version=f"litedetr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("schedule", help="which tokens are queries in each encoder layer, for an image size")
     p.add_argument("--size", type=size_type(1), default=(800, 1333), help="image size HxW (default 800x1333)")
@@ -125,8 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="class count if not the preset's (91)")
     p.set_defaults(func=cmd_convert)
 
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).add_parser(sub)
+    for name, (module, help_text) in TOOL_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if command is None or command == name:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
@@ -157,8 +173,13 @@ def configure_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(command if command in TOOL_COMMANDS else "").parse_args(argv)
     configure_logging()
+    from litedetr.engine import TrainingDiverged
+    from litedetr.models.convert import ConversionError
+
     try:
         return args.func(args)
     except FileNotFoundError as err:

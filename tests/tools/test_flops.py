@@ -125,3 +125,16 @@ def test_batch_norm_counts_as_fvcore(train):
     with FlopCounter(model) as counter:
         model(torch.rand(1, 3, 5, 6))
     assert counter.flops["other"] == 3 * 4 * 30 + (5 if train else 2) * 4 * 30
+
+
+def test_the_readme_example_is_what_the_command_prints():
+    """The README's `litedetr flops` block is this code's output, to the digit."""
+    from pathlib import Path
+
+    from litedetr.tools.flops import format_report
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    command = "$ litedetr flops --model lite-dino-r50-h3l1-2x3\n"
+    assert command in readme
+    block = readme.split(command, 1)[1].split("```", 1)[0].rstrip("\n")
+    assert block == format_report(count_flops("lite-dino-r50-h3l1-2x3"))

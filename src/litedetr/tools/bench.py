@@ -35,7 +35,7 @@ from litedetr.ops import attention_backend
 from litedetr.tools.args import parse_size
 from litedetr.tools.flops import DEFAULT_SIZE
 
-__all__ = ["Timing", "BenchReport", "benchmark", "time_calls", "peak_memory", "add_parser"]
+__all__ = ["Timing", "BenchReport", "benchmark", "time_calls", "peak_memory", "add_arguments"]
 
 logger = logging.getLogger(__name__)
 
@@ -213,9 +213,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``litedetr bench``."""
-    p = subparsers.add_parser("bench", help="latency, images/s and peak memory of a model and of its encoder")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``litedetr bench``; sets ``func``."""
     p.add_argument("--model", required=True, help="model preset, e.g. lite-dino-r50-h3l1-2x3 (random weights)")
     p.add_argument("--size", type=parse_size, default=DEFAULT_SIZE, help="image size HxW, not resized (default 850x1040)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

@@ -30,7 +30,7 @@ from litedetr.tools.flops import count_flops
 from litedetr.tools.predict import predict_files
 from litedetr.tools.train import format_metrics
 
-__all__ = ["DemoRecipe", "demo_train_config", "fit_budget", "run_demo", "add_parser"]
+__all__ = ["DemoRecipe", "demo_train_config", "fit_budget", "run_demo", "add_arguments"]
 
 logger = logging.getLogger(__name__)
 
@@ -198,8 +198,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="build the synthetic dataset, train a small Lite-DINO on the CPU, evaluate, draw predictions")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``litedetr demo``; sets ``func``."""
     p.add_argument("--out", type=Path, default=Path("litedetr-demo"), help="where everything goes (default ./litedetr-demo)")
     p.add_argument("--epochs", type=int, help=f"training epochs (default {DemoRecipe.epochs}; the learning rate drops 10x for the last one)")
     p.add_argument("--minutes", type=float, help=f"training budget in minutes (default {DemoRecipe.train_minutes:.0f}; 0: the full schedule, however long)")

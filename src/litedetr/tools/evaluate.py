@@ -15,7 +15,7 @@ from litedetr.engine import evaluate
 from litedetr.models import load_model, read_config
 from litedetr.tools.train import add_data_arguments, format_metrics, resolve_data
 
-__all__ = ["add_parser", "evaluate_model_file"]
+__all__ = ["add_arguments", "evaluate_model_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="COCO box AP of a model file on a COCO-format dataset")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``litedetr eval``; sets ``func``."""
     p.add_argument("--checkpoint", required=True, help="a litedetr model file (.safetensors), e.g. RUN_DIR/model.safetensors")
     add_data_arguments(p, ("val",))
     p.add_argument("--out", type=Path, default=Path("litedetr-eval"), help="where metrics.json and detections.json go")

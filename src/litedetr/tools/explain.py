@@ -39,7 +39,7 @@ from litedetr.models.transform import batch_images
 from litedetr.nn import LayerQueries
 from litedetr.ops import level_start_index
 
-__all__ = ["LayerSamples", "Explanation", "capture_encoder_attention", "explain", "plot_attention", "plot_schedule", "add_parser"]
+__all__ = ["LayerSamples", "Explanation", "capture_encoder_attention", "explain", "plot_attention", "plot_schedule", "add_arguments"]
 
 
 @dataclass
@@ -250,8 +250,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("explain", help="draw where an encoder token samples (per layer and level) and the token schedule")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``litedetr explain``; sets ``func``."""
     p.add_argument("image", help="an image file")
     p.add_argument("--checkpoint", required=True, help="a litedetr .safetensors model file (or an authors' .pth with --preset)")
     p.add_argument("--preset", help="the preset of an authors' .pth checkpoint")

@@ -33,7 +33,7 @@ from litedetr.ops import box_cxcywh_to_xyxy
 from litedetr.tools.args import size_type
 from litedetr.tools.draw import synthetic_scene
 
-__all__ = ["OnnxDetector", "export_onnx", "onnx_session", "compare_with_onnxruntime", "normalized_scene", "add_parser"]
+__all__ = ["OnnxDetector", "export_onnx", "onnx_session", "compare_with_onnxruntime", "normalized_scene", "add_arguments"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("export", help="export a detector to ONNX (normalised images -> boxes, scores, labels)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``litedetr export``; sets ``func``."""
     p.add_argument("--checkpoint", required=True, help="a litedetr .safetensors model file (or an authors' .pth with --preset)")
     p.add_argument("--preset", help="the preset of an authors' .pth checkpoint")
     p.add_argument("--format", choices=["onnx"], default="onnx", help="output format (onnx)")

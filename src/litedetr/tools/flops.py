@@ -64,7 +64,7 @@ from litedetr.nn import MultiScaleDeformableAttention
 from litedetr.nn.encoder import LayerQueries
 from litedetr.tools.args import parse_size
 
-__all__ = ["AUTHORS_FVCORE", "COMPONENTS", "FlopReport", "FlopCounter", "count_flops", "deformable_attention_flops", "format_report", "add_parser"]
+__all__ = ["AUTHORS_FVCORE", "COMPONENTS", "FlopReport", "FlopCounter", "count_flops", "deformable_attention_flops", "format_report", "add_arguments"]
 
 logger = logging.getLogger(__name__)
 
@@ -343,9 +343,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``litedetr flops``."""
-    p = subparsers.add_parser("flops", help="GFLOPs per component (backbone, encoder, decoder, ...) at an image size")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``litedetr flops``; sets ``func``."""
     p.add_argument("--model", required=True, help="model preset, e.g. lite-dino-r50-h3l1-2x3 (see `litedetr models`)")
     p.add_argument("--size", type=parse_size, default=DEFAULT_SIZE, help="image size HxW, fed as is (default 850x1040, the authors')")
     p.add_argument("--json", action="store_true", help="print one JSON object (GFLOPs as numbers)")

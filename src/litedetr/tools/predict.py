@@ -22,7 +22,7 @@ from litedetr.models import Detector
 from litedetr.models.inputs import load_image
 from litedetr.tools.draw import draw_detections
 
-__all__ = ["IMAGE_SUFFIXES", "find_images", "predict_files", "add_parser"]
+__all__ = ["IMAGE_SUFFIXES", "find_images", "predict_files", "add_arguments"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("predict", help="detect objects in images; write predictions.json and annotated PNGs")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``litedetr predict``; sets ``func``."""
     p.add_argument("images", nargs="+", help="image files and/or directories of images")
     p.add_argument("--checkpoint", required=True, help="a litedetr .safetensors model file (or an authors' .pth with --preset)")
     p.add_argument("--preset", help="the preset of an authors' .pth checkpoint, e.g. lite-dino-r50-h3l1-2x3")

@@ -15,7 +15,7 @@ from litedetr.engine import TrainConfig, Trainer
 from litedetr.engine import distributed
 from litedetr.models import get_config
 
-__all__ = ["add_parser", "add_data_arguments", "resolve_data", "default_image_sizes"]
+__all__ = ["add_arguments", "add_data_arguments", "resolve_data", "default_image_sizes"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +130,8 @@ def format_metrics(metrics: dict[str, float | None]) -> str:
     return "  ".join(f"{n:>6}" for n in names) + "\n" + "  ".join(f"{v:>6}" for v in values)
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="train a detector on a COCO-format dataset (default: the synthetic one)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``litedetr train``; sets ``func``."""
     p.add_argument("--model", required=True, help="preset name (see `litedetr models`)")
     p.add_argument("--set", type=_override, nargs="+", default=[], metavar="KEY=VALUE",
                    help="change preset fields, e.g. backbone_trainable_norm=true dn_number=100 (DetectorConfig)")  # fmt: skip
