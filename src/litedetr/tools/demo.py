@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from litedetr.data import AugmentConfig, CocoDetection, SyntheticSpec, find_split, write_synthetic_dataset
+from litedetr.data import AugmentConfig, SyntheticSpec, find_split, write_synthetic_dataset
 from litedetr.engine import CHECKPOINT, MODEL_FILE, TrainConfig, Trainer
 from litedetr.models import Detector
 from litedetr.models.config import EncoderConfig
@@ -103,40 +103,41 @@ def encoder_gflops(model: Detector, size: int) -> dict[str, float]:
 
 
 def fit_budget(config: TrainConfig, recipe: DemoRecipe) -> dict[str, Any]:
-    """The schedule that fits ``recipe.train_minutes`` on this machine: batches per epoch (of the full
-    epoch's), and the seconds per step measured for it."""
-    full = -(-len(CocoDetection(config.train_annotations, config.train_images)) // config.batch_size)
+    """The schedule that fits ``recipe.train_minutes`` on this machine: ``epoch_batches`` (0: whole
+    epochs) and the seconds per step measured for it (on a throwaway trainer)."""
     if recipe.train_minutes is None:
-        return {"budget_minutes": None, "batches_per_epoch": full, "full_batches_per_epoch": full}
+        return {"budget_minutes": None, "epoch_batches": 0}
     with tempfile.TemporaryDirectory() as scratch:
-        step_s = statistics.median(Trainer(config, scratch).time_steps(recipe.probe_steps))
+        probe = Trainer(config, scratch)
+        step_s = statistics.median(probe.time_steps(recipe.probe_steps))
+    full = -(-len(probe.train_set) // config.batch_size)
     batches = min(full, max(1, int(recipe.train_minutes * 60 / step_s / config.epochs)))
     logger.info(
         "training budget %.0f min at %.2f s per step: %d of %d batches per epoch, %d steps",
         recipe.train_minutes, step_s, batches, full, batches * config.epochs,
     )  # fmt: skip
-    return {"budget_minutes": recipe.train_minutes, "probe_step_s": round(step_s, 3), "batches_per_epoch": batches, "full_batches_per_epoch": full}
+    return {"budget_minutes": recipe.train_minutes, "probe_step_s": round(step_s, 3), "epoch_batches": 0 if batches == full else batches}
 
 
 def run_demo(out: Path, recipe: DemoRecipe = DemoRecipe(), device: str = "cpu") -> dict[str, Any]:
     """Run the demo into ``out``; returns the summary also written to ``out/summary.json``.
 
     The schedule chosen for the budget is kept in ``out/schedule.json``, so that a resumed run trains
-    on with the schedule it started with.
+    on with the schedule it started with (a run without that file trains whole epochs).
     """
     started = time.perf_counter()
     data = write_synthetic_dataset(out / "data", recipe.data)
     run_dir, schedule_file = out / "run", out / "schedule.json"
     resume = (run_dir / CHECKPOINT).exists()
     config = demo_train_config(recipe, data, device)
-    if resume and schedule_file.exists():
-        schedule = json.loads(schedule_file.read_text())
+    if resume:
+        schedule = json.loads(schedule_file.read_text()) if schedule_file.exists() else {"budget_minutes": None, "epoch_batches": 0}
     else:
-        schedule = fit_budget(config, dataclasses.replace(recipe, train_minutes=None) if resume else recipe)
+        schedule = fit_budget(config, recipe)
         schedule_file.write_text(json.dumps(schedule, indent=2))
-    batches = schedule["batches_per_epoch"]
-    config = dataclasses.replace(config, epoch_batches=0 if batches == schedule["full_batches_per_epoch"] else batches)
+    config = dataclasses.replace(config, epoch_batches=schedule["epoch_batches"])
     trainer = Trainer(config, run_dir, resume=resume)
+    full = -(-len(trainer.train_set) // config.batch_size)
     result = trainer.fit()
     if result.interrupted:
         raise KeyboardInterrupt
@@ -154,7 +155,7 @@ def run_demo(out: Path, recipe: DemoRecipe = DemoRecipe(), device: str = "cpu") 
         "encoder_gflops": gflops,
         "image_size": recipe.image_size,
         "train_steps": result.steps,
-        "schedule": {"epochs": config.epochs, **schedule},
+        "schedule": {"epochs": config.epochs, **schedule, "batches_per_epoch": config.epoch_batches or full, "full_batches_per_epoch": full},
         "precision": trainer.precision.name,
         "precision_reason": trainer.precision.reason,
         "seconds": {"train_and_eval": round(trained - started, 1), "total": round(time.perf_counter() - started, 1)},
