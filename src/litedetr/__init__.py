@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["build_model", "load_model", "save_model", "Detector", "DetectorConfig", "PRESETS", "__version__"]
 

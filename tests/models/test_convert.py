@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from litedetr.models.convert import ConversionError, load_official_state_dict, rename_official
+from litedetr.models.convert import COMMON_RULES, ConversionError, load_official_state_dict, rename_official
 from litedetr.nn import EncoderInput, LiteEncoder
 
 
@@ -50,7 +50,7 @@ def test_unknown_key_is_named():
     sd = authors_names(small_model())
     sd["transformer.decoder.mystery.weight"] = torch.zeros(1)
     with pytest.raises(ConversionError, match="transformer.decoder.mystery.weight"):
-        rename_official(sd)
+        rename_official(sd, COMMON_RULES)
 
 
 def test_missing_and_leftover_keys_are_named():

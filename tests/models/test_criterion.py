@@ -1,9 +1,15 @@
+import itertools
+import math
+from dataclasses import dataclass
+
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from torchvision.ops import sigmoid_focal_loss as tv_sigmoid_focal_loss
 
-from litedetr.models.criterion import DEFAULT_WEIGHTS, SetCriterion, dn_match_indices, sigmoid_focal_loss
+from litedetr.models.criterion import DEFAULT_WEIGHTS, DEFORMABLE_WEIGHTS, SetCriterion, dn_match_indices, sigmoid_focal_loss
 from litedetr.models.matcher import HungarianMatcher
 
 K = 5
@@ -220,3 +226,265 @@ def test_num_boxes_under_single_process_group(criterion, tmp_path):
         dist.destroy_process_group()
     for key in plain:
         torch.testing.assert_close(distributed[key], plain[key])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The three code bases, re-implemented from their formulas (float64, brute-force matching) and compared
+# with the criterion configured as each of them.
+
+
+@dataclass(frozen=True)
+class Family:
+    weights: dict[str, float]
+    giou_eps: float  # in box_ops.box_iou / generalized_box_iou, matcher and loss alike
+    binary_encoder: bool  # enc_outputs matched and supervised with every label set to 0
+    repeat: int = 0  # one-to-many: targets repeated k times (H-DETR k_one2many), 0 for none
+    one_to_many_weight: float = 1.0  # H-DETR lambda_one2many
+
+
+FAMILIES = {
+    "deformable-detr": Family({"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}, 0.0, True),
+    "h-detr": Family({"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}, 0.0, True, repeat=2, one_to_many_weight=0.5),
+    "dino": Family({"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}, 1e-6, False),
+}
+
+
+def family_criterion(family: Family, num_classes: int = K) -> SetCriterion:
+    matcher = HungarianMatcher(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, giou_eps=family.giou_eps)
+    return SetCriterion(
+        num_classes,
+        matcher,
+        weight_dict=DEFORMABLE_WEIGHTS if family.binary_encoder else DEFAULT_WEIGHTS,
+        giou_eps=family.giou_eps,
+        binary_encoder_targets=family.binary_encoder,
+        one_to_many_repeat=max(family.repeat, 1),
+        one_to_many_weight=family.one_to_many_weight,
+    )
+
+
+def ref_xyxy(boxes):
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+
+
+def ref_giou(pred, tgt, eps):
+    """``(P, 4)`` x ``(T, 4)`` cxcywh -> ``(P, T)``: inter / (union + eps) - (enclosing - union) / (enclosing + eps)."""
+    a, b = ref_xyxy(pred)[:, None], ref_xyxy(tgt)[None]
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    inter_w = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
+    inter_h = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(min=0)
+    inter = inter_w * inter_h
+    union = area_a + area_b - inter
+    enclosing = (torch.maximum(a[..., 2], b[..., 2]) - torch.minimum(a[..., 0], b[..., 0])) * (
+        torch.maximum(a[..., 3], b[..., 3]) - torch.minimum(a[..., 1], b[..., 1])
+    )
+    return inter / (union + eps) - (enclosing - union) / (enclosing + eps)
+
+
+def ref_match(out, targets, eps):
+    """Exhaustive minimum of cost 2 * focal-cost + 5 * L1 - 2 * GIoU per image (alpha 0.25, gamma 2, log eps 1e-8)."""
+    indices = []
+    for b, t in enumerate(targets):
+        prob = out["pred_logits"][b].sigmoid()[:, t["labels"]]
+        pos = 0.25 * (1 - prob) ** 2 * -torch.log(prob + 1e-8)
+        neg = 0.75 * prob**2 * -torch.log(1 - prob + 1e-8)
+        l1 = (out["pred_boxes"][b][:, None] - t["boxes"][None]).abs().sum(-1)
+        cost = 2 * (pos - neg) + 5 * l1 - 2 * ref_giou(out["pred_boxes"][b], t["boxes"], eps)
+        num_queries, num_targets = cost.shape
+        if math.perm(num_queries, num_targets) > 5000:  # too many to try: the same minimum via scipy
+            rows, cols = linear_sum_assignment(cost.numpy())
+            pairs = sorted(zip(rows.tolist(), cols.tolist()))
+        else:
+            orders = itertools.permutations(range(num_queries), num_targets)  # order[j]: the query of target j
+            best = min(orders, key=lambda order: sum(cost[q, j] for j, q in enumerate(order)))
+            pairs = [(q, j) for j, q in enumerate(best)]
+        indices.append(pairs)
+    return indices
+
+
+def ref_paired_losses(out, targets, pairs, num_boxes, eps):
+    """Focal (alpha 0.25, gamma 2) mean over queries, summed, / num_boxes * Q; L1 and 1 - GIoU summed / num_boxes."""
+    logits = out["pred_logits"]
+    onehot = torch.zeros_like(logits)
+    l1 = giou = torch.zeros((), dtype=logits.dtype)
+    for b, image_pairs in enumerate(pairs):
+        for q, j in image_pairs:
+            onehot[b, q, targets[b]["labels"][j]] = 1
+            pred, tgt = out["pred_boxes"][b, q], targets[b]["boxes"][j]
+            l1 = l1 + (pred - tgt).abs().sum()
+            giou = giou + 1 - ref_giou(pred[None], tgt[None], eps)[0, 0]
+    prob = logits.sigmoid()
+    cross_entropy = -(onehot * F.logsigmoid(logits) + (1 - onehot) * F.logsigmoid(-logits))
+    p_true = torch.where(onehot == 1, prob, 1 - prob)
+    alpha_true = torch.where(onehot == 1, 0.25, 0.75)
+    focal = alpha_true * (1 - p_true) ** 2 * cross_entropy
+    return {
+        "loss_class": focal.mean(1).sum() / num_boxes * logits.shape[1],
+        "loss_bbox": l1 / num_boxes,
+        "loss_giou": giou / num_boxes,
+    }
+
+
+def ref_set_losses(outputs, targets, family, suffix, scale):
+    num_boxes = max(sum(len(t["labels"]) for t in targets), 1)
+    named = [("", outputs, targets)] + [(f"_{i}", aux, targets) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+    if "enc_outputs" in outputs:
+        enc_targets = targets
+        if family.binary_encoder:
+            enc_targets = [{"labels": torch.zeros_like(t["labels"]), "boxes": t["boxes"]} for t in targets]
+        named.append(("_enc", outputs["enc_outputs"], enc_targets))
+    losses = {}
+    for name, out, tgts in named:
+        pairs = ref_match(out, tgts, family.giou_eps)
+        for key, value in ref_paired_losses(out, tgts, pairs, num_boxes, family.giou_eps).items():
+            losses[key + name + suffix] = scale * value
+    return losses
+
+
+def reference_losses(outputs, targets, family):
+    losses = ref_set_losses(outputs, targets, family, "", 1.0)
+    if "dn_outputs" in outputs:  # DINO: positive j of group g is query g * group_size + j; / (num_boxes * groups)
+        groups, size = outputs["dn_meta"]["num_groups"], outputs["dn_meta"]["group_size"]
+        pairs = [[(g * size + j, j) for g in range(groups) for j in range(len(t["labels"]))] for t in targets]
+        num_boxes = max(sum(len(t["labels"]) for t in targets), 1) * groups
+        dn = outputs["dn_outputs"]
+        for name, out in [("_dn", dn)] + [(f"_dn_{i}", aux) for i, aux in enumerate(dn.get("aux_outputs", []))]:
+            for key, value in ref_paired_losses(out, targets, pairs, num_boxes, family.giou_eps).items():
+                losses[key + name] = value
+    if "one_to_many" in outputs:
+        repeated = [{"labels": t["labels"].repeat(family.repeat), "boxes": t["boxes"].repeat(family.repeat, 1)} for t in targets]
+        losses.update(ref_set_losses(outputs["one_to_many"], repeated, family, "_o2m", family.one_to_many_weight))
+    return losses
+
+
+def small_boxes_near_targets(out, targets, generator, slots):
+    """Put tiny predicted boxes (areas ~1e-5, where the GIoU eps of 1e-6 matters) close to each tiny target
+    ``j``, at queries ``slots(j)``."""
+    for b, t in enumerate(targets):
+        for j in range(len(t["boxes"])):
+            if t["boxes"][j, 2:].max() < 0.01:
+                for q in slots(j):
+                    noise = (torch.rand(4, generator=generator, dtype=torch.float64) - 0.5) * 1e-3
+                    out["pred_boxes"][b, q] = t["boxes"][j] + noise
+    return out
+
+
+def family_example(family: Family, num_queries: int = 5, num_encoder: int = 7):
+    """Two images (2 and 1 targets, labels not 0, one tiny box each); final layer, one auxiliary layer and
+    the encoder; denoising for DINO, a one-to-many branch for H-DETR; float64."""
+    g = torch.Generator().manual_seed(20)
+    f64 = {"dtype": torch.float64}
+    targets = [
+        {"labels": torch.tensor([3, 1]), "boxes": torch.tensor([[0.30, 0.40, 0.20, 0.30], [0.05, 0.06, 0.003, 0.004]], **f64)},
+        {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.07, 0.05, 0.004, 0.003]], **f64)},
+    ]
+
+    def predictions(queries, slots=lambda j: [2 * j + 1]):
+        out = {"pred_logits": torch.randn(2, queries, K, generator=g, **f64), "pred_boxes": random_boxes((2, queries), g).double()}
+        return small_boxes_near_targets(out, targets, g, slots)
+
+    outputs = {**predictions(num_queries), "aux_outputs": [predictions(num_queries)], "enc_outputs": predictions(num_encoder)}
+    if family.repeat:
+        outputs["one_to_many"] = {**predictions(3 * family.repeat), "aux_outputs": [predictions(3 * family.repeat)]}
+    if not family.binary_encoder:  # two denoising groups of 4: target j's positives are queries j and 4 + j
+        outputs["dn_outputs"] = {**predictions(8, lambda j: [j, 4 + j]), "aux_outputs": [predictions(8, lambda j: [j, 4 + j])]}
+        outputs["dn_meta"] = {"num_groups": 2, "group_size": 4}
+    return outputs, targets
+
+
+def assert_losses_close(actual, expected):
+    assert set(actual) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-9, atol=1e-12, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_losses_match_reference(name):
+    family = FAMILIES[name]
+    outputs, targets = family_example(family)
+    losses = family_criterion(family)(outputs, targets)
+    expected = reference_losses(outputs, targets, family)
+    assert_losses_close(losses, expected)
+    assert len(expected) == 3 * {"deformable-detr": 3, "h-detr": 5, "dino": 5}[name]
+
+
+def test_family_example_exercises_every_difference():
+    """Each setting changes the reference values of the example, so the comparisons above can fail."""
+    deformable, h_detr, dino = FAMILIES["deformable-detr"], FAMILIES["h-detr"], FAMILIES["dino"]
+    outputs, targets = family_example(dino)
+    with_eps = reference_losses(outputs, targets, dino)
+    without_eps = reference_losses(outputs, targets, Family(dino.weights, 0.0, False))
+    for key in ("loss_giou", "loss_giou_0", "loss_giou_enc", "loss_giou_dn"):
+        assert abs(with_eps[key] - without_eps[key]) > 1e-3, key
+
+    outputs, targets = family_example(deformable)
+    binary = reference_losses(outputs, targets, deformable)
+    real_labels = reference_losses(outputs, targets, Family(deformable.weights, 0.0, False))
+    assert abs(binary["loss_class_enc"] - real_labels["loss_class_enc"]) > 1e-2
+    assert binary["loss_class"] == real_labels["loss_class"]
+
+    outputs, targets = family_example(h_detr)
+    weighted = reference_losses(outputs, targets, h_detr)
+    unweighted = reference_losses(outputs, targets, Family(h_detr.weights, 0.0, True, repeat=2))
+    for key in weighted:
+        assert weighted[key] == (0.5 if key.endswith("_o2m") else 1.0) * unweighted[key]
+
+
+def test_binary_encoder_targets_only_touch_the_encoder():
+    family = FAMILIES["deformable-detr"]
+    outputs, targets = family_example(family)
+    binary = family_criterion(family)(outputs, targets)
+    real = SetCriterion(K, HungarianMatcher(), weight_dict=DEFORMABLE_WEIGHTS)(outputs, targets)
+    assert binary["loss_class_enc"] != real["loss_class_enc"]
+    for key in binary:
+        if not key.endswith("_enc"):
+            assert torch.equal(binary[key], real[key]), key
+    assert targets[0]["labels"].tolist() == [3, 1]  # the caller's targets are left alone
+
+
+def test_binary_encoder_targets_with_all_encoder_tokens():
+    """Deformable DETR / H-DETR supervise the proposals of every encoder token: S = 340 predictions."""
+    family = FAMILIES["h-detr"]
+    outputs, targets = family_example(family, num_encoder=340)
+    losses = family_criterion(family)(outputs, targets)
+    expected = reference_losses(outputs, targets, family)
+    assert_losses_close(losses, expected)
+    assert outputs["enc_outputs"]["pred_logits"].shape == (2, 340, K)
+
+
+def test_one_to_many_weight_scales_only_one_to_many_losses():
+    family = FAMILIES["h-detr"]
+    outputs, targets = family_example(family)
+    scaled = family_criterion(family)(outputs, targets)
+    plain = SetCriterion(K, HungarianMatcher(), weight_dict=DEFORMABLE_WEIGHTS, binary_encoder_targets=True, one_to_many_repeat=2)(
+        outputs, targets
+    )
+    assert {key for key in scaled if key.endswith("_o2m")} == {base + s for base in BASE for s in ("_o2m", "_0_o2m")}
+    for key in scaled:
+        torch.testing.assert_close(scaled[key], (0.5 if key.endswith("_o2m") else 1.0) * plain[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_weights_and_weighted_total(name):
+    family = FAMILIES[name]
+    criterion = family_criterion(family)
+    outputs, targets = family_example(family)
+    expected = reference_losses(outputs, targets, family)
+    for key in expected:
+        assert criterion.weight(key) == family.weights[next(b for b in BASE if key.startswith(b))]
+    total = sum(family.weights[next(b for b in BASE if key.startswith(b))] * value for key, value in expected.items())
+    torch.testing.assert_close(criterion.weighted_total(criterion(outputs, targets)), total)
+
+
+def test_weight_constants():
+    assert DEFAULT_WEIGHTS == {"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}  # DINO, Lite-DETR
+    assert DEFORMABLE_WEIGHTS == {"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}  # Deformable DETR, H-DETR
+
+
+def test_giou_eps_must_match_the_matcher():
+    with pytest.raises(ValueError, match="giou_eps"):
+        SetCriterion(K, HungarianMatcher(giou_eps=1e-6))
+    with pytest.raises(ValueError, match="giou_eps"):
+        SetCriterion(K, HungarianMatcher(), giou_eps=1e-6)
+    assert SetCriterion(K, HungarianMatcher(giou_eps=1e-6), giou_eps=1e-6).giou_eps == 1e-6

@@ -155,7 +155,7 @@ def test_one_to_one_queries_do_not_see_one_to_many_queries():
     model.train()
     with torch.no_grad():
         before = model.forward_features(features, mask, targets)["pred_logits"]
-        model.query_content.weight[20:] += 1.0
+        model.query_selection.content.weight[20:] += 1.0
         after = model.forward_features(features, mask, targets)["pred_logits"]
     torch.testing.assert_close(before, after)
 

@@ -1,5 +1,6 @@
 import itertools
 
+import pytest
 import torch
 
 from litedetr.models.matcher import HungarianMatcher, focal_class_cost
@@ -90,3 +91,29 @@ def test_more_targets_than_queries_matches_every_query():
     targets = [{"labels": torch.tensor([0, 1, 2]), "boxes": random_boxes(3, g)}]
     pred_idx, tgt_idx = HungarianMatcher()(outputs, targets)[0]
     assert pred_idx.tolist() == [0, 1] and len(set(tgt_idx.tolist())) == 2
+
+
+def test_giou_eps_reaches_the_cost():
+    # tiny boxes (areas ~1e-6), where DINO's eps of 1e-6 moves the GIoU a lot
+    f64 = {"dtype": torch.float64}
+    logits = torch.tensor([[0.3, -1.0, 2.0], [-0.5, 1.5, 0.0]], **f64)
+    boxes = torch.tensor([[0.5, 0.5, 1e-3, 1e-3], [0.5012, 0.5, 1e-3, 1e-3]], **f64)
+    labels, tgt_boxes = torch.tensor([1]), torch.tensor([[0.5, 0.5, 1e-3, 1e-3]], **f64)
+    plain, dino = HungarianMatcher(), HungarianMatcher(giou_eps=1e-6)
+    assert dino.giou_eps == 1e-6 and plain.giou_eps == 0.0
+    l1 = torch.tensor([[0.0], [0.0012]], **f64)
+    # identical boxes: iou 1e-6 / (1e-6 + eps); shifted: disjoint, union 2e-6, enclosing 2.2e-3 x 1e-3
+    giou = torch.tensor([[1.0], [0.0 - (2.2e-6 - 2e-6) / 2.2e-6]], **f64)
+    giou_eps = torch.tensor([[1e-6 / 2e-6], [0.0 - (2.2e-6 - 2e-6) / 3.2e-6]], **f64)
+    cost_class = focal_class_cost(logits, labels)
+    torch.testing.assert_close(plain.cost_matrix(logits, boxes, labels, tgt_boxes), 2 * cost_class + 5 * l1 - 2 * giou)
+    torch.testing.assert_close(dino.cost_matrix(logits, boxes, labels, tgt_boxes), 2 * cost_class + 5 * l1 - 2 * giou_eps)
+
+
+def test_giou_eps_matches_zero_area_predictions():
+    outputs = {"pred_logits": torch.zeros(1, 2, 2), "pred_boxes": torch.tensor([[[0.5, 0.5, 0.0, 0.0], [0.2, 0.2, 0.0, 0.0]]])}
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.21, 0.2, 0.0, 0.0]])}]
+    with pytest.raises(FloatingPointError):
+        HungarianMatcher()(outputs, targets)
+    pred_idx, tgt_idx = HungarianMatcher(giou_eps=1e-6)(outputs, targets)[0]
+    assert pred_idx.tolist() == [1] and tgt_idx.tolist() == [0]

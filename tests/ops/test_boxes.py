@@ -76,3 +76,44 @@ def test_inverse_sigmoid():
     assert torch.isfinite(extremes).all()
     torch.testing.assert_close(extremes, torch.stack([bound, -bound, bound, -bound]))
     assert inverse_sigmoid(torch.tensor([0.0]), eps=1e-3) == torch.log(torch.tensor(1e-3))
+
+
+def reference_iou_giou(a: list[float], b: list[float], eps: float) -> tuple[float, float]:
+    """One pair of xyxy boxes, written out: DINO's formulas for ``eps = 1e-6``, Deformable DETR's for 0."""
+    area_a, area_b = (a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])
+    inter = max(min(a[2], b[2]) - max(a[0], b[0]), 0) * max(min(a[3], b[3]) - max(a[1], b[1]), 0)
+    union = area_a + area_b - inter
+    enclosing = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    iou = inter / (union + eps)
+    return iou, iou - (enclosing - union) / (enclosing + eps)
+
+
+def test_iou_and_giou_eps_on_tiny_boxes_by_hand():
+    # areas of 1e-6: an eps of 1e-6 in the denominators changes the values a lot
+    a = [[0.0, 0.0, 1e-3, 1e-3]]
+    b = [[0.0, 0.0, 1e-3, 1e-3], [5e-4, 5e-4, 1.5e-3, 1.5e-3], [2e-3, 0.0, 3e-3, 1e-3], [0.1, 0.1, 0.3, 0.4]]
+    a_t, b_t = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    for eps in (0.0, 1e-6):
+        expected = [reference_iou_giou(a[0], box, eps) for box in b]
+        iou, union = box_iou(a_t, b_t, eps=eps)
+        torch.testing.assert_close(iou, torch.tensor([[i for i, _ in expected]], dtype=torch.float64))
+        torch.testing.assert_close(union, box_iou(a_t, b_t)[1])  # the union is returned without eps
+        torch.testing.assert_close(generalized_box_iou(a_t, b_t, eps=eps), torch.tensor([[g for _, g in expected]], dtype=torch.float64))
+    # identical boxes: 1 without eps, 1e-6 / 2e-6 with; disjoint: -1/3 without, -1/4 with
+    torch.testing.assert_close(generalized_box_iou(a_t, b_t)[0, [0, 2]], torch.tensor([1.0, -1 / 3], dtype=torch.float64))
+    torch.testing.assert_close(generalized_box_iou(a_t, b_t, eps=1e-6)[0, [0, 2]], torch.tensor([0.5, -0.25], dtype=torch.float64))
+
+
+def test_giou_eps_keeps_zero_area_boxes_finite():
+    points = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.2, 0.3, 0.2, 0.3]])
+    assert torch.isnan(generalized_box_iou(points, points)).all()
+    giou = generalized_box_iou(points, points, eps=1e-6)
+    # same point: iou 0 / 1e-6, enclosing 0; different points: union 0, enclosing 0.09 -> -0.09 / (0.09 + 1e-6)
+    torch.testing.assert_close(giou, torch.tensor([[0.0, -0.09 / (0.09 + 1e-6)], [-0.09 / (0.09 + 1e-6), 0.0]]))
+
+
+def test_eps_zero_is_the_default_and_large_boxes_barely_change():
+    g = torch.Generator().manual_seed(3)
+    a, b = random_xyxy(5, g), random_xyxy(3, g)
+    assert torch.equal(generalized_box_iou(a, b, eps=0.0), generalized_box_iou(a, b))
+    torch.testing.assert_close(generalized_box_iou(a, b, eps=1e-6), generalized_box_iou(a, b), rtol=0, atol=1e-3)

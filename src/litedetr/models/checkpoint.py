@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from litedetr.models.config import DetectorConfig, config_from_dict, get_config
-from litedetr.models.convert import ConversionError, load_official_state_dict
+from litedetr.models.convert import LAYOUT_FAMILY, LAYOUTS, ConversionError, detect_layout, load_official_state_dict, rename_official
 from litedetr.models.detector import Detector
 from litedetr.models.state_dict import fit_problems
 
@@ -28,7 +28,22 @@ logger = logging.getLogger(__name__)
 
 CONFIG_KEY = "litedetr_config"
 FORMAT_KEY = "litedetr_format"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+"""2: the detector as parts (``query_selection``, ``heads``, ``training_queries``); 1: DINO's names at the top level."""
+
+_V1_NAMES = [
+    (r"enc_output\.(.+)", r"query_selection.enc_output.\1"),
+    (r"enc_output_norm\.(.+)", r"query_selection.enc_output_norm.\1"),
+    (r"enc_class_head\.(.+)", r"query_selection.class_head.\1"),
+    (r"enc_box_head\.(.+)", r"query_selection.box_head.\1"),
+    (r"query_content\.(.+)", r"query_selection.content.\1"),
+    (r"class_head\.(.+)", r"heads.class_heads.0.\1"),
+    (r"box_head\.(.+)", r"heads.box_heads.0.\1"),
+    (r"label_embed\.(.+)", r"training_queries.label_embed.\1"),
+    (r"decoder\.ref_point_head\.(.+)", r"decoder.query_position.mlp.\1"),
+    (r"(.+)", r"\1"),
+]
+"""Format 1's names -> format 2's (format 1 wrote DINO-family files with these names)."""
 
 
 def save_model(model: Detector, path: str | os.PathLike) -> Path:
@@ -48,8 +63,7 @@ def save_model(model: Detector, path: str | os.PathLike) -> Path:
     return path
 
 
-def read_config(path: str | os.PathLike) -> DetectorConfig:
-    """The config stored in a litedetr model file."""
+def _metadata(path: str | os.PathLike) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -57,14 +71,34 @@ def read_config(path: str | os.PathLike) -> DetectorConfig:
         raise ValueError(f"{path}: not a litedetr model file (safetensors): {err}") from None
     if CONFIG_KEY not in metadata:
         raise ValueError(f"{path}: safetensors file without a litedetr config (was it written by litedetr?)")
-    return config_from_dict(json.loads(metadata[CONFIG_KEY]))
+    return metadata
+
+
+def read_config(path: str | os.PathLike) -> DetectorConfig:
+    """The config stored in a litedetr model file."""
+    return config_from_dict(json.loads(_metadata(path)[CONFIG_KEY]))
+
+
+def _upgrade(path: str | os.PathLike, version: str, config: DetectorConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of an older format under today's names."""
+    if version == FORMAT_VERSION:
+        return state
+    if version != "1":
+        raise ValueError(f"{path}: model file format {version!r}, this litedetr reads {FORMAT_VERSION} and 1; upgrade litedetr")
+    if config.family != "dino":
+        raise ValueError(
+            f"{path}: a {config.family} model written by litedetr before 0.2, whose {config.family} was not the original "
+            "architecture (DINO's decoder); its weights do not carry over: train it again"
+        )
+    return rename_official(state, _V1_NAMES)
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Detector:
     """Build the detector a model file describes and load its weights (strictly, naming any mismatch)."""
-    config = read_config(path)
+    metadata = _metadata(path)
+    config = config_from_dict(json.loads(metadata[CONFIG_KEY]))
     model = Detector(config)
-    state = load_file(str(path), device="cpu")
+    state = _upgrade(path, metadata.get(FORMAT_KEY, "1"), config, load_file(str(path), device="cpu"))
     problems = fit_problems(model, state)
     if problems:
         raise ValueError(f"{path}: the weights do not fit the file's own config\n" + "\n".join(problems))
@@ -83,26 +117,39 @@ def _read_official(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_official_checkpoint(path: str | os.PathLike, preset: str, device: str | torch.device = "cpu", **overrides) -> Detector:
-    """Build ``preset`` and load an authors' Lite-DINO checkpoint into it (names converted).
+    """Build ``preset`` and load a checkpoint of an original code base into it (names converted).
+
+    The checkpoint may be the authors' Lite-DINO, IDEA-Research/DINO, fundamentalvision/Deformable-DETR
+    (two-stage) or HDETR/H-Deformable-DETR (two-stage); its layout must be of the preset's family. A
+    standard-encoder checkpoint also initialises its family's Lite presets (see :mod:`litedetr.models.convert`).
 
     Raises:
-        ConversionError: the checkpoint does not fit the preset (keys named).
+        ConversionError: the checkpoint fits no known layout, is of another family, or does not fit the preset (keys named).
     """
     state = _read_official(path)
+    layout = detect_layout(state)
+    if layout is None:
+        shown = ", ".join(list(state)[:8])
+        raise ConversionError(
+            f"{path}: not a checkpoint of a known layout ({', '.join(LAYOUTS)}): it has neither transformer.enc_out_class_embed.weight "
+            f"(DINO, Lite-DINO) nor transformer.pos_trans.weight (two-stage Deformable DETR, H-DETR); its first keys: {shown}"
+        )
     config = get_config(preset, **overrides)
+    if LAYOUT_FAMILY[layout] != config.family:
+        raise ConversionError(f"{path}: a {layout} checkpoint, but preset {preset!r} is of the {config.family} family")
     class_weight = state.get("class_embed.0.weight")
     if class_weight is not None and class_weight.shape[0] != config.num_classes:
         raise ConversionError(
             f"{path}: the checkpoint has {class_weight.shape[0]} classes, preset {preset!r} {config.num_classes}; pass num_classes"
         )
     model = Detector(config)
-    load_official_state_dict(model, state)
-    logger.info("loaded %s (%d tensors) as %s", path, len(state), preset)
+    load_official_state_dict(model, state, layout=layout)
+    logger.info("loaded %s (%s layout, %d tensors) as %s", path, layout, len(state), preset)
     return model.to(device).eval()
 
 
 def convert_official_checkpoint(path: str | os.PathLike, preset: str, out: str | os.PathLike, **overrides) -> Detector:
-    """Convert an authors' Lite-DINO checkpoint into a litedetr model file for ``preset``.
+    """Convert a checkpoint of an original code base (see :func:`load_official_checkpoint`) into a litedetr model file for ``preset``.
 
     Raises:
         ConversionError: the checkpoint does not fit the preset (keys named).

@@ -58,6 +58,8 @@ class DetectorConfig:
     dn_box_noise_scale: float = 1.0
     one_to_many_queries: int = 0
     one_to_many_repeat: int = 6
+    one_to_many_weight: float = 1.0
+    """H-DETR's lambda: the weight of the one-to-many group's losses."""
     min_size: tuple[int, ...] = (800,)
     max_size: int = 1333
     pe_temperature: float = 20.0
@@ -71,6 +73,10 @@ class DetectorConfig:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.num_select > self.num_queries * self.num_classes:
             raise ValueError(f"num_select ({self.num_select}) exceeds queries x classes")
+        if self.dn_number and self.family != "dino":
+            raise ValueError(f"denoising queries (dn_number={self.dn_number}) exist in the dino family only, not {self.family!r}")
+        if self.dn_number and self.one_to_many_queries:
+            raise ValueError("a detector has one kind of training-only queries: set dn_number or one_to_many_queries, not both")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names given for {self.num_classes} classes")
 
@@ -115,8 +121,10 @@ _FAMILIES: dict[str, DetectorConfig] = {
     ),
     # DINO: contrastive denoising, mixed query selection, look forward twice
     "dino": DetectorConfig(family="dino", dn_number=100),
-    # H-DETR (H-Deformable-DETR with mixed selection and look forward twice): a one-to-many group of 1500 queries
-    "h-detr": DetectorConfig(family="h-detr", num_queries=300, num_select=100, one_to_many_queries=1500),
+    # H-DETR's two-stage hybrid branch (mixed selection, look forward twice): a one-to-many group of 1500 queries
+    "h-detr": DetectorConfig(
+        family="h-detr", num_queries=300, num_select=100, one_to_many_queries=1500, one_to_many_repeat=6, pe_temperature=10000.0
+    ),
 }
 
 _BACKBONES = {"r50": "resnet50", "r101": "resnet101", "swint": "swin_t"}

@@ -1,8 +1,14 @@
-"""Load weights saved by the authors' code (IDEA-Research/Lite-DETR, the DINO code base).
+"""Load the weights of the original code bases: the authors' Lite-DINO, DINO, Deformable DETR, H-DETR.
 
-Their names are rewritten by an ordered table of regular expressions (first full match wins), then
-checked against the target module: every key must be used and every parameter filled, with equal
-shapes; otherwise :class:`ConversionError` names the offending keys.
+A checkpoint's layout is recognised from its keys (:func:`detect_layout`); its names are rewritten by
+that layout's ordered table of regular expressions (first full match wins), then checked against the
+target module: every key must be used and every parameter filled, with equal shapes; otherwise
+:class:`ConversionError` names the offending keys.
+
+A standard-encoder checkpoint may initialise a Lite model of its family: encoder layer ``i`` takes
+layer ``i``'s weights; what has no source (the narrow low-level FFN, key-aware attention's
+``query_proj``) keeps its fresh initialisation and what has no place (plain attention's
+``attention_weights`` where the Lite model's attention is key-aware) is dropped; one log line lists both.
 """
 
 from __future__ import annotations
@@ -17,9 +23,23 @@ from torch import Tensor, nn
 from litedetr.models.state_dict import fit_problems
 from litedetr.nn import MultiScaleDeformableAttention
 
-__all__ = ["ConversionError", "OFFICIAL_RULES", "rename_official", "load_official_state_dict"]
+__all__ = [
+    "ConversionError",
+    "LAYOUTS",
+    "LAYOUT_FAMILY",
+    "COMMON_RULES",
+    "detect_layout",
+    "official_rules",
+    "rename_official",
+    "load_official_state_dict",
+]
 
 logger = logging.getLogger(__name__)
+
+LAYOUT_FAMILY = {"lite-dino": "dino", "dino": "dino", "deformable-detr": "deformable-detr", "h-detr": "h-detr"}
+"""Each checkpoint layout and the family it loads into."""
+
+LAYOUTS = tuple(LAYOUT_FAMILY)
 
 _ENCODER_LAYER_PARTS = {
     "self_attn": "self_attn",
@@ -40,46 +60,86 @@ _DECODER_LAYER_PARTS = {
     "linear2": "ffn.linear2",
     "norm3": "ffn.norm",
 }
-_TOP_LEVEL = {
-    r"backbone\.0\.body": "backbone.body",
-    r"transformer\.decoder\.norm": "decoder.norm",
-    r"transformer\.decoder\.ref_point_head": "decoder.ref_point_head",
-    r"transformer\.tgt_embed": "query_content",
-    r"transformer\.enc_output": "enc_output",
-    r"transformer\.enc_output_norm": "enc_output_norm",
-    r"transformer\.enc_out_bbox_embed": "enc_box_head",
-    r"transformer\.enc_out_class_embed": "enc_class_head",
-    r"label_enc": "label_embed",
-    # the authors hold one class head and one box head shared by all decoder layers, under several names
-    r"(?:transformer\.decoder\.)?class_embed\.\d+": "class_head",
-    r"(?:transformer\.decoder\.)?bbox_embed\.\d+": "box_head",
-}
 
-OFFICIAL_RULES: list[tuple[str, str]] = [
+COMMON_RULES: list[tuple[str, str]] = [
+    (r"backbone\.0\.body\.(.+)", r"backbone.body.\1"),
     (r"transformer\.level_embed", "input_stage.level_embed"),
     (r"input_proj\.(\d+)\.([01])\.(weight|bias)", r"input_stage.input_proj.\1.\2.\3"),
-    *(
-        (rf"transformer\.encoder\.layers\.(\d+)\.{theirs}\.(.+)", rf"encoder.layers.\1.{ours}.\2")
-        for theirs, ours in _ENCODER_LAYER_PARTS.items()
-    ),
-    *(
-        (rf"transformer\.decoder\.layers\.(\d+)\.{theirs}\.(.+)", rf"decoder.layers.\1.{ours}.\2")
-        for theirs, ours in _DECODER_LAYER_PARTS.items()
-    ),
-    *((rf"{theirs}\.(.+)", rf"{ours}.\1") for theirs, ours in _TOP_LEVEL.items()),
+    *((rf"transformer\.encoder\.layers\.(\d+)\.{theirs}\.(.+)", rf"encoder.layers.\1.{ours}.\2") for theirs, ours in _ENCODER_LAYER_PARTS.items()),
+    *((rf"transformer\.decoder\.layers\.(\d+)\.{theirs}\.(.+)", rf"decoder.layers.\1.{ours}.\2") for theirs, ours in _DECODER_LAYER_PARTS.items()),
+    (r"transformer\.enc_output\.(.+)", r"query_selection.enc_output.\1"),
+    (r"transformer\.enc_output_norm\.(.+)", r"query_selection.enc_output_norm.\1"),
 ]
-"""``(pattern, replacement)`` pairs from the authors' key names to ours."""
+"""``(pattern, replacement)`` pairs every layout shares: backbone, input stage, encoder and decoder layers."""
+
+_DINO_RULES = [
+    (r"transformer\.decoder\.norm\.(.+)", r"decoder.norm.\1"),
+    (r"transformer\.decoder\.ref_point_head\.(.+)", r"decoder.query_position.mlp.\1"),
+    (r"transformer\.tgt_embed\.(.+)", r"query_selection.content.\1"),
+    (r"transformer\.enc_out_class_embed\.(.+)", r"query_selection.class_head.\1"),
+    (r"transformer\.enc_out_bbox_embed\.(.+)", r"query_selection.box_head.\1"),
+    (r"label_enc\.(.+)", r"training_queries.label_embed.\1"),
+    # one class head and one box head shared by all decoder layers, saved under several names
+    (r"(?:transformer\.decoder\.)?class_embed\.\d+\.(.+)", r"heads.class_heads.0.\1"),
+    (r"(?:transformer\.decoder\.)?bbox_embed\.\d+\.(.+)", r"heads.box_heads.0.\1"),
+]
+
+
+def _deformable_rules(num_decoder_layers: int) -> list[tuple[str, str]]:
+    """Deformable DETR / H-DETR: per-layer heads ``N < num_decoder_layers``; head ``N = num_decoder_layers``
+    scores the encoder's proposals. Each is saved twice (also under ``transformer.decoder.``)."""
+    last = num_decoder_layers
+    return [
+        (r"transformer\.pos_trans\.(.+)", r"query_selection.pos_trans.\1"),
+        (r"transformer\.pos_trans_norm\.(.+)", r"query_selection.pos_trans_norm.\1"),
+        (r"query_embed\.(.+)", r"query_selection.content.\1"),
+        (rf"(?:transformer\.decoder\.)?class_embed\.{last}\.(.+)", r"query_selection.class_head.\1"),
+        (rf"(?:transformer\.decoder\.)?bbox_embed\.{last}\.(.+)", r"query_selection.box_head.\1"),
+        (r"(?:transformer\.decoder\.)?class_embed\.(\d+)\.(.+)", r"heads.class_heads.\1.\2"),
+        (r"(?:transformer\.decoder\.)?bbox_embed\.(\d+)\.(.+)", r"heads.box_heads.\1.\2"),
+    ]
 
 
 class ConversionError(ValueError):
     """A state dict that does not fit the target model; the message names the keys."""
 
 
-def rename_official(state_dict: Mapping[str, Tensor], rules: list[tuple[str, str]] = OFFICIAL_RULES) -> dict[str, Tensor]:
-    """Rewrite the authors' key names to ours.
+def detect_layout(state_dict: Mapping[str, Tensor]) -> str | None:
+    """The code base a state dict comes from (one of :data:`LAYOUTS`), from its distinguishing keys; None if none fits.
 
-    Several of their names may map to one of ours (a head shared by all decoder layers); those
-    tensors must be equal. Raises :class:`ConversionError` listing keys no rule knows.
+    Raises:
+        ConversionError: a layout litedetr does not load (single-stage Deformable DETR), named.
+    """
+    keys = state_dict.keys()
+    if "transformer.pos_trans.weight" in keys:
+        if "query_embed.weight" not in keys:
+            return "deformable-detr"
+        width = state_dict["transformer.pos_trans.weight"].shape[0] // 2
+        if state_dict["query_embed.weight"].shape[-1] != width:
+            raise ConversionError("query_embed holds position and content (2 x d_model): a single-stage Deformable DETR; litedetr loads two-stage ones")
+        return "h-detr"
+    if "transformer.enc_out_class_embed.weight" in keys or "transformer.tgt_embed.weight" in keys:
+        lite = any(".query_proj." in k or re.search(r"\.linear12\.", k) for k in keys if k.startswith("transformer.encoder."))
+        return "lite-dino" if lite else "dino"
+    if any(k.startswith("transformer.reference_points.") for k in keys):
+        raise ConversionError("transformer.reference_points: a single-stage Deformable DETR; litedetr loads two-stage ones")
+    return None
+
+
+def official_rules(layout: str | None, num_decoder_layers: int = 6) -> list[tuple[str, str]]:
+    """The renaming table of ``layout`` (None: only :data:`COMMON_RULES`, for parts of a detector)."""
+    if layout is None:
+        return list(COMMON_RULES)
+    if layout not in LAYOUT_FAMILY:
+        raise ValueError(f"unknown checkpoint layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    return [*COMMON_RULES, *(_DINO_RULES if LAYOUT_FAMILY[layout] == "dino" else _deformable_rules(num_decoder_layers))]
+
+
+def rename_official(state_dict: Mapping[str, Tensor], rules: list[tuple[str, str]]) -> dict[str, Tensor]:
+    """Rewrite the original key names to ours by ``rules``.
+
+    Several of their names may map to one of ours (a head saved twice, or shared by all decoder
+    layers); those tensors must be equal. Raises :class:`ConversionError` listing keys no rule knows.
     """
     compiled = [(re.compile(p), r) for p, r in rules]
     renamed, unknown, unshared = {}, [], []
@@ -96,37 +156,82 @@ def rename_official(state_dict: Mapping[str, Tensor], rules: list[tuple[str, str
     if unknown:
         raise ConversionError("\n".join(["keys in the checkpoint that no conversion rule knows:", *unknown]))
     if unshared:
-        raise ConversionError("\n".join(["per-layer heads that are not shared (only shared heads are supported):", *unshared]))
+        raise ConversionError("\n".join(["tensors saved under several names that differ (e.g. per-layer heads where this layout shares them):", *unshared]))
     return renamed
 
 
-def _unused_query_projections(model: nn.Module) -> set[str]:
-    """The authors' plain attention also holds a ``query_proj`` it never uses: names to drop."""
+def _attention_parameters(model: nn.Module, key_aware: bool, names: tuple[str, ...]) -> set[str]:
+    """State-dict keys of ``names`` (e.g. ``query_proj``) in every deformable attention of the given kind."""
     return {
-        f"{name}.query_proj.{p}".lstrip(".")
-        for name, module in model.named_modules()
-        if isinstance(module, MultiScaleDeformableAttention) and not module.key_aware
+        f"{module_name}.{name}.{p}".lstrip(".")
+        for module_name, module in model.named_modules()
+        if isinstance(module, MultiScaleDeformableAttention) and module.key_aware == key_aware
+        for name in names
         for p in ("weight", "bias")
     }
 
 
+def _standard_into_lite(model: nn.Module, renamed: dict[str, Tensor]) -> tuple[set[str], set[str]]:
+    """For a standard-encoder checkpoint and a Lite model: the keys to start fresh and the keys to drop."""
+    own = model.state_dict().keys()
+    fresh = {k for k in own - renamed.keys() if re.fullmatch(r"encoder\.layers\.\d+\.ffn_low\..+", k)}
+    fresh |= _attention_parameters(model, True, ("query_proj",)) - renamed.keys()
+    dropped = {k.replace(".query_proj.", ".attention_weights.") for k in _attention_parameters(model, True, ("query_proj",))} & renamed.keys()
+    return fresh, dropped
+
+
+def _folded(keys: set[str]) -> str:
+    """Keys with their first index folded, e.g. ``encoder.layers.{1,3,5}.ffn_low.linear1.weight``."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for key in keys:
+        head, *rest = re.split(r"\.(\d+)\.", key, maxsplit=1)
+        index, tail = rest if rest else ("-1", "")
+        groups.setdefault((head, tail), []).append(int(index))
+    names = []
+    for (head, tail), indices in sorted(groups.items()):
+        if indices == [-1]:
+            names.append(head)
+        else:
+            folded = str(indices[0]) if len(indices) == 1 else "{" + ",".join(map(str, sorted(indices))) + "}"
+            names.append(f"{head}.{folded}.{tail}")
+    return ", ".join(names)
+
+
 def load_official_state_dict(
-    model: nn.Module, state_dict: Mapping[str, Tensor], rules: list[tuple[str, str]] = OFFICIAL_RULES
+    model: nn.Module, state_dict: Mapping[str, Tensor], rules: list[tuple[str, str]] | None = None, layout: str | None = None
 ) -> None:
-    """Convert the authors' ``state_dict`` and load it into ``model``, strictly.
+    """Convert an original code base's ``state_dict`` and load it into ``model``, strictly.
+
+    Args:
+        model: a :class:`~litedetr.models.Detector`, or a part of one (e.g. input stage + encoder).
+        state_dict: the checkpoint's tensors under the original names.
+        rules: the renaming table; default: that of ``layout``.
+        layout: one of :data:`LAYOUTS`; default: :func:`detect_layout`.
 
     Raises:
         ConversionError: keys unknown to the rules, left over, missing from the checkpoint, or of
             another shape; each listed by name.
     """
+    if rules is None:
+        layout = layout or detect_layout(state_dict)
+        decoder = getattr(model, "decoder", None)
+        rules = official_rules(layout, len(decoder.layers) if decoder is not None else 6)
     renamed = rename_official(state_dict, rules)
-    unused = _unused_query_projections(model) & renamed.keys()
-    for key in unused:
+    unused = _attention_parameters(model, False, ("query_proj",)) & renamed.keys()
+    for key in unused:  # the authors' plain attention holds a query_proj it never uses
         del renamed[key]
     if unused:
         logger.info("dropped %d unused query_proj weights of plain deformable attention", len(unused))
-    problems = fit_problems(model, renamed)
+    fresh: set[str] = set()
+    lite_model = any(re.fullmatch(r"encoder\.layers\.\d+\.ffn_low\..+", k) for k in model.state_dict())
+    if lite_model and layout in ("dino", "deformable-detr", "h-detr"):
+        fresh, dropped = _standard_into_lite(model, renamed)
+        for key in dropped:
+            del renamed[key]
+        if fresh or dropped:
+            logger.info("standard encoder into a Lite model: fresh %s; dropped %s", _folded(fresh) or "none", _folded(dropped) or "none")
+    own = model.state_dict()
+    problems = fit_problems(model, {**{k: own[k] for k in fresh}, **renamed})
     if problems:
         raise ConversionError("the checkpoint does not fit this model (another preset or class count?)\n" + "\n".join(problems))
-    own = model.state_dict()
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in renamed.items()})
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in renamed.items()}, strict=False)

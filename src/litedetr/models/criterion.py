@@ -9,6 +9,21 @@ against repeated targets (one-to-many).
 Loss keys: ``loss_class``, ``loss_bbox``, ``loss_giou``, each optionally suffixed ``_0``, ``_1``, ...
 (auxiliary layer), ``_enc`` (encoder proposals), ``_dn`` / ``_dn_0``, ... (denoising) and finally
 ``_o2m`` (one-to-many branch), e.g. ``loss_giou_2_o2m``.
+
+The three original code bases compute these losses identically (focal loss ``mean over queries,
+summed, / num_boxes * Q``; L1 and ``1 - GIoU`` summed ``/ num_boxes``; ``num_boxes`` the targets per
+image batch, for the one-to-many branch the repeated ones, averaged over ranks, at least 1; one
+matcher, costs 2 / 5 / 2, for every set) except for what the constructor arguments select:
+
+============================  ==========================  =============================  =======================
+argument                      Deformable DETR             H-DETR (hybrid branch)         DINO / Lite-DETR
+============================  ==========================  =============================  =======================
+``weight_dict``               :data:`DEFORMABLE_WEIGHTS`  :data:`DEFORMABLE_WEIGHTS`     :data:`DEFAULT_WEIGHTS`
+``giou_eps`` (and matcher's)  0                           0                              1e-6
+``binary_encoder_targets``    True                        True                           False
+``one_to_many_repeat``        (no one-to-many branch)     ``k_one2many`` (6 in configs)  (no one-to-many branch)
+``one_to_many_weight``                                    ``lambda_one2many`` (1.0)
+============================  ==========================  =============================  =======================
 """
 
 from __future__ import annotations
@@ -24,10 +39,13 @@ from torch import Tensor, nn
 from litedetr.models.matcher import HungarianMatcher
 from litedetr.ops import box_cxcywh_to_xyxy, generalized_box_iou
 
-__all__ = ["SetCriterion", "sigmoid_focal_loss", "dn_match_indices", "DEFAULT_WEIGHTS"]
+__all__ = ["SetCriterion", "sigmoid_focal_loss", "dn_match_indices", "DEFAULT_WEIGHTS", "DEFORMABLE_WEIGHTS"]
 
 DEFAULT_WEIGHTS: dict[str, float] = {"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
-"""DINO's loss weights; they apply to every suffixed variant of a key too."""
+"""DINO's (and Lite-DETR's) loss weights; they apply to every suffixed variant of a key too."""
+
+DEFORMABLE_WEIGHTS: dict[str, float] = {"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+"""Deformable DETR's and H-DETR's loss weights (class weight 2); they apply to every suffixed variant too."""
 
 Indices = list[tuple[Tensor, Tensor]]
 
@@ -83,7 +101,16 @@ class SetCriterion(nn.Module):
         weight_dict: weight per base loss key (``loss_class``, ...), applied to all its suffixed
             variants; an exact suffixed key overrides its base. ``None``: :data:`DEFAULT_WEIGHTS`.
         focal_alpha, focal_gamma: focal-loss parameters.
-        one_to_many_repeat: how often each image's targets are repeated for the one-to-many branch.
+        one_to_many_repeat: how often each image's targets are repeated for the one-to-many branch
+            (H-DETR's ``k_one2many``).
+        giou_eps: ``eps`` of :func:`litedetr.ops.generalized_box_iou` in the GIoU loss: 0 as
+            Deformable DETR and H-DETR, 1e-6 as DINO; must equal ``matcher.giou_eps``, since each code
+            base uses one GIoU for matching and loss.
+        binary_encoder_targets: match and supervise ``enc_outputs`` against targets whose labels are
+            all replaced by 0 (class-agnostic proposals, as Deformable DETR and H-DETR); ``False``
+            uses the real labels, as DINO.
+        one_to_many_weight: factor on every returned ``_o2m`` loss (H-DETR's ``lambda_one2many``),
+            applied before, and independently of, ``weight_dict``.
 
     ``outputs`` for :meth:`forward`: ``pred_logits (B, Q, K)`` and ``pred_boxes (B, Q, 4)``
     (normalised cxcywh), optionally ``aux_outputs`` (list of such dicts), ``enc_outputs`` (one
@@ -100,14 +127,22 @@ class SetCriterion(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         one_to_many_repeat: int = 6,
+        giou_eps: float = 0.0,
+        binary_encoder_targets: bool = False,
+        one_to_many_weight: float = 1.0,
     ) -> None:
         super().__init__()
+        if matcher.giou_eps != giou_eps:
+            raise ValueError(f"the matcher's giou_eps {matcher.giou_eps} differs from the criterion's {giou_eps}")
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = dict(DEFAULT_WEIGHTS if weight_dict is None else weight_dict)
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.one_to_many_repeat = one_to_many_repeat
+        self.giou_eps = giou_eps
+        self.binary_encoder_targets = binary_encoder_targets
+        self.one_to_many_weight = one_to_many_weight
 
     def forward(self, outputs: Mapping[str, Any], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Unweighted losses, one scalar per key.
@@ -128,7 +163,8 @@ class SetCriterion(nn.Module):
             losses.update(self._dn_losses(outputs["dn_outputs"], outputs["dn_meta"], targets, num_boxes))
         if "one_to_many" in outputs:
             repeated = [_repeat_targets(t, self.one_to_many_repeat) for t in targets]
-            losses.update(self._set_losses(outputs["one_to_many"], repeated, _num_boxes(repeated, device), suffix="_o2m"))
+            one_to_many = self._set_losses(outputs["one_to_many"], repeated, _num_boxes(repeated, device), suffix="_o2m")
+            losses.update({key: self.one_to_many_weight * value for key, value in one_to_many.items()})
         _check_finite(losses)
         return losses
 
@@ -150,15 +186,17 @@ class SetCriterion(nn.Module):
     def _set_losses(
         self, outputs: Mapping[str, Any], targets: list[dict[str, Tensor]], num_boxes: float, suffix: str
     ) -> dict[str, Tensor]:
-        """Hungarian-matched losses of the final layer, every auxiliary layer and the encoder."""
-        named = [("", outputs)]
-        named += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        """Hungarian-matched losses of the final layer, every auxiliary layer and the encoder (against
+        class-agnostic targets when ``binary_encoder_targets``)."""
+        named = [("", outputs, targets)]
+        named += [(f"_{i}", aux, targets) for i, aux in enumerate(outputs.get("aux_outputs", []))]
         if "enc_outputs" in outputs:
-            named.append(("_enc", outputs["enc_outputs"]))
+            enc_targets = [_binary_targets(t) for t in targets] if self.binary_encoder_targets else targets
+            named.append(("_enc", outputs["enc_outputs"], enc_targets))
         losses = {}
-        for name, out in named:
-            indices = self.matcher(out, targets)
-            losses.update(_suffixed(self.paired_losses(out, targets, indices, num_boxes), name + suffix))
+        for name, out, paired_targets in named:
+            indices = self.matcher(out, paired_targets)
+            losses.update(_suffixed(self.paired_losses(out, paired_targets, indices, num_boxes), name + suffix))
         return losses
 
     def _dn_losses(
@@ -208,7 +246,7 @@ class SetCriterion(nn.Module):
     def loss_boxes(
         self, pred_boxes: Tensor, targets: list[dict[str, Tensor]], indices: Indices, num_boxes: float
     ) -> dict[str, Tensor]:
-        """L1 and ``1 - GIoU`` of paired boxes, each summed and divided by ``num_boxes``.
+        """L1 and ``1 - GIoU`` (with ``giou_eps``) of paired boxes, each summed and divided by ``num_boxes``.
 
         Args:
             pred_boxes: ``(B, Q, 4)`` normalised cxcywh.
@@ -217,7 +255,7 @@ class SetCriterion(nn.Module):
         src = pred_boxes[batch_idx, query_idx]
         tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src)
         loss_bbox = F.l1_loss(src, tgt, reduction="none").sum() / num_boxes
-        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
+        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt), self.giou_eps))
         loss_giou = (1 - giou).sum() / num_boxes
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
@@ -237,6 +275,11 @@ def _flat_query_indices(indices: Indices, device: torch.device) -> tuple[Tensor,
 
 def _repeat_targets(target: dict[str, Tensor], k: int) -> dict[str, Tensor]:
     return {"labels": target["labels"].repeat(k), "boxes": target["boxes"].repeat(k, 1)}
+
+
+def _binary_targets(target: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The same boxes, every label replaced by class 0."""
+    return {"labels": torch.zeros_like(target["labels"]), "boxes": target["boxes"]}
 
 
 def _suffixed(losses: dict[str, Tensor], suffix: str) -> dict[str, Tensor]:

@@ -1,19 +1,11 @@
-"""The detector: backbone -> encoder input stage -> (standard | Lite) encoder -> query selection -> decoder -> heads.
+"""The detector: backbone -> input stage -> encoder -> query selection -> decoder -> heads.
 
-One module serves the three families of the paper, which differ only in how decoder queries are
-made and supervised (see :class:`~litedetr.models.config.DetectorConfig`):
-
-- Deformable DETR (two-stage, iterative box refinement): queries are the encoder's top-k proposals,
-  content and anchor both; references are refined with gradients stopped (look forward once).
-- DINO: mixed query selection (anchors from the top-k proposals, learned content), contrastive
-  denoising groups in training, look forward twice.
-- H-DETR: an extra one-to-many query group, trained against targets repeated k times and masked
-  from the one-to-one group in self-attention; it exists only in training.
+A family (Deformable DETR, DINO, H-DETR) is a choice of these parts, made in
+:mod:`litedetr.models.families`; this module only wires them, as the paper's figure does.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,37 +14,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from litedetr.models.backbone import build_backbone
 from litedetr.models.config import DetectorConfig
-from litedetr.models.criterion import SetCriterion
-from litedetr.models.denoising import build_denoising_queries
+from litedetr.models.families import build_parts
 from litedetr.models.inputs import ImageInput, as_image_list, batched
-from litedetr.models.matcher import HungarianMatcher
 from litedetr.models.postprocess import postprocess
 from litedetr.models.transform import batch_images
-from litedetr.nn import DeformableEncoder, EncoderInput, LiteEncoder, MultiScaleDeformableAttention
-from litedetr.nn.decoder import DINO_INVERSE_SIGMOID_EPS, MLP, DeformableDecoder
-from litedetr.ops import box_xyxy_to_cxcywh, encoder_proposals, inverse_sigmoid
+from litedetr.ops import box_xyxy_to_cxcywh
 
 __all__ = ["Detector"]
-
-
-def _build_encoder(config: DetectorConfig) -> DeformableEncoder:
-    enc, common = config.encoder, dict(d_model=config.d_model, n_levels=config.n_levels, n_heads=config.n_heads, n_points=config.n_points)
-    if enc.kind == "lite":
-        return LiteEncoder(enc.n_high, enc.high_updates, enc.blocks, d_ffn=enc.d_ffn, d_ffn_low=enc.d_ffn_low, dropout=config.dropout, key_aware=enc.key_aware, **common)
-    return DeformableEncoder(enc.num_layers, d_ffn=enc.d_ffn, dropout=config.dropout, key_aware=enc.key_aware, **common)
-
-
-def _gather(x: Tensor, index: Tensor) -> Tensor:
-    """``(B, S, C)`` rows picked by ``(B, K)`` indices -> ``(B, K, C)``."""
-    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def _block_diagonal_mask(sizes: list[int], device: torch.device) -> Tensor:
-    """``(N, N)`` bool self-attention mask letting each group of queries see only itself (True = blocked)."""
-    group = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
-    return group[:, None] != group[None, :]
 
 
 class Detector(nn.Module):
@@ -72,40 +41,15 @@ class Detector(nn.Module):
     def __init__(self, config: DetectorConfig, backbone_weights: str | None = None):
         super().__init__()
         self.config = config
-        d = config.d_model
-        self.backbone = build_backbone(config.backbone, backbone_weights, config.backbone_trainable_norm)
-        self.input_stage = EncoderInput(tuple(self.backbone.out_channels), d, config.n_levels, config.pe_temperature, config.pe_temperature)
-        self.encoder = _build_encoder(config)
-        self.enc_output = nn.Linear(d, d)
-        self.enc_output_norm = nn.LayerNorm(d)
-        self.enc_class_head = nn.Linear(d, config.num_classes)
-        self.enc_box_head = MLP(d, d, 4, 3)
-        self.decoder = DeformableDecoder(
-            config.decoder_layers, d, config.n_levels, config.n_heads, config.n_points, config.decoder_ffn, config.dropout, config.decoder_key_aware
-        )
-        self.class_head = nn.Linear(d, config.num_classes)
-        self.box_head = MLP(d, d, 4, 3)
-        self.query_content = nn.Embedding(config.num_queries + config.one_to_many_queries, d) if config.learned_query_content else None
-        self.label_embed = nn.Embedding(config.num_classes + 1, d) if config.dn_number else None
-        self.criterion = SetCriterion(config.num_classes, HungarianMatcher(), one_to_many_repeat=config.one_to_many_repeat)
-        self._reset_parameters()
-
-    def _reset_parameters(self) -> None:
-        for module in (self.encoder, self.decoder, self.enc_output):
-            for p in module.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
-        for module in self.modules():
-            if isinstance(module, MultiScaleDeformableAttention):
-                module.reset_parameters()
-        prior_bias = -math.log((1 - 0.01) / 0.01)
-        for head in (self.class_head, self.enc_class_head):
-            nn.init.constant_(head.bias, prior_bias)
-        for head in (self.box_head, self.enc_box_head):
-            nn.init.zeros_(head.layers[-1].weight)
-            nn.init.zeros_(head.layers[-1].bias)
-        if self.query_content is not None:
-            nn.init.normal_(self.query_content.weight)
+        parts = build_parts(config, backbone_weights)
+        self.backbone = parts.backbone
+        self.input_stage = parts.input_stage
+        self.encoder = parts.encoder
+        self.query_selection = parts.query_selection
+        self.training_queries = parts.training_queries
+        self.decoder = parts.decoder
+        self.heads = parts.heads
+        self.criterion = parts.criterion
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu", preset: str | None = None) -> Detector:
@@ -141,7 +85,7 @@ class Detector(nn.Module):
             per image, in input order: ``boxes (N, 4)`` xyxy pixels of the original image (clipped to it),
             ``scores (N,)`` descending, ``labels (N,)`` and ``names`` (N class names), on the CPU.
         """
-        device, was_training = self.class_head.weight.device, self.training
+        device, was_training = self.input_stage.level_embed.device, self.training
         self.eval()
         results = []
         try:
@@ -194,57 +138,38 @@ class Detector(nn.Module):
             targets: in training, normalised ``cxcywh`` boxes and labels (for denoising queries).
 
         Returns:
-            ``pred_logits (B, Q, K)``, ``pred_boxes (B, Q, 4)`` normalised ``cxcywh``, ``aux_outputs``,
-            ``enc_outputs``; in training also ``dn_outputs`` + ``dn_meta`` (DINO) or ``one_to_many`` (H-DETR).
+            ``pred_logits (B, Q, K)``, ``pred_boxes (B, Q, 4)`` normalised ``cxcywh``, ``aux_outputs``
+            (the same for every earlier decoder layer), ``enc_outputs`` (the proposals the query
+            selection supervises); in training also ``dn_outputs`` + ``dn_meta`` (denoising) or
+            ``one_to_many`` (H-DETR's hybrid branch).
         """
-        cfg = self.config
         tokens = self.input_stage(features, image_mask)
         memory = self.encoder(tokens.src, tokens.pos, tokens.spatial_shapes, tokens.valid_ratios, tokens.padding_mask)
-
-        num_one_to_one = cfg.num_queries
-        num_queries = num_one_to_one + (cfg.one_to_many_queries if self.training else 0)
-        if memory.shape[1] < num_queries:
-            raise ValueError(f"the image gives {memory.shape[1]} encoder tokens, fewer than the {num_queries} queries to select")
-        proposal_memory, proposals = encoder_proposals(memory, tokens.padding_mask, tokens.spatial_shapes)
-        proposal_memory = self.enc_output_norm(self.enc_output(proposal_memory))
-        topk = torch.topk(self.enc_class_head(proposal_memory).max(-1).values, num_queries, dim=1).indices
-        selected = _gather(proposal_memory, topk)
-        anchors = self.enc_box_head(selected) + _gather(proposals, topk)
-        enc_outputs = {"pred_logits": self.enc_class_head(selected), "pred_boxes": anchors.sigmoid()}
-        if self.query_content is not None:
-            content = self.query_content.weight[:num_queries].expand(memory.shape[0], -1, -1)
-        else:
-            content = selected.detach()
-        reference = anchors.detach()
-
-        attn_mask = _block_diagonal_mask([num_one_to_one, num_queries - num_one_to_one], memory.device) if num_queries > num_one_to_one else None
-        dn = None
-        if self.training and self.label_embed is not None:
-            dn = build_denoising_queries(targets, self.label_embed, cfg.num_classes, num_queries, cfg.dn_number, cfg.dn_label_noise_ratio, cfg.dn_box_noise_scale)
-        if dn is not None:
-            content = torch.cat([dn.content, content], 1)
-            reference = torch.cat([dn.boxes, reference], 1)
-            matching_mask, attn_mask = attn_mask, dn.attn_mask.clone()
-            if matching_mask is not None:
-                attn_mask[dn.pad :, dn.pad :] |= matching_mask
-
+        num_queries = self.config.num_queries + (self.training_queries.extra_selected if self.training else 0)
+        queries, enc_outputs = self.query_selection(memory, tokens, num_queries)
+        if self.training:
+            queries = self.training_queries(queries, targets)
         hidden, references = self.decoder(
-            content, reference, memory, tokens.spatial_shapes, tokens.valid_ratios, tokens.padding_mask, self.box_head, attn_mask, cfg.look_forward_twice
+            queries.content,
+            queries.reference,
+            queries.position,
+            memory,
+            tokens.spatial_shapes,
+            tokens.valid_ratios,
+            tokens.padding_mask,
+            self.heads.box_per_layer,
+            queries.attn_mask,
         )
-        logits = [self.class_head(h) for h in hidden]
-        boxes = [(self.box_head(h) + inverse_sigmoid(r, DINO_INVERSE_SIGMOID_EPS)).sigmoid() for h, r in zip(hidden, references)]
+        layers = self.heads(hidden, references)
 
-        pad = dn.pad if dn is not None else 0
-        groups = {"one_to_one": slice(pad, pad + num_one_to_one), "dn": slice(0, pad), "one_to_many": slice(pad + num_one_to_one, None)}
+        def group(name: str) -> dict[str, Any]:
+            part = queries.groups[name]
+            per_layer = [{key: value[:, part] for key, value in layer.items()} for layer in layers]
+            return {**per_layer[-1], "aux_outputs": per_layer[:-1]}
 
-        def predictions(part: slice) -> dict[str, Any]:
-            layers = [{"pred_logits": lg[:, part], "pred_boxes": bx[:, part]} for lg, bx in zip(logits, boxes)]
-            return {**layers[-1], "aux_outputs": layers[:-1]}
-
-        outputs = {**predictions(groups["one_to_one"]), "enc_outputs": enc_outputs}
-        if dn is not None:
-            outputs["dn_outputs"] = predictions(groups["dn"])
-            outputs["dn_meta"] = dn.meta()
-        if num_queries > num_one_to_one:
-            outputs["one_to_many"] = predictions(groups["one_to_many"])
+        outputs = {**group("one_to_one"), "enc_outputs": enc_outputs}
+        if "dn" in queries.groups:
+            outputs["dn_outputs"], outputs["dn_meta"] = group("dn"), queries.dn_meta
+        if "one_to_many" in queries.groups:
+            outputs["one_to_many"] = group("one_to_many")
         return outputs

@@ -33,6 +33,9 @@ class HungarianMatcher(nn.Module):
     ``cost_class * focal + cost_bbox * L1(cxcywh) - cost_giou * GIoU``.
 
     Costs for the whole batch are computed at once; only the assignment runs per image (scipy).
+    Deformable DETR, H-DETR and DINO all use costs 2 / 5 / 2 with the focal cost's ``1e-8`` inside
+    the logarithms; they differ only in the GIoU: ``giou_eps = 0`` for Deformable DETR and H-DETR,
+    ``1e-6`` for DINO and Lite-DETR (see :func:`litedetr.ops.generalized_box_iou`).
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class HungarianMatcher(nn.Module):
         cost_giou: float = 2.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        giou_eps: float = 0.0,
     ) -> None:
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
@@ -51,12 +55,13 @@ class HungarianMatcher(nn.Module):
         self.cost_giou = cost_giou
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.giou_eps = giou_eps
 
     def cost_matrix(self, pred_logits: Tensor, pred_boxes: Tensor, labels: Tensor, boxes: Tensor) -> Tensor:
         """``(P, K)`` logits and ``(P, 4)`` cxcywh boxes against ``(T,)`` labels and ``(T, 4)`` boxes -> ``(P, T)``."""
         cost_class = focal_class_cost(pred_logits, labels, self.focal_alpha, self.focal_gamma)
         cost_bbox = torch.cdist(pred_boxes, boxes, p=1)
-        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(boxes))
+        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(boxes), self.giou_eps)
         return self.cost_class * cost_class + self.cost_bbox * cost_bbox + self.cost_giou * cost_giou
 
     @torch.no_grad()

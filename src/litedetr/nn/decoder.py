@@ -1,6 +1,13 @@
-"""Deformable decoder with iterative box refinement (DINO's decoder; also used for Deformable DETR and H-DETR)."""
+"""Deformable decoder with iterative box refinement, shared by Deformable DETR, DINO and H-DETR.
+
+The families differ in the decoder's parts, not in its loop: where the query position comes from
+(:class:`AnchorQueryPosition` or :class:`StaticQueryPosition`), the output norm, the inverse-sigmoid
+clamp and whether references look forward once or twice.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 
@@ -8,10 +15,7 @@ from litedetr.nn.attention import MultiScaleDeformableAttention
 from litedetr.nn.encoder import FFN
 from litedetr.ops import box_sine_embedding, inverse_sigmoid
 
-__all__ = ["MLP", "DecoderLayer", "DeformableDecoder", "DINO_INVERSE_SIGMOID_EPS"]
-
-DINO_INVERSE_SIGMOID_EPS = 1e-3
-"""DINO clamps probabilities to ``[1e-3, 1 - 1e-3]`` before the inverse sigmoid of reference boxes."""
+__all__ = ["MLP", "DecoderLayer", "AnchorQueryPosition", "StaticQueryPosition", "DeformableDecoder"]
 
 
 class MLP(nn.Module):
@@ -79,14 +83,40 @@ class DecoderLayer(nn.Module):
         return self.ffn(tgt)
 
 
-class DeformableDecoder(nn.Module):
-    """Decoder layers refining reference boxes layer by layer.
+class AnchorQueryPosition(nn.Module):
+    """DINO's query position, recomputed each layer: an MLP of the sine embedding of the layer's reference box."""
 
-    Each layer's query position is an MLP of the sine embedding of its current reference box (DINO);
-    after each layer ``bbox_head`` predicts a box delta in inverse-sigmoid space. The next layer's
-    reference is the refined box with gradients stopped. With ``look_forward_twice`` (DINO) the
-    returned boxes keep their gradient through the previous layer's refinement; otherwise they are
-    the stopped references (Deformable DETR's iterative refinement).
+    def __init__(self, d_model: int = 256):
+        super().__init__()
+        self.mlp = MLP(2 * d_model, d_model, d_model, 2)
+        self.d_model = d_model
+
+    def forward(self, reference_boxes: Tensor, static_position: Tensor | None) -> Tensor:
+        """``(B, Q, 4)`` boxes (scaled to the first level's valid area) -> ``(B, Q, C)``; ``static_position`` is unused."""
+        return self.mlp(box_sine_embedding(reference_boxes, self.d_model // 2))
+
+
+class StaticQueryPosition(nn.Module):
+    """Two-stage Deformable DETR's / H-DETR's query position: fixed for all layers, made by the query selection."""
+
+    def forward(self, reference_boxes: Tensor, static_position: Tensor | None) -> Tensor:
+        """Returns ``static_position`` ``(B, Q, C)``."""
+        if static_position is None:
+            raise ValueError("this decoder takes its query positions from the query selection, and none was given")
+        return static_position
+
+
+class DeformableDecoder(nn.Module):
+    """Decoder layers refining reference boxes layer by layer (iterative box refinement).
+
+    Each layer's query position comes from ``query_position`` (:class:`AnchorQueryPosition`, DINO, or
+    :class:`StaticQueryPosition`, Deformable DETR and H-DETR). After each layer, ``box_heads[i]``
+    predicts a box delta in inverse-sigmoid space (clamped with ``inverse_sigmoid_eps``: DINO 1e-3,
+    Deformable DETR and H-DETR 1e-5); the next layer's reference is the refined box with gradients
+    stopped. With ``look_forward_twice`` (DINO, H-DETR) the returned references keep their gradient
+    through the previous layer's refinement; otherwise they are the stopped ones (look forward once).
+    ``norm`` is applied to each layer's returned output (DINO's decoder norm; ``nn.Identity`` in
+    Deformable DETR and H-DETR).
     """
 
     def __init__(
@@ -99,50 +129,57 @@ class DeformableDecoder(nn.Module):
         d_ffn: int = 2048,
         dropout: float = 0.0,
         key_aware: bool = False,
+        *,
+        query_position: nn.Module,
+        norm: nn.Module,
+        look_forward_twice: bool,
+        inverse_sigmoid_eps: float,
     ):
         super().__init__()
         self.layers = nn.ModuleList(
             DecoderLayer(d_model, n_levels, n_heads, n_points, d_ffn, dropout, key_aware) for _ in range(num_layers)
         )
-        self.norm = nn.LayerNorm(d_model)
-        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
-        self.d_model = d_model
+        self.query_position = query_position
+        self.norm = norm
+        self.look_forward_twice = look_forward_twice
+        self.inverse_sigmoid_eps = inverse_sigmoid_eps
 
     def forward(
         self,
         tgt: Tensor,
         reference_logits: Tensor,
+        static_position: Tensor | None,
         memory: Tensor,
         spatial_shapes: Tensor,
         valid_ratios: Tensor,
         memory_padding_mask: Tensor | None,
-        bbox_head: nn.Module,
+        box_heads: Sequence[nn.Module],
         self_attn_mask: Tensor | None = None,
-        look_forward_twice: bool = True,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """
         Args:
             tgt: ``(B, Q, C)`` initial query content.
             reference_logits: ``(B, Q, 4)`` initial boxes, inverse-sigmoid ``cxcywh``.
+            static_position: ``(B, Q, C)`` query positions fixed for all layers, or None (:class:`AnchorQueryPosition`).
             memory: ``(B, S, C)``; spatial_shapes ``(L, 2)``; valid_ratios ``(B, L, 2)``.
             memory_padding_mask: ``(B, S)`` True = padding.
-            bbox_head: maps ``(B, Q, C)`` to a ``(B, Q, 4)`` box delta.
+            box_heads: per layer, maps ``(B, Q, C)`` to a ``(B, Q, 4)`` box delta.
             self_attn_mask: ``(Q, Q)`` bool, True = blocked.
 
         Returns:
-            ``hidden``: per layer ``(B, Q, C)`` normalised outputs; ``references``: per layer
+            ``hidden``: per layer ``(B, Q, C)`` outputs (after ``norm``); ``references``: per layer
             ``(B, Q, 4)`` sigmoid boxes the layer's prediction is relative to (``len(layers)`` of them).
         """
         reference = reference_logits.sigmoid()
         box_ratios = valid_ratios.repeat(1, 1, 2)[:, None]  # (B, 1, L, 4)
         hidden, references = [], [reference]
-        for i, layer in enumerate(self.layers):
+        for i, (layer, box_head) in enumerate(zip(self.layers, box_heads)):
             boxes_per_level = reference[:, :, None] * box_ratios
-            query_pos = self.ref_point_head(box_sine_embedding(boxes_per_level[:, :, 0], self.d_model // 2))
+            query_pos = self.query_position(boxes_per_level[:, :, 0], static_position)
             tgt = layer(tgt, query_pos, boxes_per_level, memory, spatial_shapes, memory_padding_mask, self_attn_mask)
             hidden.append(self.norm(tgt))
-            refined = (bbox_head(tgt) + inverse_sigmoid(reference, DINO_INVERSE_SIGMOID_EPS)).sigmoid()
+            refined = (box_head(tgt) + inverse_sigmoid(reference, self.inverse_sigmoid_eps)).sigmoid()
             reference = refined.detach()
             if i < len(self.layers) - 1:
-                references.append(refined if look_forward_twice else reference)
+                references.append(refined if self.look_forward_twice else reference)
         return hidden, references

@@ -42,13 +42,15 @@ class EncoderInput(nn.Module):
 
     Each backbone map gets a 1x1 conv + GroupNorm(32); each extra level a stride-2 3x3 conv +
     GroupNorm(32) on the previous one (the first on the coarsest backbone map). Position embeddings
-    are normalised sines with separate temperatures for y and x (DINO: 20 and 20).
+    are normalised sines with separate temperatures for y and x and an offset of the cumulative
+    count (DINO: 20, 20 and 0; Deformable DETR and H-DETR: 10000, 10000 and -0.5).
 
     Args:
         in_channels: channels of the backbone maps, finest first (e.g. ``(512, 1024, 2048)`` for C3-C5).
         d_model: token channels.
         n_levels: total levels (``len(in_channels)`` + extra levels).
         temperature_h, temperature_w: sine embedding temperatures.
+        position_offset: see :func:`~litedetr.ops.sine_position_embedding`.
     """
 
     def __init__(
@@ -58,12 +60,13 @@ class EncoderInput(nn.Module):
         n_levels: int = 4,
         temperature_h: float = 20.0,
         temperature_w: float = 20.0,
+        position_offset: float = 0.0,
     ):
         super().__init__()
         if n_levels < len(in_channels):
             raise ValueError(f"n_levels ({n_levels}) < number of backbone maps ({len(in_channels)})")
         self.d_model, self.n_levels = d_model, n_levels
-        self.temperature_h, self.temperature_w = temperature_h, temperature_w
+        self.temperature_h, self.temperature_w, self.position_offset = temperature_h, temperature_w, position_offset
         projections = [nn.Sequential(nn.Conv2d(c, d_model, 1), nn.GroupNorm(32, d_model)) for c in in_channels]
         previous = in_channels[-1]
         for _ in range(n_levels - len(in_channels)):
@@ -99,7 +102,7 @@ class EncoderInput(nn.Module):
             maps.append(previous)
         masks = [resize_mask(image_mask, x.shape[-2:]) for x in maps]
         pos = [
-            sine_position_embedding(m, self.d_model // 2, self.temperature_h, self.temperature_w).to(x.dtype) + self.level_embed[lvl, :, None, None]
+            sine_position_embedding(m, self.d_model // 2, self.temperature_h, self.temperature_w, self.position_offset).to(x.dtype) + self.level_embed[lvl, :, None, None]
             for lvl, (x, m) in enumerate(zip(maps, masks))
         ]
         return MultiScaleTokens(

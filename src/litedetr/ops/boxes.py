@@ -25,15 +25,17 @@ def _area(boxes: Tensor) -> Tensor:
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
-def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
-    """Pairwise IoU of two sets of xyxy boxes.
+def box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Pairwise IoU of two sets of xyxy boxes, ``inter / (union + eps)``.
 
     Args:
         boxes1: ``(N, 4)`` xyxy.
         boxes2: ``(M, 4)`` xyxy.
+        eps: added to the union in the denominator only; 0 as Deformable DETR and H-DETR, 1e-6 as
+            DINO and Lite-DETR (which makes boxes of zero area give IoU 0 instead of NaN).
 
     Returns:
-        ``(iou, union)``, both ``(N, M)``.
+        ``(iou, union)``, both ``(N, M)``; ``union`` is without ``eps``.
     """
     area1, area2 = _area(boxes1), _area(boxes2)
     top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
@@ -41,7 +43,7 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
     wh = (bottom_right - top_left).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
     union = area1[:, None] + area2[None, :] - inter
-    return inter / union, union
+    return inter / (union + eps), union
 
 
 def _check_not_degenerate(boxes: Tensor, name: str) -> None:
@@ -54,12 +56,15 @@ def _check_not_degenerate(boxes: Tensor, name: str) -> None:
         )
 
 
-def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Pairwise generalised IoU (Rezatofighi et al., 2019) of two sets of xyxy boxes.
+def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 0.0) -> Tensor:
+    """Pairwise generalised IoU (Rezatofighi et al., 2019) of two sets of xyxy boxes,
+    ``iou - (enclosing - union) / (enclosing + eps)`` with ``iou`` from :func:`box_iou` with the same ``eps``.
 
     Args:
         boxes1: ``(N, 4)`` xyxy with ``x1 >= x0`` and ``y1 >= y0``.
         boxes2: ``(M, 4)`` xyxy, likewise.
+        eps: 0 as Deformable DETR and H-DETR, 1e-6 as DINO and Lite-DETR; it changes the value
+            noticeably only for boxes whose areas are not large against ``eps``.
 
     Returns:
         ``(N, M)`` values in ``[-1, 1]``.
@@ -69,12 +74,12 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """
     _check_not_degenerate(boxes1, "boxes1")
     _check_not_degenerate(boxes2, "boxes2")
-    iou, union = box_iou(boxes1, boxes2)
+    iou, union = box_iou(boxes1, boxes2, eps)
     top_left = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
     bottom_right = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])
     wh = (bottom_right - top_left).clamp(min=0)
     enclosing = wh[..., 0] * wh[..., 1]
-    return iou - (enclosing - union) / enclosing
+    return iou - (enclosing - union) / (enclosing + eps)
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:

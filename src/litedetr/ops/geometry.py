@@ -63,13 +63,16 @@ def encoder_reference_points(spatial_shapes: Tensor, ratios: Tensor) -> Tensor:
 
 
 def sine_position_embedding(
-    mask: Tensor, num_feats: int = 128, temperature_h: float = 10000.0, temperature_w: float = 10000.0
+    mask: Tensor, num_feats: int = 128, temperature_h: float = 10000.0, temperature_w: float = 10000.0, offset: float = 0.0
 ) -> Tensor:
-    """Normalised 2-d sine position embedding (DETR; DINO uses temperature 20 on both axes).
+    """Normalised 2-d sine position embedding: ``(cumsum + offset) / (last + 1e-6) * 2 pi`` per axis.
+
+    Deformable DETR and H-DETR use ``offset=-0.5`` and temperature 10000; DINO ``offset=0`` and 20.
 
     Args:
         mask: ``(B, H, W)`` bool, True = padding.
         num_feats: channels per axis; the output has ``2 * num_feats``.
+        offset: added to the cumulative count before normalising.
 
     Returns:
         ``(B, 2*num_feats, H, W)``: ``y`` channels first, then ``x``, each as interleaved sin/cos.
@@ -78,8 +81,8 @@ def sine_position_embedding(
     y = not_mask.cumsum(1, dtype=torch.float32)
     x = not_mask.cumsum(2, dtype=torch.float32)
     eps, scale = 1e-6, 2 * math.pi
-    y = y / (y[:, -1:, :] + eps) * scale
-    x = x / (x[:, :, -1:] + eps) * scale
+    y = (y + offset) / (y[:, -1:, :] + eps) * scale
+    x = (x + offset) / (x[:, :, -1:] + eps) * scale
     dims = torch.arange(num_feats, dtype=torch.float32, device=mask.device)
     exponent = 2 * torch.div(dims, 2, rounding_mode="floor") / num_feats
 
@@ -90,21 +93,23 @@ def sine_position_embedding(
     return torch.cat([embed(y, temperature_h), embed(x, temperature_w)], dim=3).permute(0, 3, 1, 2)
 
 
-def box_sine_embedding(boxes: Tensor, num_feats: int = 128, temperature: float = 10000.0) -> Tensor:
-    """Sine embedding of normalised boxes (DAB-DETR / DINO decoder query positions).
+def box_sine_embedding(boxes: Tensor, num_feats: int = 128, temperature: float = 10000.0, y_first: bool = True) -> Tensor:
+    """Sine embedding of normalised boxes: DAB-DETR / DINO decoder query positions (``y, x, w, h``
+    order), or two-stage Deformable DETR's proposal embedding (``y_first=False``: ``x, y, w, h``).
 
     Args:
         boxes: ``(..., 4)`` as ``(cx, cy, w, h)`` in [0, 1] (or ``(..., 2)`` points).
 
     Returns:
-        ``(..., num_feats * boxes.shape[-1])`` in the order ``y, x, w, h``.
+        ``(..., num_feats * boxes.shape[-1])``, each coordinate as interleaved sin/cos.
     """
     dims = torch.arange(num_feats, dtype=torch.float32, device=boxes.device)
     freqs = temperature ** (2 * torch.div(dims, 2, rounding_mode="floor") / num_feats)
     angles = boxes[..., None] * (2 * math.pi) / freqs  # (..., 4, num_feats)
     embed = torch.stack([angles[..., 0::2].sin(), angles[..., 1::2].cos()], -1).flatten(-2)
-    order = [1, 0, 2, 3][: boxes.shape[-1]]
-    return embed[..., order, :].flatten(-2)
+    if y_first:
+        embed = embed[..., [1, 0, 2, 3][: boxes.shape[-1]], :]
+    return embed.flatten(-2)
 
 
 def encoder_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:

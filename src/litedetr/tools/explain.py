@@ -112,7 +112,7 @@ def explain(model: Detector, image: ImageInput, query: int | None = None, object
         level: level for ``object_index`` (default: the finest level that is a query in every layer).
     """
     model.eval()
-    picture = to_image_tensor(image).to(model.class_head.weight.device)
+    picture = to_image_tensor(image).to(model.input_stage.level_embed.device)
     cfg = model.config
     batch = batch_images([picture], cfg.min_size, cfg.max_size, training=False)
     features = model.backbone(batch.tensors)

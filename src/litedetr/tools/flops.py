@@ -32,8 +32,8 @@ decoder there):
 - ``backbone``; ``input_stage`` (projections to ``d_model``, the extra level, position embeddings);
 - ``encoder``: the encoder layers only (the authors' ``transformer.encoder``);
 - ``query_selection``: the encoder output head (``enc_output`` + norm, class and box heads over
-  the tokens) that picks the decoder's top-k queries;
-- ``decoder``: the decoder layers, the query-position MLP and the per-layer box refinement;
+  the tokens) that picks the decoder's top-k queries (and ``pos_trans`` in Deformable DETR / H-DETR);
+- ``decoder``: the decoder layers, the query-position MLP (DINO) and the per-layer box refinement;
 - ``heads``: class and box heads on every decoder layer's output.
 
 Measured against fvcore on the authors' code, their ``encoder`` bucket is our ``encoder``, and their
@@ -73,18 +73,6 @@ aten = torch.ops.aten
 COMPONENTS = ("backbone", "input_stage", "encoder", "query_selection", "decoder", "heads")
 """The components of a report, in the order the model runs them."""
 
-_COMPONENT_OF_CHILD = {
-    "backbone": "backbone",
-    "input_stage": "input_stage",
-    "encoder": "encoder",
-    "enc_output": "query_selection",
-    "enc_output_norm": "query_selection",
-    "enc_class_head": "query_selection",
-    "enc_box_head": "query_selection",
-    "decoder": "decoder",
-    "class_head": "heads",
-    "box_head": "heads",
-}
 
 DEFAULT_SIZE = (850, 1040)
 """The authors' FLOPs image size (H, W)."""
@@ -258,7 +246,8 @@ class FlopCounter(TorchDispatchMode):
     def _component(self) -> str:
         if not self._stack:
             return "other"
-        return _COMPONENT_OF_CHILD.get(self._stack[0][0].split(".")[0], "other")
+        top = self._stack[0][0].split(".")[0]
+        return top if top in COMPONENTS else "other"
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
