@@ -1,0 +1,291 @@
+"""The three families against their original code bases (../shared/fixtures): predictions, training
+forward, released checkpoints' keys, and each family's choice of parts."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from conftest import FIXTURES, load_fixture
+from litedetr.models import Detector, build_model, get_config, load_model, save_model
+from litedetr.models.checkpoint import load_official_checkpoint
+from litedetr.models.convert import ConversionError, detect_layout, load_official_state_dict, official_rules, rename_official
+from litedetr.models.criterion import DEFAULT_WEIGHTS, DEFORMABLE_WEIGHTS
+from litedetr.models.postprocess import postprocess
+from litedetr.models.query_selection import MixedQuerySelection, PosTransQuerySelection
+from litedetr.nn.decoder import AnchorQueryPosition, StaticQueryPosition
+
+FAMILY_FIXTURES = {
+    "deformable-detr-r50": "deformable_detr_two_stage_seed0.pt",
+    "dino-r50": "dino_4scale_seed0.pt",
+    "h-detr-r50": "h_detr_two_stage_seed0.pt",
+}
+TOLERANCE = 1e-4
+TIE_GAP = 1e-5
+"""Proposal scores closer than this are ties within float32 noise: the encoder memory agrees with the
+original to ~5e-6, so which of two tied proposals ranks first is a coin toss on either side."""
+
+
+def fixture_model(preset: str, fixture: dict) -> Detector:
+    """``preset`` narrowed as the fixture's model (FFN width and query counts from its ``official_args``)."""
+    args = fixture["official_args"]
+    overrides = dict(num_queries=args.get("num_queries", args.get("num_queries_one2one")), decoder_ffn=args["dim_feedforward"])
+    if "num_queries_one2many" in args:
+        overrides["one_to_many_queries"] = args["num_queries_one2many"]
+    if "num_select" in args:
+        overrides["num_select"] = args["num_select"]
+    base = get_config(preset)
+    config = get_config(preset, encoder=dataclasses.replace(base.encoder, d_ffn=args["dim_feedforward"]), **overrides)
+    model = Detector(config).eval()
+    state = {k: v.float() for k, v in fixture["state_dict_without_backbone_body"].items()}
+    state.update({"backbone.0." + k.removeprefix("backbone."): v for k, v in model.state_dict().items() if k.startswith("backbone.")})
+    load_official_state_dict(model, state)
+    return model
+
+
+def max_error(ours: dict, theirs: dict, suffix: str = "") -> float:
+    return max((ours[key] - theirs[key + suffix]).abs().max().item() for key in ("pred_logits", "pred_boxes"))
+
+
+def best_over_tied_orders(model: Detector, run: Callable[[], float]) -> tuple[float, int]:
+    """The smallest error of ``run`` over the orders of near-tied proposals (adjacent scores within
+    :data:`TIE_GAP`, the last selected one included), and how many swaps that took."""
+    selection = model.query_selection
+    select = selection.select
+    recorded = []
+    selection.select = lambda scores, k: recorded.append((scores, k)) or select(scores, k)
+    try:
+        error = run()
+        scores, k = recorded[0]
+        order = torch.topk(scores, min(k + 1, scores.shape[1]), dim=1)
+        gaps = order.values[:, :-1] - order.values[:, 1:]
+        # equal scores come from identical proposals (padding), whose order changes nothing
+        ties = [(b, i) for b, i in ((gaps > 0) & (gaps < TIE_GAP)).nonzero().tolist() if i < k]
+        best = (error, 0)
+        for n in range(1, min(len(ties), 3) + 1):
+            for swaps in itertools.combinations(ties, n):
+                indices = order.indices.clone()
+                for b, i in swaps:
+                    indices[b, [i, i + 1]] = indices[b, [i + 1, i]]
+                selection.select = lambda scores, k, chosen=indices: chosen[:, :k]
+                best = min(best, (run(), n))
+        return best
+    finally:
+        selection.select = select
+
+
+@pytest.mark.parametrize("preset", list(FAMILY_FIXTURES))
+def test_reproduces_the_original_code_base(preset):
+    f = load_fixture(FAMILY_FIXTURES[preset])
+    model = fixture_model(preset, f)
+    features = [feat for feat, _ in f["backbone_features"]]
+    outputs = {}
+
+    def run() -> float:
+        with torch.no_grad():
+            outputs["out"] = model.forward_features(features, f["image_mask"])
+        out = outputs["out"]
+        errors = [max_error(out, f)]
+        errors += [max_error(a, b) for a, b in zip(out["aux_outputs"], f.get("aux_outputs", []), strict=False)]
+        if "enc_outputs" in f:
+            errors.append(max_error(out["enc_outputs"], f["enc_outputs"]))
+        return max(errors)
+
+    error, swaps = best_over_tied_orders(model, run)
+    assert error < TOLERANCE, f"max |error| {error:.2e} ({swaps} tied proposals swapped)"
+    if "aux_outputs" in f:
+        assert len(outputs["out"]["aux_outputs"]) == len(f["aux_outputs"]) == 5
+    with torch.no_grad():
+        tokens = model.input_stage(features, f["image_mask"])
+        memory = model.encoder(tokens.src, tokens.pos, tokens.spatial_shapes, tokens.valid_ratios, tokens.padding_mask)
+    assert (memory - f["encoder_memory"]).abs().max().item() < TOLERANCE
+    with torch.no_grad():
+        out = model.forward_features(features, f["image_mask"])
+    for ours, theirs in zip(postprocess(out["pred_logits"], out["pred_boxes"], f["image_sizes"], model.config.num_select), f["postprocessed"]):
+        assert torch.equal(ours["labels"], theirs["labels"])
+        torch.testing.assert_close(ours["scores"], theirs["scores"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours["boxes"], theirs["boxes"], atol=1e-2, rtol=0)
+
+
+def test_h_detr_hybrid_training_forward():
+    """Training mode: 30 one-to-one and 150 one-to-many queries, masked from each other, as H-DETR's training forward."""
+    f = load_fixture("h_detr_two_stage_seed0.pt")
+    model = fixture_model("h-detr-r50", f).train()
+    hybrid = f["hybrid_train_forward"]
+    features = [feat for feat, _ in f["backbone_features"]]
+
+    def run() -> float:
+        with torch.no_grad():
+            out = model.forward_features(features, f["image_mask"], [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2)
+        assert out["pred_logits"].shape[1] == hybrid["num_queries_one2one"]
+        assert out["one_to_many"]["pred_logits"].shape[1] == hybrid["num_queries_one2many"]
+        return max(max_error(out, hybrid), max_error(out["one_to_many"], hybrid, "_one2many"))
+
+    error, swaps = best_over_tied_orders(model, run)
+    assert error < TOLERANCE, f"max |error| {error:.2e} ({swaps} tied proposals swapped)"
+
+
+def official_keys(layout: str) -> dict[str, list[int]]:
+    path = FIXTURES / f"official_{layout.replace('-', '_')}_r50_state_dict_keys.json"
+    if not path.exists():
+        pytest.skip(f"{path} is not present")
+    return json.loads(path.read_text())
+
+
+def random_checkpoint(layout: str, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Random, unshared values for every key of a released checkpoint (keys saved twice share a value),
+    and the same values under our names."""
+    rules = official_rules(layout)
+    state, ours = {}, {}
+    for key, shape in official_keys(layout).items():
+        (target,) = rename_official({key: torch.zeros(shape)}, rules)
+        state[key] = ours.setdefault(target, torch.randn(shape, generator=generator))
+    return state, ours
+
+
+@pytest.mark.parametrize(
+    "layout,preset,count",
+    [("deformable-detr", "deformable-detr-r50", 630), ("h-detr", "h-detr-r50", 631), ("dino", "dino-r50", 626), ("lite-dino", "lite-dino-r50-h3l1-2x3", 644)],
+)
+def test_every_key_of_a_released_checkpoint_loads(tmp_path, layout, preset, count):
+    state, ours = random_checkpoint(layout, torch.Generator().manual_seed(0))
+    assert len(state) == count and detect_layout(state) == layout
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": state}, path)
+    model = Detector.from_checkpoint(path, preset=preset)
+    loaded = model.state_dict()
+    assert set(ours) <= set(loaded)
+    for key, value in ours.items():
+        assert torch.equal(loaded[key], value), key
+    # and every one of our tensors came from the checkpoint (the backbone's batch-norm statistics included)
+    assert not [k for k in loaded if k not in ours and not k.endswith("num_batches_tracked")]
+
+
+def test_per_layer_heads_are_distinct_modules():
+    state, _ = random_checkpoint("deformable-detr", torch.Generator().manual_seed(1))
+    model = build_model("deformable-detr-r50")
+    load_official_state_dict(model, state)
+    for i in range(6):
+        assert torch.equal(model.heads.class_heads[i].weight, state[f"class_embed.{i}.weight"])
+        assert torch.equal(model.heads.box_heads[i].layers[2].bias, state[f"transformer.decoder.bbox_embed.{i}.layers.2.bias"])
+    assert torch.equal(model.query_selection.class_head.weight, state["class_embed.6.weight"])
+    assert len({id(h) for h in model.decoder.layers}) == 6 and len(model.heads.class_heads) == 6
+
+
+def test_a_checkpoint_of_another_family_or_layout_is_named(tmp_path):
+    state, _ = random_checkpoint("deformable-detr", torch.Generator().manual_seed(0))
+    path = tmp_path / "deformable.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(ConversionError, match="a deformable-detr checkpoint, but preset 'dino-r50' is of the dino family"):
+        load_official_checkpoint(path, "dino-r50")
+    torch.save({"model": {"backbone.0.body.conv1.weight": torch.zeros(64, 3, 7, 7), "transformer.reference_points.weight": torch.zeros(2, 256)}}, path)
+    with pytest.raises(ConversionError, match="single-stage Deformable DETR"):
+        load_official_checkpoint(path, "deformable-detr-r50")
+    torch.save({"model": {"detr.weight": torch.zeros(1)}}, path)
+    with pytest.raises(ConversionError, match="not a checkpoint of a known layout.*first keys: detr.weight"):
+        load_official_checkpoint(path, "deformable-detr-r50")
+
+
+def test_the_deformable_detr_heads_are_not_shared_by_a_dino_model():
+    state, _ = random_checkpoint("deformable-detr", torch.Generator().manual_seed(0))
+    with pytest.raises(ConversionError):
+        load_official_state_dict(build_model("dino-r50"), state, layout="dino")
+
+
+@pytest.mark.parametrize(
+    "layout,preset", [("dino", "lite-dino-r50-h3l1-2x3"), ("deformable-detr", "lite-deformable-detr-r50-h2l2-2x3"), ("h-detr", "lite-h-detr-r50-h3l1-3x2")]
+)
+def test_a_standard_checkpoint_initialises_its_lite_preset(tmp_path, caplog, layout, preset):
+    state, ours = random_checkpoint(layout, torch.Generator().manual_seed(0))
+    path = tmp_path / "standard.pth"
+    torch.save({"model": state}, path)
+    fresh_model = build_model(preset)
+    with caplog.at_level(logging.INFO, logger="litedetr.models.convert"):
+        model = load_official_checkpoint(path, preset)
+    loaded = model.state_dict()
+    # encoder layer i takes layer i; what has no source keeps a fresh initialisation, listed in one line
+    for key, value in ours.items():
+        if ".attention_weights." not in key:
+            assert torch.equal(loaded[key], value), key
+    fresh = [k for k in loaded if k not in ours and not k.endswith("num_batches_tracked")]
+    assert fresh and all(".ffn_low." in k or ".query_proj." in k for k in fresh)
+    assert any(".ffn_low." in k for k in fresh)
+    assert {tuple(fresh_model.state_dict()[k].shape) for k in fresh} == {tuple(loaded[k].shape) for k in fresh}
+    (line,) = [r.getMessage() for r in caplog.records if "standard encoder into a Lite model" in r.getMessage()]
+    all_token_layers = ",".join(str(i) for i, first in enumerate(model.encoder.query_levels) if first == 0)
+    assert f"encoder.layers.{{{all_token_layers}}}.ffn_low.linear1.weight" in line and "self_attn.attention_weights" in line
+
+
+def test_a_lite_checkpoint_does_not_load_into_a_standard_preset():
+    state, _ = random_checkpoint("lite-dino", torch.Generator().manual_seed(0))
+    with pytest.raises(ConversionError, match="ffn_low"):
+        load_official_state_dict(build_model("dino-r50"), state)
+
+
+def test_family_parts():
+    parts = {name: build_model(f"{name}-r18-tiny") for name in ("deformable-detr", "dino", "h-detr")}
+    dino, deformable, hybrid = parts["dino"], parts["deformable-detr"], parts["h-detr"]
+    assert isinstance(dino.query_selection, MixedQuerySelection) and isinstance(dino.decoder.query_position, AnchorQueryPosition)
+    for model in (deformable, hybrid):
+        assert isinstance(model.query_selection, PosTransQuerySelection) and isinstance(model.decoder.query_position, StaticQueryPosition)
+        assert len(model.heads.class_heads) == model.config.decoder_layers and model.input_stage.position_offset == -0.5
+        assert model.criterion.weight_dict == DEFORMABLE_WEIGHTS and model.criterion.binary_encoder_targets
+        assert model.criterion.giou_eps == 0.0 and model.decoder.inverse_sigmoid_eps == 1e-5
+    assert deformable.query_selection.content is None and hybrid.query_selection.content.num_embeddings == 60 + 120
+    assert not deformable.decoder.look_forward_twice and hybrid.decoder.look_forward_twice
+    assert len(dino.heads.class_heads) == 1 and dino.criterion.weight_dict == DEFAULT_WEIGHTS and dino.criterion.giou_eps == 1e-6
+    assert dino.decoder.inverse_sigmoid_eps == 1e-3 and dino.input_stage.position_offset == 0.0
+    assert get_config("h-detr-r50").pe_temperature == get_config("deformable-detr-r50").pe_temperature == 10000.0
+
+
+def test_deformable_detr_supervises_every_token_proposal_with_binary_targets():
+    model = build_model("deformable-detr-r18-tiny", num_classes=3, num_queries=10, num_select=10).train()
+    features = model.backbone(torch.rand(1, 3, 64, 64))
+    box = torch.tensor([[25 / 64, 20 / 64, 30 / 64, 20 / 64]])
+    with torch.no_grad():
+        out = model.forward_features(features, torch.zeros(1, 64, 64, dtype=torch.bool), [{"boxes": box, "labels": torch.tensor([2])}])
+        as_two, as_zero = (model.criterion(out, [{"boxes": box, "labels": torch.tensor([c])}]) for c in (2, 0))
+    assert out["enc_outputs"]["pred_logits"].shape == (1, 8 * 8 + 4 * 4 + 2 * 2 + 1, 3)
+    # the proposals' targets are binary (class 0 whatever the label); the decoder's are the labels
+    assert as_two["loss_class_enc"] == as_zero["loss_class_enc"] and as_two["loss_class"] != as_zero["loss_class"]
+    assert "loss_class_dn" not in as_two and "loss_class_o2m" not in as_two
+
+
+def test_format_1_model_files_of_dino_are_read(tmp_path):
+    from safetensors.torch import save_file
+
+    from litedetr.models.checkpoint import _V1_NAMES, CONFIG_KEY, FORMAT_KEY
+
+    model = build_model("dino-r18-tiny", num_classes=3).eval()
+    path = save_model(model, tmp_path / "v2.safetensors")
+    inverse = {"query_selection.enc_output.": "enc_output.", "query_selection.enc_output_norm.": "enc_output_norm.",
+               "query_selection.class_head.": "enc_class_head.", "query_selection.box_head.": "enc_box_head.",
+               "query_selection.content.": "query_content.", "heads.class_heads.0.": "class_head.", "heads.box_heads.0.": "box_head.",
+               "training_queries.label_embed.": "label_embed.", "decoder.query_position.mlp.": "decoder.ref_point_head."}  # fmt: skip
+    old = {}
+    for key, value in model.state_dict().items():
+        for new, previous in inverse.items():
+            if key.startswith(new):
+                key = previous + key.removeprefix(new)
+                break
+        old[key] = value.contiguous()
+    assert len(_V1_NAMES) == len(inverse) + 1
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(old, str(tmp_path / "v1.safetensors"), metadata={CONFIG_KEY: metadata[CONFIG_KEY], FORMAT_KEY: "1"})
+    loaded = load_model(tmp_path / "v1.safetensors")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    config = json.loads(metadata[CONFIG_KEY])
+    config["family"], config["dn_number"] = "deformable-detr", 0
+    save_file(old, str(tmp_path / "v1d.safetensors"), metadata={CONFIG_KEY: json.dumps(config), FORMAT_KEY: "1"})
+    with pytest.raises(ValueError, match="was not the original architecture"):
+        load_model(tmp_path / "v1d.safetensors")
