@@ -132,9 +132,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the full configs as JSON")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("convert", help="convert an authors' Lite-DINO checkpoint (.pth) into a litedetr model file")
-    p.add_argument("checkpoint", help="the authors' .pth file (state dict under 'model')")
-    p.add_argument("--preset", required=True, help="the preset it was trained as, e.g. lite-dino-r50-h3l1-2x3")
+    p = sub.add_parser(
+        "convert", help="convert a checkpoint (.pth) of the authors' Lite-DINO, DINO, Deformable DETR or H-DETR into a litedetr model file"
+    )
+    p.add_argument("checkpoint", help="the .pth file (state dict under 'model')")
+    p.add_argument(
+        "--preset",
+        required=True,
+        help="the preset it was trained as (e.g. lite-dino-r50-h3l1-2x3, deformable-detr-r50), "
+        "or a Lite preset of its family to start one from a standard checkpoint",
+    )
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--num-classes", type=int, help="class count if not the preset's (91)")
     p.set_defaults(func=cmd_convert)

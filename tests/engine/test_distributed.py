@@ -39,8 +39,8 @@ def mismatches(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], 
     """Tensors whose largest difference exceeds ``tolerance`` x their own largest |gradient|.
 
     Summing the batch in another order (two processes and an all-reduce, other kernel blockings)
-    changes gradients by float rounding, about 1e-6 of each tensor's scale here; an altered image or
-    box changes them by 1e-1 (see the test of an altered batch below).
+    changes gradients by float rounding, about 1e-6 of each tensor's scale here; boxes one pixel off
+    change the box heads' by 1e-1 (see the test of an altered batch below).
     """
     assert got.keys() == expected.keys()
     bad = []
@@ -96,8 +96,10 @@ def test_two_gloo_processes_give_the_gradients_of_one_process_on_the_whole_batch
 
 @pytest.mark.slow
 def test_the_gradient_comparison_catches_one_rank_with_an_altered_batch(one_process_gradients, tmp_path):
-    bad = mismatches(ddp_gradients(tmp_path, alter=True), one_process_gradients)
-    assert len(bad) > len(one_process_gradients) // 2, bad
+    altered = ddp_gradients(tmp_path, alter=True)
+    bad = mismatches(altered, one_process_gradients)
+    worst = max((altered[k] - g).abs().max().item() / g.abs().max().item() for k, g in one_process_gradients.items() if g.abs().max() > 0)
+    assert bad and worst > 1e-2, (worst, bad)
 
 
 @pytest.mark.slow

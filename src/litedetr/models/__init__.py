@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from litedetr.models.checkpoint import convert_official_checkpoint, load_model, read_config, save_model
+from litedetr.models.checkpoint import read_config, save_model
 from litedetr.models.config import PRESETS, DetectorConfig, EncoderConfig, get_config
-from litedetr.models.detector import Detector
+from litedetr.models.detector import Detector, convert_official_checkpoint, load_model
 
 __all__ = [
     "build_model",

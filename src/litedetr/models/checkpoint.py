@@ -1,7 +1,8 @@
 """Model files: safetensors weights with the config as JSON in the file's metadata (no pickled code).
 
-Also reads the authors' released ``.pth`` checkpoints (the state dict under ``model``) through the
-name conversion in :mod:`litedetr.models.convert`.
+Also reads the original code bases' released ``.pth`` checkpoints (the state dict under ``model``)
+and checks them against a preset. Building the detector from what is read is
+:mod:`litedetr.models.detector`'s (this module does not import it).
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ import os
 import tempfile
 from pathlib import Path
 
+from typing import Any
+
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
 
 from litedetr.models.config import DetectorConfig, config_from_dict, get_config
-from litedetr.models.convert import LAYOUT_FAMILY, LAYOUTS, ConversionError, detect_layout, load_official_state_dict, rename_official
-from litedetr.models.detector import Detector
-from litedetr.models.state_dict import fit_problems
+from litedetr.models.convert import LAYOUT_FAMILY, LAYOUTS, ConversionError, detect_layout, rename_official
 
-__all__ = ["save_model", "load_model", "read_config", "load_official_checkpoint", "convert_official_checkpoint", "CONFIG_KEY"]
+__all__ = ["save_model", "read_config", "read_model_file", "read_official_checkpoint", "CONFIG_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +48,8 @@ _V1_NAMES = [
 """Format 1's names -> format 2's (format 1 wrote DINO-family files with these names)."""
 
 
-def save_model(model: Detector, path: str | os.PathLike) -> Path:
-    """Write ``model``'s weights and config to ``path`` (safetensors), atomically (temp file + rename)."""
+def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write a :class:`~litedetr.models.Detector`'s weights and config to ``path`` (safetensors), atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -93,17 +95,11 @@ def _upgrade(path: str | os.PathLike, version: str, config: DetectorConfig, stat
     return rename_official(state, _V1_NAMES)
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Detector:
-    """Build the detector a model file describes and load its weights (strictly, naming any mismatch)."""
+def read_model_file(path: str | os.PathLike) -> tuple[DetectorConfig, dict[str, torch.Tensor]]:
+    """The config and the state dict (under today's names) of a litedetr model file."""
     metadata = _metadata(path)
     config = config_from_dict(json.loads(metadata[CONFIG_KEY]))
-    model = Detector(config)
-    state = _upgrade(path, metadata.get(FORMAT_KEY, "1"), config, load_file(str(path), device="cpu"))
-    problems = fit_problems(model, state)
-    if problems:
-        raise ValueError(f"{path}: the weights do not fit the file's own config\n" + "\n".join(problems))
-    model.load_state_dict(state)
-    return model.to(device).eval()
+    return config, _upgrade(path, metadata.get(FORMAT_KEY, "1"), config, load_file(str(path), device="cpu"))
 
 
 def _read_official(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -116,15 +112,14 @@ def _read_official(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_official_checkpoint(path: str | os.PathLike, preset: str, device: str | torch.device = "cpu", **overrides) -> Detector:
-    """Build ``preset`` and load a checkpoint of an original code base into it (names converted).
+def read_official_checkpoint(path: str | os.PathLike, preset: str, **overrides: Any) -> tuple[DetectorConfig, dict[str, torch.Tensor], str]:
+    """The config of ``preset`` (with ``overrides``), the checkpoint's state dict and its layout.
 
     The checkpoint may be the authors' Lite-DINO, IDEA-Research/DINO, fundamentalvision/Deformable-DETR
-    (two-stage) or HDETR/H-Deformable-DETR (two-stage); its layout must be of the preset's family. A
-    standard-encoder checkpoint also initialises its family's Lite presets (see :mod:`litedetr.models.convert`).
+    (two-stage) or HDETR/H-Deformable-DETR (two-stage); its layout must be of the preset's family.
 
     Raises:
-        ConversionError: the checkpoint fits no known layout, is of another family, or does not fit the preset (keys named).
+        ConversionError: the checkpoint fits no known layout, is of another family, or has another class count.
     """
     state = _read_official(path)
     layout = detect_layout(state)
@@ -142,19 +137,4 @@ def load_official_checkpoint(path: str | os.PathLike, preset: str, device: str |
         raise ConversionError(
             f"{path}: the checkpoint has {class_weight.shape[0]} classes, preset {preset!r} {config.num_classes}; pass num_classes"
         )
-    model = Detector(config)
-    load_official_state_dict(model, state, layout=layout)
-    logger.info("loaded %s (%s layout, %d tensors) as %s", path, layout, len(state), preset)
-    return model.to(device).eval()
-
-
-def convert_official_checkpoint(path: str | os.PathLike, preset: str, out: str | os.PathLike, **overrides) -> Detector:
-    """Convert a checkpoint of an original code base (see :func:`load_official_checkpoint`) into a litedetr model file for ``preset``.
-
-    Raises:
-        ConversionError: the checkpoint does not fit the preset (keys named).
-    """
-    model = load_official_checkpoint(path, preset, **overrides)
-    save_model(model, out)
-    logger.info("wrote %s", out)
-    return model
+    return config, state, layout

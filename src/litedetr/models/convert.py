@@ -116,7 +116,9 @@ def detect_layout(state_dict: Mapping[str, Tensor]) -> str | None:
             return "deformable-detr"
         width = state_dict["transformer.pos_trans.weight"].shape[0] // 2
         if state_dict["query_embed.weight"].shape[-1] != width:
-            raise ConversionError("query_embed holds position and content (2 x d_model): a single-stage Deformable DETR; litedetr loads two-stage ones")
+            raise ConversionError(
+                "query_embed holds position and content (2 x d_model): a single-stage Deformable DETR; litedetr loads two-stage ones"
+            )
         return "h-detr"
     if "transformer.enc_out_class_embed.weight" in keys or "transformer.tgt_embed.weight" in keys:
         lite = any(".query_proj." in k or re.search(r"\.linear12\.", k) for k in keys if k.startswith("transformer.encoder."))
@@ -156,7 +158,8 @@ def rename_official(state_dict: Mapping[str, Tensor], rules: list[tuple[str, str
     if unknown:
         raise ConversionError("\n".join(["keys in the checkpoint that no conversion rule knows:", *unknown]))
     if unshared:
-        raise ConversionError("\n".join(["tensors saved under several names that differ (e.g. per-layer heads where this layout shares them):", *unshared]))
+        title = "tensors saved under several names that differ (e.g. per-layer heads where this layout shares them):"
+        raise ConversionError("\n".join([title, *unshared]))
     return renamed
 
 

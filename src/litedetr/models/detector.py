@@ -6,6 +6,7 @@ A family (Deformable DETR, DINO, H-DETR) is a choice of these parts, made in
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,14 +15,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from litedetr.models.checkpoint import read_model_file, read_official_checkpoint, save_model
 from litedetr.models.config import DetectorConfig
+from litedetr.models.convert import load_official_state_dict
 from litedetr.models.families import build_parts
 from litedetr.models.inputs import ImageInput, as_image_list, batched
 from litedetr.models.postprocess import postprocess
+from litedetr.models.state_dict import fit_problems
 from litedetr.models.transform import batch_images
 from litedetr.ops import box_xyxy_to_cxcywh
 
-__all__ = ["Detector"]
+__all__ = ["Detector", "load_model", "load_official_checkpoint", "convert_official_checkpoint"]
+
+logger = logging.getLogger(__name__)
 
 
 class Detector(nn.Module):
@@ -52,24 +58,27 @@ class Detector(nn.Module):
         self.criterion = parts.criterion
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu", preset: str | None = None) -> Detector:
-        """A detector in eval mode from a litedetr model file, or from an authors' ``.pth`` checkpoint with ``preset``.
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu", preset: str | None = None, **overrides: Any) -> Detector:
+        """A detector in eval mode from a litedetr model file, or from an original ``.pth`` checkpoint with ``preset``.
 
         Args:
-            path: a ``.safetensors`` file written by :func:`~litedetr.models.checkpoint.save_model`, or the
-                authors' released ``.pth`` (state dict under ``model``).
+            path: a ``.safetensors`` file written by :func:`~litedetr.models.checkpoint.save_model`, or a
+                ``.pth`` released by the authors' Lite-DINO, DINO, Deformable DETR (two-stage) or H-DETR
+                code (state dict under ``model``).
             device: where the model goes.
-            preset: the preset an authors' checkpoint was trained as (e.g. ``lite-dino-r50-h3l1-2x3``);
-                only for ``.pth`` files, whose config is not stored in the file.
+            preset: the preset the ``.pth`` was trained as (e.g. ``deformable-detr-r50``), or a Lite preset
+                of its family to initialise from a standard-encoder checkpoint; only for ``.pth`` files,
+                whose config is not stored in the file.
+            overrides: :class:`DetectorConfig` fields to change in ``preset`` (e.g. ``num_classes``).
         """
-        from litedetr.models.checkpoint import load_model, load_official_checkpoint  # checkpoint imports this module
-
         if not Path(path).is_file():
             raise ValueError(f"{path}: no such checkpoint file")
         if preset is not None:
-            return load_official_checkpoint(path, preset, device)
+            return load_official_checkpoint(path, preset, device, **overrides)
+        if overrides:
+            raise ValueError(f"config overrides {sorted(overrides)} apply to a .pth checkpoint with a preset, not to a litedetr model file")
         if Path(path).suffix in (".pth", ".pt"):
-            raise ValueError(f"{path}: an authors' .pth checkpoint does not store its architecture; pass its preset")
+            raise ValueError(f"{path}: a .pth checkpoint does not store its architecture; pass its preset")
         return load_model(path, device)
 
     @torch.no_grad()
@@ -173,3 +182,37 @@ class Detector(nn.Module):
         if "one_to_many" in queries.groups:
             outputs["one_to_many"] = group("one_to_many")
         return outputs
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Detector:
+    """Build the detector a model file describes and load its weights (strictly, naming any mismatch)."""
+    config, state = read_model_file(path)
+    model = Detector(config)
+    problems = fit_problems(model, state)
+    if problems:
+        raise ValueError(f"{path}: the weights do not fit the file's own config\n" + "\n".join(problems))
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def load_official_checkpoint(path: str | os.PathLike, preset: str, device: str | torch.device = "cpu", **overrides: Any) -> Detector:
+    """Build ``preset`` and load a checkpoint of an original code base into it, names converted
+    (see :func:`~litedetr.models.checkpoint.read_official_checkpoint`). A standard-encoder checkpoint
+    also initialises its family's Lite presets (see :mod:`litedetr.models.convert`).
+
+    Raises:
+        ConversionError: the checkpoint fits no known layout, is of another family, or does not fit the preset (keys named).
+    """
+    config, state, layout = read_official_checkpoint(path, preset, **overrides)
+    model = Detector(config)
+    load_official_state_dict(model, state, layout=layout)
+    logger.info("loaded %s (%s layout, %d tensors) as %s", path, layout, len(state), preset)
+    return model.to(device).eval()
+
+
+def convert_official_checkpoint(path: str | os.PathLike, preset: str, out: str | os.PathLike, **overrides: Any) -> Detector:
+    """Convert a checkpoint of an original code base (see :func:`load_official_checkpoint`) into a litedetr model file for ``preset``."""
+    model = load_official_checkpoint(path, preset, **overrides)
+    save_model(model, out)
+    logger.info("wrote %s", out)
+    return model

@@ -103,9 +103,8 @@ def _encoder(config: DetectorConfig) -> DeformableEncoder:
     enc = config.encoder
     common = dict(d_model=config.d_model, n_levels=config.n_levels, n_heads=config.n_heads, n_points=config.n_points)
     if enc.kind == "lite":
-        return LiteEncoder(
-            enc.n_high, enc.high_updates, enc.blocks, d_ffn=enc.d_ffn, d_ffn_low=enc.d_ffn_low, dropout=config.dropout, key_aware=enc.key_aware, **common
-        )
+        schedule = dict(n_high=enc.n_high, high_updates=enc.high_updates, blocks=enc.blocks, d_ffn_low=enc.d_ffn_low)
+        return LiteEncoder(d_ffn=enc.d_ffn, dropout=config.dropout, key_aware=enc.key_aware, **schedule, **common)
     return DeformableEncoder(enc.num_layers, d_ffn=enc.d_ffn, dropout=config.dropout, key_aware=enc.key_aware, **common)
 
 

@@ -101,10 +101,8 @@ class EncoderInput(nn.Module):
             previous = proj(previous)
             maps.append(previous)
         masks = [resize_mask(image_mask, x.shape[-2:]) for x in maps]
-        pos = [
-            sine_position_embedding(m, self.d_model // 2, self.temperature_h, self.temperature_w, self.position_offset).to(x.dtype) + self.level_embed[lvl, :, None, None]
-            for lvl, (x, m) in enumerate(zip(maps, masks))
-        ]
+        sine = [sine_position_embedding(m, self.d_model // 2, self.temperature_h, self.temperature_w, self.position_offset) for m in masks]
+        pos = [s.to(x.dtype) + self.level_embed[lvl, :, None, None] for lvl, (x, s) in enumerate(zip(maps, sine))]
         return MultiScaleTokens(
             src=torch.cat([x.flatten(2).transpose(1, 2) for x in maps], 1),
             pos=torch.cat([p.flatten(2).transpose(1, 2) for p in pos], 1),
