@@ -289,3 +289,34 @@ def test_format_1_model_files_of_dino_are_read(tmp_path):
     save_file(old, str(tmp_path / "v1d.safetensors"), metadata={CONFIG_KEY: json.dumps(config), FORMAT_KEY: "1"})
     with pytest.raises(ValueError, match="was not the original architecture"):
         load_model(tmp_path / "v1d.safetensors")
+
+
+def test_convert_command_for_each_family(tmp_path):
+    from litedetr.cli import main as cli_main
+
+    for layout, preset in (("deformable-detr", "deformable-detr-r50"), ("h-detr", "h-detr-r50")):
+        state, ours = random_checkpoint(layout, torch.Generator().manual_seed(2))
+        checkpoint, out = tmp_path / f"{layout}.pth", tmp_path / f"{layout}.safetensors"
+        torch.save({"model": state}, checkpoint)
+        assert cli_main(["convert", str(checkpoint), "--preset", preset, "--out", str(out)]) == 0
+        loaded = load_model(out).state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in ours.items())
+
+
+def test_a_converted_h_detr_model_file_reproduces_the_code_base(tmp_path):
+    """Through convert_official_checkpoint and our model file: the same predictions as the original code."""
+    from litedetr.models import convert_official_checkpoint
+
+    f = load_fixture("h_detr_two_stage_seed0.pt")
+    reference = fixture_model("h-detr-r50", f)
+    checkpoint = tmp_path / "h_detr.pth"
+    state = {k: v.float() for k, v in f["state_dict_without_backbone_body"].items()}
+    state.update({"backbone.0." + k.removeprefix("backbone."): v for k, v in reference.state_dict().items() if k.startswith("backbone.")})
+    torch.save({"model": state}, checkpoint)
+    c = reference.config
+    overrides = dict(encoder=c.encoder, decoder_ffn=c.decoder_ffn, num_queries=c.num_queries, one_to_many_queries=c.one_to_many_queries)
+    convert_official_checkpoint(checkpoint, "h-detr-r50", tmp_path / "h_detr.safetensors", **overrides)
+    model = load_model(tmp_path / "h_detr.safetensors")
+    with torch.no_grad():
+        out = model.forward_features([feat for feat, _ in f["backbone_features"]], f["image_mask"])
+    assert max_error(out, f) < TOLERANCE

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 __all__ = ["EncoderConfig", "DetectorConfig", "PRESETS", "get_config", "config_from_dict"]
 
@@ -67,6 +67,8 @@ class DetectorConfig:
     """Optional display name of each label ``0..num_classes-1`` (empty: labels are shown as numbers)."""
 
     def __post_init__(self) -> None:
+        if self.family not in get_args(Family):
+            raise ValueError(f"unknown family {self.family!r}; known: {', '.join(get_args(Family))}")
         if self.d_model % 32 or self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by 32 (GroupNorm) and by n_heads ({self.n_heads})")
         if self.num_classes < 1:
