@@ -151,7 +151,12 @@ def random_checkpoint(layout: str, generator: torch.Generator) -> tuple[dict[str
 
 @pytest.mark.parametrize(
     "layout,preset,count",
-    [("deformable-detr", "deformable-detr-r50", 630), ("h-detr", "h-detr-r50", 631), ("dino", "dino-r50", 626), ("lite-dino", "lite-dino-r50-h3l1-2x3", 644)],
+    [
+        ("deformable-detr", "deformable-detr-r50", 630),
+        ("h-detr", "h-detr-r50", 631),
+        ("dino", "dino-r50", 626),
+        ("lite-dino", "lite-dino-r50-h3l1-2x3", 644),
+    ],
 )
 def test_every_key_of_a_released_checkpoint_loads(tmp_path, layout, preset, count):
     state, ours = random_checkpoint(layout, torch.Generator().manual_seed(0))
@@ -184,7 +189,8 @@ def test_a_checkpoint_of_another_family_or_layout_is_named(tmp_path):
     torch.save({"model": state}, path)
     with pytest.raises(ConversionError, match="a deformable-detr checkpoint, but preset 'dino-r50' is of the dino family"):
         load_official_checkpoint(path, "dino-r50")
-    torch.save({"model": {"backbone.0.body.conv1.weight": torch.zeros(64, 3, 7, 7), "transformer.reference_points.weight": torch.zeros(2, 256)}}, path)
+    single_stage = {"backbone.0.body.conv1.weight": torch.zeros(64, 3, 7, 7), "transformer.reference_points.weight": torch.zeros(2, 256)}
+    torch.save({"model": single_stage}, path)
     with pytest.raises(ConversionError, match="single-stage Deformable DETR"):
         load_official_checkpoint(path, "deformable-detr-r50")
     torch.save({"model": {"detr.weight": torch.zeros(1)}}, path)
@@ -199,7 +205,8 @@ def test_the_deformable_detr_heads_are_not_shared_by_a_dino_model():
 
 
 @pytest.mark.parametrize(
-    "layout,preset", [("dino", "lite-dino-r50-h3l1-2x3"), ("deformable-detr", "lite-deformable-detr-r50-h2l2-2x3"), ("h-detr", "lite-h-detr-r50-h3l1-3x2")]
+    "layout,preset",
+    [("dino", "lite-dino-r50-h3l1-2x3"), ("deformable-detr", "lite-deformable-detr-r50-h2l2-2x3"), ("h-detr", "lite-h-detr-r50-h3l1-3x2")],
 )
 def test_a_standard_checkpoint_initialises_its_lite_preset(tmp_path, caplog, layout, preset):
     state, ours = random_checkpoint(layout, torch.Generator().manual_seed(0))
@@ -320,3 +327,16 @@ def test_a_converted_h_detr_model_file_reproduces_the_code_base(tmp_path):
     with torch.no_grad():
         out = model.forward_features([feat for feat, _ in f["backbone_features"]], f["image_mask"])
     assert max_error(out, f) < TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(family="detr"), "unknown family 'detr'"),
+        (dict(family="deformable-detr"), "denoising queries .* exist in the dino family only"),
+        (dict(one_to_many_queries=100), "one kind of training-only queries"),
+    ],
+)
+def test_impossible_family_choices_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        get_config("dino-r50", **overrides)
