@@ -25,9 +25,9 @@ above; its core (everything it runs outside them) as
 - the weighted sum of sampled values, ``Lq * M * L * P * D``; KDA's ``q.k`` dot products,
   ``Lq * M * L * P * D``; the softmax of the ``L * P`` weights per query and head.
 
-Components are the :class:`~litedetr.models.Detector`'s top-level modules; an op belongs to the
-outermost module running it (the box head, called inside the decoder for box refinement, is
-decoder there):
+Components are the :class:`~litedetr.models.Detector`'s top-level modules that run at inference
+(``training_queries`` and ``criterion`` run only in training); an op belongs to the outermost module
+running it (the box head, called inside the decoder for box refinement, is decoder there):
 
 - ``backbone``; ``input_stage`` (projections to ``d_model``, the extra level, position embeddings);
 - ``encoder``: the encoder layers only (the authors' ``transformer.encoder``);
@@ -78,12 +78,17 @@ DEFAULT_SIZE = (850, 1040)
 """The authors' FLOPs image size (H, W)."""
 
 AUTHORS_FVCORE: dict[str, dict[str, float]] = {
+    "deformable-detr-r50": {"total": 177.4, "encoder": 86.0},
     "dino-r50": {"total": 243.9, "backbone": 73.0, "encoder": 144.3, "decoder": 20.4},
     "lite-dino-r50-h3l1-2x3": {"total": 158.5, "backbone": 73.0, "encoder": 58.7, "decoder": 20.7},
     "lite-dino-r50-h3l1-6x1": {"total": 148.2, "backbone": 73.0, "encoder": 48.3, "decoder": 20.7},
     "lite-dino-r50-h2l2-2x3": {"total": 135.3, "backbone": 73.0, "encoder": 35.4, "decoder": 20.7},
 }
-"""GFLOPs of the authors' own code by fvcore (one 3x850x1040 image, pure-PyTorch attention), by our preset name."""
+"""GFLOPs of the original code by fvcore (one 3x850x1040 image, pure-PyTorch attention), by our preset name.
+
+Buckets as in :meth:`FlopReport.authors_buckets`; an entry holds only the buckets that were measured
+(Deformable DETR: the ``++ two-stage`` model of fundamentalvision/Deformable-DETR, total and encoder;
+the rest: the Lite-DINO authors' code)."""
 
 
 def _matmul_flops(a: Tensor, b: Tensor) -> int:
