@@ -10,7 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from litedetr import __version__
-from litedetr.tools.args import size_type
+from litedetr.tools.args import int_at_least, size_type
 
 if TYPE_CHECKING:
     import torch
@@ -119,11 +119,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("schedule", help="which tokens are queries in each encoder layer, for an image size")
     p.add_argument("--size", type=size_type(1), default=(800, 1333), help="image size HxW (default 800x1333)")
-    p.add_argument("--high", type=int, default=3, help="H: number of high-level (coarsest) scales")
+    p.add_argument("--high", type=int_at_least(1), default=3, help="H: number of high-level (coarsest) scales")
     p.add_argument("--standard", dest="high", action="store_const", const=None, help="the standard encoder instead")
-    p.add_argument("--updates", type=int, default=2, help="A: high-level updates per block")
-    p.add_argument("--blocks", type=int, default=3, help="B: number of blocks")
-    p.add_argument("--levels", type=int, default=4, help="number of feature levels (default 4)")
+    p.add_argument("--updates", type=int_at_least(1), default=2, help="A: high-level updates per block")
+    p.add_argument("--blocks", type=int_at_least(1), default=3, help="B: number of blocks")
+    p.add_argument("--levels", type=int_at_least(1), default=4, help="number of feature levels (default 4)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_schedule)
 
@@ -143,7 +143,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "or a Lite preset of its family to start one from a standard checkpoint",
     )
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--num-classes", type=int, help="class count if not the preset's (91)")
+    p.add_argument("--num-classes", type=int_at_least(1), help="class count if not the preset's (91)")
     p.set_defaults(func=cmd_convert)
 
     for name, (module, help_text) in TOOL_COMMANDS.items():

@@ -46,3 +46,20 @@ def test_resume_inside_a_short_epoch_equals_a_straight_run(tiny_synthetic, tmp_p
 def test_epoch_batches_must_fit_accumulation(tiny_synthetic):
     with pytest.raises(ValueError, match="epoch_batches"):
         config(tiny_synthetic, epoch_batches=3, accumulate=2)
+
+
+def test_the_log_names_every_parameter_groups_lr_and_files_get_the_usual_mode(tiny_synthetic, tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        Trainer(config(tiny_synthetic, epochs=1, lr=4e-4, lr_backbone=1e-5, lr_drop=()), tmp_path / "run").fit()
+    finally:
+        os.umask(umask)
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert record["lr"] == pytest.approx(4e-4)  # --lr's group, not the backbone's
+    assert record["lr_groups"]["backbone"] == pytest.approx(1e-5) and record["lr_groups"]["rest"] == pytest.approx(4e-4)
+    assert record["lr_groups"]["sampling"] == pytest.approx(4e-4 * TrainConfig.lr_sampling_mult)
+    for name in ("checkpoint.pt", "model.safetensors", "log.jsonl"):
+        assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == 0o644, name

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 
 from litedetr.cli import main
-from litedetr.tools.args import parse_size, size_type
+from litedetr.tools.args import float_in, int_at_least, parse_size, size_type
 
 
 def test_parse_size():
@@ -41,3 +42,35 @@ def test_commands_name_a_bad_size(argv, message, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_bounded_numbers():
+    assert int_at_least(1)("3") == 3 and int_at_least(0)("0") == 0
+    assert float_in(0, 1)("1") == 1.0 and float_in(0, 1)("0") == 0.0
+    for parse, text, message in [
+        (int_at_least(1), "0", "must be an integer >= 1, got 0"),
+        (int_at_least(1), "2.5", "must be an integer, got '2.5'"),
+        (float_in(0, 1), "1.5", r"must lie in \[0, 1\], got 1.5"),
+        (float_in(0, 1), "nan", "must lie in"),
+        (float_in(0, low_open=True), "0", r"must lie in \(0, inf\), got 0"),
+        (float_in(0, 1, low_open=True, high_open=True), "1", r"must lie in \(0, 1\)"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parse(text)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["predict", "--checkpoint", "m.safetensors", "a.jpg", "--out", "o", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
+        (["predict", "--checkpoint", "m.safetensors", "a.jpg", "--out", "o", "--threshold", "1.5"], r"argument --threshold: must lie in \[0, 1\], got 1.5"),
+        (["eval", "--checkpoint", "m.safetensors", "--data", "d", "--out", "o", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1"),
+        (["train", "--model", "dino-r18-tiny", "--data", "d", "--out", "o", "--accumulate", "0"], "argument --accumulate: must be an integer >= 1"),
+        (["train", "--model", "dino-r18-tiny", "--data", "d", "--out", "o", "--ema", "1"], r"argument --ema: must lie in \(0, 1\)"),
+    ],
+)
+def test_numeric_arguments_are_checked_by_the_parser(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from litedetr.models.checkpoint import atomic_write
 
 __all__ = ["save_state", "load_state", "rng_state", "set_rng_state"]
 
@@ -37,17 +38,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """``torch.save`` to a temporary file beside ``path``, then rename: a crash leaves the old file whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:

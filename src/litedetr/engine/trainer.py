@@ -283,7 +283,8 @@ class Trainer:
             final_layer = {k: v.item() for k, v in losses.items() if k in ("loss_class", "loss_bbox", "loss_giou")}
             values = distributed.all_reduce_mean({"loss": loss.item(), "grad_norm": float(grad_norm), **final_layer})
             bar.set_postfix(loss=f"{values['loss']:.3f}")
-            self._log({"kind": "train", "epoch": self.epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"], **values,
+            lrs = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
+            self._log({"kind": "train", "epoch": self.epoch, "step": self.step, "lr": lrs["rest"], "lr_groups": lrs, **values,
                        "seconds": round(time.perf_counter() - started, 3)})  # fmt: skip
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()

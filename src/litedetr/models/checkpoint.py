@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from typing import Any
@@ -24,7 +25,7 @@ from torch import nn
 from litedetr.models.config import DetectorConfig, config_from_dict, get_config
 from litedetr.models.convert import LAYOUT_FAMILY, LAYOUTS, ConversionError, detect_layout, rename_official
 
-__all__ = ["save_model", "read_config", "read_model_file", "read_official_checkpoint", "CONFIG_KEY"]
+__all__ = ["save_model", "atomic_write", "read_config", "read_model_file", "read_official_checkpoint", "CONFIG_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +51,23 @@ _V1_NAMES = [
 
 def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write a :class:`~litedetr.models.Detector`'s weights and config to ``path`` (safetensors), atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {CONFIG_KEY: json.dumps(model.config.to_dict()), FORMAT_KEY: FORMAT_VERSION}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it to ``path``: a crash leaves any
+    old file whole. The file gets the mode a plain ``open`` would give it (0666 less the umask)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -6,7 +6,7 @@ import argparse
 import functools
 from collections.abc import Callable
 
-__all__ = ["parse_size", "size_type"]
+__all__ = ["parse_size", "size_type", "int_at_least", "float_in"]
 
 
 def parse_size(text: str, minimum: int = 0) -> tuple[int, int]:
@@ -28,3 +28,36 @@ def parse_size(text: str, minimum: int = 0) -> tuple[int, int]:
 def size_type(minimum: int) -> Callable[[str], tuple[int, int]]:
     """:func:`parse_size` refusing sides below ``minimum``, for ``add_argument(type=...)``."""
     return functools.partial(parse_size, minimum=minimum)
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer ``>= minimum``, refused by name otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def float_in(low: float, high: float = float("inf"), low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number in ``[low, high]`` (either end open on request), refused by name otherwise."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == float('inf') else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        too_high = value >= high if high_open else value > high
+        if too_low or too_high or value != value:
+            raise argparse.ArgumentTypeError(f"must lie in {interval}, got {text}")
+        return value
+
+    return parse

@@ -32,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 from litedetr.models import Detector, build_model
 from litedetr.models.transform import batch_images
 from litedetr.ops import attention_backend
-from litedetr.tools.args import parse_size
+from litedetr.tools.args import int_at_least, parse_size
 from litedetr.tools.flops import DEFAULT_SIZE
 
 __all__ = ["Timing", "BenchReport", "benchmark", "time_calls", "peak_memory", "add_arguments"]
@@ -218,8 +218,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model preset, e.g. lite-dino-r50-h3l1-2x3 (random weights)")
     p.add_argument("--size", type=parse_size, default=DEFAULT_SIZE, help="image size HxW, not resized (default 850x1040)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
+    p.add_argument("--batch", type=int_at_least(1), default=1, help="images per call (default 1)")
     p.add_argument("--train", action="store_true", help="time a training forward + backward instead of inference")
-    p.add_argument("--repeats", type=int, default=10, help="timed runs after one warm-up (default 10)")
+    p.add_argument("--repeats", type=int_at_least(1), default=10, help="timed runs after one warm-up (default 10)")
     p.add_argument("--json", action="store_true", help="print one JSON object (latencies in seconds)")
     p.set_defaults(func=cmd_bench)

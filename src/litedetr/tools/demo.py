@@ -26,6 +26,7 @@ from litedetr.data import AugmentConfig, SyntheticSpec, find_split, write_synthe
 from litedetr.engine import CHECKPOINT, MODEL_FILE, TrainConfig, Trainer
 from litedetr.models import Detector
 from litedetr.models.config import EncoderConfig
+from litedetr.tools.args import float_in, int_at_least
 from litedetr.tools.flops import count_flops
 from litedetr.tools.predict import predict_files
 from litedetr.tools.train import format_metrics
@@ -202,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``litedetr demo``; sets ``func``."""
     p.add_argument("--out", type=Path, default=Path("litedetr-demo"), help="where everything goes (default ./litedetr-demo)")
-    p.add_argument("--epochs", type=int, help=f"training epochs (default {DemoRecipe.epochs}; the learning rate drops 10x for the last one)")
-    p.add_argument("--minutes", type=float, help=f"training budget in minutes (default {DemoRecipe.train_minutes:.0f}; 0: the full schedule, however long)")
+    p.add_argument("--epochs", type=int_at_least(1), help=f"training epochs (default {DemoRecipe.epochs}; the learning rate drops 10x for the last one)")
+    p.add_argument("--minutes", type=float_in(0), help=f"training budget in minutes (default {DemoRecipe.train_minutes:.0f}; 0: the full schedule, however long)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)

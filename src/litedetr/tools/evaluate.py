@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from litedetr.data import CocoDetection, collate
 from litedetr.engine import evaluate
 from litedetr.models import load_model, read_config
+from litedetr.tools.args import int_at_least
 from litedetr.tools.train import add_data_arguments, format_metrics, resolve_data
 
 __all__ = ["add_arguments", "evaluate_model_file"]
@@ -58,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a litedetr model file (.safetensors), e.g. RUN_DIR/model.safetensors")
     add_data_arguments(p, ("val",))
     p.add_argument("--out", type=Path, default=Path("litedetr-eval"), help="where metrics.json and detections.json go")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int_at_least(1), default=2)
+    p.add_argument("--workers", type=int_at_least(0), default=2)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)

@@ -38,6 +38,7 @@ from litedetr.models.postprocess import postprocess
 from litedetr.models.transform import batch_images
 from litedetr.nn import LayerQueries
 from litedetr.ops import level_start_index
+from litedetr.tools.args import int_at_least
 
 __all__ = ["LayerSamples", "Explanation", "capture_encoder_attention", "explain", "plot_attention", "plot_schedule", "add_arguments"]
 
@@ -257,9 +258,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="the preset of an authors' .pth checkpoint")
     p.add_argument("--out", required=True, help="output directory")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--query", type=int, help="flat encoder token index (finest level first)")
-    which.add_argument("--object", type=int, default=0, help="explain the token at the centre of the K-th detection (default 0)")
-    p.add_argument("--level", type=int, help="level of the token for --object (default: the finest level queried in every layer)")
-    p.add_argument("--top", type=int, default=16, help="strongest samples drawn per layer and level (default 16)")
+    which.add_argument("--query", type=int_at_least(0), help="flat encoder token index (finest level first)")
+    which.add_argument("--object", type=int_at_least(0), default=0, help="explain the token at the centre of the K-th detection (default 0)")
+    p.add_argument("--level", type=int_at_least(0), help="level of the token for --object (default: the finest level queried in every layer)")
+    p.add_argument("--top", type=int_at_least(1), default=16, help="strongest samples drawn per layer and level (default 16)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.set_defaults(func=run)

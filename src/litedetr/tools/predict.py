@@ -20,6 +20,7 @@ from typing import Any
 
 from litedetr.models import Detector
 from litedetr.models.inputs import load_image
+from litedetr.tools.args import float_in, int_at_least
 from litedetr.tools.draw import draw_detections
 
 __all__ = ["IMAGE_SUFFIXES", "find_images", "predict_files", "add_arguments"]
@@ -84,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a litedetr .safetensors model file (or an authors' .pth with --preset)")
     p.add_argument("--preset", help="the preset of an authors' .pth checkpoint, e.g. lite-dino-r50-h3l1-2x3")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--threshold", type=float, default=0.3, help="keep detections scoring at least this (default 0.3)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    p.add_argument("--threshold", type=float_in(0, 1), default=0.3, help="keep detections scoring at least this (default 0.3)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=4, help="images per forward pass (default 4)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.set_defaults(func=run)

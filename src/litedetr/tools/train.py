@@ -14,6 +14,7 @@ from litedetr.data import AugmentConfig, SyntheticSpec, find_split, write_synthe
 from litedetr.engine import TrainConfig, Trainer
 from litedetr.engine import distributed
 from litedetr.models import get_config
+from litedetr.tools.args import float_in, int_at_least
 
 __all__ = ["add_arguments", "add_data_arguments", "resolve_data", "default_image_sizes"]
 
@@ -137,24 +138,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="change preset fields, e.g. backbone_trainable_norm=true dn_number=100 (DetectorConfig)")  # fmt: skip
     add_data_arguments(p, ("train", "val"))
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, logs, model file)")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int_at_least(1), default=12)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--batch-size", type=int, default=2, help="images per step and process (default 2)")
-    p.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--lr-backbone", type=float, default=1e-5)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--clip-norm", type=float, default=0.1, help="gradient-norm clipping (0: off)")
-    p.add_argument("--lr-drop", type=int, nargs="+", help="epochs after which the learning rate drops 10x (default: 11/12 of the run)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=2, help="images per step and process (default 2)")
+    p.add_argument("--accumulate", type=int_at_least(1), default=1, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float_in(0, low_open=True), default=1e-4)
+    p.add_argument("--lr-backbone", type=float_in(0), default=1e-5)
+    p.add_argument("--weight-decay", type=float_in(0), default=1e-4)
+    p.add_argument("--clip-norm", type=float_in(0), default=0.1, help="gradient-norm clipping (0: off)")
+    p.add_argument("--lr-drop", type=int_at_least(1), nargs="+", help="epochs after which the learning rate drops 10x (default: 11/12 of the run)")
     p.add_argument("--image-sizes", type=_sizes, help="training short sides, e.g. 480,512,544 (default: DETR's, scaled to the preset)")
-    p.add_argument("--max-size", type=int, help="longest side (default: the preset's)")
+    p.add_argument("--max-size", type=int_at_least(1), help="longest side (default: the preset's)")
     p.add_argument("--amp", action="store_true", help="mixed precision: fp16 on CUDA; bf16 on a CPU (fast only with AVX-512 BF16 or AMX, else a warning)")
-    p.add_argument("--ema", type=float, metavar="DECAY", help="keep an EMA of the weights, e.g. 0.9997")
+    p.add_argument("--ema", type=float_in(0, 1, low_open=True, high_open=True), metavar="DECAY", help="keep an EMA of the weights, e.g. 0.9997")
     p.add_argument("--backbone-weights", help="local ImageNet weights for the backbone (a torchvision state dict)")
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--workers", type=int_at_least(0), default=2, help="data-loading processes")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: per epoch only)")
+    p.add_argument("--eval-every", type=int_at_least(1), default=1, help="evaluate every N epochs")
+    p.add_argument("--checkpoint-every", type=int_at_least(0), default=0, help="also checkpoint every N steps (0: per epoch only)")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact reruns on CPU)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.set_defaults(func=run)
