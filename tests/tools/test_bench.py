@@ -46,4 +46,5 @@ def test_cli_json_and_errors(capsys):
     assert main(["bench", "--model", TINY, "--size", "64x64", "--repeats", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["model_latency_s"] > 0 and report["encoder_latency_s"] > 0 and report["device"] == "cpu"
-    assert main(["bench", "--model", TINY, "--size", "64x64", "--batch", "0"]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        main(["bench", "--model", TINY, "--size", "64x64", "--batch", "0"])
