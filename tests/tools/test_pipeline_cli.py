@@ -127,3 +127,16 @@ def test_preset_suggestions_and_an_empty_listing(capsys):
     assert "no preset name contains 'no-such-family'" in capsys.readouterr().err
     assert main(["models", "r18-tiny"]) == 0
     assert "lite-dino-r18-tiny-h3l1-2x3" in capsys.readouterr().out
+
+
+def test_a_finished_run_is_extended_by_more_epochs(trained, tiny_synthetic, tmp_path):
+    """--epochs may grow on resume; the learning-rate drop stays the run's own (not re-derived from --epochs)."""
+    import shutil
+
+    out = tmp_path / "extended"
+    shutil.copytree(trained, out)
+    assert main(["train", *TRAIN, "--data", str(tiny_synthetic), "--epochs", "3", "--out", str(out), "--resume"]) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"train"' in line]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[-1]["lr"] == pytest.approx(records[0]["lr"] * 0.1)  # dropped after epoch 1, as the 2-epoch run set
+    assert json.loads((out / "train_config.json").read_text())["epochs"] == 3

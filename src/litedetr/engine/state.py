@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from litedetr.models.checkpoint import atomic_write
 
-__all__ = ["save_state", "load_state", "rng_state", "set_rng_state"]
+__all__ = ["save_state", "load_state", "read_train_config", "rng_state", "set_rng_state"]
 
 
 def rng_state() -> dict[str, Any]:
@@ -39,6 +40,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """``torch.save`` to a temporary file beside ``path``, then rename: a crash leaves the old file whole."""
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def read_train_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The training config saved in a checkpoint, without reading its tensors (memory-mapped)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # a truncated or foreign file: name it rather than show a pickle traceback
+        raise ValueError(f"{path}: not a readable litedetr training checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or "train_config" not in state:
+        raise ValueError(f"{path}: not a litedetr training checkpoint (no train_config entry)")
+    return json.loads(state["train_config"])
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:

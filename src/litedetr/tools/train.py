@@ -13,6 +13,8 @@ import torch
 from litedetr.data import AugmentConfig, SyntheticSpec, find_split, write_synthetic_dataset
 from litedetr.engine import TrainConfig, Trainer
 from litedetr.engine import distributed
+from litedetr.engine.state import read_train_config
+from litedetr.engine.trainer import CHECKPOINT
 from litedetr.models import get_config
 from litedetr.tools.args import float_in, int_at_least
 
@@ -74,6 +76,14 @@ def _override(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _default_lr_drop(args: argparse.Namespace) -> tuple[int, ...]:
+    """11/12 of the run; on resume, the run's own (so that ``--epochs`` can extend a run)."""
+    checkpoint = args.out / CHECKPOINT
+    if args.resume and checkpoint.exists():
+        return tuple(read_train_config(checkpoint)["lr_drop"])
+    return (max(1, args.epochs * 11 // 12),)
+
+
 def run(args: argparse.Namespace) -> int:
     distributed.init_from_env(torch.device(args.device))
     # every argument is checked before any work (the synthetic dataset takes minutes to write)
@@ -93,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         lr_backbone=args.lr_backbone,
         weight_decay=args.weight_decay,
         clip_norm=args.clip_norm,
-        lr_drop=tuple(args.lr_drop) if args.lr_drop is not None else (max(1, args.epochs * 11 // 12),),
+        lr_drop=tuple(args.lr_drop) if args.lr_drop is not None else _default_lr_drop(args),
         image_sizes=sizes,
         max_size=args.max_size or max_size,
         augment=AugmentConfig().scaled(max(sizes) / 800),
@@ -139,7 +149,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p, ("train", "val"))
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, logs, model file)")
     p.add_argument("--epochs", type=int_at_least(1), default=12)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint; only --epochs (e.g. to extend a finished run), --eval-every, --workers, "
+        "--device and --checkpoint-every may differ from the run's, and --lr-drop defaults to the run's own",
+    )
     p.add_argument("--batch-size", type=int_at_least(1), default=2, help="images per step and process (default 2)")
     p.add_argument("--accumulate", type=int_at_least(1), default=1, help="gradient accumulation steps")
     p.add_argument("--lr", type=float_in(0, low_open=True), default=1e-4)
