@@ -29,14 +29,16 @@ def test_each_epoch_trains_its_share_and_the_schedule_counts_epochs(tiny_synthet
     assert [r["lr"] for r in records] == pytest.approx([1e-4, 1e-4, 1e-5, 1e-5])
 
 
-def test_resume_inside_a_short_epoch_equals_a_straight_run(tiny_synthetic, tmp_path):
-    straight = Trainer(config(tiny_synthetic), tmp_path / "straight")
+@pytest.mark.parametrize("sizes", [(64,), (56, 64)])
+def test_resume_inside_a_short_epoch_equals_a_straight_run(tiny_synthetic, tmp_path, sizes):
+    """Also with several image sizes: the size drawn per step repeats in a rerun and after a resume."""
+    straight = Trainer(config(tiny_synthetic, image_sizes=sizes), tmp_path / "straight")
     straight.fit()
 
-    partial = Trainer(config(tiny_synthetic, checkpoint_every=1), tmp_path / "resumed")
+    partial = Trainer(config(tiny_synthetic, checkpoint_every=1, image_sizes=sizes), tmp_path / "resumed")
     partial._stop.set()  # as a SIGTERM would: stop after the first step, checkpoint written
     assert partial.fit().interrupted and partial.step == 1
-    resumed = Trainer(config(tiny_synthetic, checkpoint_every=1), tmp_path / "resumed", resume=True)
+    resumed = Trainer(config(tiny_synthetic, checkpoint_every=1, image_sizes=sizes), tmp_path / "resumed", resume=True)
     assert (resumed.epoch, resumed.batches_done) == (0, 1)
     assert resumed.fit().steps == 4
     for name, value in straight.model.state_dict().items():
@@ -63,3 +65,13 @@ def test_the_log_names_every_parameter_groups_lr_and_files_get_the_usual_mode(ti
     assert record["lr_groups"]["sampling"] == pytest.approx(4e-4 * TrainConfig.lr_sampling_mult)
     for name in ("checkpoint.pt", "model.safetensors", "log.jsonl"):
         assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == 0o644, name
+
+
+def test_each_rank_takes_its_own_random_state_on_resume(monkeypatch, tmp_path):
+    from litedetr.engine import distributed, trainer
+
+    states = [{"rank": 0}, {"rank": 1}]
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    assert trainer._own_rng_state(states, tmp_path / "checkpoint.pt") == {"rank": 1}
+    assert trainer._own_rng_state({"rank": 0}, tmp_path / "checkpoint.pt") == {"rank": 0}  # a checkpoint of litedetr 0.1

@@ -54,6 +54,17 @@ _RESUMABLE_CHANGES = {"epochs", "eval_every", "workers", "device", "checkpoint_e
 """TrainConfig fields a resumed run may change."""
 
 
+def _own_rng_state(saved: dict[str, Any] | list[dict[str, Any]], path: Path) -> dict[str, Any]:
+    """This rank's random state from a checkpoint (one per rank; checkpoints before 0.2 hold rank 0's only)."""
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) != distributed.world_size():
+        logger.warning(
+            "%s was written by %d process(es), this run has %d: ranks beyond them take rank 0's random state", path, len(states), distributed.world_size()
+        )
+    rank = distributed.rank()
+    return states[rank] if rank < len(states) else states[0]
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -132,7 +143,7 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
 
-    def _state(self) -> dict[str, Any]:
+    def _state(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -142,15 +153,16 @@ class Trainer:
             "epoch": self.epoch,
             "batches_done": self.batches_done,
             "step": self.step,
-            "rng": rng_state(),
+            "rng": rngs,
             "train_config": json.dumps(self.config.to_dict()),
             "history": json.dumps(self.history),
         }
 
     def save(self) -> None:
         """Write the resume checkpoint and the model file (rank 0; the others wait)."""
+        rngs = distributed.all_gather_objects(rng_state())  # every rank's own random state
         if distributed.is_main():
-            save_state(self.out / CHECKPOINT, self._state())
+            save_state(self.out / CHECKPOINT, self._state(rngs))
             save_model(self.ema.module if self.ema else self.model, self.out / MODEL_FILE)
         distributed.barrier()
 
@@ -179,7 +191,7 @@ class Trainer:
         self.history = json.loads(state["history"])
         if distributed.is_main():  # drop records of steps after the checkpoint: they are trained again
             (self.out / "log.jsonl").write_text("".join(json.dumps(record) + "\n" for record in self.history))
-        set_rng_state(state["rng"])
+        set_rng_state(_own_rng_state(state["rng"], path))
         logger.info("resumed %s at epoch %d, batch %d (step %d)", path, self.epoch, self.batches_done, self.step)
 
     # -- the loop ----------------------------------------------------------------------------------
