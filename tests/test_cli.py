@@ -73,3 +73,33 @@ def test_a_command_help_shows_its_arguments(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "--epochs" in out and "--amp" in out
+
+
+def test_quiet_and_verbose_set_what_the_library_logs(capsys):
+    import logging
+
+    from litedetr.cli import main
+
+    def logged(flag: list[str]) -> str:
+        assert main(["models", "r18-tiny", *flag]) == 0
+        logging.getLogger("litedetr.models").info("an info line")
+        logging.getLogger("litedetr.models").debug("a debug line")
+        return capsys.readouterr().err
+
+    assert "an info line" in logged([]) and "a debug line" not in logged([])
+    assert logged(["--quiet"]) == ""
+    assert "litedetr: a debug line" in logged(["-v"])
+
+
+def test_log_lines_go_through_tqdm_while_it_is_loaded(monkeypatch, capsys):
+    import logging
+
+    import tqdm
+
+    from litedetr.cli import configure_logging
+
+    written = []
+    monkeypatch.setattr(tqdm.tqdm, "write", classmethod(lambda cls, text, file=None, **kw: written.append(text)))
+    configure_logging()
+    logging.getLogger("litedetr.engine").warning("over a progress bar")
+    assert written == ["litedetr: warning: over a progress bar"] and capsys.readouterr().err == ""

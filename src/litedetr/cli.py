@@ -116,8 +116,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     (``None``: all of them), the others are listed by name and help."""
     parser = argparse.ArgumentParser(prog="litedetr", description="Lite DETR: efficient multi-scale DETR encoders.")
     parser.add_argument("--version", action="version", version=f"litedetr {__version__}")
+    verbosity = argparse.ArgumentParser(add_help=False)
+    loudness = verbosity.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", dest="log_level", action="store_const", const=logging.WARNING, help="only warnings and errors")
+    loudness.add_argument("-v", "--verbose", dest="log_level", action="store_const", const=logging.DEBUG, help="also debugging messages")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("schedule", help="which tokens are queries in each encoder layer, for an image size")
+    p = sub.add_parser("schedule", parents=[verbosity], help="which tokens are queries in each encoder layer, for an image size")
     p.add_argument("--size", type=size_type(1), default=(800, 1333), help="image size HxW (default 800x1333)")
     p.add_argument("--high", type=int_at_least(1), default=3, help="H: number of high-level (coarsest) scales")
     p.add_argument("--standard", dest="high", action="store_const", const=None, help="the standard encoder instead")
@@ -127,13 +131,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_schedule)
 
-    p = sub.add_parser("models", help="list the named model presets")
+    p = sub.add_parser("models", parents=[verbosity], help="list the named model presets")
     p.add_argument("filter", nargs="?", help="only presets whose name contains this text")
     p.add_argument("--json", action="store_true", help="print the full configs as JSON")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser(
-        "convert", help="convert a checkpoint (.pth) of the authors' Lite-DINO, DINO, Deformable DETR or H-DETR into a litedetr model file"
+        "convert", parents=[verbosity], help="convert a checkpoint (.pth) of the authors' Lite-DINO, DINO, Deformable DETR or H-DETR into a litedetr model file"
     )
     p.add_argument("checkpoint", help="the .pth file (state dict under 'model')")
     p.add_argument(
@@ -147,14 +151,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     for name, (module, help_text) in TOOL_COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, parents=[verbosity], help=help_text, description=help_text)
         if command is None or command == name:
             importlib.import_module(module).add_arguments(p)
     return parser
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes ``litedetr: message`` (``litedetr: warning: message`` above INFO) to the current ``sys.stderr``."""
+    """Writes ``litedetr: message`` (``litedetr: warning: message`` above INFO) to the current ``sys.stderr``,
+    through tqdm when it is loaded, so that a progress bar is cleared and redrawn around the line."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
@@ -171,19 +176,29 @@ class _StderrHandler(logging.StreamHandler):
         level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
         return f"litedetr: {level}{record.getMessage()}"
 
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm = sys.modules.get("tqdm")
+        if tqdm is None:
+            super().emit(record)
+            return
+        try:
+            tqdm.tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must not raise
+            self.handleError(record)
 
-def configure_logging() -> None:
-    """Library modules log through ``logging``; the command line shows their INFO and above on stderr."""
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Library modules log through ``logging``; the command line shows ``level`` and above on stderr."""
     logger = logging.getLogger("litedetr")
     logger.handlers[:] = [handler for handler in logger.handlers if not isinstance(handler, _StderrHandler)] + [_StderrHandler()]
-    logger.setLevel(logging.INFO)
+    logger.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     args = build_parser(command if command in TOOL_COMMANDS else "").parse_args(argv)
-    configure_logging()
+    configure_logging(getattr(args, "log_level", None) or logging.INFO)
     from litedetr.engine import TrainingDiverged
     from litedetr.models.convert import ConversionError
 
