@@ -119,3 +119,25 @@ def test_trainer_under_torchrun_with_two_processes(tiny_synthetic, tmp_path):
     assert (out / "checkpoint.pt").exists() and (out / "model.safetensors").exists()
     assert len(json.loads((out / "detections_val.json").read_text())) > 0
     assert Path(out / "curves.png").stat().st_size > 0
+
+
+def _empty_batch_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(build_model("dino-r18-tiny", num_classes=3, min_size=(64,), max_size=64, num_queries=10, num_select=10).train())
+    images, targets = batch()
+    if rank == 1:  # COCO keeps images without objects: this rank's batch has none
+        targets = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)} for _ in targets]
+    for _ in range(2):  # DDP notices a parameter without gradient at the next iteration
+        model.zero_grad()
+        sum(model(images[:2], targets[:2]).values()).backward()
+    if rank == 0:
+        Path(out).write_text("trained")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_dino_trains_under_ddp_when_one_rank_has_no_objects(tmp_path):
+    mp.spawn(_empty_batch_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "done")), nprocs=2, join=True)
+    assert (tmp_path / "done").read_text() == "trained"

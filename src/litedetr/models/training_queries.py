@@ -52,8 +52,8 @@ class Denoising(TrainingQueries):
         """Denoising queries in front of ``queries`` (unchanged when no image has a target)."""
         num = queries.content.shape[1]
         dn = build_denoising_queries(targets, self.label_embed, self.num_classes, num, self.number, self.label_noise_ratio, self.box_noise_scale)
-        if dn is None:
-            return queries
+        if dn is None:  # no image has a target: the label embedding still takes part (with a zero gradient), as DDP requires
+            return replace(queries, content=queries.content + 0.0 * self.label_embed.weight.sum())
         attn_mask = dn.attn_mask.clone()
         if queries.attn_mask is not None:
             attn_mask[dn.pad :, dn.pad :] |= queries.attn_mask
