@@ -125,7 +125,8 @@ def _empty_batch_worker(rank: int, world: int, init_file: str, out: str) -> None
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = DistributedDataParallel(build_model("dino-r18-tiny", num_classes=3, min_size=(64,), max_size=64, num_queries=10, num_select=10).train())
+    dino = build_model("dino-r18-tiny", num_classes=3, min_size=(64,), max_size=64, num_queries=10, num_select=10)
+    model = DistributedDataParallel(dino.train())
     images, targets = batch()
     if rank == 1:  # COCO keeps images without objects: this rank's batch has none
         targets = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)} for _ in targets]

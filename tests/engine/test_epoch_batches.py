@@ -75,3 +75,15 @@ def test_each_rank_takes_its_own_random_state_on_resume(monkeypatch, tmp_path):
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     assert trainer._own_rng_state(states, tmp_path / "checkpoint.pt") == {"rank": 1}
     assert trainer._own_rng_state({"rank": 0}, tmp_path / "checkpoint.pt") == {"rank": 0}  # a checkpoint of litedetr 0.1
+
+
+def test_accumulation_steps_at_every_epoch_end_and_nothing_leaks(tiny_synthetic, tmp_path):
+    """4 batches, accumulate 3: a step after batch 3 and one after batch 4 (the mean of its own batch), no gradient left over."""
+    trainer = Trainer(config(tiny_synthetic, epochs=2, epoch_batches=0, accumulate=3), tmp_path / "run")
+    assert len(trainer.train_set) == 4
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    (tmp_path / "run").mkdir(exist_ok=True)
+    trainer._train_epoch()
+    assert trainer.step == 2 and trainer.epoch == 1
+    assert all(p.grad is None for p in trainer.model.parameters())
+    assert any(not torch.equal(before[name], p) for name, p in trainer.model.named_parameters())

@@ -13,6 +13,7 @@ A run directory holds::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -234,6 +235,12 @@ class Trainer:
             terms = sorted(k for k, v in losses.items() if not torch.isfinite(v))
             raise TrainingDiverged(self._diverged_message(f"the loss became {loss.item()} (non-finite terms on this rank: {terms or 'none'})"))
 
+    def _gradient_sync(self, stepping: bool) -> contextlib.AbstractContextManager:
+        """DDP all-reduces gradients only on the backward before an optimiser step (``no_sync`` between)."""
+        if isinstance(self.net, DistributedDataParallel) and not stepping:
+            return self.net.no_sync()
+        return contextlib.nullcontext()
+
     def _forward_backward(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Losses of one batch (under autocast when asked), checked finite on every rank, and their backward."""
         images = [img.to(self.device) for img in images]
@@ -285,11 +292,20 @@ class Trainer:
         batches = min(len(loader), cfg.epoch_batches - self.batches_done) if cfg.epoch_batches else len(loader)
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", total=batches, unit="batch", disable=not distributed.is_main(), dynamic_ncols=True)
         started = time.perf_counter()
+        epoch_end = self.batches_done + batches
         for images, targets in bar:
-            loss, losses = self._forward_backward(images, targets)
+            # a step every `accumulate` batches, and one at the epoch's end with what is left (nothing leaks into the next epoch)
+            stepping = (self.batches_done + 1) % cfg.accumulate == 0 or self.batches_done + 1 == epoch_end
+            with self._gradient_sync(stepping):
+                loss, losses = self._forward_backward(images, targets)
             self.batches_done += 1
-            if self.batches_done % cfg.accumulate:
+            if not stepping:
                 continue
+            left_over = self.batches_done % cfg.accumulate
+            if left_over:  # the losses were divided by `accumulate`: make this step the mean over its own batches
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(cfg.accumulate / left_over)
             grad_norm = self._optimizer_step()
             self.step += 1
             final_layer = {k: v.item() for k, v in losses.items() if k in ("loss_class", "loss_bbox", "loss_giou")}
