@@ -97,3 +97,62 @@ def test_find_split_reads_cocos_layout(tmp_path):
     assert split.annotations.name == "instances_val2017.json" and split.images == tmp_path / "val2017"
     with pytest.raises(ValueError, match="no annotations/instances_train"):
         find_split(tmp_path, "train")
+
+
+def test_16_bit_palette_and_alpha_images_are_read_as_they_look(tmp_path):
+    """16-bit grayscale is scaled to 8 bits (not clipped to white); other modes convert to RGB."""
+    import numpy as np
+    from PIL import Image
+
+    annotation_file, folder = write_coco(tmp_path, [coco_image(i, 40, 50) for i in (1, 2, 3)], [], CATEGORIES)
+    ramp = (np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16)  # 0..59970
+    Image.fromarray(ramp).save(folder / "001.png")
+    with Image.open(folder / "001.png") as stored:
+        assert stored.mode.startswith("I")
+    Image.fromarray((ramp // 257).astype(np.uint8), "L").convert("P").save(folder / "002.png")
+    Image.fromarray(np.stack([(ramp // 257).astype(np.uint8)] * 2, -1), "LA").save(folder / "003.png")
+    dataset = CocoDetection(annotation_file, folder)
+    expected = torch.from_numpy(np.rint(ramp / 257).astype(np.uint8))
+    sixteen = dataset.read_image(0)
+    assert sixteen.shape == (3, 40, 50) and torch.equal(sixteen[0], expected) and torch.equal(sixteen[1], expected)
+    assert (dataset.read_image(1)[0].int() - expected.int()).abs().max() <= 1
+    assert (dataset.read_image(2)[0].int() - expected.int()).abs().max() <= 1
+
+
+def test_cmyk_is_converted_and_undefined_pixel_ranges_are_refused_by_name(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from litedetr.models.inputs import load_image
+
+    Image.fromarray(np.zeros((8, 8, 4), np.uint8), "CMYK").save(tmp_path / "cmyk.jpg")
+    assert np.asarray(load_image(tmp_path / "cmyk.jpg")).min() >= 250  # no ink: white
+    Image.fromarray(np.ones((8, 8), np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match="float.tif: floating-point pixels"):
+        load_image(tmp_path / "float.tif")
+    Image.fromarray(np.full((8, 8), 70000, np.int32)).save(tmp_path / "wide.tif")
+    with pytest.raises(ValueError, match="wide.tif: integer pixels outside 0..65535"):
+        load_image(tmp_path / "wide.tif")
+
+
+def test_one_orientation_rule_for_training_and_prediction(tmp_path, caplog):
+    """EXIF orientation is applied when a dataset is read, as predict does, and sizes are checked after it."""
+    import numpy as np
+    from PIL import Image
+
+    from litedetr.models.inputs import load_image
+
+    annotation_file, folder = write_coco(tmp_path, [coco_image(1, 50, 40), coco_image(2, 40, 50)], [], CATEGORIES)
+    pixels = np.zeros((40, 50, 3), np.uint8)
+    pixels[:, :10] = 255  # a white band on the left of the stored image
+    for name in ("001.png", "002.png"):
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+        Image.fromarray(pixels).save(folder / name, exif=exif)
+    dataset = CocoDetection(annotation_file, folder)
+    shown = dataset.read_image(0)
+    assert shown.shape == (3, 50, 40) and torch.equal(shown, torch.from_numpy(np.array(load_image(folder / "001.png"))).permute(2, 0, 1))
+    assert shown[:, :10].float().mean() == 255 and shown[:, -10:].float().mean() == 0  # the band is on top once rotated
+    with caplog.at_level(logging.WARNING):
+        assert dataset.read_image(1) is None  # its JSON gives the stored (unrotated) size
+    assert "differs from the annotation's" in caplog.text and "002.png" in caplog.text

@@ -22,10 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
+
+from litedetr.models.inputs import load_image
 
 __all__ = ["CocoDetection", "Sample", "Split", "find_split", "collate"]
 
@@ -187,13 +188,13 @@ class CocoDetection(Dataset):
         return len(self.samples)
 
     def read_image(self, index: int) -> Tensor | None:
-        """``(3, H, W)`` uint8 RGB, or ``None`` (logged) when the file cannot be decoded."""
+        """``(3, H, W)`` uint8 RGB as :func:`~litedetr.models.inputs.load_image` reads it (EXIF orientation
+        applied, 16-bit scaled), or ``None`` (logged) when the file cannot be read or its size is not the JSON's."""
         sample = self.samples[index]
         try:
-            with Image.open(sample.path) as file:
-                pixels = np.asarray(file.convert("RGB"))
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            logger.warning("skipped unreadable image %s (%s)", sample.path, str(err).splitlines()[0] if str(err) else type(err).__name__)
+            pixels = np.asarray(load_image(sample.path))
+        except ValueError as err:
+            logger.warning("skipped unreadable image %s", str(err).splitlines()[0])
             return None
         image = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
         if tuple(image.shape[1:]) != (sample.height, sample.width):

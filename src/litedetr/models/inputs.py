@@ -22,20 +22,37 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
 """One image: a file path, a PIL image, an ``(H, W, 3)`` uint8 array or a ``(3, H, W)`` tensor."""
 
 
+_WIDE_INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+"""Pillow's modes of 16-bit (and 32-bit integer) grayscale, which ``convert("RGB")`` would clip to white."""
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Read an image file as RGB (EXIF orientation applied).
+    """Read an image file as 8-bit RGB, the one rule for training, evaluation and prediction.
+
+    The EXIF orientation is applied (as detectron2 and Ultralytics do). Palette, CMYK, grayscale
+    and alpha modes are converted to RGB (alpha dropped); 16-bit grayscale is scaled to 8 bits
+    (``value / 257``); floating-point and wider-than-16-bit integer images are refused by name.
 
     Raises:
-        ValueError: the file is missing or not a readable image (the message names it).
+        ValueError: the file is missing, not a readable image, or of a mode that cannot be read
+            faithfully (the message names it).
     """
     try:
         with Image.open(path) as image:
             image.load()
-            return ImageOps.exif_transpose(image).convert("RGB")
+            image = ImageOps.exif_transpose(image)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise ValueError(f"{path}: not a readable image ({err})") from None
+    if image.mode in _WIDE_INTEGER_MODES:
+        pixels = np.asarray(image).astype(np.int64)
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+            raise ValueError(f"{path}: integer pixels outside 0..65535 (mode {image.mode}); save it as an 8- or 16-bit image")
+        image = Image.fromarray(np.rint(pixels / 257).astype(np.uint8), "L")
+    elif image.mode == "F":
+        raise ValueError(f"{path}: floating-point pixels (mode F) have no defined range; save it as an 8- or 16-bit image")
+    return image.convert("RGB")
 
 
 def to_image_tensor(image: ImageInput) -> Tensor:
