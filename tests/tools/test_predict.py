@@ -62,7 +62,7 @@ def test_drawn_box_outline_and_label_are_in_the_picture():
     [
         (lambda d: ["--checkpoint", str(d / "none.safetensors"), str(d)], "none.safetensors: no such checkpoint file"),
         (lambda d: [str(d / "missing.jpg")], "missing.jpg: no such image file or directory"),
-        (lambda d: [str(d / "bad.jpg")], "bad.jpg: not a readable image"),
+        (lambda d: [str(d / "bad.jpg"), "--strict"], "bad.jpg: not a readable image"),
         (lambda d: [str(d / "empty")], "no image files in"),
     ],
 )
@@ -75,3 +75,19 @@ def test_errors_are_one_line(checkpoint, tmp_path, capsys, make, message):
     assert main(["predict", *args, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("litedetr: error: ") and message in err and err.count("\n") == 1
+
+
+def test_an_unreadable_image_is_skipped_with_a_warning_and_counted(checkpoint, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    synthetic_scene(90, 120, seed=1).save(images / "a.png")
+    (images / "b.jpg").write_bytes(b"garbage")
+    synthetic_scene(64, 64, seed=3).save(images / "c.png")
+    assert main(["predict", "--checkpoint", str(checkpoint[1]), str(images), "--out", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    assert "litedetr: warning: skipped" in captured.err and "b.jpg: not a readable image" in captured.err
+    assert "2 images (1 unreadable images skipped, named above)" in captured.out
+    entries = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert [e["drawing"] for e in entries] == ["a.png", "c.png"]
+    assert main(["predict", "--checkpoint", str(checkpoint[1]), str(images / "b.jpg"), "--out", str(tmp_path / "o2")]) == 2
+    assert "none of the 1 images could be read" in capsys.readouterr().err

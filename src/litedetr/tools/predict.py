@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from litedetr.models import Detector
 from litedetr.models.inputs import load_image
@@ -24,6 +27,8 @@ from litedetr.tools.args import float_in, int_at_least
 from litedetr.tools.draw import draw_detections
 
 __all__ = ["IMAGE_SUFFIXES", "find_images", "predict_files", "add_arguments"]
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -51,15 +56,35 @@ def _unique_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def predict_files(model: Detector, paths: list[Path], out: Path, threshold: float = 0.3, batch_size: int = 4) -> list[dict[str, Any]]:
-    """Detect, draw ``<stem>.png`` per image and write ``predictions.json`` into ``out``; returns the JSON's entries."""
+def _readable(paths: list[Path], names: list[str], strict: bool) -> list[tuple[Path, str, Image.Image]]:
+    """The images of ``paths`` that can be read; the others are logged and left out (raised with ``strict``)."""
+    readable = []
+    for path, name in zip(paths, names):
+        try:
+            readable.append((path, name, load_image(path)))
+        except ValueError as err:
+            if strict:
+                raise
+            logger.warning("skipped %s", err)
+    return readable
+
+
+def predict_files(
+    model: Detector, paths: list[Path], out: Path, threshold: float = 0.3, batch_size: int = 4, strict: bool = False
+) -> list[dict[str, Any]]:
+    """Detect, draw ``<stem>.png`` per image and write ``predictions.json`` into ``out``; returns the JSON's entries.
+
+    An image that cannot be read is skipped with a warning (no entry); with ``strict`` it stops the run.
+    """
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     names = _unique_names(paths)
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        images = [load_image(p) for p in chunk]
-        for path, name, image, result in zip(chunk, names[start:], images, model.predict(images, threshold, batch_size)):
+        chunk = _readable(paths[start : start + batch_size], names[start : start + batch_size], strict)
+        if not chunk:
+            continue
+        images = [image for _, _, image in chunk]
+        for (path, name, image), result in zip(chunk, model.predict(images, threshold, batch_size)):
             drawing = f"{name}.png"
             draw_detections(image, result["boxes"], result["scores"], result["labels"], result["names"]).save(out / drawing)
             detections = [
@@ -73,9 +98,16 @@ def predict_files(model: Detector, paths: list[Path], out: Path, threshold: floa
 
 def run(args: argparse.Namespace) -> int:
     model = Detector.from_checkpoint(args.checkpoint, args.device, args.preset)
-    entries = predict_files(model, find_images(args.images), Path(args.out), args.threshold, args.batch_size)
+    paths = find_images(args.images)
+    entries = predict_files(model, paths, Path(args.out), args.threshold, args.batch_size, args.strict)
+    if not entries:
+        raise ValueError(f"none of the {len(paths)} images could be read (named above)")
     total = sum(len(e["detections"]) for e in entries)
-    print(f"{len(entries)} images, {total} detections with score >= {args.threshold}: {Path(args.out) / 'predictions.json'} and one PNG per image")
+    skipped = f" ({len(paths) - len(entries)} unreadable images skipped, named above)" if len(entries) < len(paths) else ""
+    print(
+        f"{len(entries)} images{skipped}, {total} detections with score >= {args.threshold}: "
+        f"{Path(args.out) / 'predictions.json'} and one PNG per image"
+    )
     return 0
 
 
@@ -88,4 +120,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float_in(0, 1), default=0.3, help="keep detections scoring at least this (default 0.3)")
     p.add_argument("--batch-size", type=int_at_least(1), default=4, help="images per forward pass (default 4)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it with a warning")
     p.set_defaults(func=run)
