@@ -140,3 +140,12 @@ def test_a_finished_run_is_extended_by_more_epochs(trained, tiny_synthetic, tmp_
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert records[-1]["lr"] == pytest.approx(records[0]["lr"] * 0.1)  # dropped after epoch 1, as the 2-epoch run set
     assert json.loads((out / "train_config.json").read_text())["epochs"] == 3
+
+
+def test_the_model_file_keeps_the_datasets_category_ids(trained, tiny_synthetic):
+    from litedetr.data import CocoDetection, find_split
+
+    split = find_split(tiny_synthetic, "train")
+    dataset = CocoDetection(split.annotations, split.images)
+    config = load_model(trained / "model.safetensors").config
+    assert config.category_ids == dataset.category_ids and config.class_names == dataset.class_names

@@ -69,7 +69,7 @@ class TrainConfig:
     deterministic: bool = False
     device: str = "cpu"
 
-    DATASET_FIELDS: ClassVar[frozenset[str]] = frozenset({"num_classes", "class_names", "min_size", "max_size"})
+    DATASET_FIELDS: ClassVar[frozenset[str]] = frozenset({"num_classes", "class_names", "category_ids", "min_size", "max_size"})
     """DetectorConfig fields that come from the dataset and the image sizes, never from ``model_overrides``."""
 
     def __post_init__(self) -> None:

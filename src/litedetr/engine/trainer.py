@@ -123,6 +123,7 @@ class Trainer:
             backbone_weights=config.backbone_weights,
             num_classes=self.train_set.num_classes,
             class_names=self.train_set.class_names,
+            category_ids=self.train_set.category_ids,
             min_size=config.image_sizes,
             max_size=config.max_size,
             **config.model_overrides,

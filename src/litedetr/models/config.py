@@ -65,6 +65,8 @@ class DetectorConfig:
     pe_temperature: float = 20.0
     class_names: tuple[str, ...] = ()
     """Optional display name of each label ``0..num_classes-1`` (empty: labels are shown as numbers)."""
+    category_ids: tuple[int, ...] = ()
+    """Optional dataset category id of each label (e.g. COCO's 91-id layout), so predictions become COCO results."""
 
     def __post_init__(self) -> None:
         if self.family not in get_args(Family):
@@ -81,6 +83,8 @@ class DetectorConfig:
             raise ValueError("a detector has one kind of training-only queries: set dn_number or one_to_many_queries, not both")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names given for {self.num_classes} classes")
+        if self.category_ids and len(self.category_ids) != self.num_classes:
+            raise ValueError(f"{len(self.category_ids)} category ids given for {self.num_classes} classes")
 
     def class_name(self, label: int) -> str:
         """The display name of ``label`` (its number when the config has no names)."""
@@ -98,7 +102,7 @@ def config_from_dict(data: dict[str, Any]) -> DetectorConfig:
     if unknown:
         raise ValueError(f"unknown detector config keys: {unknown}")
     encoder = EncoderConfig(**data.pop("encoder", {}))
-    for key in ("min_size", "class_names"):
+    for key in ("min_size", "class_names", "category_ids"):
         if key in data:
             data[key] = tuple(data[key])
     return DetectorConfig(encoder=encoder, **data)

@@ -3,10 +3,12 @@
 Output in ``--out``: ``predictions.json``, one list entry per image in input order::
 
     [{"image": "photos/a.jpg", "width": 640, "height": 480, "drawing": "a.png",
-      "detections": [{"box": [x0, y0, x1, y1], "score": 0.91, "label": 17, "name": "cat"}, ...]}, ...]
+      "detections": [{"box": [x0, y0, x1, y1], "score": 0.91, "label": 15, "name": "cat", "category_id": 17}, ...]}, ...]
 
-with boxes in pixels of the original image, and ``<image stem>.png`` per image (``-2``, ``-3`` ...
-appended when stems repeat) with the boxes, class names and scores drawn.
+with boxes in pixels of the original image, ``label`` the model's class index and ``category_id`` the
+training dataset's category id (when the model file holds them: models trained by litedetr 0.2 do),
+and ``<image stem>.png`` per image (``-2``, ``-3`` ... appended when stems repeat) with the boxes,
+class names and scores drawn.
 """
 
 from __future__ import annotations
@@ -87,8 +89,10 @@ def predict_files(
         for (path, name, image), result in zip(chunk, model.predict(images, threshold, batch_size)):
             drawing = f"{name}.png"
             draw_detections(image, result["boxes"], result["scores"], result["labels"], result["names"]).save(out / drawing)
+            ids = model.config.category_ids
             detections = [
                 {"box": [round(v, 2) for v in box], "score": round(score, 4), "label": label, "name": cls}
+                | ({"category_id": ids[label]} if ids else {})
                 for box, score, label, cls in zip(result["boxes"].tolist(), result["scores"].tolist(), result["labels"].tolist(), result["names"])
             ]
             entries.append({"image": str(path), "width": image.width, "height": image.height, "drawing": drawing, "detections": detections})
