@@ -152,3 +152,34 @@ def test_a_missing_build_is_announced_and_goes_into_its_own_folder(monkeypatch, 
     with caplog.at_level(logging.INFO, logger="litedetr.ops.cpu_kernels"):
         cpu_kernels.load.__wrapped__()
     assert "building" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda x: x.update(weights=x["weights"][:, :, :, :, :1]), r"attention_weights must be \(B, Lq, M, L, P\)"),
+        (lambda x: x.update(weights=x["weights"][:1]), r"attention_weights must be"),
+        (lambda x: x.update(locations=x["locations"][:, :, :4]), "do not match value"),
+        (lambda x: x.update(query=x["query"][:, :5]), r"query must be \(B, Lq, M, D\)"),
+        (lambda x: x.update(key=x["key"][:, :5]), "key must have the shape of value"),
+    ],
+)
+def test_inconsistent_shapes_are_refused_before_and_inside_the_kernels(change, message):
+    """One attention weight where the kernel reads 4 would be a heap over-read: both layers refuse it."""
+    x = inputs(torch.float32)
+    change(x)
+    kernels = cpu_kernels._kernels()
+    with pytest.raises(ValueError, match=message):
+        cpu_kernels.ms_deform_attn(x["value"], SHAPES, x["locations"], x["weights"])
+        cpu_kernels.ms_deform_attn_key_aware(x["query"], x["key"], x["value"], SHAPES, x["locations"])
+    with pytest.raises(RuntimeError, match="must"):  # TORCH_CHECK in C++, for callers that bypass the Python entry
+        kernels.ms_deform_attn_forward(x["value"], SHAPES, x["locations"], x["weights"])
+        kernels.ms_deform_attn_key_aware_forward(x["query"], x["key"], x["value"], SHAPES, x["locations"], False)
+
+
+def test_spatial_shapes_that_do_not_fit_are_refused():
+    x = inputs(torch.float32)
+    with pytest.raises(ValueError, match="spatial_shapes must be"):
+        cpu_kernels.ms_deform_attn(x["value"], SHAPES[:2], x["locations"], x["weights"])
+    with pytest.raises(RuntimeError, match="spatial_shapes must be"):
+        cpu_kernels._kernels().ms_deform_attn_forward(x["value"], SHAPES[:2], x["locations"], x["weights"])

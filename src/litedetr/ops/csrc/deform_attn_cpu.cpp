@@ -87,10 +87,16 @@ Geometry geometry(const at::Tensor& value, const at::Tensor& spatial_shapes, con
   g.queries = sampling_locations.size(1);
   g.levels = sampling_locations.size(3);
   g.points = sampling_locations.size(4);
+  TORCH_CHECK(sampling_locations.size(0) == g.batch && sampling_locations.size(2) == g.heads,
+              "sampling_locations must be (B, Lq, M, L, P, 2) with B and M of value, got ", sampling_locations.sizes());
+  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == g.levels && spatial_shapes.size(1) == 2,
+              "spatial_shapes must be (L, 2) with the L of sampling_locations, got ", spatial_shapes.sizes());
+  TORCH_CHECK(spatial_shapes.device().is_cpu(), "spatial_shapes must be a CPU tensor");
   const auto shapes = spatial_shapes.to(at::kLong).contiguous();
   const int64_t* s = shapes.data_ptr<int64_t>();
   int64_t start = 0;
   for (int64_t l = 0; l < g.levels; ++l) {
+    TORCH_CHECK(s[2 * l] > 0 && s[2 * l + 1] > 0, "spatial_shapes must be positive, level ", l, " is ", s[2 * l], "x", s[2 * l + 1]);
     g.heights.push_back(s[2 * l]);
     g.widths.push_back(s[2 * l + 1]);
     g.starts.push_back(start);
@@ -142,6 +148,10 @@ at::Tensor ms_deform_attn_forward(const at::Tensor& value_in, const at::Tensor& 
   const auto locations = sampling_locations_in.contiguous();
   const auto attention = attention_weights_in.to(value.scalar_type()).contiguous();
   const Geometry g = geometry(value, spatial_shapes, locations);
+  TORCH_CHECK(attention.device().is_cpu() && attention.dim() == 5 && attention.size(0) == g.batch && attention.size(1) == g.queries &&
+                  attention.size(2) == g.heads && attention.size(3) == g.levels && attention.size(4) == g.points,
+              "attention_weights must be (B, Lq, M, L, P) = (", g.batch, ", ", g.queries, ", ", g.heads, ", ", g.levels, ", ", g.points,
+              "), got ", attention.sizes());
   auto out = at::zeros({g.batch, g.queries, g.heads, g.channels}, value.options());
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward", [&] {
     const scalar_t* v = value.data_ptr<scalar_t>();
@@ -219,6 +229,9 @@ at::Tensor ms_deform_attn_key_aware_forward(const at::Tensor& query_in, const at
   const auto query = query_in.contiguous();
   const auto locations = sampling_locations_in.contiguous();
   const Geometry g = geometry(value, spatial_shapes, locations);
+  TORCH_CHECK(key.device().is_cpu() && query.device().is_cpu(), "CPU tensors expected");
+  TORCH_CHECK(query.dim() == 4 && query.size(0) == g.batch && query.size(1) == g.queries && query.size(2) == g.heads && query.size(3) == g.channels,
+              "query must be (B, Lq, M, D) = (", g.batch, ", ", g.queries, ", ", g.heads, ", ", g.channels, "), got ", query.sizes());
   auto out = at::zeros({g.batch, g.queries, g.heads, g.channels}, value.options());
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_key_aware_forward", [&] {
     const scalar_t* k = key.data_ptr<scalar_t>();
@@ -236,6 +249,8 @@ at::Tensor ms_deform_attn_key_aware_forward(const at::Tensor& query_in, const at
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("ms_deform_attn_forward", &ms_deform_attn_forward, "MSDA forward (CPU, no autograd)");
-  m.def("ms_deform_attn_key_aware_forward", &ms_deform_attn_key_aware_forward, "KDA forward (CPU, no autograd)");
+  // the GIL is released while computing: other Python threads (data loading, a server) keep running
+  m.def("ms_deform_attn_forward", &ms_deform_attn_forward, "MSDA forward (CPU, no autograd)", py::call_guard<py::gil_scoped_release>());
+  m.def("ms_deform_attn_key_aware_forward", &ms_deform_attn_key_aware_forward, "KDA forward (CPU, no autograd)",
+        py::call_guard<py::gil_scoped_release>());
 }
