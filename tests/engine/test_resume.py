@@ -40,9 +40,10 @@ def train_steps(out: Path) -> int:
     return sum(1 for line in log.read_text().splitlines() if json.loads(line)["kind"] == "train") if log.exists() else 0
 
 
-def interrupt(command: list[str], out: Path, sig: int, after_steps: int) -> tuple[int, str]:
-    """Start ``command``, send ``sig`` once ``after_steps`` steps are logged; returns the exit code and stderr."""
-    process = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def interrupt(command: list[str], out: Path, sig: int, after_steps: int, group: bool = False) -> tuple[int, str]:
+    """Start ``command``, send ``sig`` once ``after_steps`` steps are logged (to its whole process group
+    with ``group``, as ``timeout``, ``docker stop`` and Slurm do); returns the exit code and stderr."""
+    process = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=group)
     deadline = time.monotonic() + TIMEOUT_S
     while train_steps(out) < after_steps and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -50,7 +51,10 @@ def interrupt(command: list[str], out: Path, sig: int, after_steps: int) -> tupl
         process.kill()
         _, stderr = process.communicate()
         pytest.fail(f"the run logged {train_steps(out)} of {after_steps} steps before it ended or {TIMEOUT_S} s passed:\n{stderr[-3000:]}")
-    process.send_signal(sig)
+    if group:
+        os.killpg(process.pid, sig)
+    else:
+        process.send_signal(sig)
     _, stderr = process.communicate(timeout=TIMEOUT_S)
     return process.returncode, stderr
 
@@ -82,3 +86,11 @@ def test_interrupted_and_resumed_run_equals_a_straight_run(tiny_synthetic, strai
     assert train_steps(resumed) == total, "the log holds each step once"
     metrics = [json.loads(line) for line in (resumed / "log.jsonl").read_text().splitlines() if '"eval"' in line]
     assert len(metrics) == 1 and 0 <= metrics[0]["AP"] <= 1
+
+
+def test_sigterm_to_the_whole_process_group_with_workers_checkpoints(tiny_synthetic, tmp_path):
+    out = tmp_path / "run"
+    command = [*train_command(tiny_synthetic, out), "--workers", "2"]
+    code, stderr = interrupt(command, out, signal.SIGTERM, after_steps=2, group=True)
+    assert code == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert load_state(out / "checkpoint.pt")["step"] >= 2

@@ -204,7 +204,13 @@ class Trainer:
         dataset.set_epoch(epoch)
         generator = torch.Generator().manual_seed(self.config.seed + epoch)  # worker seeds: not drawn from the global RNG
         return DataLoader(
-            dataset, self.config.batch_size, sampler=sampler, num_workers=self.config.workers, collate_fn=collate, generator=generator
+            dataset,
+            self.config.batch_size,
+            sampler=sampler,
+            num_workers=self.config.workers,
+            collate_fn=collate,
+            generator=generator,
+            worker_init_fn=_leave_stop_signals_to_the_main_process,
         )
 
     def _autocast(self):
@@ -380,6 +386,14 @@ def _tensorboard_writer(out: Path):
         logger.debug("tensorboard is not installed: no TensorBoard scalars")
         return None
     return SummaryWriter(str(out / "tensorboard"))
+
+
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """Data-loading workers ignore SIGTERM and SIGINT: sent to the whole process group (``timeout``,
+    ``docker stop``, Slurm, Ctrl-C), they would kill the workers under the main process, which then
+    fails with a traceback instead of finishing its step and checkpointing; it stops the workers itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _install_signal_handlers(stop: threading.Event) -> dict[int, Any]:
