@@ -48,8 +48,12 @@ def batch_images(images: list[Tensor] | Tensor, min_sizes: tuple[int, ...], max_
             raise ValueError(f"image {i} must be a (3, H, W) tensor, got shape {tuple(img.shape)}")
         if not img.is_floating_point():
             raise ValueError(f"image {i} must be float in [0, 1], got dtype {img.dtype}")
-    # drawn from torch's RNG, which the trainer seeds per rank and checkpoints (reruns and resumes repeat it)
-    min_size = min_sizes[int(torch.randint(len(min_sizes), ()))] if training else max(min_sizes)
+    # drawn from torch's RNG, which the trainer seeds per rank and checkpoints (reruns and resumes repeat it);
+    # nothing is drawn when there is no choice
+    if training and len(min_sizes) > 1:
+        min_size = min_sizes[int(torch.randint(len(min_sizes), ()))]
+    else:
+        min_size = max(min_sizes)
     mean = torch.tensor(IMAGENET_MEAN, device=images[0].device)[:, None, None]
     std = torch.tensor(IMAGENET_STD, device=images[0].device)[:, None, None]
     resized = []
