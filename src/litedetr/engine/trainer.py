@@ -18,7 +18,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import signal
 import threading
 import time
 from contextlib import nullcontext
@@ -41,6 +40,7 @@ from litedetr.engine.evaluate import evaluate
 from litedetr.engine.plots import plot_curves
 from litedetr.engine.precision import resolve_precision
 from litedetr.engine.sampler import ResumableSampler
+from litedetr.engine.signals import install_stop_handlers, leave_stop_signals_to_the_main_process, restore_handlers
 from litedetr.engine.state import load_state, rng_state, save_state, set_rng_state
 from litedetr.models import Detector, build_model, save_model
 from litedetr.models.state_dict import fit_problems
@@ -210,7 +210,7 @@ class Trainer:
             num_workers=self.config.workers,
             collate_fn=collate,
             generator=generator,
-            worker_init_fn=_leave_stop_signals_to_the_main_process,
+            worker_init_fn=leave_stop_signals_to_the_main_process,
         )
 
     def _autocast(self):
@@ -357,7 +357,7 @@ class Trainer:
         self._tensorboard = _tensorboard_writer(self.out) if distributed.is_main() else None
         if distributed.is_main():
             logger.info("precision: %s", self.precision.reason)
-        previous = _install_signal_handlers(self._stop)
+        previous = install_stop_handlers(self._stop)
         metrics: dict[str, float | None] = {}
         try:
             while self.epoch < self.config.epochs:
@@ -371,7 +371,7 @@ class Trainer:
                 if self.val_set is not None and (last or self.epoch % self.config.eval_every == 0):
                     metrics = self.evaluate()
         finally:
-            _restore_signal_handlers(previous)
+            restore_handlers(previous)
             if self._tensorboard is not None:
                 self._tensorboard.close()
         if distributed.is_main():
@@ -386,30 +386,3 @@ def _tensorboard_writer(out: Path):
         logger.debug("tensorboard is not installed: no TensorBoard scalars")
         return None
     return SummaryWriter(str(out / "tensorboard"))
-
-
-def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
-    """Data-loading workers ignore SIGTERM and SIGINT: sent to the whole process group (``timeout``,
-    ``docker stop``, Slurm, Ctrl-C), they would kill the workers under the main process, which then
-    fails with a traceback instead of finishing its step and checkpointing; it stops the workers itself."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _install_signal_handlers(stop: threading.Event) -> dict[int, Any]:
-    """SIGTERM/SIGINT set ``stop``; a second SIGINT interrupts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def handler(signum: int, frame: Any) -> None:
-        if stop.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        logger.warning("received %s: finishing the current step and writing a checkpoint", signal.Signals(signum).name)
-        stop.set()
-
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-
-def _restore_signal_handlers(previous: dict[int, Any]) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)

@@ -226,14 +226,14 @@ def load_official_state_dict(
     if unused:
         logger.info("dropped %d unused query_proj weights of plain deformable attention", len(unused))
     fresh: set[str] = set()
-    lite_model = any(re.fullmatch(r"encoder\.layers\.\d+\.ffn_low\..+", k) for k in model.state_dict())
+    own = model.state_dict()
+    lite_model = any(re.fullmatch(r"encoder\.layers\.\d+\.ffn_low\..+", k) for k in own)
     if lite_model and layout in ("dino", "deformable-detr", "h-detr"):
         fresh, dropped = _standard_into_lite(model, renamed)
         for key in dropped:
             del renamed[key]
         if fresh or dropped:
             logger.info("standard encoder into a Lite model: fresh %s; dropped %s", _folded(fresh) or "none", _folded(dropped) or "none")
-    own = model.state_dict()
     problems = fit_problems(model, {**{k: own[k] for k in fresh}, **renamed})
     if problems:
         raise ConversionError("the checkpoint does not fit this model (another preset or class count?)\n" + "\n".join(problems))
