@@ -1,17 +1,27 @@
-"""Fused Triton kernels for multi-scale deformable attention (MSDA) and key-aware deformable attention (KDA).
+"""Fused Triton multi-scale deformable attention (MSDA) and key-aware deformable attention (KDA).
 
 Same contracts as the PyTorch ops in :mod:`litedetr.ops.deform_attn` (bilinear sampling, zero
-padding outside each map, ``align_corners=False``), forward and backward, without materialising the
-``(B, Lq, M, L*P, D)`` sampled keys/values: one program handles ``BLOCK_Q`` queries of one head of
-one image, walks the ``L*P`` sampling points, bilinearly gathers the four neighbouring rows of
-``D`` channels for each point and accumulates in fp32 registers (KDA: online softmax over the
-``L*P`` logits). The backward recomputes the samples and scatters into fp32 gradient buffers for
-value/key with ``tl.atomic_add``; gradients of queries, sampling locations and attention weights are
-owned by one program each and stored directly.
+padding outside each map, ``align_corners=False``), forward and backward; the kernels are in
+:mod:`litedetr.ops.triton_kernels`. This module launches them:
 
-Inputs may be fp32, bf16 or fp16 (any mix); every sum is in fp32. The kernels run on CUDA tensors,
-or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is
-imported), see :func:`interpreted`.
+- **Device.** Every input must be on one device (a ``ValueError`` names them otherwise), and every
+  launch runs under ``torch.cuda.device`` of that device, so tensors on ``cuda:1`` run there whatever
+  the current device is.
+- **Dtypes and strides.** Inputs may be fp32, bf16 or fp16, in any mix (as autocast produces them),
+  and of any strides (they are made contiguous); results come back in their inputs' dtypes.
+- **Autotuning.** ``BLOCK_Q`` (queries per program) and ``num_warps`` are tuned once per head dim,
+  level count, point count (and KDA's shared or distinct keys) and dtypes, over :func:`config_space`
+  less the tiles that would spill registers. The backward kernels accumulate value/key gradients
+  with atomics, so those buffers are zeroed before every trial (``reset_to_zero``). Under Triton's
+  interpreter the space is pruned to :func:`default_config` (nothing to time on a CPU).
+- **Determinism.** Under ``torch.use_deterministic_algorithms(True)`` the launches skip autotuning
+  (:func:`default_config`, so reruns use the same reduction order) and the backward kernels store
+  each sample's four-neighbour value/key gradients, which are then summed with ``index_add_``
+  (deterministic on CUDA in that mode) instead of float atomics. That costs ``4*D`` fp32 numbers
+  and 4 int64 row indices per sample (``B*Lq*M*L*P`` samples) during the backward.
+
+The kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``
+set before ``triton`` is imported), see :func:`interpreted`.
 
 Notation: ``B`` batch, ``S`` tokens over all levels, ``M`` heads, ``D`` channels per head, ``Lq``
 queries, ``L`` levels, ``P`` points per level and head.
@@ -19,424 +29,127 @@ queries, ``L`` levels, ``P`` points per level and head.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import triton
-import triton.language as tl
 from torch import Tensor
 
-__all__ = ["interpreted", "kda_backward", "kda_forward", "msda_backward", "msda_forward"]
+from litedetr.ops import triton_kernels as kernels
 
-# Queries per program are chosen so that a (BLOCK_Q, BLOCK_D) fp32 tile holds about this many elements:
-# with 4 warps and D = 32 every kernel then stays within 128 registers per thread without spilling on
-# sm_90 (KDA forward with distinct keys gathers twice as many rows, so it takes half the queries).
-_TILE_ELEMENTS_FWD = 1024
-_TILE_ELEMENTS_BWD = 1024
-_MAX_BLOCK_Q = 64
-_MIN_BLOCK_Q = 16
+__all__ = [
+    "config_space",
+    "default_config",
+    "deterministic",
+    "interpreted",
+    "kda_backward",
+    "kda_forward",
+    "msda_backward",
+    "msda_forward",
+]
 
+logger = logging.getLogger(__name__)
 
-@triton.jit
-def _bilinear_setup(loc_ptr, sample, q_mask, height, width):
-    """Top-left neighbour ``(h0, w0)`` (int32) and fractions ``(lh, lw)`` of one sampling point per query.
-
-    ``loc_ptr`` holds ``(x, y)`` pairs in [0, 1]; pixel ``(i, j)`` has its centre at
-    ``((j + 0.5) / W, (i + 0.5) / H)``. Coordinates are clamped to ``[-2, size + 1]``: beyond that all
-    four neighbours are outside the map either way, so values and gradients are unchanged.
-    """
-    x = tl.load(loc_ptr + 2 * sample, mask=q_mask, other=0.0).to(tl.float32)
-    y = tl.load(loc_ptr + 2 * sample + 1, mask=q_mask, other=0.0).to(tl.float32)
-    height_f = height.to(tl.float32)
-    width_f = width.to(tl.float32)
-    h_im = tl.minimum(tl.maximum(y * height_f - 0.5, -2.0), height_f + 1.0)
-    w_im = tl.minimum(tl.maximum(x * width_f - 0.5, -2.0), width_f + 1.0)
-    h_floor = tl.floor(h_im)
-    w_floor = tl.floor(w_im)
-    return h_floor.to(tl.int32), w_floor.to(tl.int32), h_im - h_floor, w_im - w_floor
-
-
-@triton.jit
-def _corner(start, row, col, height, width, row_stride, q_mask):
-    """Row offsets ``(BLOCK_Q,)`` (int32, relative to the head's base) of the neighbour ``(row, col)`` of each query, and whether it is inside the map."""
-    inside = q_mask & (row >= 0) & (row < height) & (col >= 0) & (col < width)
-    rows = (start + row * width + col) * row_stride
-    return rows, inside
-
-
-@triton.jit
-def _load_rows(feat_ptr, rows, inside, d_offs, d_mask):
-    """``(BLOCK_Q, BLOCK_D)`` fp32 rows, zero where ``inside`` is False."""
-    ptrs = feat_ptr + rows[:, None] + d_offs[None, :]
-    return tl.load(ptrs, mask=inside[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _scatter_rows(grad_ptr, rows, inside, d_offs, d_mask, val):
-    """Atomically add ``(BLOCK_Q, BLOCK_D)`` fp32 ``val`` to the rows that are inside the map."""
-    ptrs = grad_ptr + rows[:, None] + d_offs[None, :]
-    tl.atomic_add(ptrs, val, mask=inside[:, None] & d_mask[None, :], sem="relaxed")
-
-
-@triton.jit
-def _bilinear_sample(feat_ptr, start, h0, w0, lh, lw, height, width, row_stride, d_offs, d_mask, q_mask):
-    """Bilinear sample of one point per query: ``(BLOCK_Q, BLOCK_D)`` in fp32, zero outside the map."""
-    hh = 1.0 - lh
-    hw = 1.0 - lw
-    rows, inside = _corner(start, h0, w0, height, width, row_stride, q_mask)
-    out = _load_rows(feat_ptr, rows, inside, d_offs, d_mask) * (hh * hw)[:, None]
-    rows, inside = _corner(start, h0, w0 + 1, height, width, row_stride, q_mask)
-    out += _load_rows(feat_ptr, rows, inside, d_offs, d_mask) * (hh * lw)[:, None]
-    rows, inside = _corner(start, h0 + 1, w0, height, width, row_stride, q_mask)
-    out += _load_rows(feat_ptr, rows, inside, d_offs, d_mask) * (lh * hw)[:, None]
-    rows, inside = _corner(start, h0 + 1, w0 + 1, height, width, row_stride, q_mask)
-    out += _load_rows(feat_ptr, rows, inside, d_offs, d_mask) * (lh * lw)[:, None]
-    return out
-
-
-@triton.jit
-def _store_location_grad(grad_loc_ptr, sample, q_mask, g00, g01, g10, g11, lh, lw, height, width, scale):
-    """Gradient w.r.t. ``(x, y)`` given ``g_c = dLoss / d(weight of corner c)`` for the four corners, times ``scale``."""
-    hh = 1.0 - lh
-    hw = 1.0 - lw
-    grad_x = scale * width.to(tl.float32) * (hh * (g01 - g00) + lh * (g11 - g10))
-    grad_y = scale * height.to(tl.float32) * (hw * (g10 - g00) + lw * (g11 - g01))
-    out_ty = grad_loc_ptr.dtype.element_ty
-    tl.store(grad_loc_ptr + 2 * sample, grad_x.to(out_ty), mask=q_mask)
-    tl.store(grad_loc_ptr + 2 * sample + 1, grad_y.to(out_ty), mask=q_mask)
-
-
-@triton.jit
-def _msda_fwd_kernel(
-    value_ptr,
-    shapes_ptr,
-    starts_ptr,
-    loc_ptr,
-    attn_ptr,
-    out_ptr,
-    num_tokens,
-    num_queries,
-    NUM_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    NUM_LEVELS: tl.constexpr,
-    NUM_POINTS: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Grid ``(cdiv(Lq, BLOCK_Q), M, B)``: ``out[b, q, m] = sum_{l,p} a[b, q, m, l, p] * sample_l(value[b, :, m], loc[b, q, m, l, p])``."""
-    q_block = tl.program_id(0)
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    q_offs = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q_offs < num_queries
-    d_offs = tl.arange(0, BLOCK_D)
-    d_mask = d_offs < HEAD_DIM
-    row_stride = NUM_HEADS * HEAD_DIM
-    value_base = value_ptr + batch * num_tokens * row_stride + head * HEAD_DIM
-    query_row = (batch * num_queries + q_offs) * NUM_HEADS + head
-    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
-    for level in range(NUM_LEVELS):
-        height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
-        width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
-        start = tl.load(starts_ptr + level).to(tl.int32)
-        for point in tl.static_range(NUM_POINTS):
-            sample = query_row * (NUM_LEVELS * NUM_POINTS) + level * NUM_POINTS + point
-            h0, w0, lh, lw = _bilinear_setup(loc_ptr, sample, q_mask, height, width)
-            weight = tl.load(attn_ptr + sample, mask=q_mask, other=0.0).to(tl.float32)
-            sampled = _bilinear_sample(value_base, start, h0, w0, lh, lw, height, width, row_stride, d_offs, d_mask, q_mask)
-            acc += weight[:, None] * sampled
-    out_offs = query_row[:, None] * HEAD_DIM + d_offs[None, :]
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
-
-
-@triton.jit
-def _msda_bwd_kernel(
-    grad_out_ptr,
-    value_ptr,
-    shapes_ptr,
-    starts_ptr,
-    loc_ptr,
-    attn_ptr,
-    grad_value_ptr,
-    grad_loc_ptr,
-    grad_attn_ptr,
-    num_tokens,
-    num_queries,
-    NUM_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    NUM_LEVELS: tl.constexpr,
-    NUM_POINTS: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Grid ``(cdiv(Lq, BLOCK_Q), M, B)``; ``grad_value_ptr`` is an fp32 buffer accumulated with atomics."""
-    q_block = tl.program_id(0)
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    q_offs = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q_offs < num_queries
-    d_offs = tl.arange(0, BLOCK_D)
-    d_mask = d_offs < HEAD_DIM
-    row_stride = NUM_HEADS * HEAD_DIM
-    feat_offset = batch * num_tokens * row_stride + head * HEAD_DIM
-    value_base = value_ptr + feat_offset
-    grad_value_base = grad_value_ptr + feat_offset
-    query_row = (batch * num_queries + q_offs) * NUM_HEADS + head
-    tile_mask = q_mask[:, None] & d_mask[None, :]
-    grad_out = tl.load(grad_out_ptr + query_row[:, None] * HEAD_DIM + d_offs[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-    for level in range(NUM_LEVELS):
-        height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
-        width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
-        start = tl.load(starts_ptr + level).to(tl.int32)
-        for point in tl.static_range(NUM_POINTS):
-            sample = query_row * (NUM_LEVELS * NUM_POINTS) + level * NUM_POINTS + point
-            h0, w0, lh, lw = _bilinear_setup(loc_ptr, sample, q_mask, height, width)
-            weight = tl.load(attn_ptr + sample, mask=q_mask, other=0.0).to(tl.float32)
-            hh = 1.0 - lh
-            hw = 1.0 - lw
-            weighted_grad = weight[:, None] * grad_out
-
-            rows00, inside00 = _corner(start, h0, w0, height, width, row_stride, q_mask)
-            rows01, inside01 = _corner(start, h0, w0 + 1, height, width, row_stride, q_mask)
-            rows10, inside10 = _corner(start, h0 + 1, w0, height, width, row_stride, q_mask)
-            rows11, inside11 = _corner(start, h0 + 1, w0 + 1, height, width, row_stride, q_mask)
-            g00 = tl.sum(grad_out * _load_rows(value_base, rows00, inside00, d_offs, d_mask), axis=1)
-            g01 = tl.sum(grad_out * _load_rows(value_base, rows01, inside01, d_offs, d_mask), axis=1)
-            g10 = tl.sum(grad_out * _load_rows(value_base, rows10, inside10, d_offs, d_mask), axis=1)
-            g11 = tl.sum(grad_out * _load_rows(value_base, rows11, inside11, d_offs, d_mask), axis=1)
-
-            grad_attn = hh * hw * g00 + hh * lw * g01 + lh * hw * g10 + lh * lw * g11
-            tl.store(grad_attn_ptr + sample, grad_attn.to(grad_attn_ptr.dtype.element_ty), mask=q_mask)
-            _store_location_grad(grad_loc_ptr, sample, q_mask, g00, g01, g10, g11, lh, lw, height, width, weight)
-
-            _scatter_rows(grad_value_base, rows00, inside00, d_offs, d_mask, (hh * hw)[:, None] * weighted_grad)
-            _scatter_rows(grad_value_base, rows01, inside01, d_offs, d_mask, (hh * lw)[:, None] * weighted_grad)
-            _scatter_rows(grad_value_base, rows10, inside10, d_offs, d_mask, (lh * hw)[:, None] * weighted_grad)
-            _scatter_rows(grad_value_base, rows11, inside11, d_offs, d_mask, (lh * lw)[:, None] * weighted_grad)
-
-
-@triton.jit
-def _kda_fwd_kernel(
-    query_ptr,
-    key_ptr,
-    value_ptr,
-    shapes_ptr,
-    starts_ptr,
-    loc_ptr,
-    out_ptr,
-    lse_ptr,
-    num_tokens,
-    num_queries,
-    scale,
-    NUM_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    NUM_LEVELS: tl.constexpr,
-    NUM_POINTS: tl.constexpr,
-    SHARED_KV: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Grid ``(cdiv(Lq, BLOCK_Q), M, B)``: online softmax over the ``L*P`` logits ``scale * q . k``.
-
-    Writes the output and the log-sum-exp ``(B, Lq, M)`` (fp32) of the logits, for the backward.
-    With ``SHARED_KV`` the keys are the values (``key_ptr`` is ignored) and each map is read once.
-    """
-    q_block = tl.program_id(0)
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    q_offs = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q_offs < num_queries
-    d_offs = tl.arange(0, BLOCK_D)
-    d_mask = d_offs < HEAD_DIM
-    row_stride = NUM_HEADS * HEAD_DIM
-    feat_offset = batch * num_tokens * row_stride + head * HEAD_DIM
-    value_base = value_ptr + feat_offset
-    key_base = key_ptr + feat_offset
-    query_row = (batch * num_queries + q_offs) * NUM_HEADS + head
-    tile_offs = query_row[:, None] * HEAD_DIM + d_offs[None, :]
-    tile_mask = q_mask[:, None] & d_mask[None, :]
-    query = tl.load(query_ptr + tile_offs, mask=tile_mask, other=0.0).to(tl.float32) * scale
-
-    running_max = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
-    running_sum = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
-    for level in range(NUM_LEVELS):
-        height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
-        width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
-        start = tl.load(starts_ptr + level).to(tl.int32)
-        for point in tl.static_range(NUM_POINTS):
-            sample = query_row * (NUM_LEVELS * NUM_POINTS) + level * NUM_POINTS + point
-            h0, w0, lh, lw = _bilinear_setup(loc_ptr, sample, q_mask, height, width)
-            value = _bilinear_sample(value_base, start, h0, w0, lh, lw, height, width, row_stride, d_offs, d_mask, q_mask)
-            if SHARED_KV:
-                key = value
-            else:
-                key = _bilinear_sample(key_base, start, h0, w0, lh, lw, height, width, row_stride, d_offs, d_mask, q_mask)
-            logit = tl.sum(query * key, axis=1)
-            new_max = tl.maximum(running_max, logit)
-            rescale = tl.exp(running_max - new_max)
-            prob = tl.exp(logit - new_max)
-            running_sum = running_sum * rescale + prob
-            acc = acc * rescale[:, None] + prob[:, None] * value
-            running_max = new_max
-    out = acc / running_sum[:, None]
-    tl.store(out_ptr + tile_offs, out.to(out_ptr.dtype.element_ty), mask=tile_mask)
-    tl.store(lse_ptr + query_row, running_max + tl.log(running_sum), mask=q_mask)
-
-
-@triton.jit
-def _kda_bwd_kernel(
-    grad_out_ptr,
-    query_ptr,
-    key_ptr,
-    value_ptr,
-    shapes_ptr,
-    starts_ptr,
-    loc_ptr,
-    out_ptr,
-    lse_ptr,
-    grad_query_ptr,
-    grad_key_ptr,
-    grad_value_ptr,
-    grad_loc_ptr,
-    num_tokens,
-    num_queries,
-    scale,
-    NUM_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    NUM_LEVELS: tl.constexpr,
-    NUM_POINTS: tl.constexpr,
-    SHARED_KV: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Grid ``(cdiv(Lq, BLOCK_Q), M, B)``; recomputes the probabilities from the saved log-sum-exp.
-
-    With ``p_j = softmax(s)_j``, ``s_j = scale * q . k_j``, ``dp_j = dO . v_j`` and
-    ``delta = dO . out``: ``ds_j = p_j (dp_j - delta)``, ``dq = scale * sum_j ds_j k_j``,
-    ``dv_j = p_j dO``, ``dk_j = scale * ds_j q``, scattered to the four neighbours with their
-    bilinear weights. ``grad_key_ptr``/``grad_value_ptr`` are fp32 buffers accumulated with atomics;
-    with ``SHARED_KV`` both contributions go to ``grad_value_ptr``.
-    """
-    q_block = tl.program_id(0)
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    q_offs = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q_offs < num_queries
-    d_offs = tl.arange(0, BLOCK_D)
-    d_mask = d_offs < HEAD_DIM
-    row_stride = NUM_HEADS * HEAD_DIM
-    feat_offset = batch * num_tokens * row_stride + head * HEAD_DIM
-    value_base = value_ptr + feat_offset
-    key_base = key_ptr + feat_offset
-    grad_value_base = grad_value_ptr + feat_offset
-    grad_key_base = grad_key_ptr + feat_offset
-    query_row = (batch * num_queries + q_offs) * NUM_HEADS + head
-    tile_offs = query_row[:, None] * HEAD_DIM + d_offs[None, :]
-    tile_mask = q_mask[:, None] & d_mask[None, :]
-    query = tl.load(query_ptr + tile_offs, mask=tile_mask, other=0.0).to(tl.float32) * scale
-    grad_out = tl.load(grad_out_ptr + tile_offs, mask=tile_mask, other=0.0).to(tl.float32)
-    out = tl.load(out_ptr + tile_offs, mask=tile_mask, other=0.0).to(tl.float32)
-    lse = tl.load(lse_ptr + query_row, mask=q_mask, other=0.0)
-    delta = tl.sum(grad_out * out, axis=1)
-    grad_query = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
-    for level in range(NUM_LEVELS):
-        height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
-        width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
-        start = tl.load(starts_ptr + level).to(tl.int32)
-        for point in tl.static_range(NUM_POINTS):
-            sample = query_row * (NUM_LEVELS * NUM_POINTS) + level * NUM_POINTS + point
-            h0, w0, lh, lw = _bilinear_setup(loc_ptr, sample, q_mask, height, width)
-            hh = 1.0 - lh
-            hw = 1.0 - lw
-            rows00, inside00 = _corner(start, h0, w0, height, width, row_stride, q_mask)
-            rows01, inside01 = _corner(start, h0, w0 + 1, height, width, row_stride, q_mask)
-            rows10, inside10 = _corner(start, h0 + 1, w0, height, width, row_stride, q_mask)
-            rows11, inside11 = _corner(start, h0 + 1, w0 + 1, height, width, row_stride, q_mask)
-            v00 = _load_rows(value_base, rows00, inside00, d_offs, d_mask)
-            v01 = _load_rows(value_base, rows01, inside01, d_offs, d_mask)
-            v10 = _load_rows(value_base, rows10, inside10, d_offs, d_mask)
-            v11 = _load_rows(value_base, rows11, inside11, d_offs, d_mask)
-            if SHARED_KV:
-                k00 = v00
-                k01 = v01
-                k10 = v10
-                k11 = v11
-            else:
-                k00 = _load_rows(key_base, rows00, inside00, d_offs, d_mask)
-                k01 = _load_rows(key_base, rows01, inside01, d_offs, d_mask)
-                k10 = _load_rows(key_base, rows10, inside10, d_offs, d_mask)
-                k11 = _load_rows(key_base, rows11, inside11, d_offs, d_mask)
-            key = (hh * hw)[:, None] * k00 + (hh * lw)[:, None] * k01 + (lh * hw)[:, None] * k10 + (lh * lw)[:, None] * k11
-            qk00 = tl.sum(query * k00, axis=1)
-            qk01 = tl.sum(query * k01, axis=1)
-            qk10 = tl.sum(query * k10, axis=1)
-            qk11 = tl.sum(query * k11, axis=1)
-            dv00 = tl.sum(grad_out * v00, axis=1)
-            dv01 = tl.sum(grad_out * v01, axis=1)
-            dv10 = tl.sum(grad_out * v10, axis=1)
-            dv11 = tl.sum(grad_out * v11, axis=1)
-            logit = hh * hw * qk00 + hh * lw * qk01 + lh * hw * qk10 + lh * lw * qk11
-            grad_prob = hh * hw * dv00 + hh * lw * dv01 + lh * hw * dv10 + lh * lw * dv11
-            prob = tl.exp(logit - lse)
-            grad_logit = prob * (grad_prob - delta)
-            grad_query += grad_logit[:, None] * key
-            _store_location_grad(
-                grad_loc_ptr,
-                sample,
-                q_mask,
-                prob * dv00 + grad_logit * qk00,
-                prob * dv01 + grad_logit * qk01,
-                prob * dv10 + grad_logit * qk10,
-                prob * dv11 + grad_logit * qk11,
-                lh,
-                lw,
-                height,
-                width,
-                1.0,
-            )
-
-            grad_value = prob[:, None] * grad_out
-            grad_key = grad_logit[:, None] * query
-            if SHARED_KV:
-                grad_value += grad_key
-            else:
-                _scatter_rows(grad_key_base, rows00, inside00, d_offs, d_mask, (hh * hw)[:, None] * grad_key)
-                _scatter_rows(grad_key_base, rows01, inside01, d_offs, d_mask, (hh * lw)[:, None] * grad_key)
-                _scatter_rows(grad_key_base, rows10, inside10, d_offs, d_mask, (lh * hw)[:, None] * grad_key)
-                _scatter_rows(grad_key_base, rows11, inside11, d_offs, d_mask, (lh * lw)[:, None] * grad_key)
-            _scatter_rows(grad_value_base, rows00, inside00, d_offs, d_mask, (hh * hw)[:, None] * grad_value)
-            _scatter_rows(grad_value_base, rows01, inside01, d_offs, d_mask, (hh * lw)[:, None] * grad_value)
-            _scatter_rows(grad_value_base, rows10, inside10, d_offs, d_mask, (lh * hw)[:, None] * grad_value)
-            _scatter_rows(grad_value_base, rows11, inside11, d_offs, d_mask, (lh * lw)[:, None] * grad_value)
-    grad_query = grad_query * scale
-    tl.store(grad_query_ptr + tile_offs, grad_query.to(grad_query_ptr.dtype.element_ty), mask=tile_mask)
+_MIN_BLOCK_Q, _MAX_BLOCK_Q = 16, 64
+_DEFAULT_TILE = 1024
+"""Elements of a ``(BLOCK_Q, BLOCK_D)`` fp32 tile in :func:`default_config`: with 4 warps and D = 32
+every kernel stays within 128 registers per thread on sm_90."""
+_TILE_PER_THREAD = (2, 8)
+"""Autotuning keeps configs with this many tile elements per thread (at most 8: the backward holds
+about a dozen tiles)."""
 
 
 def interpreted() -> bool:
-    """Whether the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import of this module)."""
-    return not isinstance(_msda_fwd_kernel, triton.runtime.JITFunction)
+    """Whether the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import of the kernels)."""
+    return not isinstance(kernels.msda_fwd_kernel, triton.runtime.JITFunction)
 
 
-def _check_device(*tensors: Tensor) -> None:
-    for t in tensors:
-        if not t.is_cuda and not interpreted():
-            raise RuntimeError(
-                f"the Triton deformable-attention kernels need CUDA tensors, got one on {t.device} "
-                "(CPU tensors run only under TRITON_INTERPRET=1, set before triton is imported)"
-            )
+def deterministic() -> bool:
+    """Whether launches are deterministic: ``torch.are_deterministic_algorithms_enabled()`` (see the module docstring)."""
+    return torch.are_deterministic_algorithms_enabled()
 
 
-def _blocks(head_dim: int, tile_elements: int) -> tuple[int, int]:
-    """``(BLOCK_Q, BLOCK_D)``: a power-of-two channel block covering ``D`` and about ``tile_elements`` per tile."""
-    block_d = triton.next_power_of_2(head_dim)
-    block_q = max(_MIN_BLOCK_Q, min(_MAX_BLOCK_Q, tile_elements // block_d))
-    return block_q, block_d
+def config_space() -> list[triton.Config]:
+    """Every candidate ``(BLOCK_Q, num_warps)``: BLOCK_Q 16, 32 or 64 and 2, 4 or 8 warps."""
+    return [triton.Config({"BLOCK_Q": block_q}, num_warps=warps) for block_q in (16, 32, 64) for warps in (2, 4, 8)]
 
 
-def _zeros(t: Tensor) -> Tensor:
-    """Contiguous zeros of the shape, dtype and device of ``t``."""
-    return torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+def default_config(block_d: int) -> triton.Config:
+    """The untuned config for ``BLOCK_D`` channels: 4 warps and about 1024 tile elements (16 to 64 queries)."""
+    return triton.Config({"BLOCK_Q": max(_MIN_BLOCK_Q, min(_MAX_BLOCK_Q, _DEFAULT_TILE // block_d))}, num_warps=4)
+
+
+def _tile_per_thread(config: triton.Config, block_d: int) -> float:
+    return config.kwargs["BLOCK_Q"] * block_d / (32 * config.num_warps)
+
+
+def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+    """The configs worth timing for ``kwargs["BLOCK_D"]``; only :func:`default_config` under the interpreter."""
+    block_d = kwargs["BLOCK_D"]
+    if interpreted():
+        return [default_config(block_d)]
+    low, high = _TILE_PER_THREAD
+    kept = [c for c in configs if low <= _tile_per_thread(c, block_d) <= high]
+    return kept or [min(configs, key=lambda c: _tile_per_thread(c, block_d))]
+
+
+def _autotuned(fn: Any, key: list[str], reset_to_zero: list[str] | None = None) -> Any:
+    return triton.autotune(
+        configs=config_space(), key=key, prune_configs_by={"early_config_prune": _prune}, reset_to_zero=reset_to_zero
+    )(fn)
+
+
+_KEY = ["HEAD_DIM", "NUM_LEVELS", "NUM_POINTS"]
+msda_fwd = _autotuned(kernels.msda_fwd_kernel, _KEY)
+msda_bwd = _autotuned(kernels.msda_bwd_kernel, _KEY, reset_to_zero=["grad_value_ptr"])
+kda_fwd = _autotuned(kernels.kda_fwd_kernel, [*_KEY, "SHARED_KV"])
+kda_bwd = _autotuned(kernels.kda_bwd_kernel, [*_KEY, "SHARED_KV"], reset_to_zero=["grad_key_ptr", "grad_value_ptr"])
+AUTOTUNED = (msda_fwd, msda_bwd, kda_fwd, kda_bwd)
+"""Every launch goes through one of these (``triton.runtime.Autotuner``; ``.fn`` is the kernel)."""
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """``torch.cuda.device(device)`` for a CUDA device, else a no-op: the context every launch runs in."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.cache
+def _log_deterministic() -> None:
+    logger.info(
+        "deterministic algorithms: the Triton deformable-attention kernels run untuned, and their backward "
+        "sums value/key gradients with index_add_ instead of float atomics (4*D floats per sample of extra memory)"
+    )
+
+
+def _launch(kernel: Any, grid: Callable[[dict[str, Any]], tuple[int, int, int]], device: torch.device, *args: Any, **meta: Any) -> None:
+    """Run ``kernel`` (one of :data:`AUTOTUNED`) on ``device``: autotuned, or :func:`default_config` when :func:`deterministic`."""
+    with on_device(device):
+        if deterministic():
+            _log_deterministic()
+            kernel.fn[grid](*args, **meta, **default_config(meta["BLOCK_D"]).all_kwargs())
+        else:
+            kernel[grid](*args, **meta)
+
+
+def _common_device(**tensors: Tensor | None) -> torch.device:
+    """The one device of ``tensors``; a ``ValueError`` naming each tensor's device if they differ."""
+    named = {name: t.device for name, t in tensors.items() if t is not None}
+    devices = set(named.values())
+    if len(devices) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in named.items())
+        raise ValueError(f"the Triton deformable-attention inputs must be on one device, got {listed}")
+    device = devices.pop()
+    if device.type != "cuda" and not interpreted():
+        raise RuntimeError(
+            f"the Triton deformable-attention kernels need CUDA tensors, got them on {device} "
+            "(CPU tensors run only under TRITON_INTERPRET=1, set before triton is imported)"
+        )
+    return device
 
 
 def _geometry(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor) -> tuple[Tensor, Tensor]:
@@ -447,6 +160,28 @@ def _geometry(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor) 
     shapes = spatial_shapes.to(device=value.device, dtype=torch.int64).contiguous()
     starts = level_start_index.to(device=value.device, dtype=torch.int64).contiguous()
     return shapes, starts
+
+
+def _grid(lq: int, m: int, b: int) -> Callable[[dict[str, Any]], tuple[int, int, int]]:
+    return lambda meta: (triton.cdiv(lq, meta["BLOCK_Q"]), m, b)
+
+
+def _zeros(t: Tensor) -> Tensor:
+    """Contiguous zeros of the shape, dtype and device of ``t``."""
+    return torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+
+
+def _parts(sampling_locations: Tensor, d: int, count: int) -> tuple[Tensor, list[Tensor]]:
+    """For the deterministic backward: ``(N*4,)`` int64 rows and ``count`` ``(N*4, D)`` fp32 buffers, ``N = B*Lq*M*L*P``."""
+    corners = sampling_locations.numel() // 2 * 4
+    device = sampling_locations.device
+    index = torch.empty(corners, dtype=torch.int64, device=device)
+    return index, [torch.empty((corners, d), dtype=torch.float32, device=device) for _ in range(count)]
+
+
+def _sum_parts(grad: Tensor, index: Tensor, parts: Tensor) -> None:
+    """``grad (B, S, M, D)`` fp32 += the rows of ``parts (N*4, D)`` at ``index (N*4,)`` (deterministic ``index_add_``)."""
+    grad.view(-1, grad.shape[-1]).index_add_(0, index, parts)
 
 
 def msda_forward(
@@ -464,32 +199,18 @@ def msda_forward(
     Returns:
         ``(B, Lq, M*D)`` in the dtype of ``value``.
     """
-    _check_device(value, sampling_locations, attention_weights)
+    device = _common_device(value=value, sampling_locations=sampling_locations, attention_weights=attention_weights)
     b, s, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
     out = value.new_empty((b, lq, m * d))
     if out.numel() == 0:
         return out
     shapes, starts = _geometry(value, spatial_shapes, level_start_index)
-    block_q, block_d = _blocks(d, _TILE_ELEMENTS_FWD)
-    grid = (triton.cdiv(lq, block_q), m, b)
-    _msda_fwd_kernel[grid](
-        value.contiguous(),
-        shapes,
-        starts,
-        sampling_locations.contiguous(),
-        attention_weights.contiguous(),
-        out,
-        s,
-        lq,
-        NUM_HEADS=m,
-        HEAD_DIM=d,
-        NUM_LEVELS=n_levels,
-        NUM_POINTS=n_points,
-        BLOCK_Q=block_q,
-        BLOCK_D=block_d,
-        num_warps=4,
-    )
+    _launch(
+        msda_fwd, _grid(lq, m, b), device,
+        value.contiguous(), shapes, starts, sampling_locations.contiguous(), attention_weights.contiguous(), out, s, lq,
+        NUM_HEADS=m, HEAD_DIM=d, NUM_LEVELS=n_levels, NUM_POINTS=n_points, BLOCK_D=triton.next_power_of_2(d),
+    )  # fmt: skip
     return out
 
 
@@ -502,37 +223,27 @@ def msda_backward(
     attention_weights: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """MSDA backward: ``grad_out`` ``(B, Lq, M*D)`` -> grads of value, sampling_locations, attention_weights (their shapes and dtypes)."""
-    _check_device(grad_out, value, sampling_locations, attention_weights)
+    device = _common_device(
+        grad_out=grad_out, value=value, sampling_locations=sampling_locations, attention_weights=attention_weights
+    )
     b, s, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
     if grad_out.numel() == 0 or value.numel() == 0:
         return _zeros(value), _zeros(sampling_locations), _zeros(attention_weights)
-    grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+    grad_value = torch.zeros(value.shape, dtype=torch.float32, device=device)
     grad_loc = torch.empty_like(sampling_locations, memory_format=torch.contiguous_format)
     grad_attn = torch.empty_like(attention_weights, memory_format=torch.contiguous_format)
     shapes, starts = _geometry(value, spatial_shapes, level_start_index)
-    block_q, block_d = _blocks(d, _TILE_ELEMENTS_BWD)
-    grid = (triton.cdiv(lq, block_q), m, b)
-    _msda_bwd_kernel[grid](
-        grad_out.contiguous(),
-        value.contiguous(),
-        shapes,
-        starts,
-        sampling_locations.contiguous(),
-        attention_weights.contiguous(),
-        grad_value,
-        grad_loc,
-        grad_attn,
-        s,
-        lq,
-        NUM_HEADS=m,
-        HEAD_DIM=d,
-        NUM_LEVELS=n_levels,
-        NUM_POINTS=n_points,
-        BLOCK_Q=block_q,
-        BLOCK_D=block_d,
-        num_warps=4,
-    )
+    exact = deterministic()
+    index, parts = _parts(sampling_locations, d, 1) if exact else (grad_value, [grad_value])  # unused unless exact
+    _launch(
+        msda_bwd, _grid(lq, m, b), device,
+        grad_out.contiguous(), value.contiguous(), shapes, starts, sampling_locations.contiguous(), attention_weights.contiguous(),
+        grad_value, grad_loc, grad_attn, parts[0], index, s, lq,
+        NUM_HEADS=m, HEAD_DIM=d, NUM_LEVELS=n_levels, NUM_POINTS=n_points, DETERMINISTIC=exact, BLOCK_D=triton.next_power_of_2(d),
+    )  # fmt: skip
+    if exact:
+        _sum_parts(grad_value, index, parts[0])
     return grad_value.to(value.dtype), grad_loc, grad_attn
 
 
@@ -558,38 +269,21 @@ def kda_forward(
         ``(B, Lq, M*D)`` output in the dtype of ``value``, and the ``(B, Lq, M)`` fp32 log-sum-exp of
         the logits (for :func:`kda_backward`).
     """
-    _check_device(query, value, sampling_locations)
+    device = _common_device(query=query, key=key, value=value, sampling_locations=sampling_locations)
     b, s, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
     out = value.new_empty((b, lq, m * d))
-    lse = torch.empty((b, lq, m), dtype=torch.float32, device=value.device)
+    lse = torch.empty((b, lq, m), dtype=torch.float32, device=device)
     if out.numel() == 0:
         return out, lse
     shapes, starts = _geometry(value, spatial_shapes, level_start_index)
     value = value.contiguous()
-    block_q, block_d = _blocks(d, _TILE_ELEMENTS_FWD if key is None else _TILE_ELEMENTS_FWD // 2)
-    grid = (triton.cdiv(lq, block_q), m, b)
-    _kda_fwd_kernel[grid](
-        query.contiguous(),
-        value if key is None else key.contiguous(),
-        value,
-        shapes,
-        starts,
-        sampling_locations.contiguous(),
-        out,
-        lse,
-        s,
-        lq,
-        1.0 / math.sqrt(d),
-        NUM_HEADS=m,
-        HEAD_DIM=d,
-        NUM_LEVELS=n_levels,
-        NUM_POINTS=n_points,
-        SHARED_KV=key is None,
-        BLOCK_Q=block_q,
-        BLOCK_D=block_d,
-        num_warps=4,
-    )
+    _launch(
+        kda_fwd, _grid(lq, m, b), device,
+        query.contiguous(), value if key is None else key.contiguous(), value, shapes, starts, sampling_locations.contiguous(),
+        out, lse, s, lq, 1.0 / math.sqrt(d),
+        NUM_HEADS=m, HEAD_DIM=d, NUM_LEVELS=n_levels, NUM_POINTS=n_points, SHARED_KV=key is None, BLOCK_D=triton.next_power_of_2(d),
+    )  # fmt: skip
     return out, lse
 
 
@@ -604,51 +298,40 @@ def kda_backward(
     out: Tensor,
     lse: Tensor,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """KDA backward from the forward's output and log-sum-exp.
+    """KDA backward from the forward's output ``(B, Lq, M*D)`` and log-sum-exp ``(B, Lq, M)``.
 
     Returns:
         Grads of ``query``, ``key`` (``None`` when ``key`` is ``None``: then the value grad holds both
         roles), ``value`` and ``sampling_locations``, in their shapes and dtypes.
     """
-    _check_device(grad_out, query, value, sampling_locations)
+    device = _common_device(
+        grad_out=grad_out, query=query, key=key, value=value, sampling_locations=sampling_locations, out=out, lse=lse
+    )
     b, s, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
     if grad_out.numel() == 0 or value.numel() == 0:
         return _zeros(query), None if key is None else _zeros(key), _zeros(value), _zeros(sampling_locations)
     grad_query = torch.empty_like(query, memory_format=torch.contiguous_format)
-    grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
-    grad_key = None if key is None else torch.zeros(key.shape, dtype=torch.float32, device=key.device)
+    grad_value = torch.zeros(value.shape, dtype=torch.float32, device=device)
+    grad_key = grad_value if key is None else torch.zeros(key.shape, dtype=torch.float32, device=device)
     grad_loc = torch.empty_like(sampling_locations, memory_format=torch.contiguous_format)
     shapes, starts = _geometry(value, spatial_shapes, level_start_index)
+    exact = deterministic()
+    # parts: [key, value] (distinct keys) or [value]; unused unless exact
+    index, parts = _parts(sampling_locations, d, 1 if key is None else 2) if exact else (grad_value, [grad_value])
     value = value.contiguous()
-    block_q, block_d = _blocks(d, _TILE_ELEMENTS_BWD)
-    grid = (triton.cdiv(lq, block_q), m, b)
-    _kda_bwd_kernel[grid](
-        grad_out.contiguous(),
-        query.contiguous(),
-        value if key is None else key.contiguous(),
-        value,
-        shapes,
-        starts,
-        sampling_locations.contiguous(),
-        out.contiguous(),
-        lse.contiguous(),
-        grad_query,
-        grad_value if grad_key is None else grad_key,
-        grad_value,
-        grad_loc,
-        s,
-        lq,
-        1.0 / math.sqrt(d),
-        NUM_HEADS=m,
-        HEAD_DIM=d,
-        NUM_LEVELS=n_levels,
-        NUM_POINTS=n_points,
-        SHARED_KV=key is None,
-        BLOCK_Q=block_q,
-        BLOCK_D=block_d,
-        num_warps=4,
-    )
-    if key is None or grad_key is None:
+    _launch(
+        kda_bwd, _grid(lq, m, b), device,
+        grad_out.contiguous(), query.contiguous(), value if key is None else key.contiguous(), value, shapes, starts,
+        sampling_locations.contiguous(), out.contiguous(), lse.contiguous(), grad_query, grad_key, grad_value, grad_loc,
+        parts[0], parts[-1], index, s, lq, 1.0 / math.sqrt(d),
+        NUM_HEADS=m, HEAD_DIM=d, NUM_LEVELS=n_levels, NUM_POINTS=n_points, SHARED_KV=key is None, DETERMINISTIC=exact,
+        BLOCK_D=triton.next_power_of_2(d),
+    )  # fmt: skip
+    if exact:
+        _sum_parts(grad_value, index, parts[-1])
+        if key is not None:
+            _sum_parts(grad_key, index, parts[0])
+    if key is None:
         return grad_query, None, grad_value.to(value.dtype), grad_loc
     return grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype), grad_loc

@@ -1,0 +1,455 @@
+"""The Triton kernels of :mod:`litedetr.ops.triton_deform_attn` (MSDA and KDA, forward and backward).
+
+One program handles ``BLOCK_Q`` queries of one head of one image (grid ``(cdiv(Lq, BLOCK_Q), M, B)``),
+walks the ``L*P`` sampling points, bilinearly gathers the four neighbouring rows of ``D`` channels
+for each point and accumulates in fp32 registers (KDA: online softmax over the ``L*P`` logits),
+without materialising the ``(B, Lq, M, L*P, D)`` sampled keys/values. The backward recomputes the
+samples; gradients of queries, sampling locations and attention weights are owned by one program
+each and stored directly. Gradients of values/keys go to the four neighbours of every sample: with
+``tl.atomic_add`` into fp32 buffers, or (``DETERMINISTIC``) stored per ``(sample, corner)`` with the
+table row they belong to, for a deterministic ``index_add_`` by the caller.
+
+Tensors are contiguous: values/keys ``(B, S, M, D)``, queries and outputs ``(B, Lq, M, D)``,
+sampling locations ``(B, Lq, M, L, P, 2)``, attention weights ``(B, Lq, M, L, P)``; any of fp32,
+bf16 and fp16 (every sum is in fp32). ``BLOCK_Q`` and ``num_warps`` are left to the caller (autotuned
+there); ``BLOCK_D`` is ``D`` rounded up to a power of two.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["kda_bwd_kernel", "kda_fwd_kernel", "msda_bwd_kernel", "msda_fwd_kernel"]
+
+
+@triton.jit
+def _bilinear_setup(loc_ptr, sample, q_mask, height, width):
+    """Top-left neighbour ``(h0, w0)`` (int32) and fractions ``(lh, lw)`` of one sampling point per query.
+
+    ``loc_ptr`` holds ``(x, y)`` pairs in [0, 1]; pixel ``(i, j)`` has its centre at
+    ``((j + 0.5) / W, (i + 0.5) / H)``. Coordinates are clamped to ``[-2, size + 1]``: beyond that all
+    four neighbours are outside the map either way, so values and gradients are unchanged.
+    """
+    x = tl.load(loc_ptr + 2 * sample, mask=q_mask, other=0.0).to(tl.float32)
+    y = tl.load(loc_ptr + 2 * sample + 1, mask=q_mask, other=0.0).to(tl.float32)
+    height_f = height.to(tl.float32)
+    width_f = width.to(tl.float32)
+    h_im = tl.minimum(tl.maximum(y * height_f - 0.5, -2.0), height_f + 1.0)
+    w_im = tl.minimum(tl.maximum(x * width_f - 0.5, -2.0), width_f + 1.0)
+    h_floor = tl.floor(h_im)
+    w_floor = tl.floor(w_im)
+    return h_floor.to(tl.int32), w_floor.to(tl.int32), h_im - h_floor, w_im - w_floor
+
+
+@triton.jit
+def _corner(start, row, col, height, width, row_stride, q_mask):
+    """Row offsets ``(BLOCK_Q,)`` (int32, relative to the head's base) of the neighbour ``(row, col)`` of each query, and whether it is inside the map."""
+    inside = q_mask & (row >= 0) & (row < height) & (col >= 0) & (col < width)
+    rows = (start + row * width + col) * row_stride
+    return rows, inside
+
+
+@triton.jit
+def _load_rows(feat_ptr, rows, inside, d_offs, d_mask):
+    """``(BLOCK_Q, BLOCK_D)`` fp32 rows, zero where ``inside`` is False."""
+    ptrs = feat_ptr + rows[:, None] + d_offs[None, :]
+    return tl.load(ptrs, mask=inside[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _add_rows(grad_ptr, parts_ptr, rows, inside, slot, d_offs, d_mask, q_mask, val, HEAD_DIM: tl.constexpr, DETERMINISTIC: tl.constexpr):
+    """Add ``(BLOCK_Q, BLOCK_D)`` fp32 ``val`` to the rows that are inside the map.
+
+    Atomically into ``grad_ptr`` (offsets ``rows``); with ``DETERMINISTIC``, stored instead as row
+    ``slot`` of the ``(N*4, D)`` buffer ``parts_ptr`` (zero outside the map).
+    """
+    if DETERMINISTIC:
+        ptrs = parts_ptr + slot[:, None] * HEAD_DIM + d_offs[None, :]
+        tl.store(ptrs, tl.where(inside[:, None], val, 0.0), mask=q_mask[:, None] & d_mask[None, :])
+    else:
+        ptrs = grad_ptr + rows[:, None] + d_offs[None, :]
+        tl.atomic_add(ptrs, val, mask=inside[:, None] & d_mask[None, :], sem="relaxed")
+
+
+@triton.jit
+def _scatter_corners(grad_ptr, parts_ptr, sample, r00, i00, r01, i01, r10, i10, r11, i11, lh, lw, val, d_offs, d_mask, q_mask,
+                     HEAD_DIM: tl.constexpr, DETERMINISTIC: tl.constexpr):  # fmt: skip
+    """Spread ``val`` ``(BLOCK_Q, BLOCK_D)`` over the four neighbours of one sample with their bilinear weights (see :func:`_add_rows`)."""
+    hh = 1.0 - lh
+    hw = 1.0 - lw
+    slot = sample * 4
+    _add_rows(grad_ptr, parts_ptr, r00, i00, slot, d_offs, d_mask, q_mask, (hh * hw)[:, None] * val, HEAD_DIM, DETERMINISTIC)
+    _add_rows(grad_ptr, parts_ptr, r01, i01, slot + 1, d_offs, d_mask, q_mask, (hh * lw)[:, None] * val, HEAD_DIM, DETERMINISTIC)
+    _add_rows(grad_ptr, parts_ptr, r10, i10, slot + 2, d_offs, d_mask, q_mask, (lh * hw)[:, None] * val, HEAD_DIM, DETERMINISTIC)
+    _add_rows(grad_ptr, parts_ptr, r11, i11, slot + 3, d_offs, d_mask, q_mask, (lh * lw)[:, None] * val, HEAD_DIM, DETERMINISTIC)
+
+
+@triton.jit
+def _store_corner_rows(index_ptr, sample, base_row, r00, i00, r01, i01, r10, i10, r11, i11, q_mask, HEAD_DIM: tl.constexpr):
+    """Rows of the ``(B*S*M, D)`` table of one sample's four neighbours (0 outside the map) at ``4 * sample + corner`` (int64)."""
+    slot = sample * 4
+    tl.store(index_ptr + slot, tl.where(i00, base_row + r00 // HEAD_DIM, 0), mask=q_mask)
+    tl.store(index_ptr + slot + 1, tl.where(i01, base_row + r01 // HEAD_DIM, 0), mask=q_mask)
+    tl.store(index_ptr + slot + 2, tl.where(i10, base_row + r10 // HEAD_DIM, 0), mask=q_mask)
+    tl.store(index_ptr + slot + 3, tl.where(i11, base_row + r11 // HEAD_DIM, 0), mask=q_mask)
+
+
+@triton.jit
+def _bilinear_sample(feat_ptr, start, h0, w0, lh, lw, height, width, row_stride, d_offs, d_mask, q_mask):
+    """Bilinear sample of one point per query: ``(BLOCK_Q, BLOCK_D)`` in fp32, zero outside the map."""
+    hh = 1.0 - lh
+    hw = 1.0 - lw
+    rows, inside = _corner(start, h0, w0, height, width, row_stride, q_mask)
+    out = _load_rows(feat_ptr, rows, inside, d_offs, d_mask) * (hh * hw)[:, None]
+    rows, inside = _corner(start, h0, w0 + 1, height, width, row_stride, q_mask)
+    out += _load_rows(feat_ptr, rows, inside, d_offs, d_mask) * (hh * lw)[:, None]
+    rows, inside = _corner(start, h0 + 1, w0, height, width, row_stride, q_mask)
+    out += _load_rows(feat_ptr, rows, inside, d_offs, d_mask) * (lh * hw)[:, None]
+    rows, inside = _corner(start, h0 + 1, w0 + 1, height, width, row_stride, q_mask)
+    out += _load_rows(feat_ptr, rows, inside, d_offs, d_mask) * (lh * lw)[:, None]
+    return out
+
+
+@triton.jit
+def _store_location_grad(grad_loc_ptr, sample, q_mask, g00, g01, g10, g11, lh, lw, height, width, scale):
+    """Gradient w.r.t. ``(x, y)`` given ``g_c = dLoss / d(weight of corner c)`` for the four corners, times ``scale``."""
+    hh = 1.0 - lh
+    hw = 1.0 - lw
+    grad_x = scale * width.to(tl.float32) * (hh * (g01 - g00) + lh * (g11 - g10))
+    grad_y = scale * height.to(tl.float32) * (hw * (g10 - g00) + lw * (g11 - g01))
+    out_ty = grad_loc_ptr.dtype.element_ty
+    tl.store(grad_loc_ptr + 2 * sample, grad_x.to(out_ty), mask=q_mask)
+    tl.store(grad_loc_ptr + 2 * sample + 1, grad_y.to(out_ty), mask=q_mask)
+
+
+@triton.jit
+def msda_fwd_kernel(
+    value_ptr,
+    shapes_ptr,
+    starts_ptr,
+    loc_ptr,
+    attn_ptr,
+    out_ptr,
+    num_tokens,
+    num_queries,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NUM_LEVELS: tl.constexpr,
+    NUM_POINTS: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid ``(cdiv(Lq, BLOCK_Q), M, B)``: ``out[b, q, m] = sum_{l,p} a[b, q, m, l, p] * sample_l(value[b, :, m], loc[b, q, m, l, p])``."""
+    q_block = tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    q_offs = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q_offs < num_queries
+    d_offs = tl.arange(0, BLOCK_D)
+    d_mask = d_offs < HEAD_DIM
+    row_stride = NUM_HEADS * HEAD_DIM
+    value_base = value_ptr + batch * num_tokens * row_stride + head * HEAD_DIM
+    query_row = (batch * num_queries + q_offs) * NUM_HEADS + head
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    for level in range(NUM_LEVELS):
+        height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
+        width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
+        start = tl.load(starts_ptr + level).to(tl.int32)
+        for point in tl.static_range(NUM_POINTS):
+            sample = query_row * (NUM_LEVELS * NUM_POINTS) + level * NUM_POINTS + point
+            h0, w0, lh, lw = _bilinear_setup(loc_ptr, sample, q_mask, height, width)
+            weight = tl.load(attn_ptr + sample, mask=q_mask, other=0.0).to(tl.float32)
+            sampled = _bilinear_sample(value_base, start, h0, w0, lh, lw, height, width, row_stride, d_offs, d_mask, q_mask)
+            acc += weight[:, None] * sampled
+    out_offs = query_row[:, None] * HEAD_DIM + d_offs[None, :]
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def msda_bwd_kernel(
+    grad_out_ptr,
+    value_ptr,
+    shapes_ptr,
+    starts_ptr,
+    loc_ptr,
+    attn_ptr,
+    grad_value_ptr,
+    grad_loc_ptr,
+    grad_attn_ptr,
+    parts_ptr,
+    index_ptr,
+    num_tokens,
+    num_queries,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NUM_LEVELS: tl.constexpr,
+    NUM_POINTS: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid ``(cdiv(Lq, BLOCK_Q), M, B)``; ``grad_value_ptr`` is an fp32 buffer accumulated with atomics.
+
+    With ``DETERMINISTIC`` the value gradient goes instead to ``parts_ptr`` ``(N*4, D)`` fp32 and
+    ``index_ptr`` ``(N*4,)`` int64 (``N = B*Lq*M*L*P``), and ``grad_value_ptr`` is not touched.
+    """
+    q_block = tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    q_offs = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q_offs < num_queries
+    d_offs = tl.arange(0, BLOCK_D)
+    d_mask = d_offs < HEAD_DIM
+    row_stride = NUM_HEADS * HEAD_DIM
+    feat_offset = batch * num_tokens * row_stride + head * HEAD_DIM
+    value_base = value_ptr + feat_offset
+    grad_value_base = grad_value_ptr + feat_offset
+    base_row = batch * num_tokens * NUM_HEADS + head
+    query_row = (batch * num_queries + q_offs) * NUM_HEADS + head
+    tile_mask = q_mask[:, None] & d_mask[None, :]
+    grad_out = tl.load(grad_out_ptr + query_row[:, None] * HEAD_DIM + d_offs[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+    for level in range(NUM_LEVELS):
+        height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
+        width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
+        start = tl.load(starts_ptr + level).to(tl.int32)
+        for point in tl.static_range(NUM_POINTS):
+            sample = query_row * (NUM_LEVELS * NUM_POINTS) + level * NUM_POINTS + point
+            h0, w0, lh, lw = _bilinear_setup(loc_ptr, sample, q_mask, height, width)
+            weight = tl.load(attn_ptr + sample, mask=q_mask, other=0.0).to(tl.float32)
+            hh = 1.0 - lh
+            hw = 1.0 - lw
+
+            rows00, inside00 = _corner(start, h0, w0, height, width, row_stride, q_mask)
+            rows01, inside01 = _corner(start, h0, w0 + 1, height, width, row_stride, q_mask)
+            rows10, inside10 = _corner(start, h0 + 1, w0, height, width, row_stride, q_mask)
+            rows11, inside11 = _corner(start, h0 + 1, w0 + 1, height, width, row_stride, q_mask)
+            g00 = tl.sum(grad_out * _load_rows(value_base, rows00, inside00, d_offs, d_mask), axis=1)
+            g01 = tl.sum(grad_out * _load_rows(value_base, rows01, inside01, d_offs, d_mask), axis=1)
+            g10 = tl.sum(grad_out * _load_rows(value_base, rows10, inside10, d_offs, d_mask), axis=1)
+            g11 = tl.sum(grad_out * _load_rows(value_base, rows11, inside11, d_offs, d_mask), axis=1)
+
+            grad_attn = hh * hw * g00 + hh * lw * g01 + lh * hw * g10 + lh * lw * g11
+            tl.store(grad_attn_ptr + sample, grad_attn.to(grad_attn_ptr.dtype.element_ty), mask=q_mask)
+            _store_location_grad(grad_loc_ptr, sample, q_mask, g00, g01, g10, g11, lh, lw, height, width, weight)
+            weighted_grad = weight[:, None] * grad_out
+
+            if DETERMINISTIC:
+                _store_corner_rows(
+                    index_ptr, sample, base_row, rows00, inside00, rows01, inside01, rows10, inside10, rows11, inside11, q_mask, HEAD_DIM
+                )
+            _scatter_corners(
+                grad_value_base, parts_ptr, sample, rows00, inside00, rows01, inside01, rows10, inside10, rows11, inside11,
+                lh, lw, weighted_grad, d_offs, d_mask, q_mask, HEAD_DIM, DETERMINISTIC
+            )
+
+
+@triton.jit
+def kda_fwd_kernel(
+    query_ptr,
+    key_ptr,
+    value_ptr,
+    shapes_ptr,
+    starts_ptr,
+    loc_ptr,
+    out_ptr,
+    lse_ptr,
+    num_tokens,
+    num_queries,
+    scale,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NUM_LEVELS: tl.constexpr,
+    NUM_POINTS: tl.constexpr,
+    SHARED_KV: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid ``(cdiv(Lq, BLOCK_Q), M, B)``: online softmax over the ``L*P`` logits ``scale * q . k``.
+
+    Writes the output and the log-sum-exp ``(B, Lq, M)`` (fp32) of the logits, for the backward.
+    With ``SHARED_KV`` the keys are the values (``key_ptr`` is ignored) and each map is read once.
+    """
+    q_block = tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    q_offs = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q_offs < num_queries
+    d_offs = tl.arange(0, BLOCK_D)
+    d_mask = d_offs < HEAD_DIM
+    row_stride = NUM_HEADS * HEAD_DIM
+    feat_offset = batch * num_tokens * row_stride + head * HEAD_DIM
+    value_base = value_ptr + feat_offset
+    key_base = key_ptr + feat_offset
+    query_row = (batch * num_queries + q_offs) * NUM_HEADS + head
+    tile_offs = query_row[:, None] * HEAD_DIM + d_offs[None, :]
+    tile_mask = q_mask[:, None] & d_mask[None, :]
+    query = tl.load(query_ptr + tile_offs, mask=tile_mask, other=0.0).to(tl.float32) * scale
+
+    running_max = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    for level in range(NUM_LEVELS):
+        height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
+        width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
+        start = tl.load(starts_ptr + level).to(tl.int32)
+        for point in tl.static_range(NUM_POINTS):
+            sample = query_row * (NUM_LEVELS * NUM_POINTS) + level * NUM_POINTS + point
+            h0, w0, lh, lw = _bilinear_setup(loc_ptr, sample, q_mask, height, width)
+            value = _bilinear_sample(value_base, start, h0, w0, lh, lw, height, width, row_stride, d_offs, d_mask, q_mask)
+            if SHARED_KV:
+                key = value
+            else:
+                key = _bilinear_sample(key_base, start, h0, w0, lh, lw, height, width, row_stride, d_offs, d_mask, q_mask)
+            logit = tl.sum(query * key, axis=1)
+            new_max = tl.maximum(running_max, logit)
+            rescale = tl.exp(running_max - new_max)
+            prob = tl.exp(logit - new_max)
+            running_sum = running_sum * rescale + prob
+            acc = acc * rescale[:, None] + prob[:, None] * value
+            running_max = new_max
+    out = acc / running_sum[:, None]
+    tl.store(out_ptr + tile_offs, out.to(out_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(lse_ptr + query_row, running_max + tl.log(running_sum), mask=q_mask)
+
+
+@triton.jit
+def kda_bwd_kernel(
+    grad_out_ptr,
+    query_ptr,
+    key_ptr,
+    value_ptr,
+    shapes_ptr,
+    starts_ptr,
+    loc_ptr,
+    out_ptr,
+    lse_ptr,
+    grad_query_ptr,
+    grad_key_ptr,
+    grad_value_ptr,
+    grad_loc_ptr,
+    key_parts_ptr,
+    value_parts_ptr,
+    index_ptr,
+    num_tokens,
+    num_queries,
+    scale,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NUM_LEVELS: tl.constexpr,
+    NUM_POINTS: tl.constexpr,
+    SHARED_KV: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid ``(cdiv(Lq, BLOCK_Q), M, B)``; recomputes the probabilities from the saved log-sum-exp.
+
+    With ``p_j = softmax(s)_j``, ``s_j = scale * q . k_j``, ``dp_j = dO . v_j`` and
+    ``delta = dO . out``: ``ds_j = p_j (dp_j - delta)``, ``dq = scale * sum_j ds_j k_j``,
+    ``dv_j = p_j dO``, ``dk_j = scale * ds_j q``, scattered to the four neighbours with their
+    bilinear weights. ``grad_key_ptr``/``grad_value_ptr`` are fp32 buffers accumulated with atomics;
+    with ``SHARED_KV`` both contributions go to ``grad_value_ptr``. With ``DETERMINISTIC`` they go
+    instead to ``key_parts_ptr``/``value_parts_ptr`` ``(N*4, D)`` fp32 with their rows in
+    ``index_ptr`` ``(N*4,)`` int64 (``N = B*Lq*M*L*P``), as in :func:`msda_bwd_kernel`.
+    """
+    q_block = tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    q_offs = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q_offs < num_queries
+    d_offs = tl.arange(0, BLOCK_D)
+    d_mask = d_offs < HEAD_DIM
+    row_stride = NUM_HEADS * HEAD_DIM
+    feat_offset = batch * num_tokens * row_stride + head * HEAD_DIM
+    value_base = value_ptr + feat_offset
+    key_base = key_ptr + feat_offset
+    grad_value_base = grad_value_ptr + feat_offset
+    grad_key_base = grad_key_ptr + feat_offset
+    base_row = batch * num_tokens * NUM_HEADS + head
+    query_row = (batch * num_queries + q_offs) * NUM_HEADS + head
+    tile_offs = query_row[:, None] * HEAD_DIM + d_offs[None, :]
+    tile_mask = q_mask[:, None] & d_mask[None, :]
+    query = tl.load(query_ptr + tile_offs, mask=tile_mask, other=0.0).to(tl.float32) * scale
+    grad_out = tl.load(grad_out_ptr + tile_offs, mask=tile_mask, other=0.0).to(tl.float32)
+    out = tl.load(out_ptr + tile_offs, mask=tile_mask, other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + query_row, mask=q_mask, other=0.0)
+    delta = tl.sum(grad_out * out, axis=1)
+    grad_query = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    for level in range(NUM_LEVELS):
+        height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
+        width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
+        start = tl.load(starts_ptr + level).to(tl.int32)
+        for point in tl.static_range(NUM_POINTS):
+            sample = query_row * (NUM_LEVELS * NUM_POINTS) + level * NUM_POINTS + point
+            h0, w0, lh, lw = _bilinear_setup(loc_ptr, sample, q_mask, height, width)
+            hh = 1.0 - lh
+            hw = 1.0 - lw
+            rows00, inside00 = _corner(start, h0, w0, height, width, row_stride, q_mask)
+            rows01, inside01 = _corner(start, h0, w0 + 1, height, width, row_stride, q_mask)
+            rows10, inside10 = _corner(start, h0 + 1, w0, height, width, row_stride, q_mask)
+            rows11, inside11 = _corner(start, h0 + 1, w0 + 1, height, width, row_stride, q_mask)
+            v00 = _load_rows(value_base, rows00, inside00, d_offs, d_mask)
+            v01 = _load_rows(value_base, rows01, inside01, d_offs, d_mask)
+            v10 = _load_rows(value_base, rows10, inside10, d_offs, d_mask)
+            v11 = _load_rows(value_base, rows11, inside11, d_offs, d_mask)
+            if SHARED_KV:
+                k00 = v00
+                k01 = v01
+                k10 = v10
+                k11 = v11
+            else:
+                k00 = _load_rows(key_base, rows00, inside00, d_offs, d_mask)
+                k01 = _load_rows(key_base, rows01, inside01, d_offs, d_mask)
+                k10 = _load_rows(key_base, rows10, inside10, d_offs, d_mask)
+                k11 = _load_rows(key_base, rows11, inside11, d_offs, d_mask)
+            key = (hh * hw)[:, None] * k00 + (hh * lw)[:, None] * k01 + (lh * hw)[:, None] * k10 + (lh * lw)[:, None] * k11
+            qk00 = tl.sum(query * k00, axis=1)
+            qk01 = tl.sum(query * k01, axis=1)
+            qk10 = tl.sum(query * k10, axis=1)
+            qk11 = tl.sum(query * k11, axis=1)
+            dv00 = tl.sum(grad_out * v00, axis=1)
+            dv01 = tl.sum(grad_out * v01, axis=1)
+            dv10 = tl.sum(grad_out * v10, axis=1)
+            dv11 = tl.sum(grad_out * v11, axis=1)
+            logit = hh * hw * qk00 + hh * lw * qk01 + lh * hw * qk10 + lh * lw * qk11
+            grad_prob = hh * hw * dv00 + hh * lw * dv01 + lh * hw * dv10 + lh * lw * dv11
+            prob = tl.exp(logit - lse)
+            grad_logit = prob * (grad_prob - delta)
+            grad_query += grad_logit[:, None] * key
+            _store_location_grad(
+                grad_loc_ptr,
+                sample,
+                q_mask,
+                prob * dv00 + grad_logit * qk00,
+                prob * dv01 + grad_logit * qk01,
+                prob * dv10 + grad_logit * qk10,
+                prob * dv11 + grad_logit * qk11,
+                lh,
+                lw,
+                height,
+                width,
+                1.0,
+            )
+
+            grad_value = prob[:, None] * grad_out
+            grad_key = grad_logit[:, None] * query
+            if DETERMINISTIC:
+                _store_corner_rows(
+                    index_ptr, sample, base_row, rows00, inside00, rows01, inside01, rows10, inside10, rows11, inside11, q_mask, HEAD_DIM
+                )
+            if SHARED_KV:
+                grad_value += grad_key
+            else:
+                _scatter_corners(
+                    grad_key_base, key_parts_ptr, sample, rows00, inside00, rows01, inside01, rows10, inside10, rows11, inside11,
+                    lh, lw, grad_key, d_offs, d_mask, q_mask, HEAD_DIM, DETERMINISTIC
+                )
+            _scatter_corners(
+                grad_value_base, value_parts_ptr, sample, rows00, inside00, rows01, inside01, rows10, inside10, rows11, inside11,
+                lh, lw, grad_value, d_offs, d_mask, q_mask, HEAD_DIM, DETERMINISTIC
+            )
+    grad_query = grad_query * scale
+    tl.store(grad_query_ptr + tile_offs, grad_query.to(grad_query_ptr.dtype.element_ty), mask=tile_mask)
+
+
