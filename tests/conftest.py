@@ -36,6 +36,27 @@ def _deterministic_seed():
     torch.manual_seed(0)
 
 
+def official_keys(layout: str) -> dict[str, list[int]]:
+    """Every key and shape of a released R50 checkpoint of ``layout`` (``../shared/fixtures``; skipped when absent)."""
+    path = FIXTURES / f"official_{layout.replace('-', '_')}_r50_state_dict_keys.json"
+    if not path.exists():
+        pytest.skip(f"{path} is not present")
+    return json.loads(path.read_text())
+
+
+def random_checkpoint(layout: str, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Random, unshared values for every key of a released checkpoint (keys saved twice share a value),
+    and the same values under our names."""
+    from litedetr.models.convert import official_rules, rename_official
+
+    rules = official_rules(layout)
+    state, ours = {}, {}
+    for key, shape in official_keys(layout).items():
+        (target,) = rename_official({key: torch.zeros(shape)}, rules)
+        state[key] = ours.setdefault(target, torch.randn(shape, generator=generator))
+    return state, ours
+
+
 def write_coco(root: Path, images: list[dict], annotations: list[dict], categories: list[dict]) -> tuple[Path, Path]:
     """Write ``images`` (dicts with ``id``, ``file_name``, ``height``, ``width``) as random PNGs and the JSON.
 

@@ -12,9 +12,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from conftest import FIXTURES, load_fixture
+from conftest import FIXTURES, load_fixture, official_keys, random_checkpoint
 from litedetr.models import Detector, build_model, get_config, load_model, save_model
-from litedetr.models.convert import ConversionError, detect_layout, load_official_state_dict, official_rules, rename_official
+from litedetr.models.convert import ConversionError, detect_layout, load_official_state_dict
 from litedetr.models.criterion import DEFAULT_WEIGHTS, DEFORMABLE_WEIGHTS
 from litedetr.models.detector import load_official_checkpoint
 from litedetr.models.postprocess import postprocess
@@ -129,24 +129,6 @@ def test_h_detr_hybrid_training_forward():
 
     error, swaps = best_over_tied_orders(model, run)
     assert error < TOLERANCE, f"max |error| {error:.2e} ({swaps} tied proposals swapped)"
-
-
-def official_keys(layout: str) -> dict[str, list[int]]:
-    path = FIXTURES / f"official_{layout.replace('-', '_')}_r50_state_dict_keys.json"
-    if not path.exists():
-        pytest.skip(f"{path} is not present")
-    return json.loads(path.read_text())
-
-
-def random_checkpoint(layout: str, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Random, unshared values for every key of a released checkpoint (keys saved twice share a value),
-    and the same values under our names."""
-    rules = official_rules(layout)
-    state, ours = {}, {}
-    for key, shape in official_keys(layout).items():
-        (target,) = rename_official({key: torch.zeros(shape)}, rules)
-        state[key] = ours.setdefault(target, torch.randn(shape, generator=generator))
-    return state, ours
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,11 @@ class TrainConfig:
 
     Attributes:
         model: preset name; ``model_overrides`` change its :class:`DetectorConfig` fields.
+        backbone_weights: ImageNet weights for the backbone (``"imagenet"`` or a local file).
+        init: a trained checkpoint to start the model from (a litedetr model file or a released
+            ``.pth`` of the preset's family): class rows are carried over by class name, the optimiser
+            and schedule start fresh. Read only when the run starts (a resume ignores it).
+        freeze_backbone: keep the backbone's weights (and batch-norm statistics) as they start.
         train_annotations, train_images, val_annotations, val_images: COCO-format data
             (``val_*`` empty: no evaluation).
         image_sizes: training short sides, one drawn per batch; evaluation uses the largest.
@@ -47,6 +52,8 @@ class TrainConfig:
     val_images: str = ""
     model_overrides: dict[str, Any] = field(default_factory=dict)
     backbone_weights: str | None = None
+    init: str | None = None
+    freeze_backbone: bool = False
     epochs: int = 12
     epoch_batches: int = 0
     batch_size: int = 2
@@ -81,6 +88,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.epoch_batches < 0 or self.epoch_batches % self.accumulate:
             raise ValueError(f"epoch_batches must be 0 (whole epochs) or a positive multiple of accumulate ({self.accumulate}), got {self.epoch_batches}")
+        if self.init is not None and self.backbone_weights is not None:
+            raise ValueError("init and backbone_weights exclude each other: the checkpoint's backbone would replace the ImageNet weights")
         if not self.image_sizes or min(self.image_sizes) < 32:
             raise ValueError(f"image_sizes must be short sides >= 32 px, got {self.image_sizes}")
 

@@ -51,8 +51,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 MODEL_FILE = "model.safetensors"
-_RESUMABLE_CHANGES = {"epochs", "eval_every", "workers", "device", "checkpoint_every"}
-"""TrainConfig fields a resumed run may change."""
+_RESUMABLE_CHANGES = {"epochs", "eval_every", "workers", "device", "checkpoint_every", "init"}
+"""TrainConfig fields a resumed run may change (``init`` is read only when a run starts)."""
 
 
 def _own_rng_state(saved: dict[str, Any] | list[dict[str, Any]], path: Path) -> dict[str, Any]:
@@ -121,6 +121,7 @@ class Trainer:
         self.model: Detector = build_model(
             config.model,
             backbone_weights=config.backbone_weights,
+            init=None if resume else config.init,
             num_classes=self.train_set.num_classes,
             class_names=self.train_set.class_names,
             category_ids=self.train_set.category_ids,
@@ -128,6 +129,8 @@ class Trainer:
             max_size=config.max_size,
             **config.model_overrides,
         ).to(self.device)
+        if config.freeze_backbone:
+            self.model.backbone.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, config), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=list(config.lr_drop), gamma=0.1)
         self.precision = resolve_precision(config.amp, self.device)
@@ -274,13 +277,19 @@ class Trainer:
             self.ema.update(self.model)
         return grad_norm
 
+    def _train_mode(self) -> None:
+        """Training mode; a frozen backbone stays in eval mode (its batch-norm statistics fixed)."""
+        self.net.train()
+        if self.config.freeze_backbone:
+            self.model.backbone.eval()
+
     def time_steps(self, count: int, warmup: int = 2) -> list[float]:
         """Seconds of each of ``count`` training steps after ``warmup`` untimed ones, data loading
         included, on the first batches of the first epoch (one optimiser step per batch).
 
         The steps train this trainer's model and write nothing: measure with a trainer made for it.
         """
-        self.net.train()
+        self._train_mode()
         stream = (batch for epoch in itertools.count() for batch in self._loader(self.train_set, True, epoch, 0))
         times = []
         for i in range(warmup + count):
@@ -295,7 +304,7 @@ class Trainer:
     def _train_epoch(self) -> None:
         cfg = self.config
         loader = self._loader(self.train_set, True, self.epoch, self.batches_done * cfg.batch_size)
-        self.net.train()
+        self._train_mode()
         batches = min(len(loader), cfg.epoch_batches - self.batches_done) if cfg.epoch_batches else len(loader)
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", total=batches, unit="batch", disable=not distributed.is_main(), dynamic_ncols=True)
         started = time.perf_counter()

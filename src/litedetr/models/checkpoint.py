@@ -25,7 +25,7 @@ from torch import nn
 from litedetr.models.config import DetectorConfig, config_from_dict, get_config
 from litedetr.models.convert import LAYOUT_FAMILY, LAYOUTS, ConversionError, detect_layout, rename_official
 
-__all__ = ["save_model", "atomic_write", "read_config", "read_model_file", "read_official_checkpoint", "CONFIG_KEY"]
+__all__ = ["save_model", "atomic_write", "read_config", "read_model_file", "read_official_checkpoint", "read_official_state", "CONFIG_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,14 +122,11 @@ def _read_official(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_official_checkpoint(path: str | os.PathLike, preset: str, **overrides: Any) -> tuple[DetectorConfig, dict[str, torch.Tensor], str]:
-    """The config of ``preset`` (with ``overrides``), the checkpoint's state dict and its layout.
-
-    The checkpoint may be the authors' Lite-DINO, IDEA-Research/DINO, fundamentalvision/Deformable-DETR
-    (two-stage) or HDETR/H-Deformable-DETR (two-stage); its layout must be of the preset's family.
+def read_official_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict of a checkpoint of an original code base (under its own names) and its layout.
 
     Raises:
-        ConversionError: the checkpoint fits no known layout, is of another family, or has another class count.
+        ConversionError: the checkpoint fits none of :data:`~litedetr.models.convert.LAYOUTS`.
     """
     state = _read_official(path)
     layout = detect_layout(state)
@@ -139,6 +136,19 @@ def read_official_checkpoint(path: str | os.PathLike, preset: str, **overrides: 
             f"{path}: not a checkpoint of a known layout ({', '.join(LAYOUTS)}): it has neither transformer.enc_out_class_embed.weight "
             f"(DINO, Lite-DINO) nor transformer.pos_trans.weight (two-stage Deformable DETR, H-DETR); its first keys: {shown}"
         )
+    return state, layout
+
+
+def read_official_checkpoint(path: str | os.PathLike, preset: str, **overrides: Any) -> tuple[DetectorConfig, dict[str, torch.Tensor], str]:
+    """The config of ``preset`` (with ``overrides``), the checkpoint's state dict and its layout.
+
+    The checkpoint may be the authors' Lite-DINO, IDEA-Research/DINO, fundamentalvision/Deformable-DETR
+    (two-stage) or HDETR/H-Deformable-DETR (two-stage); its layout must be of the preset's family.
+
+    Raises:
+        ConversionError: the checkpoint fits no known layout, is of another family, or has another class count.
+    """
+    state, layout = read_official_state(path)
     config = get_config(preset, **overrides)
     if LAYOUT_FAMILY[layout] != config.family:
         raise ConversionError(f"{path}: a {layout} checkpoint, but preset {preset!r} is of the {config.family} family")

@@ -31,6 +31,10 @@ __all__ = [
     "detect_layout",
     "official_rules",
     "rename_official",
+    "STANDARD_LAYOUTS",
+    "adapt_encoder_weights",
+    "fold_keys",
+    "load_strictly",
     "load_official_state_dict",
 ]
 
@@ -183,21 +187,61 @@ def _standard_into_lite(model: nn.Module, renamed: dict[str, Tensor]) -> tuple[s
     return fresh, dropped
 
 
-def _folded(keys: set[str]) -> str:
-    """Keys with their first index folded, e.g. ``encoder.layers.{1,3,5}.ffn_low.linear1.weight``."""
-    groups: dict[tuple[str, str], list[int]] = {}
+def fold_keys(keys: set[str]) -> str:
+    """Keys with their first index folded and ``weight``/``bias`` left out, e.g. ``encoder.layers.{1,3,5}.ffn_low.linear1``."""
+    groups: dict[tuple[str, str], set[int]] = {}
     for key in keys:
+        key = re.sub(r"\.(weight|bias)$", "", key)
         head, *rest = re.split(r"\.(\d+)\.", key, maxsplit=1)
         index, tail = rest if rest else ("-1", "")
-        groups.setdefault((head, tail), []).append(int(index))
+        groups.setdefault((head, tail), set()).add(int(index))
     names = []
     for (head, tail), indices in sorted(groups.items()):
-        if indices == [-1]:
+        if indices == {-1}:
             names.append(head)
         else:
-            folded = str(indices[0]) if len(indices) == 1 else "{" + ",".join(map(str, sorted(indices))) + "}"
+            folded = str(*indices) if len(indices) == 1 else "{" + ",".join(map(str, sorted(indices))) + "}"
             names.append(f"{head}.{folded}.{tail}")
     return ", ".join(names)
+
+
+def adapt_encoder_weights(model: nn.Module, renamed: dict[str, Tensor], standard_source: bool) -> tuple[set[str], set[str]]:
+    """Fit a converted state dict's attention and encoder weights to ``model``, in place: the keys to start
+    fresh and the keys dropped.
+
+    Drops the unused ``query_proj`` of the authors' plain attention (logged). With a standard-encoder
+    source and a Lite model: the narrow low-level FFN and key-aware attention's ``query_proj`` start
+    fresh and plain attention's ``attention_weights`` is dropped where the model's attention is key-aware.
+    """
+    unused = _attention_parameters(model, False, ("query_proj",)) & renamed.keys()
+    for key in unused:  # the authors' plain attention holds a query_proj it never uses
+        del renamed[key]
+    if unused:
+        logger.info("dropped %d unused query_proj weights of plain deformable attention", len(unused))
+    lite_model = any(re.fullmatch(r"encoder\.layers\.\d+\.ffn_low\..+", k) for k in model.state_dict())
+    if not (lite_model and standard_source):
+        return set(), set()
+    fresh, dropped = _standard_into_lite(model, renamed)
+    for key in dropped:
+        del renamed[key]
+    return fresh, dropped
+
+
+def load_strictly(model: nn.Module, state: dict[str, Tensor], fresh: set[str] = frozenset()) -> None:
+    """Load ``state`` into ``model``, which must fill every tensor but ``fresh`` (kept as initialised), with equal shapes.
+
+    Raises:
+        ConversionError: keys missing, left over or of another shape, each listed by name.
+    """
+    own = model.state_dict()
+    problems = fit_problems(model, {**{k: own[k] for k in fresh}, **state})
+    if problems:
+        raise ConversionError("the checkpoint does not fit this model (another preset or class count?)\n" + "\n".join(problems))
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+
+
+STANDARD_LAYOUTS = ("dino", "deformable-detr", "h-detr")
+"""The layouts whose encoder is the standard one (every token a query in every layer)."""
 
 
 def load_official_state_dict(
@@ -220,21 +264,7 @@ def load_official_state_dict(
         decoder = getattr(model, "decoder", None)
         rules = official_rules(layout, len(decoder.layers) if decoder is not None else 6)
     renamed = rename_official(state_dict, rules)
-    unused = _attention_parameters(model, False, ("query_proj",)) & renamed.keys()
-    for key in unused:  # the authors' plain attention holds a query_proj it never uses
-        del renamed[key]
-    if unused:
-        logger.info("dropped %d unused query_proj weights of plain deformable attention", len(unused))
-    fresh: set[str] = set()
-    own = model.state_dict()
-    lite_model = any(re.fullmatch(r"encoder\.layers\.\d+\.ffn_low\..+", k) for k in own)
-    if lite_model and layout in ("dino", "deformable-detr", "h-detr"):
-        fresh, dropped = _standard_into_lite(model, renamed)
-        for key in dropped:
-            del renamed[key]
-        if fresh or dropped:
-            logger.info("standard encoder into a Lite model: fresh %s; dropped %s", _folded(fresh) or "none", _folded(dropped) or "none")
-    problems = fit_problems(model, {**{k: own[k] for k in fresh}, **renamed})
-    if problems:
-        raise ConversionError("the checkpoint does not fit this model (another preset or class count?)\n" + "\n".join(problems))
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in renamed.items()}, strict=False)
+    fresh, dropped = adapt_encoder_weights(model, renamed, layout in STANDARD_LAYOUTS)
+    if fresh or dropped:
+        logger.info("standard encoder into a Lite model: fresh %s; dropped %s", fold_keys(fresh) or "none", fold_keys(dropped) or "none")
+    load_strictly(model, renamed, fresh)

@@ -16,11 +16,15 @@ from litedetr.engine import distributed
 from litedetr.engine.state import read_train_config
 from litedetr.engine.trainer import CHECKPOINT
 from litedetr.models import get_config
+from litedetr.models.pretrained import checkpoint_family
 from litedetr.tools.args import float_in, int_at_least
 
 __all__ = ["add_arguments", "add_data_arguments", "resolve_data", "default_image_sizes"]
 
 logger = logging.getLogger(__name__)
+
+IMAGENET = "imagenet"
+"""``--backbone-weights`` value for the backbone's ImageNet weights from torchvision's (timm's) cache."""
 
 DETR_SCALES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
 """DETR's training short sides for 800 px evaluation; other sizes scale them."""
@@ -96,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         train_images="",
         model_overrides=dict(args.set),
         backbone_weights=args.backbone_weights,
+        init=str(args.init) if args.init else None,
+        freeze_backbone=args.freeze_backbone,
         epochs=args.epochs,
         batch_size=args.batch_size,
         accumulate=args.accumulate,
@@ -116,8 +122,12 @@ def run(args: argparse.Namespace) -> int:
         deterministic=args.deterministic,
         device=args.device,
     )
-    if args.backbone_weights is not None and not Path(args.backbone_weights).is_file():
-        raise FileNotFoundError(2, "no such file", args.backbone_weights)
+    if args.backbone_weights not in (None, IMAGENET) and not Path(args.backbone_weights).is_file():
+        raise FileNotFoundError(2, f"no such file (or pass --backbone-weights {IMAGENET})", args.backbone_weights)
+    if config.init is not None and not (args.resume and (args.out / CHECKPOINT).exists()):
+        family = checkpoint_family(config.init)
+        if family != get_config(args.model).family:
+            raise ValueError(f"--init {config.init} is a {family} checkpoint; --model {args.model} is of the {get_config(args.model).family} family")
     train_json, train_images = resolve_data(args, "train", args.out / "synthetic-data")
     has_val = args.val_json is not None or args.data is not None
     val_json, val_images = resolve_data(args, "val", args.out / "synthetic-data") if has_val else ("", "")
@@ -166,7 +176,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-size", type=int_at_least(1), help="longest side (default: the preset's)")
     p.add_argument("--amp", action="store_true", help="mixed precision: fp16 on CUDA; bf16 on a CPU (fast only with AVX-512 BF16 or AMX, else a warning)")
     p.add_argument("--ema", type=float_in(0, 1, low_open=True, high_open=True), metavar="DECAY", help="keep an EMA of the weights, e.g. 0.9997")
-    p.add_argument("--backbone-weights", help="local ImageNet weights for the backbone (a torchvision state dict)")
+    p.add_argument(
+        "--init",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="start from a trained model: a litedetr model file or a released .pth of the preset's family (Lite-DINO, DINO, "
+        "Deformable DETR, H-DETR; a standard-encoder one also starts a Lite preset). Classes whose names match the checkpoint's "
+        "(COCO's for .pth files) keep their rows; optimiser and schedule start fresh (unlike --resume)",
+    )
+    p.add_argument("--freeze-backbone", action="store_true", help="keep the backbone's weights and batch-norm statistics fixed")
+    p.add_argument(
+        "--backbone-weights",
+        help=f"ImageNet weights for the backbone: {IMAGENET!r} (torchvision's, timm's for Swin-T, from their caches) or a local torchvision state dict",
+    )
     p.add_argument("--workers", type=int_at_least(0), default=2, help="data-loading processes")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--eval-every", type=int_at_least(1), default=1, help="evaluate every N epochs")
