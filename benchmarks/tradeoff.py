@@ -31,119 +31,22 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from matplotlib.figure import Figure
 
-from litedetr.data import CocoDetection, SyntheticSpec, find_split, write_synthetic_dataset
-from litedetr.engine import CHECKPOINT, MODEL_FILE, TrainConfig, Trainer
-from litedetr.engine.state import load_state
-from litedetr.models import Detector, get_config
+from litedetr.data import CocoDetection, find_split, write_synthetic_dataset
+from litedetr.engine import MODEL_FILE
+from litedetr.engine.recipes import DemoRecipe, dataset_dir, demo_train_config, lite_dino_variants, scaled_recipe, train_or_reuse, variant_recipe
+from litedetr.models import Detector
 from litedetr.models.transform import batch_images
 from litedetr.tools.bench import time_calls
-from litedetr.tools.demo import DemoRecipe, demo_train_config
 from litedetr.tools.flops import count_flops
 
-DINO_PRESET = "dino-r18-tiny"
-LITE_PRESET = "lite-dino-r18-tiny-h3l1-2x3"
-LITE_SHAPES = {"h3l1-2x3": (3, 2, 3), "h3l1-6x1": (3, 6, 1), "h2l2-2x3": (2, 2, 3)}
-"""Short name -> (high-level scales H, high-level updates per block A, blocks B) of HL-(A+1)xB."""
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 TABLE_METRICS = ("AP", "AP50", "APs", "APm", "APl")
 RUNS_DIR = "tradeoff-runs"
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One model of the comparison: a preset and the :class:`DetectorConfig` fields it changes."""
-
-    name: str
-    """Short name for ``--models``: ``dino``, ``h3l1-2x3``, ``h3l1-2x3-msda``, ..."""
-    label: str
-    preset: str
-    overrides: dict[str, Any]
-
-
-def variants() -> dict[str, Variant]:
-    """The 7 models by short name: DINO, then each Lite shape with KDA and with MSDA."""
-    found = {"dino": Variant("dino", "DINO (standard encoder, MSDA)", DINO_PRESET, {})}
-    base = get_config(LITE_PRESET)
-    for shape, (high, updates, blocks) in LITE_SHAPES.items():
-        for key_aware in (True, False):
-            encoder = dataclasses.replace(base.encoder, n_high=high, high_updates=updates, blocks=blocks, key_aware=key_aware)
-            name = shape if key_aware else f"{shape}-msda"
-            label = f"Lite-DINO H{high}L{base.n_levels - high}-({updates}+1)x{blocks} {'KDA' if key_aware else 'MSDA'}"
-            found[name] = Variant(name, label, LITE_PRESET, {"encoder": encoder, "decoder_key_aware": key_aware})
-    return found
-
-
-def scaled_recipe(epochs: int | None = None, train_images: int | None = None, val_images: int | None = None, image_size: int | None = None) -> DemoRecipe:
-    """The demo's recipe with the given budget changes; the dataset's images scale with ``image_size``."""
-    recipe = DemoRecipe()
-    size = image_size or recipe.image_size
-    data_h, data_w = recipe.data.image_size
-    data = dataclasses.replace(
-        recipe.data,
-        num_train=train_images or recipe.data.num_train,
-        num_val=val_images or recipe.data.num_val,
-        image_size=(round(data_h * size / recipe.image_size), round(data_w * size / recipe.image_size)),
-    )
-    return dataclasses.replace(recipe, data=data, image_size=size, epochs=epochs or recipe.epochs)
-
-
-def variant_recipe(recipe: DemoRecipe, variant: Variant) -> DemoRecipe:
-    """``recipe`` training ``variant`` (the recipe's own model overrides kept, the variant's on top)."""
-    overrides = {**dict(recipe.model_overrides), **variant.overrides}
-    return dataclasses.replace(recipe, model=variant.preset, model_overrides=tuple(overrides.items()))
-
-
-def dataset_dir(runs: Path, spec: SyntheticSpec) -> Path:
-    """One folder per dataset spec, so runs trained on another dataset never pass for this one's."""
-    h, w = spec.image_size
-    return runs / f"data-{spec.num_train}-{spec.num_val}-{h}x{w}-max{spec.max_objects}-seed{spec.seed}"
-
-
-def _same_settings(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    return all(json.dumps(saved.get(k)) == json.dumps(v) for k, v in wanted.items() if k not in ("workers", "device"))
-
-
-def _final_metrics(run_dir: Path, epochs: int) -> dict[str, float | None] | None:
-    """The evaluation logged after the last epoch (``None`` when the run stopped before it)."""
-    log = run_dir / "log.jsonl"
-    if not log.exists():
-        return None
-    evals = [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "eval" and r["epoch"] == epochs]
-    return {k: evals[-1].get(k) for k in METRICS} if evals else None
-
-
-def train_or_reuse(config: TrainConfig, run_dir: Path) -> tuple[dict[str, float | None], bool]:
-    """Metrics of ``config`` trained in ``run_dir`` and whether they come from an earlier, finished run.
-
-    A finished run with the same settings is reused; an unfinished one is resumed (the trainer
-    refuses other settings).
-
-    Raises:
-        ValueError: ``run_dir`` holds a run trained for more epochs than ``config.epochs``.
-        SystemExit: training was stopped by a signal (its checkpoint is written; run again to resume).
-    """
-    checkpoint = run_dir / CHECKPOINT
-    if checkpoint.exists():
-        state = load_state(checkpoint)
-        if state["epoch"] > config.epochs:
-            raise ValueError(f"{run_dir} holds a run of {state['epoch']} epochs, more than the {config.epochs} asked for; use another --out")
-        if state["epoch"] == config.epochs and _same_settings(json.loads(state["train_config"]), config.to_dict()):
-            metrics = _final_metrics(run_dir, config.epochs)
-            if metrics is not None:
-                return metrics, True
-    trainer = Trainer(config, run_dir, resume=checkpoint.exists())
-    result = trainer.fit()
-    if result.interrupted:
-        raise SystemExit(f"stopped by a signal; {checkpoint} is written, run the same command again to resume")
-    metrics = result.metrics or trainer.evaluate()
-    return {k: metrics.get(k) for k in METRICS}, False
 
 
 def encoder_call(model: Detector, image: torch.Tensor) -> Callable[[], object]:
@@ -215,7 +118,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def main() -> None:
-    names = list(variants())
+    names = list(lite_dino_variants())
     default = DemoRecipe()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=names, default=names, metavar="NAME", help=f"subset of {', '.join(names)} (default all)")
@@ -231,7 +134,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     recipe = scaled_recipe(args.epochs, args.train_images, args.val_images, args.image_size)
-    chosen = [variants()[name] for name in names if name in args.models]
+    chosen = [lite_dino_variants()[name] for name in names if name in args.models]
     runs = args.out / RUNS_DIR
     data = write_synthetic_dataset(dataset_dir(runs, recipe.data), recipe.data)
 

@@ -33,7 +33,7 @@ import torch
 from litedetr.data import write_synthetic_dataset
 from litedetr.engine import Trainer
 from litedetr.engine.precision import cpu_bf16_native, resolve_precision
-from litedetr.tools.demo import DemoRecipe, demo_train_config
+from litedetr.engine.recipes import DemoRecipe, demo_train_config
 
 PRECISIONS = {"float32": False, "bf16": True}
 """Name -> TrainConfig.amp (bf16 autocast on the CPU)."""

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from conftest import FIXTURES, load_fixture, official_keys, random_checkpoint
+from conftest import load_fixture, random_checkpoint
 from litedetr.models import Detector, build_model, get_config, load_model, save_model
 from litedetr.models.convert import ConversionError, detect_layout, load_official_state_dict
 from litedetr.models.criterion import DEFAULT_WEIGHTS, DEFORMABLE_WEIGHTS

@@ -12,7 +12,7 @@ import pytest
 from litedetr.engine import CHECKPOINT
 from litedetr.engine.state import save_state
 from litedetr.models import build_model, get_config
-from litedetr.tools.demo import DemoRecipe, demo_train_config
+from litedetr.engine.recipes import DemoRecipe, demo_train_config
 from litedetr.tools.flops import count_flops
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "tradeoff.py"
@@ -31,7 +31,7 @@ def tradeoff():
 
 
 def test_seven_models_with_intended_encoders(tradeoff):
-    found = tradeoff.variants()
+    found = tradeoff.lite_dino_variants()
     assert list(found) == ["dino", "h3l1-2x3", "h3l1-2x3-msda", "h3l1-6x1", "h3l1-6x1-msda", "h2l2-2x3", "h2l2-2x3-msda"]
     configs = {name: get_config(v.preset, **v.overrides) for name, v in found.items()}
     assert configs["dino"] == get_config("dino-r18-tiny")
@@ -50,7 +50,7 @@ def test_seven_models_with_intended_encoders(tradeoff):
 
 def test_encoder_gflops_order(tradeoff):
     gflops = {}
-    for name, v in tradeoff.variants().items():
+    for name, v in tradeoff.lite_dino_variants().items():
         gflops[name] = count_flops(build_model(v.preset, num_classes=5, **v.overrides), (128, 128)).components["encoder"]
     lite = [name for name in gflops if name != "dino"]
     assert all(gflops[name] < gflops["dino"] for name in lite)
@@ -69,7 +69,7 @@ def test_budget_is_the_demos(tradeoff):
 
 
 def test_finished_run_is_reused_and_longer_run_refused(tradeoff, tiny_synthetic, tmp_path):
-    variant = tradeoff.variants()["h2l2-2x3-msda"]
+    variant = tradeoff.lite_dino_variants()["h2l2-2x3-msda"]
     config = demo_train_config(tradeoff.variant_recipe(tradeoff.scaled_recipe(epochs=2, image_size=64), variant), tiny_synthetic, "cpu")
     assert config.model_overrides["encoder"] == variant.overrides["encoder"]
     run = tmp_path / "run"

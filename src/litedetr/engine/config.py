@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -95,6 +96,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def changed_fields(self, saved: dict[str, Any], ignore: frozenset[str] | set[str] = frozenset()) -> list[str]:
+        """The fields (but ``ignore``) whose values differ from ``saved`` (:meth:`to_dict` of an earlier run;
+        fields newer than it count as their defaults)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        return sorted(k for k, v in self.to_dict().items() if k not in ignore and json.dumps(saved.get(k, defaults.get(k))) != json.dumps(v))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

@@ -14,7 +14,6 @@ A run directory holds::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
@@ -177,10 +176,7 @@ class Trainer:
             raise ValueError(f"{path}: nothing to resume (no checkpoint in {self.out})")
         state = load_state(path)
         saved = json.loads(state["train_config"])
-        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}  # fields newer than the checkpoint
-        changed = sorted(
-            k for k, v in self.config.to_dict().items() if k not in _RESUMABLE_CHANGES and json.dumps(saved.get(k, defaults.get(k))) != json.dumps(v)
-        )
+        changed = self.config.changed_fields(saved, _RESUMABLE_CHANGES)
         if changed:
             raise ValueError(f"{path}: the checkpoint was trained with other settings ({', '.join(changed)}); resume with the same ones")
         problems = fit_problems(self.model, state["model"])

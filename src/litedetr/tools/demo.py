@@ -16,14 +16,14 @@ import logging
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from litedetr.data import AugmentConfig, SyntheticSpec, find_split, write_synthetic_dataset
+from litedetr.data import find_split, write_synthetic_dataset
 from litedetr.engine import CHECKPOINT, MODEL_FILE, TrainConfig, Trainer
+from litedetr.engine.recipes import DemoRecipe, demo_train_config
 from litedetr.models import Detector
 from litedetr.models.config import EncoderConfig
 from litedetr.tools.args import float_in, int_at_least
@@ -34,64 +34,6 @@ from litedetr.tools.train import format_metrics
 __all__ = ["DemoRecipe", "demo_train_config", "fit_budget", "run_demo", "add_arguments"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DemoRecipe:
-    """What the demo trains, sized for about ten minutes on two CPU cores.
-
-    The backbone starts from random weights, so it trains with batch norm and at the full learning
-    rate (``backbone_trainable_norm``); 100 denoising queries (up to 5 groups) speed up learning.
-    Images are 160x160; the learning rate drops 10x for the last epoch. ``amp="auto"`` trains under
-    bf16 autocast where the CPU computes bf16 natively and in float32 elsewhere
-    (:func:`litedetr.engine.precision.resolve_precision`).
-
-    ``train_minutes`` is the training budget: ``probe_steps`` timed steps (on a throwaway copy of the
-    model) give the seconds per step, and where ``epochs`` full epochs would not fit, every epoch is
-    cut to the batches that do (``TrainConfig.epoch_batches``), keeping the schedule's shape (the
-    learning-rate drop before the last epoch). ``None``: the full schedule, however long it takes.
-    """
-
-    model: str = "lite-dino-r18-tiny-h3l1-2x3"
-    model_overrides: tuple[tuple[str, Any], ...] = (("backbone_trainable_norm", True), ("dn_number", 100))
-    data: SyntheticSpec = SyntheticSpec(num_train=1000, num_val=100, image_size=(160, 160), seed=0)
-    image_size: int = 160
-    epochs: int = 6
-    batch_size: int = 4
-    lr: float = 4e-4
-    lr_drop: tuple[int, ...] = (5,)
-    amp: bool | Literal["auto"] = "auto"
-    workers: int = 1
-    seed: int = 0
-    predicted_images: int = 6
-    train_minutes: float | None = 11.0
-    probe_steps: int = 6
-
-
-def demo_train_config(recipe: DemoRecipe, data: Path, device: str) -> TrainConfig:
-    """The training run of ``recipe`` on the synthetic dataset at ``data`` (also the trade-off benchmark's budget)."""
-    train, val = find_split(data, "train"), find_split(data, "val")
-    return TrainConfig(
-        model=recipe.model,
-        train_annotations=str(train.annotations),
-        train_images=str(train.images),
-        val_annotations=str(val.annotations),
-        val_images=str(val.images),
-        model_overrides=dict(recipe.model_overrides),
-        epochs=recipe.epochs,
-        batch_size=recipe.batch_size,
-        lr=recipe.lr,
-        lr_backbone=recipe.lr,
-        lr_drop=recipe.lr_drop,
-        image_sizes=(recipe.image_size,),
-        max_size=recipe.image_size,
-        augment=AugmentConfig(crop_prob=0.0),
-        amp=recipe.amp,
-        workers=recipe.workers,
-        seed=recipe.seed,
-        eval_every=recipe.epochs,
-        device=device,
-    )
 
 
 def encoder_gflops(model: Detector, size: int) -> dict[str, float]:

@@ -1,0 +1,188 @@
+"""Training recipes shared by the demo and the benchmarks, and runs that are reused once finished.
+
+- :class:`DemoRecipe` and :func:`demo_train_config`: ``litedetr demo``'s budget on the synthetic
+  dataset, also the trade-off and fine-tuning benchmarks' (:func:`scaled_recipe` shrinks it).
+- :class:`Variant` and :func:`lite_dino_variants`: DINO and the Lite-DINO shapes of the paper, each with
+  KDA and with plain deformable attention, on the ``*-r18-tiny`` backbone and widths.
+- :func:`train_or_reuse`: train a run, or reuse a finished run with the same settings (resume an
+  unfinished one), so that a benchmark can be stopped and started again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from litedetr.data import AugmentConfig, SyntheticSpec, find_split
+from litedetr.engine.config import TrainConfig
+from litedetr.engine.state import load_state
+from litedetr.engine.trainer import CHECKPOINT, Trainer
+from litedetr.models import get_config
+
+__all__ = [
+    "DemoRecipe",
+    "demo_train_config",
+    "scaled_recipe",
+    "Variant",
+    "lite_dino_variants",
+    "variant_recipe",
+    "dataset_dir",
+    "train_or_reuse",
+    "COCO_METRICS",
+]
+
+DINO_PRESET = "dino-r18-tiny"
+LITE_PRESET = "lite-dino-r18-tiny-h3l1-2x3"
+LITE_SHAPES = {"h3l1-2x3": (3, 2, 3), "h3l1-6x1": (3, 6, 1), "h2l2-2x3": (2, 2, 3)}
+"""Short name -> (high-level scales H, high-level updates per block A, blocks B) of HL-(A+1)xB."""
+COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """What the demo trains, sized for about ten minutes on two CPU cores.
+
+    The backbone starts from random weights, so it trains with batch norm and at the full learning
+    rate (``backbone_trainable_norm``); 100 denoising queries (up to 5 groups) speed up learning.
+    Images are 160x160; the learning rate drops 10x for the last epoch. ``amp="auto"`` trains under
+    bf16 autocast where the CPU computes bf16 natively and in float32 elsewhere
+    (:func:`litedetr.engine.precision.resolve_precision`).
+
+    ``train_minutes`` is the training budget: ``probe_steps`` timed steps (on a throwaway copy of the
+    model) give the seconds per step, and where ``epochs`` full epochs would not fit, every epoch is
+    cut to the batches that do (``TrainConfig.epoch_batches``), keeping the schedule's shape (the
+    learning-rate drop before the last epoch). ``None``: the full schedule, however long it takes.
+    """
+
+    model: str = "lite-dino-r18-tiny-h3l1-2x3"
+    model_overrides: tuple[tuple[str, Any], ...] = (("backbone_trainable_norm", True), ("dn_number", 100))
+    data: SyntheticSpec = SyntheticSpec(num_train=1000, num_val=100, image_size=(160, 160), seed=0)
+    image_size: int = 160
+    epochs: int = 6
+    batch_size: int = 4
+    lr: float = 4e-4
+    lr_drop: tuple[int, ...] = (5,)
+    amp: bool | Literal["auto"] = "auto"
+    workers: int = 1
+    seed: int = 0
+    predicted_images: int = 6
+    train_minutes: float | None = 11.0
+    probe_steps: int = 6
+
+
+def demo_train_config(recipe: DemoRecipe, data: Path, device: str) -> TrainConfig:
+    """The training run of ``recipe`` on the synthetic dataset at ``data`` (also the trade-off benchmark's budget)."""
+    train, val = find_split(data, "train"), find_split(data, "val")
+    return TrainConfig(
+        model=recipe.model,
+        train_annotations=str(train.annotations),
+        train_images=str(train.images),
+        val_annotations=str(val.annotations),
+        val_images=str(val.images),
+        model_overrides=dict(recipe.model_overrides),
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        lr_backbone=recipe.lr,
+        lr_drop=recipe.lr_drop,
+        image_sizes=(recipe.image_size,),
+        max_size=recipe.image_size,
+        augment=AugmentConfig(crop_prob=0.0),
+        amp=recipe.amp,
+        workers=recipe.workers,
+        seed=recipe.seed,
+        eval_every=recipe.epochs,
+        device=device,
+    )
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model of the comparison: a preset and the :class:`DetectorConfig` fields it changes."""
+
+    name: str
+    """Short name for ``--models``: ``dino``, ``h3l1-2x3``, ``h3l1-2x3-msda``, ..."""
+    label: str
+    preset: str
+    overrides: dict[str, Any]
+
+
+def lite_dino_variants() -> dict[str, Variant]:
+    """The 7 models by short name: DINO, then each Lite shape with KDA and with MSDA."""
+    found = {"dino": Variant("dino", "DINO (standard encoder, MSDA)", DINO_PRESET, {})}
+    base = get_config(LITE_PRESET)
+    for shape, (high, updates, blocks) in LITE_SHAPES.items():
+        for key_aware in (True, False):
+            encoder = dataclasses.replace(base.encoder, n_high=high, high_updates=updates, blocks=blocks, key_aware=key_aware)
+            name = shape if key_aware else f"{shape}-msda"
+            label = f"Lite-DINO H{high}L{base.n_levels - high}-({updates}+1)x{blocks} {'KDA' if key_aware else 'MSDA'}"
+            found[name] = Variant(name, label, LITE_PRESET, {"encoder": encoder, "decoder_key_aware": key_aware})
+    return found
+
+
+def scaled_recipe(epochs: int | None = None, train_images: int | None = None, val_images: int | None = None, image_size: int | None = None) -> DemoRecipe:
+    """The demo's recipe with the given budget changes; the dataset's images scale with ``image_size``."""
+    recipe = DemoRecipe()
+    size = image_size or recipe.image_size
+    data_h, data_w = recipe.data.image_size
+    data = dataclasses.replace(
+        recipe.data,
+        num_train=train_images or recipe.data.num_train,
+        num_val=val_images or recipe.data.num_val,
+        image_size=(round(data_h * size / recipe.image_size), round(data_w * size / recipe.image_size)),
+    )
+    return dataclasses.replace(recipe, data=data, image_size=size, epochs=epochs or recipe.epochs)
+
+
+def variant_recipe(recipe: DemoRecipe, variant: Variant) -> DemoRecipe:
+    """``recipe`` training ``variant`` (the recipe's own model overrides kept, the variant's on top)."""
+    overrides = {**dict(recipe.model_overrides), **variant.overrides}
+    return dataclasses.replace(recipe, model=variant.preset, model_overrides=tuple(overrides.items()))
+
+
+def dataset_dir(runs: Path, spec: SyntheticSpec) -> Path:
+    """One folder per dataset spec, so runs trained on another dataset never pass for this one's."""
+    h, w = spec.image_size
+    kind = "" if spec.kind == "shapes" else f"{spec.kind}-"
+    return runs / f"data-{kind}{spec.num_train}-{spec.num_val}-{h}x{w}-max{spec.max_objects}-seed{spec.seed}"
+
+
+def _final_metrics(run_dir: Path, epochs: int) -> dict[str, float | None] | None:
+    """The evaluation logged after the last epoch (``None`` when the run stopped before it)."""
+    log = run_dir / "log.jsonl"
+    if not log.exists():
+        return None
+    evals = [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "eval" and r["epoch"] == epochs]
+    return {k: evals[-1].get(k) for k in COCO_METRICS} if evals else None
+
+
+def train_or_reuse(config: TrainConfig, run_dir: Path) -> tuple[dict[str, float | None], bool]:
+    """Metrics of ``config`` trained in ``run_dir`` and whether they come from an earlier, finished run.
+
+    A finished run with the same settings is reused; an unfinished one is resumed (the trainer
+    refuses other settings).
+
+    Raises:
+        ValueError: ``run_dir`` holds a run trained for more epochs than ``config.epochs``.
+        SystemExit: training was stopped by a signal (its checkpoint is written; run again to resume).
+    """
+    checkpoint = run_dir / CHECKPOINT
+    if checkpoint.exists():
+        state = load_state(checkpoint)
+        if state["epoch"] > config.epochs:
+            raise ValueError(f"{run_dir} holds a run of {state['epoch']} epochs, more than the {config.epochs} asked for; use another --out")
+        if state["epoch"] == config.epochs and not config.changed_fields(json.loads(state["train_config"]), {"workers", "device"}):
+            metrics = _final_metrics(run_dir, config.epochs)
+            if metrics is not None:
+                return metrics, True
+    trainer = Trainer(config, run_dir, resume=checkpoint.exists())
+    result = trainer.fit()
+    if result.interrupted:
+        raise SystemExit(f"stopped by a signal; {checkpoint} is written, run the same command again to resume")
+    metrics = result.metrics or trainer.evaluate()
+    return {k: metrics.get(k) for k in COCO_METRICS}, False
+
+
