@@ -6,7 +6,8 @@ Two kinds (:data:`KINDS`), which share backgrounds, sizes, colours and occlusion
 - ``shapes`` (the default): :data:`CLASSES`, five shapes that differ by outline only
   (:mod:`litedetr.data.shapes`). About 36% of objects are COCO-small, 49% medium and 15% large (at 320x320).
 - ``glyphs``: :data:`~litedetr.data.glyphs.GLYPH_CLASSES`, five digits and five letters drawn as
-  strokes without a font (:mod:`litedetr.data.glyphs`).
+  strokes without a font (:mod:`litedetr.data.glyphs`). About 35% of objects are COCO-small, 51%
+  medium and 14% large (at 320x320; areas count stroke pixels, so glyphs are drawn 1.4x taller).
 
 Every image holds 1 to ``max_objects`` objects. A later object hides part of an earlier one, never
 more than :data:`MAX_HIDDEN` of it, and every box and area is that of the object's visible pixels.
