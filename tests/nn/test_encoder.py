@@ -140,7 +140,8 @@ def test_input_stage_shapes_and_level_embeddings():
     mask = torch.zeros(2, 256, 320, dtype=torch.bool)
     mask[1, 200:] = True
     tokens = stage(feats, mask)
-    assert tokens.spatial_shapes.tolist() == [[32, 40], [16, 20], [8, 10], [4, 5]]
+    assert tokens.spatial_shapes == ((32, 40), (16, 20), (8, 10), (4, 5))  # Python ints: no device sync downstream
+    assert all(type(size) is int for shape in tokens.spatial_shapes for size in shape)
     assert tokens.src.shape == tokens.pos.shape == (2, 32 * 40 + 16 * 20 + 80 + 20, 64)
     assert tokens.padding_mask[0].sum() == 0 and tokens.padding_mask[1].sum() > 0
     torch.testing.assert_close(tokens.valid_ratios[0], torch.ones(4, 2))

@@ -14,6 +14,8 @@ of both halves and offsets ``j >= N_b`` are zero padding. This is the layout tha
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -157,12 +159,16 @@ def build_denoising_queries(
 
 
 def _check_labels(targets: list[dict[str, Tensor]], num_classes: int) -> None:
-    for b, target in enumerate(targets):
-        labels = target["labels"]
-        bad = (labels < 0) | (labels >= num_classes)
-        if bad.any():
-            first = labels[bad][0].item()
-            raise ValueError(f"image {b}: target label {first} lies outside [0, {num_classes})")
+    """One host read for the whole batch. Skipped under ``torch.compile``, where the read would break
+    the graph (:meth:`~litedetr.models.Detector.forward` has checked the labels before)."""
+    if torch.compiler.is_compiling() or not targets:
+        return
+    labels = torch.cat([target["labels"] for target in targets])
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        first = int(bad.nonzero()[0, 0])
+        image = bisect.bisect_right(list(itertools.accumulate(len(target["labels"]) for target in targets)), first)
+        raise ValueError(f"image {image}: target label {labels[first].item()} lies outside [0, {num_classes})")
 
 
 def _pad_targets(targets: list[dict[str, Tensor]], n_max: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -120,13 +120,13 @@ class Detector(nn.Module):
         if not self.training:
             outputs = self.forward_features(features, batch.mask)
             return postprocess(outputs["pred_logits"], outputs["pred_boxes"], batch.sizes, self.config.num_select)
-        normalized = [self._normalize_target(t, size, i) for i, (t, size) in enumerate(zip(targets, batch.sizes.tolist()))]
+        normalized = [self._normalize_target(t, size, i) for i, (t, size) in enumerate(zip(targets, batch.sizes))]
         outputs = self.forward_features(features, batch.mask, normalized)
         losses = self.criterion(outputs, normalized)
         return {key: self.criterion.weight(key) * value for key, value in losses.items() if self.criterion.weight(key) is not None}
 
-    def _normalize_target(self, target: dict[str, Tensor], size: list[int], index: int) -> dict[str, Tensor]:
-        """Absolute ``xyxy`` boxes -> normalised ``cxcywh``, with checks that name the image."""
+    def _normalize_target(self, target: dict[str, Tensor], size: Tensor, index: int) -> dict[str, Tensor]:
+        """Absolute ``xyxy`` boxes in an image of ``size (2,)`` = ``(H, W)`` -> normalised ``cxcywh``, with checks that name the image."""
         boxes, labels = target["boxes"], target["labels"]
         if boxes.dim() != 2 or boxes.shape[-1] != 4 or len(boxes) != len(labels):
             raise ValueError(f"target {index}: boxes must be (N, 4) with N labels, got {tuple(boxes.shape)} and {tuple(labels.shape)}")
@@ -134,8 +134,7 @@ class Detector(nn.Module):
             raise ValueError(f"target {index}: labels must lie in [0, {self.config.num_classes}), got {labels.unique().tolist()}")
         if len(boxes) and not bool(((boxes[:, 2:] > boxes[:, :2]).all())):
             raise ValueError(f"target {index}: boxes must have x1 > x0 and y1 > y0 (absolute xyxy)")
-        h, w = size
-        scale = boxes.new_tensor([w, h, w, h])
+        scale = size.flip(0).repeat(2).to(boxes)  # (w, h, w, h), on the device: no host read
         return {"boxes": box_xyxy_to_cxcywh(boxes / scale), "labels": labels.long()}
 
     def forward_features(self, features: list[Tensor], image_mask: Tensor, targets: list[dict[str, Tensor]] | None = None) -> dict[str, Any]:

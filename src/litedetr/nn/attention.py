@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from litedetr.ops import key_aware_attention_weights, ms_deform_attn, ms_deform_attn_key_aware
+from litedetr.ops.geometry import SpatialShapes, shapes_tensor
 
 __all__ = ["MultiScaleDeformableAttention", "sampling_locations", "AttentionCapture"]
 
@@ -16,7 +17,7 @@ AttentionCapture = Callable[[Tensor, Tensor], None]
 """``capture(locations (B, Lq, M, L, P, 2), weights (B, Lq, M, L, P))``, see :attr:`MultiScaleDeformableAttention.capture`."""
 
 
-def sampling_locations(reference_points: Tensor, offsets: Tensor, spatial_shapes: Tensor) -> Tensor:
+def sampling_locations(reference_points: Tensor, offsets: Tensor, spatial_shapes: SpatialShapes) -> Tensor:
     """Sampling locations from reference points and predicted offsets.
 
     Args:
@@ -24,14 +25,14 @@ def sampling_locations(reference_points: Tensor, offsets: Tensor, spatial_shapes
             normalised to [0, 1].
         offsets: ``(B, Lq, M, L, P, 2)``, in pixels of each level for points, in units of
             ``box size / (2 P)`` for boxes (the deformable-DETR convention).
-        spatial_shapes: ``(L, 2)`` of ``(H_l, W_l)``.
+        spatial_shapes: ``(H_l, W_l)`` per level (:data:`~litedetr.ops.geometry.SpatialShapes`).
 
     Returns:
         ``(B, Lq, M, L, P, 2)`` locations ``(x, y)`` in [0, 1] (outside the map where offsets lead out).
     """
     ref = reference_points[:, :, None, :, None]
     if reference_points.shape[-1] == 2:
-        normalizer = spatial_shapes.flip(-1).to(offsets.dtype)  # (W_l, H_l)
+        normalizer = shapes_tensor(spatial_shapes, offsets.device).flip(-1).to(offsets.dtype)  # (W_l, H_l)
         return ref + offsets / normalizer[None, None, None, :, None, :]
     if reference_points.shape[-1] == 4:
         n_points = offsets.shape[-2]
@@ -95,7 +96,7 @@ class MultiScaleDeformableAttention(nn.Module):
             nn.init.xavier_uniform_(proj.weight)
             nn.init.zeros_(proj.bias)
 
-    def sampling(self, query: Tensor, reference_points: Tensor, spatial_shapes: Tensor) -> Tensor:
+    def sampling(self, query: Tensor, reference_points: Tensor, spatial_shapes: SpatialShapes) -> Tensor:
         """``(B, Lq, C)`` queries -> ``(B, Lq, M, L, P, 2)`` sampling locations in [0, 1]."""
         b, lq, _ = query.shape
         offsets = self.sampling_offsets(query).view(b, lq, self.n_heads, self.n_levels, self.n_points, 2)
@@ -106,7 +107,7 @@ class MultiScaleDeformableAttention(nn.Module):
         query: Tensor,
         reference_points: Tensor,
         value: Tensor,
-        spatial_shapes: Tensor,
+        spatial_shapes: SpatialShapes,
         padding_mask: Tensor | None = None,
     ) -> Tensor:
         """
@@ -114,7 +115,8 @@ class MultiScaleDeformableAttention(nn.Module):
             query: ``(B, Lq, C)`` (position embedding already added).
             reference_points: ``(B, Lq, L, 2)`` points or ``(B, Lq, L, 4)`` boxes in [0, 1].
             value: ``(B, S, C)`` the flattened multi-scale maps (keys too, for KDA).
-            spatial_shapes: ``(L, 2)`` of ``(H_l, W_l)``, ``sum(H_l * W_l) == S``.
+            spatial_shapes: ``(H_l, W_l)`` per level, ``sum(H_l * W_l) == S``: a tuple of int pairs
+                (:data:`~litedetr.ops.geometry.LevelShapes`, as the model passes them) or an ``(L, 2)`` tensor.
             padding_mask: ``(B, S)`` bool, True = padding; padded keys/values are zero.
 
         Returns:

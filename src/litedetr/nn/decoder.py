@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from litedetr.nn.attention import MultiScaleDeformableAttention
 from litedetr.nn.encoder import FFN
 from litedetr.ops import box_sine_embedding, inverse_sigmoid
+from litedetr.ops.geometry import SpatialShapes
 
 __all__ = ["MLP", "DecoderLayer", "AnchorQueryPosition", "StaticQueryPosition", "DeformableDecoder"]
 
@@ -59,7 +60,7 @@ class DecoderLayer(nn.Module):
         query_pos: Tensor,
         reference_boxes: Tensor,
         memory: Tensor,
-        spatial_shapes: Tensor,
+        spatial_shapes: SpatialShapes,
         memory_padding_mask: Tensor | None,
         self_attn_mask: Tensor | None = None,
     ) -> Tensor:
@@ -69,7 +70,7 @@ class DecoderLayer(nn.Module):
             query_pos: ``(B, Q, C)`` query position embedding.
             reference_boxes: ``(B, Q, L, 4)`` normalised ``cxcywh`` per level.
             memory: ``(B, S, C)`` encoder output.
-            spatial_shapes: ``(L, 2)``.
+            spatial_shapes: ``(H_l, W_l)`` per level (a tuple of int pairs, or an ``(L, 2)`` tensor).
             memory_padding_mask: ``(B, S)`` True = padding.
             self_attn_mask: ``(Q, Q)`` bool, True = query may not attend.
 
@@ -150,7 +151,7 @@ class DeformableDecoder(nn.Module):
         reference_logits: Tensor,
         static_position: Tensor | None,
         memory: Tensor,
-        spatial_shapes: Tensor,
+        spatial_shapes: SpatialShapes,
         valid_ratios: Tensor,
         memory_padding_mask: Tensor | None,
         box_heads: Sequence[nn.Module],
@@ -161,7 +162,7 @@ class DeformableDecoder(nn.Module):
             tgt: ``(B, Q, C)`` initial query content.
             reference_logits: ``(B, Q, 4)`` initial boxes, inverse-sigmoid ``cxcywh``.
             static_position: ``(B, Q, C)`` query positions fixed for all layers, or None (:class:`AnchorQueryPosition`).
-            memory: ``(B, S, C)``; spatial_shapes ``(L, 2)``; valid_ratios ``(B, L, 2)``.
+            memory: ``(B, S, C)``; spatial_shapes ``(H_l, W_l)`` per level; valid_ratios ``(B, L, 2)``.
             memory_padding_mask: ``(B, S)`` True = padding.
             box_heads: per layer, maps ``(B, Q, C)`` to a ``(B, Q, 4)`` box delta.
             self_attn_mask: ``(Q, Q)`` bool, True = blocked.

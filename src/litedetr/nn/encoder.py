@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from litedetr.nn.attention import MultiScaleDeformableAttention
-from litedetr.ops import encoder_reference_points, level_start_index
+from litedetr.ops import encoder_reference_points
+from litedetr.ops.geometry import SpatialShapes, level_shapes, level_starts
 
 __all__ = ["FFN", "EncoderLayer", "DeformableEncoder", "LiteEncoder", "LayerQueries"]
 
@@ -65,7 +66,7 @@ class EncoderLayer(nn.Module):
         query_pos: Tensor,
         reference_points: Tensor,
         src: Tensor,
-        spatial_shapes: Tensor,
+        spatial_shapes: SpatialShapes,
         padding_mask: Tensor | None,
         n_low: int = 0,
     ) -> Tensor:
@@ -75,7 +76,7 @@ class EncoderLayer(nn.Module):
             query_pos: ``(B, Lq, C)`` their position + level embeddings.
             reference_points: ``(B, Lq, L, 2)``.
             src: ``(B, S, C)`` all tokens (keys and values).
-            spatial_shapes: ``(L, 2)``.
+            spatial_shapes: ``(H_l, W_l)`` per level (a tuple of int pairs, or an ``(L, 2)`` tensor).
             padding_mask: ``(B, S)`` True = padding.
             n_low: how many leading query tokens take the narrow FFN (needs ``d_ffn_low``).
 
@@ -131,9 +132,9 @@ class DeformableEncoder(nn.Module):
         self.query_levels: list[int] = [0] * num_layers
         self.low_ffn_levels = 0
 
-    def schedule(self, spatial_shapes: Tensor) -> list[LayerQueries]:
+    def schedule(self, spatial_shapes: SpatialShapes) -> list[LayerQueries]:
         """Per layer, which levels are queries, how many tokens that is, and how many take the narrow FFN."""
-        sizes = spatial_shapes.prod(1).tolist()
+        sizes = [h * w for h, w in level_shapes(spatial_shapes)]
         total = sum(sizes)
         out = []
         for i, (first, layer) in enumerate(zip(self.query_levels, self.layers)):
@@ -141,23 +142,25 @@ class DeformableEncoder(nn.Module):
             out.append(LayerQueries(i, first, sum(sizes[first:]), total, narrow))
         return out
 
-    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: Tensor, valid_ratios: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: SpatialShapes, valid_ratios: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """
         Args:
             src: ``(B, S, C)`` flattened multi-scale tokens, finest level first.
             pos: ``(B, S, C)`` position + level embeddings.
-            spatial_shapes: ``(L, 2)`` of ``(H_l, W_l)``.
+            spatial_shapes: ``(H_l, W_l)`` per level: a tuple of int pairs (:data:`~litedetr.ops.geometry.LevelShapes`,
+                as the input stage makes them; no device sync, no graph break) or an ``(L, 2)`` tensor (read once).
             valid_ratios: ``(B, L, 2)``.
             padding_mask: ``(B, S)`` True = padding.
 
         Returns:
             ``(B, S, C)`` encoded tokens.
         """
-        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
-        starts = level_start_index(spatial_shapes).tolist()
-        for layer, step in zip(self.layers, self.schedule(spatial_shapes)):
+        shapes = level_shapes(spatial_shapes)
+        reference_points = encoder_reference_points(shapes, valid_ratios)
+        starts = level_starts(shapes)
+        for layer, step in zip(self.layers, self.schedule(shapes)):
             start = starts[step.first_level]
-            queries = layer(src[:, start:], pos[:, start:], reference_points[:, start:], src, spatial_shapes, padding_mask, step.narrow_ffn_tokens)
+            queries = layer(src[:, start:], pos[:, start:], reference_points[:, start:], src, shapes, padding_mask, step.narrow_ffn_tokens)
             src = torch.cat([src[:, :start], queries], 1) if start else queries
         return src
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from litedetr.ops import sine_position_embedding, valid_ratios
+from litedetr.ops.geometry import LevelShapes
 
 __all__ = ["EncoderInput", "MultiScaleTokens", "resize_mask"]
 
@@ -26,14 +27,15 @@ class MultiScaleTokens:
         src: ``(B, S, C)`` tokens.
         pos: ``(B, S, C)`` sine position embedding + learned level embedding.
         padding_mask: ``(B, S)`` True = padding.
-        spatial_shapes: ``(L, 2)`` long, ``(H_l, W_l)``.
+        spatial_shapes: ``(H_l, W_l)`` per level as Python ints (:data:`~litedetr.ops.geometry.LevelShapes`),
+            read from the maps' sizes: passing them on costs no device sync and no graph break.
         valid_ratios: ``(B, L, 2)`` ``(w, h)`` fraction of each map that is image.
     """
 
     src: Tensor
     pos: Tensor
     padding_mask: Tensor
-    spatial_shapes: Tensor
+    spatial_shapes: LevelShapes
     valid_ratios: Tensor
 
 
@@ -107,6 +109,6 @@ class EncoderInput(nn.Module):
             src=torch.cat([x.flatten(2).transpose(1, 2) for x in maps], 1),
             pos=torch.cat([p.flatten(2).transpose(1, 2) for p in pos], 1),
             padding_mask=torch.cat([m.flatten(1) for m in masks], 1),
-            spatial_shapes=torch.as_tensor([x.shape[-2:] for x in maps], dtype=torch.long, device=maps[0].device),
+            spatial_shapes=tuple((x.shape[-2], x.shape[-1]) for x in maps),
             valid_ratios=torch.stack([valid_ratios(m) for m in masks], 1),
         )

@@ -3,10 +3,14 @@
 from litedetr.ops.boxes import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou, inverse_sigmoid
 from litedetr.ops.deform_attn import attention_backend, key_aware_attention_weights, ms_deform_attn, ms_deform_attn_key_aware
 from litedetr.ops.geometry import (
+    LevelShapes,
+    SpatialShapes,
     box_sine_embedding,
     encoder_proposals,
     encoder_reference_points,
+    level_shapes,
     level_start_index,
+    level_starts,
     sine_position_embedding,
     valid_ratios,
 )
@@ -16,6 +20,10 @@ __all__ = [
     "ms_deform_attn",
     "ms_deform_attn_key_aware",
     "key_aware_attention_weights",
+    "LevelShapes",
+    "SpatialShapes",
+    "level_shapes",
+    "level_starts",
     "level_start_index",
     "valid_ratios",
     "encoder_reference_points",

@@ -18,15 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from litedetr.ops.geometry import SpatialShapes, level_shapes
+
 __all__ = ["bilinear_corners", "gather_rows"]
 
 
 @torch.no_grad()
-def bilinear_corners(spatial_shapes: Tensor, sampling_locations: Tensor, num_tokens: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def bilinear_corners(spatial_shapes: SpatialShapes, sampling_locations: Tensor, num_tokens: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Table rows and bilinear weights of the four corners of every sampling location.
 
     Args:
-        spatial_shapes: ``(L, 2)`` long ``(H_l, W_l)``; levels are flattened row-major, one after another.
+        spatial_shapes: ``(H_l, W_l)`` per level (:data:`~litedetr.ops.geometry.SpatialShapes`); levels are flattened row-major, one after another.
         sampling_locations: ``(B, Lq, M, L, P, 2)`` as ``(x, y)`` in [0, 1] of each level's map.
         num_tokens: ``S = sum(H_l * W_l)``.
         dtype: dtype of the returned weights (the table's).
@@ -49,7 +51,7 @@ def bilinear_corners(spatial_shapes: Tensor, sampling_locations: Tensor, num_tok
     coord_dtype = torch.promote_types(sampling_locations.dtype, torch.float32)
     per_level = sampling_locations.to(coord_dtype).permute(3, 5, 0, 1, 2, 4).contiguous()  # (L, 2, B, Lq, M, P)
     start = 0
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
         x = per_level[lvl, 0] * w - 0.5
         y = per_level[lvl, 1] * h - 0.5
         x0, y0 = x.floor(), y.floor()

@@ -29,6 +29,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from litedetr.ops.geometry import SpatialShapes, level_shapes
 from litedetr.ops.switch import KernelSwitch
 
 __all__ = ["ENV_SWITCH", "build_name", "cpu_kernels_disabled", "enabled", "extensions_root", "load", "ms_deform_attn", "ms_deform_attn_key_aware"]
@@ -136,8 +137,9 @@ def _kernels() -> ModuleType:
     return module
 
 
-def _check(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, **per_query: tuple[Tensor, tuple[int, ...]]) -> None:
-    """Every shape the kernels index by, checked before they run (the C++ checks them again)."""
+def _check(value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, **per_query: tuple[Tensor, tuple[int, ...]]) -> Tensor:
+    """Every shape the kernels index by, checked before they run (the C++ checks them again); returns
+    the level shapes as the ``(L, 2)`` long CPU tensor the kernels read."""
     if value.dim() != 4 or sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
         shapes = f"{tuple(value.shape)} and {tuple(sampling_locations.shape)}"
         raise ValueError(f"value must be (B, S, M, D) and sampling_locations (B, Lq, M, L, P, 2), got {shapes}")
@@ -145,37 +147,39 @@ def _check(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, **
     _, lq, _, levels, points, _ = sampling_locations.shape
     if sampling_locations.shape[0] != b or sampling_locations.shape[2] != m:
         raise ValueError(f"sampling_locations {tuple(sampling_locations.shape)} do not match value {tuple(value.shape)} in B or M")
-    if tuple(spatial_shapes.shape) != (levels, 2) or int(spatial_shapes.prod(1).sum()) != s:
-        raise ValueError(f"spatial_shapes must be ({levels}, 2) covering the {s} tokens of value, got {spatial_shapes.tolist()}")
+    shapes = level_shapes(spatial_shapes)
+    if len(shapes) != levels or sum(h * w for h, w in shapes) != s:
+        raise ValueError(f"spatial_shapes must be ({levels}, 2) covering the {s} tokens of value, got {shapes}")
     sizes = {"B": b, "Lq": lq, "M": m, "L": levels, "P": points, "D": d}
     for name, (tensor, dims) in per_query.items():
         expected = tuple(sizes[k] for k in dims)
         if tuple(tensor.shape) != expected:
             raise ValueError(f"{name} must be ({', '.join(dims)}) = {expected}, got {tuple(tensor.shape)}")
+    return torch.tensor(shapes, dtype=torch.long)
 
 
-def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
-    """MSDA forward: ``(B, S, M, D)`` values, ``(L, 2)`` shapes, ``(B, Lq, M, L, P, 2)`` locations,
+def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+    """MSDA forward: ``(B, S, M, D)`` values, ``(H_l, W_l)`` per level (a tuple or an ``(L, 2)`` tensor), ``(B, Lq, M, L, P, 2)`` locations,
     ``(B, Lq, M, L, P)`` weights -> ``(B, Lq, M*D)``. No autograd.
 
     Raises:
         ValueError: a shape does not fit the others (named).
     """
-    _check(value, spatial_shapes, sampling_locations, attention_weights=(attention_weights, ("B", "Lq", "M", "L", "P")))
+    shapes = _check(value, spatial_shapes, sampling_locations, attention_weights=(attention_weights, ("B", "Lq", "M", "L", "P")))
     locations = sampling_locations.to(value.dtype)
-    return _kernels().ms_deform_attn_forward(value, spatial_shapes, locations, attention_weights)
+    return _kernels().ms_deform_attn_forward(value, shapes, locations, attention_weights)
 
 
-def ms_deform_attn_key_aware(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor) -> Tensor:
+def ms_deform_attn_key_aware(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor) -> Tensor:
     """KDA forward: ``(B, Lq, M, D)`` queries, ``(B, S, M, D)`` keys and values (sampled once when
-    ``key is value``), ``(L, 2)`` shapes, ``(B, Lq, M, L, P, 2)`` locations -> ``(B, Lq, M*D)``.
+    ``key is value``), ``(H_l, W_l)`` per level, ``(B, Lq, M, L, P, 2)`` locations -> ``(B, Lq, M*D)``.
     No autograd.
 
     Raises:
         ValueError: a shape does not fit the others (named).
     """
-    _check(value, spatial_shapes, sampling_locations, query=(query, ("B", "Lq", "M", "D")))
+    shapes = _check(value, spatial_shapes, sampling_locations, query=(query, ("B", "Lq", "M", "D")))
     if key.shape != value.shape:
         raise ValueError(f"key must have the shape of value {tuple(value.shape)}, got {tuple(key.shape)}")
     locations = sampling_locations.to(value.dtype)
-    return _kernels().ms_deform_attn_key_aware_forward(query.to(value.dtype), key, value, spatial_shapes, locations, key is value)
+    return _kernels().ms_deform_attn_key_aware_forward(query.to(value.dtype), key, value, shapes, locations, key is value)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from litedetr.ops.geometry import level_start_index as _level_start_index
+from litedetr.ops.geometry import SpatialShapes, level_shapes, level_start_index, shapes_tensor
 from litedetr.ops.switch import KernelSwitch
 
 __all__ = ["TRITON_AVAILABLE", "ms_deform_attn", "ms_deform_attn_key_aware", "triton_disabled", "triton_enabled"]
@@ -204,35 +204,40 @@ def _key_aware_backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> 
 _key_aware_op.register_autograd(_key_aware_backward, setup_context=_key_aware_setup_context)
 
 
-def _shapes_on_device(spatial_shapes: Tensor, num_tokens: int, device: torch.device) -> Tensor:
-    """``(L, 2)`` long shapes on ``device``; checked against ``num_tokens`` when that costs no device sync."""
-    if spatial_shapes.device.type == "cpu" and not torch.compiler.is_compiling():
-        covered = int(spatial_shapes.prod(1).sum())
+def _geometry(spatial_shapes: SpatialShapes, num_tokens: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(L, 2)`` long shapes and ``(L,)`` level starts on ``device``, the shapes checked against
+    ``num_tokens`` when that costs no device sync (always for a tuple, for a tensor on the CPU outside
+    ``torch.compile``). The tensors of a tuple are made once per shapes and device (see
+    :func:`~litedetr.ops.geometry.shapes_tensor`); a tensor's starts are computed on the device."""
+    reads_host = not isinstance(spatial_shapes, Tensor) or (spatial_shapes.device.type == "cpu" and not torch.compiler.is_compiling())
+    if reads_host:
+        shapes = level_shapes(spatial_shapes)
+        covered = sum(h * w for h, w in shapes)
         if covered != num_tokens:
-            raise ValueError(f"spatial_shapes {spatial_shapes.tolist()} cover {covered} tokens, input has {num_tokens}")
-    return spatial_shapes.to(device=device, dtype=torch.long)
+            raise ValueError(f"spatial_shapes {shapes} cover {covered} tokens, input has {num_tokens}")
+    on_device = shapes_tensor(spatial_shapes, device)
+    return on_device, level_start_index(on_device)
 
 
-def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """MSDA through ``litedetr::ms_deform_attn``; same arguments and result as :func:`litedetr.ops.ms_deform_attn`.
 
-    Shapes: value ``(B, S, M, D)``, spatial_shapes ``(L, 2)``, sampling_locations
-    ``(B, Lq, M, L, P, 2)``, attention_weights ``(B, Lq, M, L, P)`` -> ``(B, Lq, M*D)``. Shapes on
-    the GPU are trusted to cover the ``S`` tokens (checking them would synchronise the device).
+    Shapes: value ``(B, S, M, D)``, spatial_shapes ``(H_l, W_l)`` per level (a tuple of int pairs or an
+    ``(L, 2)`` tensor), sampling_locations ``(B, Lq, M, L, P, 2)``, attention_weights ``(B, Lq, M, L, P)``
+    -> ``(B, Lq, M*D)``. A shapes tensor on the GPU is trusted to cover the ``S`` tokens (checking it
+    would synchronise the device).
     """
-    shapes = _shapes_on_device(spatial_shapes, value.shape[1], value.device)
-    return torch.ops.litedetr.ms_deform_attn(value, shapes, _level_start_index(shapes), sampling_locations, attention_weights)
+    shapes, starts = _geometry(spatial_shapes, value.shape[1], value.device)
+    return torch.ops.litedetr.ms_deform_attn(value, shapes, starts, sampling_locations, attention_weights)
 
 
-def ms_deform_attn_key_aware(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor) -> Tensor:
+def ms_deform_attn_key_aware(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor) -> Tensor:
     """KDA through ``litedetr::ms_deform_attn_key_aware``; same arguments and result as :func:`litedetr.ops.ms_deform_attn_key_aware`.
 
-    Shapes: query ``(B, Lq, M, D)``, key/value ``(B, S, M, D)``, spatial_shapes ``(L, 2)``,
+    Shapes: query ``(B, Lq, M, D)``, key/value ``(B, S, M, D)``, spatial_shapes as :func:`ms_deform_attn`,
     sampling_locations ``(B, Lq, M, L, P, 2)`` -> ``(B, Lq, M*D)``. When ``key is value`` the map is
     sampled once and both gradients land in the value's.
     """
-    shapes = _shapes_on_device(spatial_shapes, value.shape[1], value.device)
-    out, _ = torch.ops.litedetr.ms_deform_attn_key_aware(
-        query, None if key is value else key, value, shapes, _level_start_index(shapes), sampling_locations
-    )
+    shapes, starts = _geometry(spatial_shapes, value.shape[1], value.device)
+    out, _ = torch.ops.litedetr.ms_deform_attn_key_aware(query, None if key is value else key, value, shapes, starts, sampling_locations)
     return out

@@ -18,14 +18,15 @@ from torch import Tensor
 
 from litedetr.ops import cpu_kernels
 from litedetr.ops.bilinear import bilinear_corners, gather_rows
+from litedetr.ops.geometry import LevelShapes, SpatialShapes, level_shapes
 
 __all__ = ["attention_backend", "ms_deform_attn", "ms_deform_attn_key_aware", "key_aware_attention_weights"]
 
 
-def _level_maps(feats: Tensor, spatial_shapes: Tensor) -> list[Tensor]:
+def _level_maps(feats: Tensor, spatial_shapes: SpatialShapes) -> list[Tensor]:
     """Split ``(B, S, M, C)`` into per-level maps ``(B*M, C, H_l, W_l)`` (one transposing copy)."""
     b, s, m, c = feats.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    shapes = level_shapes(spatial_shapes)
     channels_first = feats.permute(0, 2, 3, 1).reshape(b * m, c, s)
     return [level.view(b * m, c, h, w) for level, (h, w) in zip(channels_first.split([h * w for h, w in shapes], -1), shapes)]
 
@@ -37,7 +38,9 @@ def _level_grids(sampling_locations: Tensor) -> Tensor:
     return grids.reshape(n_levels, b * m, lq, p, 2)
 
 
-def _check_shapes(feats: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor) -> None:
+def _check_shapes(feats: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor) -> LevelShapes | Tensor:
+    """Check the inputs' shapes against each other; returns the level shapes as :data:`LevelShapes`, or
+    a CUDA tensor unread (reading it would synchronise the device; the Triton kernels take it as it is)."""
     if feats.dim() != 4:
         raise ValueError(f"expected (B, S, M, D) keys/values, got shape {tuple(feats.shape)}")
     if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
@@ -47,10 +50,17 @@ def _check_shapes(feats: Tensor, spatial_shapes: Tensor, sampling_locations: Ten
         raise ValueError(
             f"batch/heads of sampling locations {tuple(sampling_locations.shape)} do not match values {tuple(feats.shape)}"
         )
-    if spatial_shapes.shape != (sampling_locations.shape[3], 2):
-        raise ValueError(f"spatial_shapes must be (L, 2) with L={sampling_locations.shape[3]}, got {tuple(spatial_shapes.shape)}")
-    if not spatial_shapes.is_cuda and int(spatial_shapes.prod(1).sum()) != feats.shape[1]:
-        raise ValueError(f"spatial_shapes {spatial_shapes.tolist()} cover {int(spatial_shapes.prod(1).sum())} tokens, input has {feats.shape[1]}")
+    levels = sampling_locations.shape[3]
+    if isinstance(spatial_shapes, Tensor) and spatial_shapes.is_cuda:
+        if spatial_shapes.shape != (levels, 2):
+            raise ValueError(f"spatial_shapes must be (L, 2) with L={levels}, got {tuple(spatial_shapes.shape)}")
+        return spatial_shapes
+    shapes = level_shapes(spatial_shapes)
+    if len(shapes) != levels:
+        raise ValueError(f"spatial_shapes must be (L, 2) with L={levels}, got {len(shapes)} levels {shapes}")
+    if sum(h * w for h, w in shapes) != feats.shape[1]:
+        raise ValueError(f"spatial_shapes {shapes} cover {sum(h * w for h, w in shapes)} tokens, input has {feats.shape[1]}")
+    return shapes
 
 
 def _sample(maps: list[Tensor], grids: Tensor) -> list[Tensor]:
@@ -90,7 +100,7 @@ def attention_backend(*tensors: Tensor) -> str:
     return "cpu_kernel" if cpu_kernels.enabled(*tensors) else "gather"
 
 
-def _kda_gather(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor) -> Tensor:
+def _kda_gather(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor) -> Tensor:
     """KDA without autograd: keys gathered per sample; when ``key is value`` the sampled keys are the
     sampled values and are weighted with one batched product, otherwise values are gathered already
     weighted (never materialised)."""
@@ -113,12 +123,13 @@ def _merge_heads(out: Tensor, b: int, m: int) -> Tensor:
     return out.view(b, m * d, lq).transpose(1, 2).contiguous()
 
 
-def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """Multi-scale deformable attention with given attention weights.
 
     Args:
         value: ``(B, S, M, D)`` values of all levels, flattened level by level (row-major per level).
-        spatial_shapes: ``(L, 2)`` long tensor of ``(H_l, W_l)``.
+        spatial_shapes: ``(H_l, W_l)`` per level: a tuple of int pairs (:data:`~litedetr.ops.geometry.LevelShapes`,
+            no device sync, no graph break) or an ``(L, 2)`` integer tensor.
         sampling_locations: ``(B, Lq, M, L, P, 2)`` as ``(x, y)`` in [0, 1] of each level's map.
         attention_weights: ``(B, Lq, M, L, P)`` (normally softmax-normalised over ``L*P``).
 
@@ -129,7 +140,7 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Te
     :mod:`litedetr.ops.custom_ops`) when Triton is installed; CPU inputs without autograd the fused
     C++ kernel (:mod:`litedetr.ops.cpu_kernels`) where it builds; other inputs the PyTorch code below.
     """
-    _check_shapes(value, spatial_shapes, sampling_locations)
+    shapes = _check_shapes(value, spatial_shapes, sampling_locations)
     b, _, m, _ = value.shape
     _, lq, _, n_levels, p, _ = sampling_locations.shape
     if attention_weights.shape != (b, lq, m, n_levels, p):
@@ -138,22 +149,22 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Te
     if backend == "triton":
         from litedetr.ops import custom_ops
 
-        return custom_ops.ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
+        return custom_ops.ms_deform_attn(value, shapes, sampling_locations, attention_weights)
     if backend == "cpu_kernel":
-        return cpu_kernels.ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
+        return cpu_kernels.ms_deform_attn(value, shapes, sampling_locations, attention_weights)
     if backend == "gather":
-        rows, corner_weights = bilinear_corners(spatial_shapes, sampling_locations, value.shape[1], value.dtype)
+        rows, corner_weights = bilinear_corners(shapes, sampling_locations, value.shape[1], value.dtype)
         corner_weights *= attention_weights.to(value.dtype)[..., None]
         out = gather_rows(value.reshape(-1, value.shape[-1]), rows.flatten(3), corner_weights.flatten(3))
         return out.view(b, lq, -1)
     weights = attention_weights.permute(3, 0, 2, 1, 4).reshape(n_levels, b * m, 1, lq, p).to(value.dtype)
-    sampled = _sample(_level_maps(value, spatial_shapes), _level_grids(sampling_locations))
+    sampled = _sample(_level_maps(value, shapes), _level_grids(sampling_locations))
     out = sum((level * w).sum(-1) for level, w in zip(sampled, weights))
     return _merge_heads(out, b, m)
 
 
 def ms_deform_attn_key_aware(
-    query: Tensor, key: Tensor, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor
+    query: Tensor, key: Tensor, value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor
 ) -> Tensor:
     """Key-aware deformable attention (KDA, Lite DETR).
 
@@ -166,7 +177,7 @@ def ms_deform_attn_key_aware(
         query: ``(B, Lq, M, D)`` projected queries.
         key: ``(B, S, M, D)``.
         value: ``(B, S, M, D)``.
-        spatial_shapes: ``(L, 2)`` long tensor of ``(H_l, W_l)``.
+        spatial_shapes: ``(H_l, W_l)`` per level, as for :func:`ms_deform_attn`.
         sampling_locations: ``(B, Lq, M, L, P, 2)`` as ``(x, y)`` in [0, 1].
 
     Returns:
@@ -176,7 +187,7 @@ def ms_deform_attn_key_aware(
     :mod:`litedetr.ops.custom_ops`) when Triton is installed; CPU inputs without autograd the fused
     C++ kernel (:mod:`litedetr.ops.cpu_kernels`) where it builds; other inputs the PyTorch code below.
     """
-    _check_shapes(value, spatial_shapes, sampling_locations)
+    shapes = _check_shapes(value, spatial_shapes, sampling_locations)
     if key.shape != value.shape:
         raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must have the same shape")
     b, _, m, d = value.shape
@@ -187,14 +198,14 @@ def ms_deform_attn_key_aware(
     if backend == "triton":
         from litedetr.ops import custom_ops
 
-        return custom_ops.ms_deform_attn_key_aware(query, key, value, spatial_shapes, sampling_locations)
+        return custom_ops.ms_deform_attn_key_aware(query, key, value, shapes, sampling_locations)
     if backend == "cpu_kernel":
-        return cpu_kernels.ms_deform_attn_key_aware(query, key, value, spatial_shapes, sampling_locations)
+        return cpu_kernels.ms_deform_attn_key_aware(query, key, value, shapes, sampling_locations)
     if backend == "gather":
-        return _kda_gather(query, key, value, spatial_shapes, sampling_locations)
+        return _kda_gather(query, key, value, shapes, sampling_locations)
     shared = key is value
     feats = value if shared else torch.cat([key, value], dim=-1)
-    sampled = _sample(_level_maps(feats, spatial_shapes), _level_grids(sampling_locations))
+    sampled = _sample(_level_maps(feats, shapes), _level_grids(sampling_locations))
     keys = sampled if shared else [s[:, :d] for s in sampled]
     values = sampled if shared else [s[:, d:] for s in sampled]
 
@@ -211,21 +222,21 @@ def _kda_softmax(query: Tensor, keys: list[Tensor]) -> Tensor:
     return logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(logits.dtype)
 
 
-def key_aware_attention_weights(query: Tensor, key: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor) -> Tensor:
+def key_aware_attention_weights(query: Tensor, key: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor) -> Tensor:
     """The attention weights KDA applies: softmax over ``L*P`` of ``q.k / sqrt(D)`` of the sampled keys.
 
     For inspection (e.g. ``litedetr explain``); the same computation as in
     :func:`ms_deform_attn_key_aware` (``grid_sample`` path), out-of-map samples included as zero keys.
 
     Args:
-        query: ``(B, Lq, M, D)``; key: ``(B, S, M, D)``; spatial_shapes: ``(L, 2)``;
+        query: ``(B, Lq, M, D)``; key: ``(B, S, M, D)``; spatial_shapes: ``(H_l, W_l)`` per level;
         sampling_locations: ``(B, Lq, M, L, P, 2)`` in [0, 1].
 
     Returns:
         ``(B, Lq, M, L, P)``, summing to 1 over ``L, P``.
     """
-    _check_shapes(key, spatial_shapes, sampling_locations)
+    shapes = _check_shapes(key, spatial_shapes, sampling_locations)
     b, lq, m, n_levels, p, _ = sampling_locations.shape
-    keys = _sample(_level_maps(key, spatial_shapes), _level_grids(sampling_locations))
+    keys = _sample(_level_maps(key, shapes), _level_grids(sampling_locations))
     weights = _kda_softmax(query, keys).view(b, m, lq, n_levels, p)
     return weights.transpose(1, 2)

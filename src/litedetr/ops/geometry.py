@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "LevelShapes",
+    "SpatialShapes",
+    "level_shapes",
+    "level_starts",
+    "shapes_tensor",
     "level_start_index",
     "valid_ratios",
     "encoder_reference_points",
@@ -17,8 +25,70 @@ __all__ = [
 ]
 
 
-def level_start_index(spatial_shapes: Tensor) -> Tensor:
-    """``(L, 2)`` shapes ``(H_l, W_l)`` -> ``(L,)`` index of each level's first token in the flat sequence."""
+LevelShapes = tuple[tuple[int, int], ...]
+"""``(H_l, W_l)`` of every level as Python ints, finest level first: how the model carries level shapes
+(reading them never synchronises a device, and ``torch.compile`` bakes them into the graph)."""
+
+SpatialShapes = Union[LevelShapes, Sequence[Sequence[int]], Tensor]
+"""What the ops accept as level shapes: :data:`LevelShapes` (or any sequence of ``(H_l, W_l)`` pairs),
+or an ``(L, 2)`` integer tensor."""
+
+
+def level_shapes(spatial_shapes: SpatialShapes) -> LevelShapes:
+    """The one normalisation of level shapes to :data:`LevelShapes`.
+
+    A tensor is read to the host: a device sync on a GPU and a graph break under ``torch.compile``,
+    which the model avoids by passing tuples.
+
+    Raises:
+        ValueError: not ``(L, 2)`` pairs of positive sizes.
+    """
+    if isinstance(spatial_shapes, Tensor):
+        if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2 or spatial_shapes.is_floating_point():
+            raise ValueError(f"spatial_shapes must be an (L, 2) integer tensor, got {tuple(spatial_shapes.shape)} {spatial_shapes.dtype}")
+        spatial_shapes = spatial_shapes.tolist()
+    if any(len(pair) != 2 for pair in spatial_shapes):
+        raise ValueError(f"spatial_shapes must be (H_l, W_l) pairs, got {spatial_shapes}")
+    shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
+    if not shapes or any(h < 1 or w < 1 for h, w in shapes):
+        raise ValueError(f"spatial_shapes must be one or more positive (H_l, W_l), got {shapes}")
+    return shapes
+
+
+def level_starts(spatial_shapes: SpatialShapes) -> tuple[int, ...]:
+    """Index of each level's first token in the flat sequence, as Python ints."""
+    sizes = [h * w for h, w in level_shapes(spatial_shapes)]
+    return tuple(sum(sizes[:lvl]) for lvl in range(len(sizes)))
+
+
+def shapes_tensor(spatial_shapes: SpatialShapes, device: torch.device | str | None = None) -> Tensor:
+    """Level shapes as an ``(L, 2)`` long tensor on ``device`` (a tensor is moved, not read).
+
+    Outside ``torch.compile`` the tensor of a tuple is made once per shapes and device and reused,
+    so that the model's per-layer calls copy nothing to a GPU (a copy from host memory would wait
+    for the device); under ``torch.compile`` it is a constant of the graph. Do not modify it.
+    """
+    if isinstance(spatial_shapes, Tensor):
+        return spatial_shapes.to(device=device, dtype=torch.long)
+    shapes, device = level_shapes(spatial_shapes), torch.device(device or "cpu")
+    if torch.compiler.is_compiling():
+        return torch.tensor(shapes, dtype=torch.long, device=device)
+    return _cached_shapes_tensor(shapes, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_shapes_tensor(shapes: LevelShapes, device: torch.device) -> Tensor:
+    with torch.inference_mode(False):  # a normal tensor, which autograd may save in later training steps
+        return torch.tensor(shapes, dtype=torch.long, device=device)
+
+
+def level_start_index(spatial_shapes: SpatialShapes) -> Tensor:
+    """``(L, 2)`` shapes ``(H_l, W_l)`` -> ``(L,)`` long index of each level's first token in the flat sequence.
+
+    Computed on a tensor's device without reading it; a tuple gives a CPU tensor.
+    """
+    if not isinstance(spatial_shapes, Tensor):
+        return torch.tensor(level_starts(spatial_shapes), dtype=torch.long)
     sizes = spatial_shapes.prod(1)
     return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
 
@@ -38,11 +108,11 @@ def valid_ratios(mask: Tensor) -> Tensor:
     return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
 
 
-def encoder_reference_points(spatial_shapes: Tensor, ratios: Tensor) -> Tensor:
+def encoder_reference_points(spatial_shapes: SpatialShapes, ratios: Tensor) -> Tensor:
     """Reference point of every token: the centre of its cell, normalised by the image's valid area.
 
     Args:
-        spatial_shapes: ``(L, 2)`` of ``(H_l, W_l)``.
+        spatial_shapes: ``(H_l, W_l)`` per level (:data:`SpatialShapes`).
         ratios: ``(B, L, 2)`` valid ratios ``(w, h)`` per level.
 
     Returns:
@@ -50,7 +120,7 @@ def encoder_reference_points(spatial_shapes: Tensor, ratios: Tensor) -> Tensor:
         padded-map coordinates (the deformable-DETR convention).
     """
     points = []
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
         ys, xs = torch.meshgrid(
             torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=ratios.device),
             torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=ratios.device),
@@ -112,7 +182,7 @@ def box_sine_embedding(boxes: Tensor, num_feats: int = 128, temperature: float =
     return embed.flatten(-2)
 
 
-def encoder_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
+def encoder_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: SpatialShapes) -> tuple[Tensor, Tensor]:
     """One box proposal per encoder token (two-stage Deformable DETR / DINO).
 
     Each token proposes a box centred on its cell with side ``0.05 * 2**level`` (normalised to the
@@ -122,14 +192,14 @@ def encoder_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: Tens
     Args:
         memory: ``(B, S, C)`` encoder output.
         padding_mask: ``(B, S)`` True = padding.
-        spatial_shapes: ``(L, 2)`` of ``(H_l, W_l)``.
+        spatial_shapes: ``(H_l, W_l)`` per level (:data:`SpatialShapes`).
 
     Returns:
         ``(B, S, C)`` masked memory and ``(B, S, 4)`` proposals as inverse-sigmoid ``(cx, cy, w, h)``.
     """
     b = memory.shape[0]
     proposals, start = [], 0
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
         mask = padding_mask[:, start : start + h * w].view(b, h, w)
         valid_h, valid_w = (~mask[:, :, 0]).sum(1), (~mask[:, 0, :]).sum(1)
         ys, xs = torch.meshgrid(

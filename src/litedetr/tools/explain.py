@@ -120,7 +120,7 @@ def explain(model: Detector, image: ImageInput, query: int | None = None, object
     with capture_encoder_attention(model) as captured:
         outputs = model.forward_features(features, batch.mask)
     shapes_t = model.input_stage(features, batch.mask).spatial_shapes
-    shapes = [tuple(s) for s in shapes_t.tolist()]
+    shapes = list(shapes_t)
     padded_h, padded_w = batch.tensors.shape[-2:]
     strides = [2 ** round(math.log2(padded_w / w)) for _, w in shapes]
     orig_h, orig_w = picture.shape[1:]

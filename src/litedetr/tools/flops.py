@@ -62,6 +62,7 @@ from torch.utils._pytree import tree_map
 from litedetr.models import Detector, build_model
 from litedetr.nn import MultiScaleDeformableAttention
 from litedetr.nn.encoder import LayerQueries
+from litedetr.ops import LevelShapes, level_shapes
 from litedetr.tools.args import parse_size
 
 __all__ = ["AUTHORS_FVCORE", "COMPONENTS", "FlopReport", "FlopCounter", "count_flops", "deformable_attention_flops", "format_report", "add_arguments"]
@@ -302,16 +303,16 @@ def count_flops(model: Detector | str, size: tuple[int, int] = DEFAULT_SIZE, exe
     image = torch.zeros(1, 3, h, w, device=device)
     mask = torch.zeros(1, h, w, dtype=torch.bool, device=device)
     with _eval_no_grad(model):
-        tokens_shapes: list[Tensor] = []
+        tokens_shapes: list[LevelShapes] = []
         hook = model.encoder.register_forward_pre_hook(lambda module, args: tokens_shapes.append(args[2]))
         try:
             with FlopCounter(model, execute) as counter:
                 model.forward_features(model.backbone(image), mask)
         finally:
             hook.remove()
-    spatial_shapes = tokens_shapes[0].cpu()
+    spatial_shapes = level_shapes(tokens_shapes[0])
     components = {c: counter.flops[c] / 1e9 for c in COMPONENTS}
-    report = FlopReport(name, (h, w), components, counter.flops["other"] / 1e9, [tuple(s) for s in spatial_shapes.tolist()], model.encoder.schedule(spatial_shapes))
+    report = FlopReport(name, (h, w), components, counter.flops["other"] / 1e9, list(spatial_shapes), model.encoder.schedule(spatial_shapes))
     logger.debug("%s at %dx%d: %.1f GFLOPs", name, h, w, report.total)
     return report
 
