@@ -1,7 +1,8 @@
 """CPU speed of the core: our KDA op vs a two-pass KDA, and the Lite encoder vs the standard encoder.
 
 Token shapes of an 800x1333 image (levels 100x167, 50x84, 25x42, 13x21), batch 1, d_model 256,
-8 heads, 4 points, every token a query. All rows are measured side by side in one run; peak memory
+8 heads, 4 points, every token a query, sampling locations uniform over the maps
+(:mod:`litedetr.tools.attention_bench`, which also holds the two-pass KDA). All rows are measured side by side in one run; peak memory
 is what one call allocates at its peak beyond its inputs (the profiler's allocation events, as
 ``litedetr bench`` measures it). Rows without
 autograd run on both CPU backends of :mod:`litedetr.ops`: ``[kernel]`` the fused C++ kernels,
@@ -14,56 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from litedetr.nn import DeformableEncoder, LiteEncoder
-from litedetr.ops import cpu_kernels, ms_deform_attn_key_aware
-from litedetr.tools.bench import peak_memory
+from litedetr.ops import cpu_kernels
+from litedetr.tools.attention_bench import D_MODEL, HEADS, LEVELS_800X1333, POINTS, attention_call, attention_inputs, run_attention
+from litedetr.tools.bench import peak_memory, time_calls
 
-SHAPES = torch.tensor([[100, 167], [50, 84], [25, 42], [13, 21]])
-D_MODEL, HEADS, POINTS = 256, 8, 4
-
-
-def two_pass_kda(query, key, value, spatial_shapes, sampling_locations):
-    """KDA as the authors' code computes it: separate grid_sample passes for keys and values, stacked."""
-    b, _, m, d = value.shape
-    _, lq, _, n_levels, p, _ = sampling_locations.shape
-    sizes = [int(h * w) for h, w in spatial_shapes]
-    grids = 2 * sampling_locations - 1
-    keys, values = [], []
-    for lvl, ((h, w), k_l, v_l) in enumerate(zip(spatial_shapes.tolist(), key.split(sizes, 1), value.split(sizes, 1))):
-        grid = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
-        for feats, out in ((k_l, keys), (v_l, values)):
-            level_map = feats.flatten(2).transpose(1, 2).reshape(b * m, d, h, w)
-            out.append(F.grid_sample(level_map, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
-    k = torch.stack(keys, -2).flatten(-2).permute(0, 2, 3, 1).flatten(0, 1)  # (B*M*Lq, L*P, D)
-    v = torch.stack(values, -2).flatten(-2).permute(0, 2, 3, 1).flatten(0, 1)
-    q = query.permute(0, 2, 1, 3).reshape(b * m * lq, 1, d)
-    weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d), -1)
-    return (weights @ v).view(b, m, lq, d).permute(0, 2, 1, 3).flatten(2)
-
-
-def op_inputs(seed: int = 0, requires_grad: bool = False, shared_key: bool = True):
-    g = torch.Generator().manual_seed(seed)
-    s = int(SHAPES.prod(1).sum())
-    d = D_MODEL // HEADS
-    value = torch.randn(1, s, HEADS, d, generator=g)
-    key = value if shared_key else torch.randn(1, s, HEADS, d, generator=g)
-    query = torch.randn(1, s, HEADS, d, generator=g)
-    locations = torch.rand(1, s, HEADS, len(SHAPES), POINTS, 2, generator=g)
-    tensors = [query, key, value, locations]
-    if requires_grad:
-        for t in {id(t): t for t in tensors}.values():
-            t.requires_grad_()
-    return tensors
+SHAPES = torch.tensor(LEVELS_800X1333)
 
 
 def encoder(kind: str) -> torch.nn.Module:
@@ -93,30 +57,12 @@ def make_case(name: str) -> Callable[[], object]:
 
 def _case(name: str) -> Callable[[], object]:
     if name.startswith("kda"):
-        op = ms_deform_attn_key_aware if "ours" in name else two_pass_kda
-        shared = "distinct" not in name
-        if name.endswith("fwd+bwd"):
-            inputs = op_inputs(requires_grad=True, shared_key=shared)
-
-            def run():
-                op(inputs[0], inputs[1], inputs[2], SHAPES, inputs[3]).sum().backward()
-
-            return run
-        inputs = op_inputs(shared_key=shared)
-        return lambda: torch.no_grad()(op)(inputs[0], inputs[1], inputs[2], SHAPES, inputs[3])
+        op = "kda_distinct_key" if "distinct" in name else "kda"
+        inputs = attention_inputs(op, LEVELS_800X1333, near_reference=False)
+        return attention_call(op, "ours" if "ours" in name else "two_pass", inputs, backward=name.endswith("fwd+bwd"))
     model = encoder(name.split()[0])  # "standard" or "lite"
     src, pos, ratios = encoder_inputs()
     return lambda: torch.no_grad()(model)(src, pos, SHAPES, ratios)
-
-
-def time_case(run: Callable[[], object], repeats: int) -> list[float]:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 STANDARD = "standard encoder (6 layers, MSDA, FFN 2048) fwd"
@@ -138,9 +84,9 @@ ROWS = [
 
 
 def check_outputs_agree() -> float:
+    inputs = attention_inputs("kda", LEVELS_800X1333, near_reference=False)
     with torch.no_grad():
-        q, k, v, loc = op_inputs()
-        return (ms_deform_attn_key_aware(q, k, v, SHAPES, loc) - two_pass_kda(q, k, v, SHAPES, loc)).abs().max().item()
+        return (run_attention("kda", "ours", inputs) - run_attention("kda", "two_pass", inputs)).abs().max().item()
 
 
 def main() -> None:
@@ -153,7 +99,7 @@ def main() -> None:
     max_err = check_outputs_agree()
     results = {}
     for name in ROWS:
-        times = time_case(make_case(name), args.repeats)
+        times = time_calls(make_case(name), torch.device("cpu"), args.repeats)
         results[name] = {"median_s": statistics.median(times), "min_s": min(times)}
         if not args.no_memory:
             results[name]["peak_mb"] = peak_memory(make_case(name), torch.device("cpu")) / 2**20

@@ -4,7 +4,8 @@ The model is a preset with random weights whose image sizes are set to the reque
 images are not resized: a run is the whole model as users call it (normalisation, backbone,
 encoder, decoder, post-processing) on a ``(N, 3, H, W)`` batch. With ``train=True`` a run is a
 training forward (losses against a few random boxes per image) plus the backward, without an
-optimiser step. The encoder alone is timed on the real tokens of the input stage (computed once).
+optimiser step (:func:`train_step_run` adds the step). The encoder alone is timed on the real tokens
+of the input stage (computed once). Each run can go under autocast (e.g. bf16).
 
 Each measurement runs ``warmup`` untimed calls, then ``repeats`` timed ones (CUDA is synchronised
 around each); latency is their median and 90th percentile (nearest rank). Peak memory is what one
@@ -16,6 +17,7 @@ maximum of allocated minus freed bytes), in a separate, untimed call.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -23,6 +25,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,7 +38,20 @@ from litedetr.ops import attention_backend
 from litedetr.tools.args import int_at_least, parse_size
 from litedetr.tools.flops import DEFAULT_SIZE
 
-__all__ = ["Timing", "BenchReport", "benchmark", "time_calls", "peak_memory", "add_arguments"]
+__all__ = [
+    "Timing",
+    "BenchReport",
+    "benchmark",
+    "time_calls",
+    "peak_memory",
+    "measure",
+    "bench_model",
+    "bench_images",
+    "model_run",
+    "encoder_run",
+    "train_step_run",
+    "add_arguments",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +136,8 @@ def peak_memory(run: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def _timing(run: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> Timing:
+def measure(run: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> Timing:
+    """Median and 90th-percentile (nearest rank) seconds of ``repeats`` calls after ``warmup`` ones, and the peak memory of one more."""
     times = sorted(time_calls(run, device, repeats, warmup))
     p90 = times[max(math.ceil(0.9 * len(times)) - 1, 0)]
     return Timing(statistics.median(times), p90, len(times), peak_memory(run, device))
@@ -137,30 +154,79 @@ def _random_targets(batch: int, h: int, w: int, device: torch.device, num_classe
     return targets
 
 
-def _model_run(model: Detector, images: Tensor, train: bool) -> Callable[[], object]:
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[object]:
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def bench_model(preset: str, size: tuple[int, int], device: str | torch.device = "cpu", **overrides: Any) -> Detector:
+    """``preset`` with random weights (and ``overrides``), its image sizes set to ``size = (H, W)`` so images are not resized."""
+    h, w = size
+    return build_model(preset, min_size=(min(h, w),), max_size=max(h, w), **overrides).to(device)
+
+
+def bench_images(batch: int, size: tuple[int, int], device: str | torch.device = "cpu") -> Tensor:
+    """``(batch, 3, H, W)`` random images in [0, 1], the same for a given shape."""
+    return torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def model_run(model: Detector, images: Tensor, train: bool = False, autocast: torch.dtype | None = None) -> Callable[[], object]:
+    """A call of ``model`` on ``images``: inference (no autograd), or with ``train`` a training forward and backward; under autocast in ``autocast``."""
+    amp = _autocast(images.device, autocast)
     if not train:
-        return torch.no_grad()(lambda: model(images))
+
+        @torch.no_grad()
+        def infer() -> object:
+            with amp:
+                return model(images)
+
+        return infer
     targets = _random_targets(images.shape[0], images.shape[2], images.shape[3], images.device, model.config.num_classes)
 
     def run() -> None:
-        sum(model(images, targets).values()).backward()
+        with amp:
+            loss = sum(model(images, targets).values())
+        loss.backward()
         model.zero_grad(set_to_none=True)
 
     return run
 
 
-def encoder_run(model: Detector, images: Tensor, train: bool) -> Callable[[], object]:
-    """A call of ``model``'s encoder alone on the input-stage tokens of ``images (B, 3, H, W)`` (computed once)."""
+def train_step_run(model: Detector, images: Tensor, optimizer: torch.optim.Optimizer, autocast: torch.dtype | None = None) -> Callable[[], object]:
+    """One training step of ``model`` (in train mode) on ``images`` with random boxes: forward (under autocast), backward, ``optimizer`` step."""
+    targets = _random_targets(images.shape[0], images.shape[2], images.shape[3], images.device, model.config.num_classes)
+    amp = _autocast(images.device, autocast)
+
+    def step() -> None:
+        with amp:
+            loss = sum(model(images, targets).values())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def encoder_run(model: Detector, images: Tensor, train: bool, autocast: torch.dtype | None = None) -> Callable[[], object]:
+    """A call of ``model``'s encoder alone on the input-stage tokens of ``images (B, 3, H, W)`` (computed once), under autocast in ``autocast``."""
     cfg = model.config
+    amp = _autocast(images.device, autocast)
     batch = batch_images(images, cfg.min_size, cfg.max_size, training=False)
-    with torch.no_grad():
+    with torch.no_grad(), amp:
         t = model.input_stage(model.backbone(batch.tensors), batch.mask)
     args = (t.src, t.pos, t.spatial_shapes, t.valid_ratios, t.padding_mask)
     if not train:
-        return torch.no_grad()(lambda: model.encoder(*args))
+
+        @torch.no_grad()
+        def infer() -> object:
+            with amp:
+                return model.encoder(*args)
+
+        return infer
 
     def run() -> None:
-        model.encoder(*args).sum().backward()
+        with amp:
+            out = model.encoder(*args)
+        out.float().sum().backward()
         model.encoder.zero_grad(set_to_none=True)
 
     return run
@@ -186,11 +252,11 @@ def benchmark(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but CUDA is not available")
-    model = build_model(preset, min_size=(min(h, w),), max_size=max(h, w)).to(dev)
+    model = bench_model(preset, size, dev)
     model.train(train)
-    images = torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(0)).to(dev)
-    model_timing = _timing(_model_run(model, images, train), dev, repeats, warmup)
-    encoder_timing = _timing(encoder_run(model, images, train), dev, repeats, warmup)
+    images = bench_images(batch, size, dev)
+    model_timing = measure(model_run(model, images, train), dev, repeats, warmup)
+    encoder_timing = measure(encoder_run(model, images, train), dev, repeats, warmup)
     attention = attention_backend(torch.empty(0, device=dev).requires_grad_(train))
     report = BenchReport(preset, (h, w), str(dev), batch, train, model_timing, encoder_timing, attention)
     logger.info("%s: model %.4f s, encoder %.4f s (median of %d)", preset, model_timing.median_s, encoder_timing.median_s, repeats)
