@@ -11,6 +11,9 @@ cases) and saves what it got, and the tests compare that with the PyTorch ops ru
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import logging.handlers
 import os
 import subprocess
 import sys
@@ -46,15 +49,19 @@ def make_case(
     distinct_key: bool = False,
     pad: bool = False,
     dtype: torch.dtype = torch.float32,
+    dtypes: dict[str, torch.dtype] | None = None,
+    noncontiguous: bool = False,
     backward: bool = True,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Random inputs of one op; sampling locations from 2-d points or 4-d boxes, partly outside the maps.
 
+    Inputs are in ``dtype`` except those named in ``dtypes`` (mixed precision, as autocast makes it).
     Returns a dict with ``op`` ("msda" or "kda"), ``spatial_shapes`` ``(L, 2)``, ``inputs`` (value
     ``(B, S, M, D)``, sampling_locations ``(B, Lq, M, L, P, 2)``, and attention_weights
     ``(B, Lq, M, L, P)`` or query ``(B, Lq, M, D)`` [+ key ``(B, S, M, D)``]), ``grad_out``
-    ``(B, Lq, M*D)`` and ``backward``.
+    ``(B, Lq, M*D)`` in the value's dtype, ``backward`` and ``noncontiguous`` (run with every input
+    and ``grad_out`` in column-major order).
     """
     gen = torch.Generator().manual_seed(seed)
     shapes = torch.tensor(levels, dtype=torch.long)
@@ -87,34 +94,64 @@ def make_case(
         inputs["query"] = 2.0 * torch.randn(b, lq, m, d, generator=gen)
         if distinct_key:
             inputs["key"] = torch.randn(b, s, m, d, generator=gen)
+    dtypes = {name: (dtypes or {}).get(name, dtype) for name in inputs}
     return {
         "op": op,
         "spatial_shapes": shapes,
-        "inputs": {name: t.to(dtype) for name, t in inputs.items()},
-        "grad_out": torch.randn(b, lq, m * d, generator=gen),
+        "inputs": {name: t.to(dtypes[name]) for name, t in inputs.items()},
+        "grad_out": torch.randn(b, lq, m * d, generator=gen).to(dtypes["value"]),
         "backward": backward,
+        "noncontiguous": noncontiguous,
     }
 
 
 def make_cases() -> dict[str, dict[str, Any]]:
-    """Lq = 70 spans two 64-query blocks, the second one partial; D = 6 is not a power of two."""
-    return {
+    """Lq = 70 spans two 64-query blocks, the second one partial; D = 6 is not a power of two.
+
+    The ``tiny_*`` cases cover strides and dtypes: fp32 in column-major order, fp16 and bf16, and the
+    mixes autocast gives (values/keys/queries in 16 bits, sampling locations and weights in fp32).
+    """
+    tiny = {"levels": TINY_LEVELS, "b": 1, "lq": 5, "m": 2, "d": 4, "p": 2}
+    variants: dict[str, dict[str, Any]] = {
+        "msda": {"op": "msda", "boxes": False},
+        "kda_shared": {"op": "kda", "boxes": True},
+        "kda_distinct": {"op": "kda", "boxes": True, "distinct_key": True},
+    }
+    half_mixes = {
+        "msda": (torch.bfloat16, {"sampling_locations": torch.float32, "attention_weights": torch.float32}),
+        "kda_shared": (torch.bfloat16, {"sampling_locations": torch.float32}),
+        "kda_distinct": (torch.float16, {"sampling_locations": torch.float32, "query": torch.float32}),
+    }
+    cases = {
         "msda_points_padded": make_case("msda", levels=LEVELS, b=2, lq=70, m=2, d=8, p=2, boxes=False, pad=True, seed=1),
         "msda_boxes_d6": make_case("msda", levels=LEVELS, b=1, lq=37, m=3, d=6, p=3, boxes=True, seed=2),
         "kda_shared_points_padded": make_case("kda", levels=LEVELS, b=2, lq=70, m=2, d=8, p=2, boxes=False, pad=True, seed=3),
         "kda_distinct_boxes_d6": make_case("kda", levels=LEVELS, b=1, lq=37, m=3, d=6, p=3, boxes=True, distinct_key=True, seed=4),
-        "msda_bf16": make_case("msda", levels=LEVELS, b=1, lq=40, m=2, d=8, p=2, boxes=False, dtype=torch.bfloat16, backward=False, seed=5),
-        "kda_bf16": make_case(
-            "kda", levels=LEVELS, b=1, lq=40, m=2, d=8, p=2, boxes=True, distinct_key=True, dtype=torch.bfloat16, backward=False, seed=6
-        ),
-        "tiny_msda": make_case("msda", levels=TINY_LEVELS, b=1, lq=5, m=2, d=4, p=2, boxes=False, seed=7),
-        "tiny_kda": make_case("kda", levels=TINY_LEVELS, b=1, lq=5, m=2, d=4, p=2, boxes=True, distinct_key=True, seed=8),
     }
+    for seed, (name, variant) in enumerate(variants.items(), start=10):
+        cases[f"tiny_{name}"] = make_case(**variant, **tiny, seed=seed)
+        cases[f"tiny_{name}_noncontiguous"] = make_case(**variant, **tiny, noncontiguous=True, seed=seed + 10)
+        cases[f"tiny_{name}_fp16"] = make_case(**variant, **tiny, dtype=torch.float16, seed=seed + 20)
+        cases[f"tiny_{name}_bf16"] = make_case(**variant, **tiny, dtype=torch.bfloat16, seed=seed + 30)
+        dtype, mixed = half_mixes[name]
+        cases[f"tiny_{name}_mixed"] = make_case(**variant, **tiny, dtype=dtype, dtypes=mixed, seed=seed + 40)
+    return cases
+
+
+TINY = ("tiny_msda", "tiny_kda_shared", "tiny_kda_distinct")
+STRIDE_AND_DTYPE_CASES = [f"{name}_{kind}" for name in TINY for kind in ("noncontiguous", "fp16", "bf16", "mixed")]
+
+
+def column_major(t: Tensor) -> Tensor:
+    """``t`` with its dimensions stored in reverse order (same values; not contiguous when two dims exceed 1)."""
+    order = list(range(t.dim()))[::-1]
+    return t.permute(order).contiguous().permute(order)
 
 
 def forward_backward(case: dict[str, Any], msda: Callable[..., Tensor], kda: Callable[..., Tensor], dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """Run one case through the given MSDA/KDA functions: ``{"out": ..., "grad_<input>": ...}``."""
-    inputs = {name: t.to(dtype or t.dtype).detach().requires_grad_(case["backward"]) for name, t in case["inputs"].items()}
+    """Run one case through the given MSDA/KDA functions: ``{"out": ..., "grad_<input>": ...}`` (inputs in ``dtype`` if given)."""
+    layout = column_major if case.get("noncontiguous") else (lambda t: t)
+    inputs = {name: layout(t.to(dtype or t.dtype)).detach().requires_grad_(case["backward"]) for name, t in case["inputs"].items()}
     shapes = case["spatial_shapes"]
     if case["op"] == "msda":
         out = msda(inputs["value"], shapes, inputs["sampling_locations"], inputs["attention_weights"])
@@ -123,7 +160,7 @@ def forward_backward(case: dict[str, Any], msda: Callable[..., Tensor], kda: Cal
         out = kda(inputs["query"], key, inputs["value"], shapes, inputs["sampling_locations"])
     result = {"out": out.detach()}
     if case["backward"]:
-        out.backward(case["grad_out"].to(out.dtype))
+        out.backward(layout(case["grad_out"].to(out.dtype)))
         result.update({f"grad_{name}": t.grad for name, t in inputs.items()})
     return result
 
@@ -153,7 +190,7 @@ def run_child(cases_path: str, results_path: str) -> None:
 
     compiled_msda = torch.compile(custom_ops.ms_deform_attn, backend="aot_eager", fullgraph=True)
     compiled_kda = torch.compile(custom_ops.ms_deform_attn_key_aware, backend="aot_eager", fullgraph=True)
-    for name in ("tiny_msda", "tiny_kda"):
+    for name in ("tiny_msda", "tiny_kda_distinct"):
         _capture(results, f"compiled:{name}", lambda name=name: forward_backward(cases[name], compiled_msda, compiled_kda))
 
     class Exported(torch.nn.Module):
@@ -169,7 +206,7 @@ def run_child(cases_path: str, results_path: str) -> None:
     _capture(results, "exported:tiny_msda", export)
 
     def opcheck() -> bool:
-        for name, op in (("tiny_msda", torch.ops.litedetr.ms_deform_attn.default), ("tiny_kda", torch.ops.litedetr.ms_deform_attn_key_aware.default)):
+        for name, op in (("tiny_msda", torch.ops.litedetr.ms_deform_attn.default), ("tiny_kda_distinct", torch.ops.litedetr.ms_deform_attn_key_aware.default)):
             case = cases[name]
             inputs = {k: t.detach().requires_grad_() for k, t in case["inputs"].items()}
             shapes = case["spatial_shapes"]
@@ -183,7 +220,90 @@ def run_child(cases_path: str, results_path: str) -> None:
         return True
 
     _capture(results, "opcheck", opcheck)
+    run_tiny = lambda: {name: forward_backward(cases[name], custom_ops.ms_deform_attn, custom_ops.ms_deform_attn_key_aware) for name in TINY}  # noqa: E731
+    _capture(results, "launches", lambda: record_launches(run_tiny))
+    _capture(results, "autotuned", lambda: autotune_two_configs(run_tiny))
     torch.save(results, results_path)
+
+
+def record_launches(run_tiny: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run the tiny cases as usual, then under ``torch.use_deterministic_algorithms(True)``, recording every kernel launch:
+    the kernel, the device guard it ran in (``None``: none) and its ``DETERMINISTIC`` flag; and the log records of the ops."""
+    from litedetr.ops import triton_deform_attn as ops
+
+    guards: list[str] = []
+    launches: list[dict[str, Any]] = []
+    real_on_device = ops.on_device
+
+    @contextlib.contextmanager
+    def recording_guard(device: torch.device) -> Any:
+        with real_on_device(device):
+            guards.append(str(device))
+            try:
+                yield
+            finally:
+                guards.pop()
+
+    def recording_run(kernel: Any) -> Callable[..., Any]:
+        run = kernel.fn.run
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            mode = "deterministic" if torch.are_deterministic_algorithms_enabled() else "default"
+            launches.append({"kernel": kernel.fn.__name__, "mode": mode, "guard": guards[-1] if guards else None, "deterministic": kwargs.get("DETERMINISTIC")})
+            return run(*args, **kwargs)
+
+        return wrapped
+
+    handler = logging.handlers.BufferingHandler(100)
+    ops.logger.addHandler(handler)
+    ops.logger.setLevel(logging.INFO)
+    ops.on_device = recording_guard
+    for kernel in ops.AUTOTUNED:
+        kernel.fn.run = recording_run(kernel)
+    try:
+        out = {}
+        for mode in ("default", "deterministic"):
+            torch.use_deterministic_algorithms(mode == "deterministic")
+            out[mode] = run_tiny()
+            out[f"{mode}:again"] = run_tiny()
+    finally:
+        torch.use_deterministic_algorithms(False)
+        ops.on_device = real_on_device
+        ops.logger.removeHandler(handler)
+        for kernel in ops.AUTOTUNED:
+            del kernel.fn.run
+    return {**out, "launches": launches, "logs": [record.getMessage() for record in handler.buffer]}
+
+
+def autotune_two_configs(run_tiny: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run the tiny cases with each kernel autotuned over two configs, each timed by running it three times
+    (so a buffer accumulated with atomics that is not zeroed between trials ends up 7x too large)."""
+    import triton
+
+    from litedetr.ops import triton_deform_attn as ops
+
+    trials: list[str] = []
+
+    def bench(kernel_call: Callable[[], None], quantiles: Any) -> list[float]:
+        for _ in range(3):
+            kernel_call()
+        trials.append("timed")
+        return [float(len(trials))] * 3
+
+    two = [triton.Config({"BLOCK_Q": 4}, num_warps=4), triton.Config({"BLOCK_Q": 8}, num_warps=4)]
+    try:
+        for kernel in ops.AUTOTUNED:
+            kernel.early_config_prune = lambda configs, named_args, **kwargs: two
+            kernel.__dict__["do_bench"] = bench
+            kernel.cache.clear()
+        results = run_tiny()
+        chosen = [kernel.best_config.kwargs["BLOCK_Q"] for kernel in ops.AUTOTUNED]
+    finally:
+        for kernel in ops.AUTOTUNED:
+            kernel.early_config_prune = ops._prune
+            kernel.__dict__.pop("do_bench", None)
+            kernel.cache.clear()
+    return {"results": results, "trials": len(trials), "chosen": chosen}
 
 
 @pytest.fixture(scope="module")
@@ -224,16 +344,37 @@ def assert_matches_reference(got: dict[str, Tensor], case: dict[str, Any], atol:
         torch.testing.assert_close(got[name], want, atol=atol, rtol=rtol, msg=lambda text, name=name: f"{name}: {text}")
 
 
+TOLERANCE = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+"""Error allowed against float64 by a case's least precise input dtype, relative to each result's largest
+magnitude: about two units in the last place, as Triton's interpreter truncates when it narrows fp32 to
+16 bits (a GPU rounds to nearest); fp32 sums the few products of the tiny cases to about 1e-7."""
+QUERY_GRAD_FACTOR = 4
+"""KDA's query gradient subtracts ``dO . out`` with the output as stored (in the value's dtype): that
+cancellation costs it about two more bits."""
+
+
+def assert_matches_float64(got: dict[str, Tensor], case: dict[str, Any]) -> None:
+    """Every result in its input's dtype (the output in the value's), within :data:`TOLERANCE` of the float64 PyTorch op."""
+    expected = forward_backward(case, ms_deform_attn, ms_deform_attn_key_aware, dtype=torch.float64)
+    assert set(got) == {"out", *(f"grad_{name}" for name in case["inputs"])}
+    dtypes = {"out": case["inputs"]["value"].dtype, **{f"grad_{name}": t.dtype for name, t in case["inputs"].items()}}
+    tolerance = max(TOLERANCE[t.dtype] for t in case["inputs"].values())
+    for name, want in expected.items():
+        assert got[name].dtype == dtypes[name], name
+        tol = tolerance * (QUERY_GRAD_FACTOR if name == "grad_query" else 1) * float(want.abs().max())
+        torch.testing.assert_close(got[name].double(), want, atol=tol, rtol=0, msg=lambda text, name=name: f"{name}: {text}")
+
+
 def test_child_runs_the_kernels_in_the_interpreter(interpreter_results: dict[str, Any]) -> None:
     assert interpreter_results["interpreted"] is True
     assert interpreter_results["cpu_public_op_loaded_kernels"] is False
 
 
 def test_cases_cover_points_outside_the_maps(cases: dict[str, dict[str, Any]]) -> None:
-    for name in ("msda_points_padded", "msda_boxes_d6", "kda_shared_points_padded", "kda_distinct_boxes_d6"):
+    for name in ("msda_points_padded", "msda_boxes_d6", "kda_shared_points_padded", "kda_distinct_boxes_d6", *TINY):
         locations = cases[name]["inputs"]["sampling_locations"]
         outside = ((locations < 0) | (locations > 1)).any(-1).float().mean().item()
-        assert 0.05 < outside < 0.6, (name, outside)
+        assert 0.05 < outside < 0.8, (name, outside)
     assert (cases["msda_points_padded"]["inputs"]["value"][-1].abs().sum((-2, -1)) == 0).sum() > 10
 
 
@@ -244,7 +385,7 @@ def test_msda_forward_and_gradients(interpreter_results: dict[str, Any], cases: 
     assert_matches_reference(got, cases[name])
 
 
-@pytest.mark.parametrize("name", ["kda_shared_points_padded", "kda_distinct_boxes_d6", "tiny_kda"])
+@pytest.mark.parametrize("name", ["kda_shared_points_padded", "kda_distinct_boxes_d6", "tiny_kda_shared", "tiny_kda_distinct"])
 def test_kda_forward_and_gradients(interpreter_results: dict[str, Any], cases: dict[str, dict[str, Any]], name: str) -> None:
     got = get_result(interpreter_results, name)
     expected_keys = {"out", "grad_query", "grad_value", "grad_sampling_locations"}
@@ -254,15 +395,24 @@ def test_kda_forward_and_gradients(interpreter_results: dict[str, Any], cases: d
     assert_matches_reference(got, cases[name])
 
 
-@pytest.mark.parametrize("name", ["msda_bf16", "kda_bf16"])
-def test_bf16_forward(interpreter_results: dict[str, Any], cases: dict[str, dict[str, Any]], name: str) -> None:
-    got = get_result(interpreter_results, name)["out"]
-    assert got.dtype == torch.bfloat16
-    expected = forward_backward(cases[name], ms_deform_attn, ms_deform_attn_key_aware, dtype=torch.float32)["out"]
-    torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
+@pytest.mark.parametrize("name", STRIDE_AND_DTYPE_CASES)
+def test_strides_and_dtypes_match_float64(interpreter_results: dict[str, Any], cases: dict[str, dict[str, Any]], name: str) -> None:
+    """Column-major fp32, fp16, bf16 and autocast's mixes, forward and backward, against the float64 PyTorch op."""
+    case = cases[name]
+    if case["noncontiguous"]:
+        assert not column_major(case["inputs"]["value"]).is_contiguous() and not column_major(case["grad_out"]).is_contiguous()
+    assert_matches_float64(get_result(interpreter_results, name), case)
 
 
-@pytest.mark.parametrize("name", ["tiny_msda", "tiny_kda"])
+def test_the_float64_comparison_can_fail(interpreter_results: dict[str, Any], cases: dict[str, dict[str, Any]]) -> None:
+    """The float64 comparison fails for a bf16 output off by twice its tolerance."""
+    got = dict(get_result(interpreter_results, "tiny_kda_distinct_bf16"))
+    got["out"] = (got["out"].float() * (1 + 2 * TOLERANCE[torch.bfloat16])).bfloat16()
+    with pytest.raises(AssertionError, match="out"):
+        assert_matches_float64(got, cases["tiny_kda_distinct_bf16"])
+
+
+@pytest.mark.parametrize("name", ["tiny_msda", "tiny_kda_distinct"])
 def test_torch_compile_traces_the_custom_ops(interpreter_results: dict[str, Any], cases: dict[str, dict[str, Any]], name: str) -> None:
     assert_matches_reference(get_result(interpreter_results, f"compiled:{name}"), cases[name])
 
@@ -276,6 +426,66 @@ def test_torch_export_keeps_the_custom_op(interpreter_results: dict[str, Any], c
 
 def test_opcheck(interpreter_results: dict[str, Any]) -> None:
     assert get_result(interpreter_results, "opcheck") is True
+
+
+def test_every_launch_runs_under_the_inputs_device_guard(interpreter_results: dict[str, Any]) -> None:
+    launches = get_result(interpreter_results, "launches")["launches"]
+    kernels = {"msda_fwd_kernel", "msda_bwd_kernel", "kda_fwd_kernel", "kda_bwd_kernel"}
+    # per mode: 2 runs x 3 cases x (forward + backward)
+    assert len(launches) == 2 * 2 * 3 * 2 and {launch["kernel"] for launch in launches} == kernels
+    assert [launch["guard"] for launch in launches] == ["cpu"] * len(launches)
+
+
+def test_on_device_guards_the_cuda_device() -> None:
+    from litedetr.ops import triton_deform_attn as ops
+
+    guard = ops.on_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(ops.on_device(torch.device("cpu")), contextlib.nullcontext)
+
+
+def test_inputs_on_two_devices_are_named() -> None:
+    from litedetr.ops import triton_deform_attn as ops
+
+    value, locations, weights = torch.zeros(1, 4, 1, 2), torch.zeros(1, 1, 1, 1, 1, 2, device="meta"), torch.zeros(1, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"on one device, got value on cpu, sampling_locations on meta, attention_weights on cpu"):
+        ops.msda_forward(value, torch.tensor([[2, 2]]), torch.tensor([0]), locations, weights)
+
+
+def test_deterministic_mode_takes_the_atomic_free_backward(interpreter_results: dict[str, Any], cases: dict[str, dict[str, Any]]) -> None:
+    """Under ``use_deterministic_algorithms(True)`` the backward kernels store per-corner gradients (summed with ``index_add_``)
+    and match the PyTorch op; otherwise they use atomics. The choice is logged once."""
+    recorded = get_result(interpreter_results, "launches")
+    for mode in ("default", "deterministic"):
+        flags = {launch["deterministic"] for launch in recorded["launches"] if launch["mode"] == mode and "bwd" in launch["kernel"]}
+        assert flags == {mode == "deterministic"}, (mode, flags)
+        for name in TINY:
+            assert_matches_reference(recorded[mode][name], cases[name], atol=1e-5, rtol=1e-5)
+            for result, again in zip(recorded[mode][name].values(), recorded[f"{mode}:again"][name].values()):
+                assert torch.equal(result, again)
+    assert len(recorded["logs"]) == 1 and "index_add_ instead of float atomics" in recorded["logs"][0]
+
+
+def test_autotuning_zeroes_the_atomic_buffers_between_trials(interpreter_results: dict[str, Any], cases: dict[str, dict[str, Any]]) -> None:
+    tuned = get_result(interpreter_results, "autotuned")
+    assert tuned["trials"] == 2 * 6 and tuned["chosen"] == [4, 4, 4, 4]  # two configs for each of 6 (kernel, key) pairs
+    for name in TINY:
+        assert_matches_reference(tuned["results"][name], cases[name], atol=1e-5, rtol=1e-5)
+
+
+def test_autotuning_space_is_pruned_by_tile_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    from litedetr.ops import triton_deform_attn as ops
+
+    space = ops.config_space()
+    monkeypatch.setattr(ops, "interpreted", lambda: False)
+    for block_d, expected in ((32, 6), (64, 3), (128, 1), (256, 1)):
+        kept = ops._prune(space, {}, BLOCK_D=block_d)
+        assert len(kept) == expected, block_d
+        assert all(c.kwargs["BLOCK_Q"] * block_d <= 8 * 32 * c.num_warps for c in kept) or block_d == 256
+    assert {(c.kwargs["BLOCK_Q"], c.num_warps) for c in ops._prune(space, {}, BLOCK_D=32)} >= {(32, 4)}
+    monkeypatch.setattr(ops, "interpreted", lambda: True)
+    (only,) = ops._prune(space, {}, BLOCK_D=8)
+    assert (only.kwargs, only.num_warps) == (ops.default_config(8).kwargs, 4)
 
 
 def test_ops_import_and_run_without_triton() -> None:
@@ -295,48 +505,60 @@ def test_ops_import_and_run_without_triton() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+def _sm90_signature(fn: Any, constexprs: dict[str, Any], dtype: str) -> dict[str, str]:
+    fp32_buffers = {"grad_value_ptr", "grad_key_ptr", "lse_ptr", "parts_ptr", "key_parts_ptr", "value_parts_ptr"}
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ("shapes_ptr", "starts_ptr", "index_ptr"):
+            signature[name] = "*i64"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in fp32_buffers else f"*{dtype}"
+        else:
+            signature[name] = "fp32" if name == "scale" else "i32"
+    return signature
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_kernels_compile_for_sm90(dtype: str) -> None:
-    """Ahead-of-time compile (Triton -> PTX -> cubin with the bundled ptxas) at the 800x1333 configuration; no GPU needed."""
+    """Ahead-of-time compile (Triton -> PTX -> cubin with the bundled ptxas) at the 800x1333 configuration; no GPU needed.
+
+    Every kernel variant in the default config (the backward with atomics, and deterministic without
+    any), and the heaviest kernel with the autotuning space's largest tile (64 queries, 8 warps)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from litedetr.ops import triton_deform_attn as kernels
+    from litedetr.ops import triton_deform_attn as ops
+    from litedetr.ops import triton_kernels as kernels
 
-    if kernels.interpreted():
+    if ops.interpreted():
         pytest.skip("TRITON_INTERPRET is set in this process")
-    fp32_buffers = {"grad_value_ptr", "grad_key_ptr", "lse_ptr"}
-    fwd_q, block_d = kernels._blocks(32, kernels._TILE_ELEMENTS_FWD)
-    bwd_q, _ = kernels._blocks(32, kernels._TILE_ELEMENTS_BWD)
-    sep_q, _ = kernels._blocks(32, kernels._TILE_ELEMENTS_FWD // 2)
-    common = {"NUM_HEADS": 8, "HEAD_DIM": 32, "NUM_LEVELS": 4, "NUM_POINTS": 4, "BLOCK_D": block_d}
-    configs = [
-        (kernels._msda_fwd_kernel, {"BLOCK_Q": fwd_q}),
-        (kernels._msda_bwd_kernel, {"BLOCK_Q": bwd_q}),
-        (kernels._kda_fwd_kernel, {"BLOCK_Q": fwd_q, "SHARED_KV": True}),
-        (kernels._kda_fwd_kernel, {"BLOCK_Q": sep_q, "SHARED_KV": False}),
-        (kernels._kda_bwd_kernel, {"BLOCK_Q": bwd_q, "SHARED_KV": True}),
-        (kernels._kda_bwd_kernel, {"BLOCK_Q": bwd_q, "SHARED_KV": False}),
+    common = {"NUM_HEADS": 8, "HEAD_DIM": 32, "NUM_LEVELS": 4, "NUM_POINTS": 4, "BLOCK_D": 32}
+    variants = [
+        (kernels.msda_fwd_kernel, {}, ops.default_config(32)),
+        (kernels.msda_bwd_kernel, {"DETERMINISTIC": False}, ops.default_config(32)),
+        (kernels.kda_fwd_kernel, {"SHARED_KV": False}, ops.default_config(32)),
+        (kernels.kda_bwd_kernel, {"SHARED_KV": False, "DETERMINISTIC": False}, ops.default_config(32)),
     ]
-    for fn, extra in configs:
-        constexprs = {**common, **extra}
-        signature = {}
-        for name in fn.arg_names:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name in ("shapes_ptr", "starts_ptr"):
-                signature[name] = "*i64"
-            elif name.endswith("_ptr"):
-                signature[name] = "*fp32" if name in fp32_buffers else f"*{dtype}"
-            else:
-                signature[name] = "fp32" if name == "scale" else "i32"
+    if dtype == "fp32":  # the dtype changes only loads and stores: the other variants once
+        variants += [
+            (kernels.msda_bwd_kernel, {"DETERMINISTIC": True}, ops.default_config(32)),
+            (kernels.kda_fwd_kernel, {"SHARED_KV": True}, ops.default_config(32)),
+            (kernels.kda_bwd_kernel, {"SHARED_KV": True, "DETERMINISTIC": False}, ops.default_config(32)),
+            (kernels.kda_bwd_kernel, {"SHARED_KV": False, "DETERMINISTIC": True}, ops.default_config(32)),
+            (kernels.kda_bwd_kernel, {"SHARED_KV": False, "DETERMINISTIC": False}, triton.Config({"BLOCK_Q": 64}, num_warps=8)),
+        ]
+    for fn, extra, config in variants:
+        constexprs = {**common, **extra, **config.kwargs}
+        signature = _sm90_signature(fn, constexprs, dtype)
         aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if signature[name].startswith("*")}
         source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
         assert len(compiled.asm["cubin"]) > 0
         if "bwd" in fn.__name__:
-            assert "atom.global" in compiled.asm["ptx"]
+            assert ("atom.global" in compiled.asm["ptx"]) is not extra["DETERMINISTIC"], (fn.__name__, extra)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -376,3 +598,35 @@ def test_cuda_dispatch_matches_pytorch(op: str) -> None:
 
 if __name__ == "__main__":
     run_child(sys.argv[1], sys.argv[2])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_kernels_run_on_the_inputs_device() -> None:
+    """Inputs on cuda:1 while the current device is cuda:0: the kernels run on cuda:1 and match the CPU op."""
+    case = make_case("kda", levels=LEVELS, b=2, lq=70, m=2, d=8, p=2, boxes=True, distinct_key=True, seed=20)
+    on_gpu1 = {**case, "inputs": {name: t.to("cuda:1") for name, t in case["inputs"].items()}, "grad_out": case["grad_out"].to("cuda:1")}
+    assert torch.cuda.current_device() == 0
+    got = forward_backward(on_gpu1, ms_deform_attn, ms_deform_attn_key_aware)
+    expected = forward_backward(case, ms_deform_attn, ms_deform_attn_key_aware)
+    for name, want in expected.items():
+        assert got[name].device == torch.device("cuda", 1)
+        torch.testing.assert_close(got[name].cpu(), want, atol=1e-4, rtol=1e-4, msg=lambda text, name=name: f"{name}: {text}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("op", ["msda", "kda_shared", "kda_distinct"])
+def test_cuda_deterministic_backward_repeats_bitwise(op: str) -> None:
+    levels = [(20, 30), (10, 15), (5, 8), (3, 4)]
+    kind = "msda" if op == "msda" else "kda"
+    case = make_case(kind, levels=levels, b=2, lq=700, m=8, d=32, p=4, boxes=False, distinct_key=op == "kda_distinct", seed=21)
+    case = {**case, "inputs": {name: t.cuda() for name, t in case["inputs"].items()}, "grad_out": case["grad_out"].cuda()}
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = forward_backward(case, ms_deform_attn, ms_deform_attn_key_aware)
+        second = forward_backward(case, ms_deform_attn, ms_deform_attn_key_aware)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    expected = forward_backward(case, ms_deform_attn, ms_deform_attn_key_aware)
+    for name, want in expected.items():
+        assert torch.equal(first[name], second[name]), name
+        torch.testing.assert_close(first[name], want, atol=1e-4, rtol=1e-4, msg=lambda text, name=name: f"{name}: {text}")
