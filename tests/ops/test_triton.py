@@ -220,7 +220,10 @@ def run_child(cases_path: str, results_path: str) -> None:
         return True
 
     _capture(results, "opcheck", opcheck)
-    run_tiny = lambda: {name: forward_backward(cases[name], custom_ops.ms_deform_attn, custom_ops.ms_deform_attn_key_aware) for name in TINY}  # noqa: E731
+
+    def run_tiny() -> dict[str, Any]:
+        return {name: forward_backward(cases[name], custom_ops.ms_deform_attn, custom_ops.ms_deform_attn_key_aware) for name in TINY}
+
     _capture(results, "launches", lambda: record_launches(run_tiny))
     _capture(results, "autotuned", lambda: autotune_two_configs(run_tiny))
     torch.save(results, results_path)
