@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from litedetr.cli import main
-from litedetr.tools.bench import benchmark, peak_memory
+from litedetr.tools.bench import bench_images, bench_model, benchmark, encoder_run, peak_memory, train_step_run
 
 TINY = "lite-dino-r18-tiny-h3l1-2x3"
 
@@ -27,6 +27,23 @@ def test_training_step_needs_more_memory_than_inference():
     train = benchmark(TINY, (64, 64), repeats=1, warmup=0, train=True)
     assert train.model_timing.peak_memory_bytes > inference.model_timing.peak_memory_bytes
     assert train.attention == "grid_sample"
+
+
+def test_training_step_updates_the_weights_under_autocast():
+    model = bench_model(TINY, (64, 64)).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    linear_dtypes = []
+    first_linear = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Linear))
+    first_linear.register_forward_hook(lambda module, args, out: linear_dtypes.append(out.dtype))
+    train_step_run(model, bench_images(2, (64, 64)), optimizer, autocast=torch.bfloat16)()
+    changed = [name for name, p in model.named_parameters() if name in before and not torch.equal(p, before[name])]
+    assert len(changed) > 0.8 * len(before)
+    assert all(p.grad is None for p in model.parameters())
+    assert linear_dtypes and set(linear_dtypes) == {torch.bfloat16}
+    linear_dtypes.clear()
+    encoder_run(model.eval(), bench_images(1, (64, 64)), False)()
+    assert set(linear_dtypes) == {torch.float32}
 
 
 def test_cpu_peak_memory_tracks_allocations():
