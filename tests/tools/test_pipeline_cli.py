@@ -104,7 +104,7 @@ def test_preset_fields_are_set_from_the_command_line(tiny_synthetic, tmp_path, c
         (["--epochs", "0"], "argument --epochs: must be an integer >= 1, got 0"),
         (["--image-sizes", "16"], "image_sizes must be short sides >= 32"),
         (["--set", "no_such_field=1"], "unknown DetectorConfig fields ['no_such_field']"),
-        (["--backbone-weights", "missing.pth"], "missing.pth: no such file"),
+        (["--backbone-weights", "missing.pth"], "backbone weights 'missing.pth': neither 'imagenet' nor an existing file"),
     ],
 )
 def test_bad_arguments_fail_before_any_data_is_written(tmp_path, capsys, change, message):
@@ -149,3 +149,17 @@ def test_the_model_file_keeps_the_datasets_category_ids(trained, tiny_synthetic)
     dataset = CocoDetection(split.annotations, split.images)
     config = load_model(trained / "model.safetensors").config
     assert config.category_ids == dataset.category_ids and config.class_names == dataset.class_names
+
+
+def test_the_built_in_dataset_is_chosen_with_synthetic(tmp_path, monkeypatch, tiny_synthetic):
+    import argparse
+
+    from litedetr.tools import train
+
+    written = []
+    monkeypatch.setattr(train, "write_synthetic_dataset", lambda root, spec: written.append((root, spec.kind)) or tiny_synthetic)
+    for kind, folder in (("glyphs", "synthetic-data-glyphs"), ("shapes", "synthetic-data")):
+        args = argparse.Namespace(data=None, synthetic=kind, train_json=None, train_images=None)
+        with pytest.raises(ValueError, match=folder):  # nothing written there by the stand-in: the split is looked for in the kind's own folder
+            train.resolve_data(args, "train", tmp_path / "synthetic-data")
+        assert written[-1] == (tmp_path / folder, kind)

@@ -10,21 +10,19 @@ from pathlib import Path
 
 import torch
 
-from litedetr.data import AugmentConfig, SyntheticSpec, find_split, write_synthetic_dataset
+from litedetr.data import KINDS, AugmentConfig, SyntheticSpec, find_split, write_synthetic_dataset
 from litedetr.engine import TrainConfig, Trainer
 from litedetr.engine import distributed
 from litedetr.engine.state import read_train_config
 from litedetr.engine.trainer import CHECKPOINT
 from litedetr.models import get_config
+from litedetr.models.backbone import IMAGENET, backbone_weights_file
 from litedetr.models.pretrained import checkpoint_family
 from litedetr.tools.args import float_in, int_at_least
 
 __all__ = ["add_arguments", "add_data_arguments", "resolve_data", "default_image_sizes"]
 
 logger = logging.getLogger(__name__)
-
-IMAGENET = "imagenet"
-"""``--backbone-weights`` value for the backbone's ImageNet weights from torchvision's (timm's) cache."""
 
 DETR_SCALES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
 """DETR's training short sides for 800 px evaluation; other sizes scale them."""
@@ -40,6 +38,7 @@ def default_image_sizes(preset: str) -> tuple[tuple[int, ...], int]:
 def add_data_arguments(parser: argparse.ArgumentParser, splits: tuple[str, ...]) -> None:
     group = parser.add_argument_group("data (default: the built-in synthetic dataset)")
     group.add_argument("--data", type=Path, help="a dataset folder in COCO's layout (annotations/instances_<split>*.json, <split>*/)")
+    group.add_argument("--synthetic", choices=sorted(KINDS), default="shapes", help="the built-in dataset used without --data (default shapes)")
     for split in splits:
         group.add_argument(f"--{split}-json", type=Path, help=f"the {split} instances JSON (instead of --data)")
         group.add_argument(f"--{split}-images", type=Path, help=f"the {split} images folder (with --{split}-json)")
@@ -53,11 +52,12 @@ def resolve_data(args: argparse.Namespace, split: str, synthetic_root: Path) -> 
             raise ValueError(f"--{split}-json and --{split}-images go together")
         return str(json_path), str(images)
     if args.data is None:
+        root = synthetic_root if args.synthetic == "shapes" else synthetic_root.with_name(f"{synthetic_root.name}-{args.synthetic}")
         if distributed.is_main():
-            write_synthetic_dataset(synthetic_root, SyntheticSpec())
+            write_synthetic_dataset(root, SyntheticSpec(kind=args.synthetic))
         distributed.barrier()
-        args.data = synthetic_root
-        logger.info("no dataset given: using the built-in synthetic dataset at %s", synthetic_root)
+        args.data = root
+        logger.info("no dataset given: using the built-in synthetic dataset (%s) at %s", args.synthetic, root)
     found = find_split(args.data, split)
     return str(found.annotations), str(found.images)
 
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     distributed.init_from_env(torch.device(args.device))
     # every argument is checked before any work (the synthetic dataset takes minutes to write)
     sizes, max_size = default_image_sizes(args.model)
-    get_config(args.model, **{k: v for k, v in args.set if k not in TrainConfig.DATASET_FIELDS})
+    preset = get_config(args.model, **{k: v for k, v in args.set if k not in TrainConfig.DATASET_FIELDS})
     sizes = args.image_sizes or sizes
     config = TrainConfig(
         model=args.model,
@@ -122,12 +122,13 @@ def run(args: argparse.Namespace) -> int:
         deterministic=args.deterministic,
         device=args.device,
     )
-    if args.backbone_weights not in (None, IMAGENET) and not Path(args.backbone_weights).is_file():
-        raise FileNotFoundError(2, f"no such file (or pass --backbone-weights {IMAGENET})", args.backbone_weights)
+    if args.backbone_weights is not None and distributed.is_main():  # finds (or downloads) ImageNet weights once, before any data work
+        backbone_weights_file(preset.backbone, args.backbone_weights)
+    distributed.barrier()
     if config.init is not None and not (args.resume and (args.out / CHECKPOINT).exists()):
         family = checkpoint_family(config.init)
-        if family != get_config(args.model).family:
-            raise ValueError(f"--init {config.init} is a {family} checkpoint; --model {args.model} is of the {get_config(args.model).family} family")
+        if family != preset.family:
+            raise ValueError(f"--init {config.init} is a {family} checkpoint; --model {args.model} is of the {preset.family} family")
     train_json, train_images = resolve_data(args, "train", args.out / "synthetic-data")
     has_val = args.val_json is not None or args.data is not None
     val_json, val_images = resolve_data(args, "val", args.out / "synthetic-data") if has_val else ("", "")
@@ -174,7 +175,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-drop", type=int_at_least(1), nargs="+", help="epochs after which the learning rate drops 10x (default: 11/12 of the run)")
     p.add_argument("--image-sizes", type=_sizes, help="training short sides, e.g. 480,512,544 (default: DETR's, scaled to the preset)")
     p.add_argument("--max-size", type=int_at_least(1), help="longest side (default: the preset's)")
-    p.add_argument("--amp", action="store_true", help="mixed precision: fp16 on CUDA; bf16 on a CPU (fast only with AVX-512 BF16 or AMX, else a warning)")
+    p.add_argument(
+        "--amp",
+        nargs="?",
+        const=True,
+        default=False,
+        choices=("bf16", "fp16"),
+        help="mixed precision. --amp: fp16 with a gradient scaler on CUDA, bf16 on a CPU (fast only with AVX-512 BF16 or AMX, "
+        "else a warning); --amp bf16: bf16 without a scaler (CPU, or CUDA with compute capability 8.0+); --amp fp16: fp16 "
+        "with a gradient scaler (CUDA only)",
+    )
     p.add_argument("--ema", type=float_in(0, 1, low_open=True, high_open=True), metavar="DECAY", help="keep an EMA of the weights, e.g. 0.9997")
     p.add_argument(
         "--init",
@@ -193,6 +203,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--eval-every", type=int_at_least(1), default=1, help="evaluate every N epochs")
     p.add_argument("--checkpoint-every", type=int_at_least(0), default=0, help="also checkpoint every N steps (0: per epoch only)")
-    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact reruns on CPU)")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic algorithms: bit-exact reruns on the CPU; on CUDA, torch's deterministic algorithms (an op without one "
+        "stops the run, CUBLAS_WORKSPACE_CONFIG=:4096:8 is set) and the Triton attention untuned and without float atomics",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.set_defaults(func=run)
