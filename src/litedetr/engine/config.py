@@ -32,9 +32,11 @@ class TrainConfig:
             (``val_*`` empty: no evaluation).
         image_sizes: training short sides, one drawn per batch; evaluation uses the largest.
         max_size: longest image side after resizing.
-        amp: autocast (bf16 on the CPU; fp16 with a gradient scaler on CUDA); on a CPU without native
-            bf16 it is several times slower than float32, and the trainer warns. ``"auto"``: autocast
-            only where the device computes it natively (:mod:`litedetr.engine.precision`).
+        amp: ``True``: autocast (bf16 on the CPU; fp16 with a gradient scaler on CUDA); on a CPU without
+            native bf16 it is several times slower than float32, and the trainer warns. ``"bf16"``:
+            bf16 autocast without a scaler (CPU, or a GPU of compute capability 8.0+); ``"fp16"``: fp16
+            with a gradient scaler (CUDA only). ``"auto"``: autocast only where the device computes it
+            natively (:mod:`litedetr.engine.precision`).
         ema_decay: keep an exponential moving average of the weights (``None``: off); evaluation and
             the final model file then use the average.
         epoch_batches: batches per epoch and process (0: the whole dataset). Each epoch draws them
@@ -43,7 +45,9 @@ class TrainConfig:
         eval_every: evaluate every this many epochs (and after the last).
         checkpoint_every: also write the resume checkpoint every this many optimiser steps (0: only
             at the end of each epoch).
-        deterministic: ``torch.use_deterministic_algorithms`` (bit-exact reruns on the CPU).
+        deterministic: ``torch.use_deterministic_algorithms``. CPU: bit-exact reruns. CUDA: every op
+            deterministic or refused by torch (``CUBLAS_WORKSPACE_CONFIG=:4096:8`` is set unless set),
+            the Triton attention kernels untuned and without float atomics in their backward.
     """
 
     model: str
@@ -68,7 +72,7 @@ class TrainConfig:
     image_sizes: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
     max_size: int = 1333
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    amp: bool | Literal["auto"] = False
+    amp: bool | Literal["auto", "bf16", "fp16"] = False
     ema_decay: float | None = None
     workers: int = 2
     seed: int = 42

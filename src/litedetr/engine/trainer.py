@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import threading
 import time
 from contextlib import nullcontext
@@ -114,6 +115,8 @@ class Trainer:
         self.device = torch.device(config.device)
         distributed.init_from_env(self.device)
         if config.deterministic:
+            if self.device.type == "cuda":  # cuBLAS is deterministic only with a fixed workspace; read at its first call
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(config.seed + distributed.rank())
         self.train_set, self.val_set = _datasets(config)
