@@ -58,6 +58,7 @@ from gpu_check_report import markdown, summary  # benchmarks/, this script's fol
 REPO = Path(__file__).resolve().parents[1]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 TRITON_TESTS_TIMEOUT_S = 240
+TRAIN_BATCH = 2
 Row = dict[str, Any]
 
 
@@ -81,7 +82,6 @@ class Plan:
     kernel_levels: tuple[tuple[int, int], ...]
     kernel_repeats: int
     kernel_warmup: int
-    train_batch: int
     train_repeats: int
     compile_backend: str
     compiled: tuple[tuple[str, str, int], ...]  # (model label, precision, batch), in order of priority
@@ -99,7 +99,6 @@ GPU_PLAN = Plan(
     kernel_levels=LEVELS_800X1333,
     kernel_repeats=20,
     kernel_warmup=3,
-    train_batch=2,
     train_repeats=5,
     compile_backend="inductor",
     compiled=tuple((m.label, p, b) for p, b in (("bf16", 8), ("fp32", 8), ("bf16", 1), ("fp32", 1)) for m in _R50),
@@ -119,7 +118,6 @@ DRY_RUN_PLAN = Plan(
     kernel_levels=((8, 12), (4, 6), (2, 3), (1, 2)),
     kernel_repeats=1,
     kernel_warmup=0,
-    train_batch=2,
     train_repeats=1,
     compile_backend="eager",
     compiled=(("lite-dino-r18-tiny-h3l1-2x3", "fp32", 1),),
@@ -189,32 +187,40 @@ def run_section(produce: Callable[[], Row], budget: Budget) -> Row:
     return {"status": status, "seconds": time.monotonic() - start, **result}
 
 
-def triton_tests(plan: Plan, budget: Budget) -> Row:
-    """``pytest tests/ops/test_triton.py`` in a child without ``TRITON_INTERPRET`` (at most 4 minutes): counts from its JUnit report."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    with tempfile.TemporaryDirectory() as tmp:
-        junit = Path(tmp) / "junit.xml"
-        command = ["pytest", "tests/ops/test_triton.py", *plan.pytest_args]
-        child = [sys.executable, "-m", *command, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
-        timeout = max(min(budget.left(), TRITON_TESTS_TIMEOUT_S), 1)
-        proc = subprocess.run(child, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-        if not junit.exists():
-            return {"error": f"pytest exited with {proc.returncode} without a report: {(proc.stdout + proc.stderr)[-2000:]}"}
-        suite = ET.parse(junit).getroot().find("testsuite")
-        cases = suite.findall("testcase")
+def _junit_counts(report: Path) -> Row:
+    """Counts, and ``name: first line of the message`` of every failing test, from a pytest JUnit report."""
+    suite = ET.parse(report).getroot().find("testsuite")
     counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
-    failed = [f"{case.get('name')}: {(bad.get('message') or '').splitlines()[0][:300] if bad.get('message') else bad.tag}" for case in cases for bad in case if bad.tag in ("failure", "error")]
-    result = {
-        "command": " ".join(command),
-        "returncode": proc.returncode,
+    failures = []
+    for case in suite.iter("testcase"):
+        for bad in case:
+            if bad.tag in ("failure", "error"):
+                message = (bad.get("message") or bad.tag).strip().splitlines() or [bad.tag]
+                failures.append(f"{case.get('name')}: {message[0][:300]}")
+    return {
         "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
         "failed": counts["failures"],
         "errors": counts["errors"],
         "skipped": counts["skipped"],
-        "failures": failed,
+        "failures": failures,
     }
+
+
+def triton_tests(plan: Plan, budget: Budget) -> Row:
+    """``pytest tests/ops/test_triton.py`` in a child without ``TRITON_INTERPRET`` (at most 4 minutes): counts from its JUnit report."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    command = ["pytest", "tests/ops/test_triton.py", *plan.pytest_args]
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "junit.xml"
+        child = [sys.executable, "-m", *command, "-q", "-p", "no:cacheprovider", f"--junitxml={report}"]
+        timeout = max(min(budget.left(), TRITON_TESTS_TIMEOUT_S), 1)
+        proc = subprocess.run(child, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+        result = {"command": " ".join(command), "returncode": proc.returncode}
+        if report.exists():
+            result.update(_junit_counts(report))
     if proc.returncode != 0:
-        result["error"] = f"pytest exited with {proc.returncode}: {counts['failures']} failed, {counts['errors']} errors"
+        result["error"] = f"pytest exited with {proc.returncode}: {result.get('failed', '?')} failed, {result.get('errors', '?')} errors"
+        result["output_tail"] = (proc.stdout + proc.stderr)[-3000:]
     return result
 
 
@@ -290,7 +296,7 @@ def train_step(plan: Plan, budget: Budget) -> Row:
         step = train_step_run(model, bench_images(item["batch"], plan.size, device), optimizer, autocast=torch.bfloat16)
         return _timing_fields("step", measure(step, device, plan.train_repeats, plan.warmup), item["batch"])
 
-    items = [{"model": m.label, "precision": "bf16", "batch": plan.train_batch} for m in plan.models]
+    items = [{"model": m.label, "precision": "bf16", "batch": TRAIN_BATCH} for m in plan.models]
     return {"rows": run_rows(items, row, budget)}
 
 

@@ -68,7 +68,7 @@ def test_kernel_rows_and_ratios(dry_run):
     for (op, method, dtype), r in found.items():
         assert 0 < r["fwd_ms"] <= r["fwd_p90_ms"] and 0 < r["fwd_bwd_ms"] <= r["fwd_bwd_p90_ms"]
         assert r["fwd_peak_mib"] > 0 and r["fwd_bwd_peak_mib"] > 0
-        assert r["max_abs_diff_vs_fp32_pytorch"] < (1e-5 if dtype == "float32" else 0.2)
+        assert r["max_abs_diff_vs_fp32_grid_sample"] < (1e-5 if dtype == "float32" else 0.2)
         assert r["fwd_bwd_backend"] == "grid_sample"
         if method == "two_pass":
             assert r["fwd_peak_mib"] > found[op, "ours", dtype]["fwd_peak_mib"]  # keys and values sampled apart
@@ -144,3 +144,15 @@ def test_a_failing_row_or_section_and_a_spent_budget_are_recorded(gpu_check, mon
     assert got["broken"]["error"] == "ZeroDivisionError: division by zero"
     assert got["slow"]["rows"][0]["error"].startswith("BudgetExceeded: the time budget of 0.02 min ran out")
     assert got["slow"]["rows"][1] == {"i": 4, "skipped": "time budget spent"}
+
+
+def test_junit_counts_name_the_failures(gpu_check, tmp_path):
+    report = tmp_path / "junit.xml"
+    report.write_text(
+        '<testsuites><testsuite tests="4" failures="1" errors="1" skipped="1">'
+        '<testcase name="a"/><testcase name="b"><failure message="assert 1 == 2&#10;where ...">trace</failure></testcase>'
+        '<testcase name="c"><error message="">trace</error></testcase><testcase name="d"><skipped/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    expected = {"passed": 1, "failed": 1, "errors": 1, "skipped": 1, "failures": ["b: assert 1 == 2", "c: error"]}
+    assert gpu_check._junit_counts(report) == expected
