@@ -10,7 +10,9 @@ import torch
 from litedetr import build_model, save_model
 from litedetr.cli import main
 from litedetr.models.transform import IMAGENET_MEAN, IMAGENET_STD
-from litedetr.tools.export import OnnxDetector, compare_with_onnxruntime, export_onnx, normalized_scene, onnx_session, require
+from litedetr.ops import custom_ops
+from litedetr.tools import export
+from litedetr.tools.export import OnnxDetector, compare_with_onnxruntime, cpu_model, export_onnx, normalized_scene, onnx_session, require
 
 SIZE = (128, 128)
 
@@ -76,3 +78,37 @@ def test_cli_export(tmp_path, capsys):
 def test_missing_dependency_is_a_clear_error():
     with pytest.raises(ValueError, match=r"pip install 'litedetr\[export\]'"):
         require("onnx_not_installed_anywhere")
+
+
+@pytest.fixture
+def traced(monkeypatch):
+    """Record, at the moment ``torch.onnx.export`` runs, whether Triton is on and where the traced module and input live."""
+    seen: dict = {}
+    real = torch.onnx.export
+
+    def spy(wrapper, args, *rest, **kwargs):
+        seen.update(triton=custom_ops.triton_enabled(), model=wrapper.model, devices={t.device.type for t in [*wrapper.state_dict().values(), *args]})
+        return real(wrapper, args, *rest, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", spy)
+    return seen
+
+
+def test_export_traces_on_the_cpu_with_triton_off(traced, tmp_path):
+    model = tiny("deformable-detr-r18-tiny")
+    export_onnx(model, tmp_path / "m.onnx", SIZE)
+    assert traced["triton"] is False and traced["devices"] == {"cpu"} and traced["model"] is model
+    assert custom_ops.triton_enabled() is custom_ops.TRITON_AVAILABLE  # switched back on
+
+
+def test_a_model_off_the_cpu_is_exported_from_a_cpu_copy(traced, tmp_path, monkeypatch):
+    """A GPU model (simulated: the device check says so) is traced as an equal CPU copy; the model itself is not moved."""
+    model = tiny("lite-dino-r18-tiny-h3l1-2x3")
+    monkeypatch.setattr(export, "_on_cpu", lambda m: False)
+    copied = cpu_model(model)
+    assert copied is not model and not copied.training
+    assert all(torch.equal(a, b) for a, b in zip(copied.state_dict().values(), model.state_dict().values(), strict=True))
+    path = export_onnx(model, tmp_path / "m.onnx", SIZE)
+    assert traced["model"] is not model and traced["triton"] is False and traced["devices"] == {"cpu"}
+    diff = compare_with_onnxruntime(model, path, normalized_scene(1, *SIZE, seed=1), SIZE)
+    assert diff["boxes"] < 1e-3 and diff["scores"] < 1e-3 and diff["labels_equal"] == 1.0, diff

@@ -10,12 +10,17 @@ the graph holds one canvas size ``H x W``: without ``dynamic_size`` the input mu
 ``H x W``; with it, any ``h <= H``, ``w <= W`` is padded (bottom/right) onto the canvas inside the
 graph with the matching padding mask, as the PyTorch model pads a batch. Resize images to fit the
 canvas first (e.g. with :func:`litedetr.models.transform.resized_size`); larger inputs are cropped.
+
+The graph is always traced on the CPU, with the Triton kernels switched off
+(:func:`~litedetr.ops.custom_ops.triton_disabled`): a model on a GPU is exported from a CPU copy, so
+the tracer records ``GridSample`` and never meets a Triton custom op.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import logging
 import os
 import warnings
@@ -30,10 +35,11 @@ from torch import Tensor, nn
 from litedetr.models import Detector
 from litedetr.models.transform import IMAGENET_MEAN, IMAGENET_STD
 from litedetr.ops import box_cxcywh_to_xyxy
+from litedetr.ops.custom_ops import triton_disabled
 from litedetr.tools.args import size_type
 from litedetr.tools.draw import synthetic_scene
 
-__all__ = ["OnnxDetector", "export_onnx", "onnx_session", "compare_with_onnxruntime", "normalized_scene", "add_arguments"]
+__all__ = ["OnnxDetector", "cpu_model", "export_onnx", "onnx_session", "compare_with_onnxruntime", "normalized_scene", "add_arguments"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +85,32 @@ class OnnxDetector(nn.Module):
         return picked * torch.stack([valid_w, valid_h, valid_w, valid_h]), scores, labels
 
 
+def _on_cpu(model: nn.Module) -> bool:
+    return all(t.device.type == "cpu" for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def cpu_model(model: Detector) -> Detector:
+    """``model`` in eval mode if it lives on the CPU; else an eval-mode CPU copy (built from its config and
+    weights, so no second copy is made on the GPU); the caller's model is left where it is."""
+    if _on_cpu(model):
+        return model.eval()
+    copied = Detector(model.config)
+    copied.load_state_dict({name: t.cpu() for name, t in model.state_dict().items()})
+    return copied.eval()
+
+
 def export_onnx(model: Detector, path: str | os.PathLike, size: tuple[int, int], dynamic_size: bool = False) -> Path:
-    """Write ``model``'s inference graph for ``size = (H, W)`` canvases to ``path`` and check it with ``onnx.checker``."""
+    """Write ``model``'s inference graph for ``size = (H, W)`` canvases to ``path`` and check it with ``onnx.checker``.
+
+    Traced from :func:`cpu_model` with the Triton kernels off, wherever ``model`` lives."""
     onnx = require("onnx")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = OnnxDetector(model.eval(), size).eval()
+    wrapper = OnnxDetector(cpu_model(model), size).eval()
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
     dynamic_axes = {"images": axes, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
     example = torch.zeros(1, 3, *size)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), triton_disabled():
         warnings.simplefilter("ignore")  # tracer warnings: the map sizes become constants, by design
         torch.onnx.export(
             wrapper, (example,), str(path), dynamo=False, opset_version=OPSET,
@@ -116,10 +138,10 @@ def normalized_scene(batch: int, height: int, width: int, seed: int = 0) -> Tens
 
 
 def compare_with_onnxruntime(model: Detector, path: str | os.PathLike, images: Tensor, canvas: tuple[int, int]) -> dict[str, float]:
-    """Max abs differences between onnxruntime and PyTorch on ``images (B, 3, h, w)`` (boxes in pixels, scores)
-    and the fraction of equal labels."""
+    """Max abs differences between onnxruntime and PyTorch (on the CPU) on ``images (B, 3, h, w)`` (boxes in
+    pixels, scores) and the fraction of equal labels."""
     with torch.no_grad():
-        boxes, scores, labels = OnnxDetector(model.eval(), canvas)(images)
+        boxes, scores, labels = OnnxDetector(cpu_model(model), canvas)(images)
     ort_boxes, ort_scores, ort_labels = onnx_session(path).run(list(OUTPUT_NAMES), {"images": images.numpy()})
     return {
         "boxes": float(np.abs(ort_boxes - boxes.numpy()).max()),
