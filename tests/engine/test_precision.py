@@ -13,7 +13,11 @@ import pytest
 import torch
 
 from litedetr.engine import precision
-from litedetr.engine.precision import UnsupportedPrecision, cpu_bf16_native, resolve_precision
+from litedetr.engine.precision import (
+    UnsupportedPrecision,
+    cpu_bf16_native,
+    resolve_precision,
+)
 
 
 @pytest.fixture

@@ -12,7 +12,15 @@ from litedetr.cli import main
 from litedetr.models.transform import IMAGENET_MEAN, IMAGENET_STD
 from litedetr.ops import custom_ops
 from litedetr.tools import export
-from litedetr.tools.export import OnnxDetector, compare_with_onnxruntime, cpu_model, export_onnx, normalized_scene, onnx_session, require
+from litedetr.tools.export import (
+    OnnxDetector,
+    compare_with_onnxruntime,
+    cpu_model,
+    export_onnx,
+    normalized_scene,
+    onnx_session,
+    require,
+)
 
 SIZE = (128, 128)
 

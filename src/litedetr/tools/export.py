@@ -39,7 +39,7 @@ from litedetr.ops.custom_ops import triton_disabled
 from litedetr.tools.args import size_type
 from litedetr.tools.draw import synthetic_scene
 
-__all__ = ["OnnxDetector", "cpu_model", "export_onnx", "onnx_session", "compare_with_onnxruntime", "normalized_scene", "add_arguments"]
+__all__ = ["OnnxDetector", "add_arguments", "compare_with_onnxruntime", "cpu_model", "export_onnx", "normalized_scene", "onnx_session"]
 
 logger = logging.getLogger(__name__)
 
