@@ -109,7 +109,8 @@ def table(rows: Sequence[Row], columns: Sequence[tuple[str, str]]) -> str:
     ran = [row for row in rows if "error" not in row and "skipped" not in row]
     if not ran:
         return "(no rows)"
-    lines = ["| " + " | ".join(header for _, header in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    numeric = [all(isinstance(row.get(key), (int, float)) or row.get(key) is None for row in ran) for key, _ in columns]
+    lines = ["| " + " | ".join(header for _, header in columns) + " |", "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
     lines += ["| " + " | ".join(_cell(row.get(key)) for key, _ in columns) + " |" for row in ran]
     return "\n".join(lines)
 
