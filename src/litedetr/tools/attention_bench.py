@@ -80,8 +80,9 @@ def two_pass_kda(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: Tens
     lq = sampling_locations.shape[1]
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     grids = (2 * sampling_locations - 1).to(value.dtype)
+    sizes = [h * w for h, w in shapes]
     keys, values = [], []
-    for lvl, ((h, w), k_l, v_l) in enumerate(zip(shapes, key.split([h * w for h, w in shapes], 1), value.split([h * w for h, w in shapes], 1))):
+    for lvl, ((h, w), k_l, v_l) in enumerate(zip(shapes, key.split(sizes, 1), value.split(sizes, 1), strict=True)):
         grid = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
         for feats, out in ((k_l, keys), (v_l, values)):
             level_map = feats.flatten(2).transpose(1, 2).reshape(b * m, d, h, w)
