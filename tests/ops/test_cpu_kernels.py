@@ -183,3 +183,42 @@ def test_spatial_shapes_that_do_not_fit_are_refused():
         cpu_kernels.ms_deform_attn(x["value"], SHAPES[:2], x["locations"], x["weights"])
     with pytest.raises(RuntimeError, match="spatial_shapes must be"):
         cpu_kernels._kernels().ms_deform_attn_forward(x["value"], SHAPES[:2], x["locations"], x["weights"])
+
+
+def test_python_int_shapes_are_the_same_input():
+    x = inputs(torch.float32)
+    as_tuple = tuple(tuple(s) for s in SHAPES.tolist())
+    torch.testing.assert_close(
+        cpu_kernels.ms_deform_attn(x["value"], as_tuple, x["locations"], x["weights"]),
+        cpu_kernels.ms_deform_attn(x["value"], SHAPES, x["locations"], x["weights"]),
+        rtol=0,
+        atol=0,
+    )
+    with pytest.raises(ValueError, match="spatial_shapes must be"):
+        cpu_kernels.ms_deform_attn_key_aware(x["query"], x["key"], x["value"], as_tuple[:3], x["locations"])
+
+
+def test_torch_compile_traces_the_pytorch_path_without_graph_breaks():
+    """Under ``torch.compile`` the ops take the PyTorch gather path (the compiler sees and fuses its
+    tensor ops; the C++ kernels would be opaque to it), in one graph, with the kernels' results."""
+    from torch._dynamo.utils import counters
+
+    x = inputs(torch.float32)
+    shapes = tuple(tuple(s) for s in SHAPES.tolist())
+    targets: list[str] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    def run(value: torch.Tensor, locations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return ms_deform_attn(value, shapes, locations, weights)
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        compiled = torch.compile(run, backend=recording_backend)(x["value"], x["locations"], x["weights"])
+        eager = run(x["value"], x["locations"], x["weights"])
+    assert not counters["graph_break"], list(counters["graph_break"])
+    assert any("embedding_bag" in target for target in targets)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

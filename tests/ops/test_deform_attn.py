@@ -9,7 +9,7 @@ import contextlib
 import pytest
 import torch
 
-from litedetr.ops import cpu_kernels, ms_deform_attn, ms_deform_attn_key_aware
+from litedetr.ops import cpu_kernels, key_aware_attention_weights, ms_deform_attn, ms_deform_attn_key_aware
 
 SHAPES = torch.tensor([[5, 7], [3, 4], [2, 2]])
 
@@ -182,3 +182,31 @@ def test_shape_errors_name_the_problem():
         ms_deform_attn(value, SHAPES, locations, weights[..., :1])
     with pytest.raises(ValueError, match="query"):
         ms_deform_attn_key_aware(query[..., :2], key, value, SHAPES, locations)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_tuple_shapes_give_the_tensor_shapes_result(path):
+    """Python-int shapes (what the model passes: no device sync, no graph break) and an ``(L, 2)`` tensor are the same input."""
+    query, _, value, locations, weights = random_inputs()
+    as_tuple = tuple((int(h), int(w)) for h, w in SHAPES.tolist())
+    with on_path(path, [query, value, locations, weights]):
+        torch.testing.assert_close(ms_deform_attn(value, as_tuple, locations, weights), ms_deform_attn(value, SHAPES, locations, weights), rtol=0, atol=0)
+        kda_tuple = ms_deform_attn_key_aware(query, value, value, [list(s) for s in as_tuple], locations)
+        torch.testing.assert_close(kda_tuple, ms_deform_attn_key_aware(query, value, value, SHAPES, locations), rtol=0, atol=0)
+        torch.testing.assert_close(key_aware_attention_weights(query, value, as_tuple, locations), key_aware_attention_weights(query, value, SHAPES, locations))
+
+
+@pytest.mark.parametrize(
+    ("shapes", "message"),
+    [
+        (((5, 7), (3, 4), (2, 3)), "cover 53 tokens, input has 51"),
+        (((5, 7), (3, 4)), "L=3, got 2 levels"),
+        (((5, 7, 1), (3, 4), (2, 2)), r"\(H_l, W_l\) pairs"),
+        (((5, 7), (3, 4), (0, 2)), "positive"),
+        (torch.zeros(3, 2), "integer tensor"),
+    ],
+)
+def test_bad_shapes_are_refused_by_name(shapes, message):
+    _, _, value, locations, weights = random_inputs()
+    with pytest.raises(ValueError, match=message):
+        ms_deform_attn(value, shapes, locations, weights)
