@@ -3,10 +3,14 @@ small COCO-format datasets written on the fly."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 # OpenMP threads that wait for each other spin for a long time (libgomp's default), which is harmless
 # on an idle machine and ruinous on a busy one: with another CPU-heavy process beside the suite, a
@@ -34,6 +38,21 @@ def load_fixture(name: str) -> dict:
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)
+
+
+@contextlib.contextmanager
+def benchmark_script(name: str) -> Iterator[ModuleType]:
+    """``benchmarks/<name>.py`` imported as module ``name`` (registered in ``sys.modules`` while in use, as
+    dataclasses resolve annotations through it)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[name]
 
 
 def official_keys(layout: str) -> dict[str, list[int]]:

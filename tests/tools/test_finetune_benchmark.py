@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import benchmark_script
 
 from litedetr.data import KINDS
 from litedetr.engine.recipes import DemoRecipe, lite_dino_variants, scaled_recipe
 from litedetr.models.pretrained import match_classes
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "finetune.py"
-
 
 @pytest.fixture(scope="module")
 def finetune():
-    spec = importlib.util.spec_from_file_location("finetune", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["finetune"] = module  # dataclasses resolve annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("finetune") as module:
         yield module
-    finally:
-        del sys.modules["finetune"]
 
 
 def test_every_model_pretrained_and_from_scratch_and_lite_from_dino(finetune):

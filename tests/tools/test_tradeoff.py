@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import benchmark_script
 
 from litedetr.engine import CHECKPOINT
+from litedetr.engine.recipes import DemoRecipe, demo_train_config
 from litedetr.engine.state import save_state
 from litedetr.models import build_model, get_config
-from litedetr.engine.recipes import DemoRecipe, demo_train_config
 from litedetr.tools.flops import count_flops
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "tradeoff.py"
 
 
 @pytest.fixture(scope="module")
 def tradeoff():
-    spec = importlib.util.spec_from_file_location("tradeoff", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["tradeoff"] = module  # dataclasses resolve annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("tradeoff") as module:
         yield module
-    finally:
-        del sys.modules["tradeoff"]
 
 
 def test_seven_models_with_intended_encoders(tradeoff):
