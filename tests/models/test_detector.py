@@ -185,6 +185,19 @@ def test_bad_targets_are_named(images, target, message):
         model(images[:1], [target])
 
 
+def test_a_target_per_image_is_required(images):
+    model = small("dino-r18-tiny").train()
+    with pytest.raises(ValueError, match="1 targets given for 2 images"):
+        model(images[:2], [{"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]]), "labels": torch.tensor([0])}])
+
+
+def test_a_bad_target_is_named_by_its_image(images):
+    model = small("dino-r18-tiny").train()
+    good = {"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]]), "labels": torch.tensor([0])}
+    with pytest.raises(ValueError, match="target 1: boxes must have x1 > x0"):
+        model(images[:2], [good, {"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0], [2.0, 9.0, 8.0, 3.0]]), "labels": torch.tensor([0, 1])}])
+
+
 def test_images_without_objects_train(images):
     model = small("dino-r18-tiny").train()
     losses = model(images, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2)

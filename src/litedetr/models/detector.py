@@ -120,22 +120,40 @@ class Detector(nn.Module):
         if not self.training:
             outputs = self.forward_features(features, batch.mask)
             return postprocess(outputs["pred_logits"], outputs["pred_boxes"], batch.sizes, self.config.num_select)
-        normalized = [self._normalize_target(t, size, i) for i, (t, size) in enumerate(zip(targets, batch.sizes))]
+        normalized = self._normalize_targets(targets, batch.sizes)
         outputs = self.forward_features(features, batch.mask, normalized)
         losses = self.criterion(outputs, normalized)
         return {key: self.criterion.weight(key) * value for key, value in losses.items() if self.criterion.weight(key) is not None}
 
-    def _normalize_target(self, target: dict[str, Tensor], size: Tensor, index: int) -> dict[str, Tensor]:
-        """Absolute ``xyxy`` boxes in an image of ``size (2,)`` = ``(H, W)`` -> normalised ``cxcywh``, with checks that name the image."""
-        boxes, labels = target["boxes"], target["labels"]
-        if boxes.dim() != 2 or boxes.shape[-1] != 4 or len(boxes) != len(labels):
-            raise ValueError(f"target {index}: boxes must be (N, 4) with N labels, got {tuple(boxes.shape)} and {tuple(labels.shape)}")
-        if len(labels) and (labels.min() < 0 or labels.max() >= self.config.num_classes):
-            raise ValueError(f"target {index}: labels must lie in [0, {self.config.num_classes}), got {labels.unique().tolist()}")
-        if len(boxes) and not bool(((boxes[:, 2:] > boxes[:, :2]).all())):
+    def _normalize_targets(self, targets: list[dict[str, Tensor]], sizes: Tensor) -> list[dict[str, Tensor]]:
+        """Absolute ``xyxy`` boxes in images of ``sizes (B, 2)`` = ``(H, W)`` -> normalised ``cxcywh``.
+
+        Checked with one host read for the whole batch; a bad target is named by its image.
+        """
+        if len(targets) != len(sizes):
+            raise ValueError(f"{len(targets)} targets given for {len(sizes)} images; pass one per image")
+        for index, target in enumerate(targets):
+            boxes, labels = target["boxes"], target["labels"]
+            if boxes.dim() != 2 or boxes.shape[-1] != 4 or len(boxes) != len(labels):
+                raise ValueError(f"target {index}: boxes must be (N, 4) with N labels, got {tuple(boxes.shape)} and {tuple(labels.shape)}")
+        problems = torch.stack([self._target_problems(target) for target in targets])
+        if problems.any():
+            index, kind = problems.nonzero()[0].tolist()
+            if kind == 0:
+                raise ValueError(f"target {index}: labels must lie in [0, {self.config.num_classes}), got {targets[index]['labels'].unique().tolist()}")
             raise ValueError(f"target {index}: boxes must have x1 > x0 and y1 > y0 (absolute xyxy)")
-        scale = size.flip(0).repeat(2).to(boxes)  # (w, h, w, h), on the device: no host read
-        return {"boxes": box_xyxy_to_cxcywh(boxes / scale), "labels": labels.long()}
+        scales = sizes.flip(1).repeat(1, 2)  # (w, h, w, h) per image, on the device: no host read
+        return [
+            {"boxes": box_xyxy_to_cxcywh(target["boxes"] / scale.to(target["boxes"])), "labels": target["labels"].long()}
+            for target, scale in zip(targets, scales)
+        ]
+
+    def _target_problems(self, target: dict[str, Tensor]) -> Tensor:
+        """``(2,)`` bool on the target's device: a label outside ``[0, K)``; a box without ``x1 > x0`` and ``y1 > y0``."""
+        boxes, labels = target["boxes"], target["labels"]
+        bad_label = ((labels < 0) | (labels >= self.config.num_classes)).any()
+        bad_box = ~(boxes[:, 2:] > boxes[:, :2]).all()
+        return torch.stack([bad_label, bad_box])
 
     def forward_features(self, features: list[Tensor], image_mask: Tensor, targets: list[dict[str, Tensor]] | None = None) -> dict[str, Any]:
         """Raw predictions from backbone maps.
