@@ -29,7 +29,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from litedetr.ops.geometry import SpatialShapes, level_shapes
+from litedetr.ops.geometry import SpatialShapes, check_token_count, level_shapes
 from litedetr.ops.switch import KernelSwitch
 
 __all__ = ["ENV_SWITCH", "build_name", "cpu_kernels_disabled", "enabled", "extensions_root", "load", "ms_deform_attn", "ms_deform_attn_key_aware"]
@@ -148,8 +148,9 @@ def _check(value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Ten
     if sampling_locations.shape[0] != b or sampling_locations.shape[2] != m:
         raise ValueError(f"sampling_locations {tuple(sampling_locations.shape)} do not match value {tuple(value.shape)} in B or M")
     shapes = level_shapes(spatial_shapes)
-    if len(shapes) != levels or sum(h * w for h, w in shapes) != s:
+    if len(shapes) != levels:
         raise ValueError(f"spatial_shapes must be ({levels}, 2) covering the {s} tokens of value, got {shapes}")
+    check_token_count(shapes, s)
     sizes = {"B": b, "Lq": lq, "M": m, "L": levels, "P": points, "D": d}
     for name, (tensor, dims) in per_query.items():
         expected = tuple(sizes[k] for k in dims)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from litedetr.ops.geometry import SpatialShapes, level_shapes, level_start_index, shapes_tensor
+from litedetr.ops.geometry import SpatialShapes, check_token_count, level_shapes, level_start_index, shapes_tensor
 from litedetr.ops.switch import KernelSwitch
 
 __all__ = ["TRITON_AVAILABLE", "ms_deform_attn", "ms_deform_attn_key_aware", "triton_disabled", "triton_enabled"]
@@ -211,10 +211,7 @@ def _geometry(spatial_shapes: SpatialShapes, num_tokens: int, device: torch.devi
     :func:`~litedetr.ops.geometry.shapes_tensor`); a tensor's starts are computed on the device."""
     reads_host = not isinstance(spatial_shapes, Tensor) or (spatial_shapes.device.type == "cpu" and not torch.compiler.is_compiling())
     if reads_host:
-        shapes = level_shapes(spatial_shapes)
-        covered = sum(h * w for h, w in shapes)
-        if covered != num_tokens:
-            raise ValueError(f"spatial_shapes {shapes} cover {covered} tokens, input has {num_tokens}")
+        check_token_count(level_shapes(spatial_shapes), num_tokens)
     on_device = shapes_tensor(spatial_shapes, device)
     return on_device, level_start_index(on_device)
 

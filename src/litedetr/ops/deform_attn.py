@@ -18,7 +18,7 @@ from torch import Tensor
 
 from litedetr.ops import cpu_kernels
 from litedetr.ops.bilinear import bilinear_corners, gather_rows
-from litedetr.ops.geometry import LevelShapes, SpatialShapes, level_shapes
+from litedetr.ops.geometry import LevelShapes, SpatialShapes, check_token_count, level_shapes
 
 __all__ = ["attention_backend", "ms_deform_attn", "ms_deform_attn_key_aware", "key_aware_attention_weights"]
 
@@ -58,8 +58,7 @@ def _check_shapes(feats: Tensor, spatial_shapes: SpatialShapes, sampling_locatio
     shapes = level_shapes(spatial_shapes)
     if len(shapes) != levels:
         raise ValueError(f"spatial_shapes must be (L, 2) with L={levels}, got {len(shapes)} levels {shapes}")
-    if sum(h * w for h, w in shapes) != feats.shape[1]:
-        raise ValueError(f"spatial_shapes {shapes} cover {sum(h * w for h, w in shapes)} tokens, input has {feats.shape[1]}")
+    check_token_count(shapes, feats.shape[1])
     return shapes
 
 

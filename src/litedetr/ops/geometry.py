@@ -14,6 +14,7 @@ __all__ = [
     "LevelShapes",
     "SpatialShapes",
     "level_shapes",
+    "check_token_count",
     "level_starts",
     "shapes_tensor",
     "level_start_index",
@@ -53,6 +54,13 @@ def level_shapes(spatial_shapes: SpatialShapes) -> LevelShapes:
     if not shapes or any(h < 1 or w < 1 for h, w in shapes):
         raise ValueError(f"spatial_shapes must be one or more positive (H_l, W_l), got {shapes}")
     return shapes
+
+
+def check_token_count(shapes: LevelShapes, num_tokens: int) -> None:
+    """Raises ValueError unless the levels ``shapes`` hold ``num_tokens`` tokens in all."""
+    covered = sum(h * w for h, w in shapes)
+    if covered != num_tokens:
+        raise ValueError(f"spatial_shapes {shapes} cover {covered} tokens, input has {num_tokens}")
 
 
 def level_starts(spatial_shapes: SpatialShapes) -> tuple[int, ...]:
