@@ -208,7 +208,7 @@ def test_a_standard_checkpoint_initialises_its_lite_preset(tmp_path, caplog, lay
     assert {tuple(fresh_model.state_dict()[k].shape) for k in fresh} == {tuple(loaded[k].shape) for k in fresh}
     (line,) = [r.getMessage() for r in caplog.records if "standard encoder into a Lite model" in r.getMessage()]
     all_token_layers = ",".join(str(i) for i, first in enumerate(model.encoder.query_levels) if first == 0)
-    assert f"encoder.layers.{{{all_token_layers}}}.ffn_low.linear1.weight" in line and "self_attn.attention_weights" in line
+    assert f"encoder.layers.{{{all_token_layers}}}.ffn_low.linear1," in line and "self_attn.attention_weights" in line
 
 
 def test_a_lite_checkpoint_does_not_load_into_a_standard_preset():
