@@ -2,7 +2,7 @@
 
 Token shapes of an 800x1333 image (levels 100x167, 50x84, 25x42, 13x21), d_model 256, 8 heads of 32
 channels, 4 points, every token a query, locations a few pixels around each token. Rows (see
-:mod:`litedetr.tools.attention_bench`): ``msda``, ``kda`` (keys are the values, as in the Lite DETR
+:mod:`litedetr.engine.attention_bench`): ``msda``, ``kda`` (keys are the values, as in the Lite DETR
 encoder) and ``kda_distinct_key``, each through ``ours`` (Triton on CUDA), ``pytorch`` (our op with
 the kernels off) and, for KDA, ``two_pass`` (the authors' way: keys and values sampled in separate
 ``grid_sample`` passes). Forward under ``torch.no_grad``, and forward + backward; median and 90th
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from litedetr.ops import custom_ops
-from litedetr.tools.attention_bench import D_MODEL, HEADS, LEVELS_800X1333, POINTS, kernel_cases, kernel_markdown, kernel_row
+from litedetr.engine.attention_bench import D_MODEL, HEADS, LEVELS_800X1333, POINTS, kernel_cases, kernel_markdown, kernel_row
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -42,8 +42,8 @@ from litedetr.engine import MODEL_FILE
 from litedetr.engine.recipes import DemoRecipe, dataset_dir, demo_train_config, lite_dino_variants, scaled_recipe, train_or_reuse, variant_recipe
 from litedetr.models import Detector
 from litedetr.models.transform import batch_images
-from litedetr.tools.bench import time_calls
-from litedetr.tools.flops import count_flops
+from litedetr.engine.timing import time_calls
+from litedetr.models.flops import count_flops
 
 TABLE_METRICS = ("AP", "AP50", "APs", "APm", "APl")
 RUNS_DIR = "tradeoff-runs"

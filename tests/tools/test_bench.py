@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from litedetr.cli import main
-from litedetr.tools.bench import bench_images, bench_model, benchmark, encoder_run, peak_memory, train_step_run
+from litedetr.engine.timing import bench_images, bench_model, encoder_run, peak_memory, train_step_run
+from litedetr.tools.bench import benchmark
 
 TINY = "lite-dino-r18-tiny-h3l1-2x3"
 
