@@ -124,6 +124,32 @@ def _store_location_grad(grad_loc_ptr, sample, q_mask, g00, g01, g10, g11, lh, l
 
 
 @triton.jit
+def _program_tile(num_tokens, num_queries, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's share of grid ``(cdiv(Lq, BLOCK_Q), M, B)`` (one head of one image): the mask of its
+    ``BLOCK_Q`` queries, the channel offsets and mask, the offset of its head's channels in the image's
+    ``(S, M*D)`` maps, the first ``(B*S*M)`` row of its head and image, and its queries' ``(B*Lq*M)`` rows."""
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    q_offs = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q_offs < num_queries
+    d_offs = tl.arange(0, BLOCK_D)
+    d_mask = d_offs < HEAD_DIM
+    feat_offset = batch * num_tokens * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM
+    base_row = batch * num_tokens * NUM_HEADS + head
+    query_row = (batch * num_queries + q_offs) * NUM_HEADS + head
+    return q_mask, d_offs, d_mask, feat_offset, base_row, query_row
+
+
+@triton.jit
+def _level(shapes_ptr, starts_ptr, level):
+    """Height, width and first token of ``level``."""
+    height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
+    width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
+    start = tl.load(starts_ptr + level).to(tl.int32)
+    return height, width, start
+
+
+@triton.jit
 def msda_fwd_kernel(
     value_ptr,
     shapes_ptr,
@@ -141,21 +167,12 @@ def msda_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Grid ``(cdiv(Lq, BLOCK_Q), M, B)``: ``out[b, q, m] = sum_{l,p} a[b, q, m, l, p] * sample_l(value[b, :, m], loc[b, q, m, l, p])``."""
-    q_block = tl.program_id(0)
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    q_offs = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q_offs < num_queries
-    d_offs = tl.arange(0, BLOCK_D)
-    d_mask = d_offs < HEAD_DIM
+    q_mask, d_offs, d_mask, feat_offset, base_row, query_row = _program_tile(num_tokens, num_queries, NUM_HEADS, HEAD_DIM, BLOCK_Q, BLOCK_D)
     row_stride = NUM_HEADS * HEAD_DIM
-    value_base = value_ptr + batch * num_tokens * row_stride + head * HEAD_DIM
-    query_row = (batch * num_queries + q_offs) * NUM_HEADS + head
+    value_base = value_ptr + feat_offset
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     for level in range(NUM_LEVELS):
-        height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
-        width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
-        start = tl.load(starts_ptr + level).to(tl.int32)
+        height, width, start = _level(shapes_ptr, starts_ptr, level)
         for point in tl.static_range(NUM_POINTS):
             sample = query_row * (NUM_LEVELS * NUM_POINTS) + level * NUM_POINTS + point
             h0, w0, lh, lw = _bilinear_setup(loc_ptr, sample, q_mask, height, width)
@@ -194,25 +211,14 @@ def msda_bwd_kernel(
     With ``DETERMINISTIC`` the value gradient goes instead to ``parts_ptr`` ``(N*4, D)`` fp32 and
     ``index_ptr`` ``(N*4,)`` int64 (``N = B*Lq*M*L*P``), and ``grad_value_ptr`` is not touched.
     """
-    q_block = tl.program_id(0)
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    q_offs = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q_offs < num_queries
-    d_offs = tl.arange(0, BLOCK_D)
-    d_mask = d_offs < HEAD_DIM
+    q_mask, d_offs, d_mask, feat_offset, base_row, query_row = _program_tile(num_tokens, num_queries, NUM_HEADS, HEAD_DIM, BLOCK_Q, BLOCK_D)
     row_stride = NUM_HEADS * HEAD_DIM
-    feat_offset = batch * num_tokens * row_stride + head * HEAD_DIM
     value_base = value_ptr + feat_offset
     grad_value_base = grad_value_ptr + feat_offset
-    base_row = batch * num_tokens * NUM_HEADS + head
-    query_row = (batch * num_queries + q_offs) * NUM_HEADS + head
     tile_mask = q_mask[:, None] & d_mask[None, :]
     grad_out = tl.load(grad_out_ptr + query_row[:, None] * HEAD_DIM + d_offs[None, :], mask=tile_mask, other=0.0).to(tl.float32)
     for level in range(NUM_LEVELS):
-        height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
-        width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
-        start = tl.load(starts_ptr + level).to(tl.int32)
+        height, width, start = _level(shapes_ptr, starts_ptr, level)
         for point in tl.static_range(NUM_POINTS):
             sample = query_row * (NUM_LEVELS * NUM_POINTS) + level * NUM_POINTS + point
             h0, w0, lh, lw = _bilinear_setup(loc_ptr, sample, q_mask, height, width)
@@ -270,18 +276,10 @@ def kda_fwd_kernel(
     Writes the output and the log-sum-exp ``(B, Lq, M)`` (fp32) of the logits, for the backward.
     With ``SHARED_KV`` the keys are the values (``key_ptr`` is ignored) and each map is read once.
     """
-    q_block = tl.program_id(0)
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    q_offs = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q_offs < num_queries
-    d_offs = tl.arange(0, BLOCK_D)
-    d_mask = d_offs < HEAD_DIM
+    q_mask, d_offs, d_mask, feat_offset, base_row, query_row = _program_tile(num_tokens, num_queries, NUM_HEADS, HEAD_DIM, BLOCK_Q, BLOCK_D)
     row_stride = NUM_HEADS * HEAD_DIM
-    feat_offset = batch * num_tokens * row_stride + head * HEAD_DIM
     value_base = value_ptr + feat_offset
     key_base = key_ptr + feat_offset
-    query_row = (batch * num_queries + q_offs) * NUM_HEADS + head
     tile_offs = query_row[:, None] * HEAD_DIM + d_offs[None, :]
     tile_mask = q_mask[:, None] & d_mask[None, :]
     query = tl.load(query_ptr + tile_offs, mask=tile_mask, other=0.0).to(tl.float32) * scale
@@ -290,9 +288,7 @@ def kda_fwd_kernel(
     running_sum = tl.zeros([BLOCK_Q], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     for level in range(NUM_LEVELS):
-        height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
-        width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
-        start = tl.load(starts_ptr + level).to(tl.int32)
+        height, width, start = _level(shapes_ptr, starts_ptr, level)
         for point in tl.static_range(NUM_POINTS):
             sample = query_row * (NUM_LEVELS * NUM_POINTS) + level * NUM_POINTS + point
             h0, w0, lh, lw = _bilinear_setup(loc_ptr, sample, q_mask, height, width)
@@ -353,21 +349,12 @@ def kda_bwd_kernel(
     instead to ``key_parts_ptr``/``value_parts_ptr`` ``(N*4, D)`` fp32 with their rows in
     ``index_ptr`` ``(N*4,)`` int64 (``N = B*Lq*M*L*P``), as in :func:`msda_bwd_kernel`.
     """
-    q_block = tl.program_id(0)
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    q_offs = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q_offs < num_queries
-    d_offs = tl.arange(0, BLOCK_D)
-    d_mask = d_offs < HEAD_DIM
+    q_mask, d_offs, d_mask, feat_offset, base_row, query_row = _program_tile(num_tokens, num_queries, NUM_HEADS, HEAD_DIM, BLOCK_Q, BLOCK_D)
     row_stride = NUM_HEADS * HEAD_DIM
-    feat_offset = batch * num_tokens * row_stride + head * HEAD_DIM
     value_base = value_ptr + feat_offset
     key_base = key_ptr + feat_offset
     grad_value_base = grad_value_ptr + feat_offset
     grad_key_base = grad_key_ptr + feat_offset
-    base_row = batch * num_tokens * NUM_HEADS + head
-    query_row = (batch * num_queries + q_offs) * NUM_HEADS + head
     tile_offs = query_row[:, None] * HEAD_DIM + d_offs[None, :]
     tile_mask = q_mask[:, None] & d_mask[None, :]
     query = tl.load(query_ptr + tile_offs, mask=tile_mask, other=0.0).to(tl.float32) * scale
@@ -377,9 +364,7 @@ def kda_bwd_kernel(
     delta = tl.sum(grad_out * out, axis=1)
     grad_query = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     for level in range(NUM_LEVELS):
-        height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
-        width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
-        start = tl.load(starts_ptr + level).to(tl.int32)
+        height, width, start = _level(shapes_ptr, starts_ptr, level)
         for point in tl.static_range(NUM_POINTS):
             sample = query_row * (NUM_LEVELS * NUM_POINTS) + level * NUM_POINTS + point
             h0, w0, lh, lw = _bilinear_setup(loc_ptr, sample, q_mask, height, width)
