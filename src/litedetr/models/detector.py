@@ -41,7 +41,8 @@ class Detector(nn.Module):
 
     Args:
         config: the architecture.
-        backbone_weights: optional local file of ImageNet weights for the backbone.
+        backbone_weights: ImageNet weights for the backbone: ``"imagenet"`` (torchvision's or timm's, from
+            their caches) or a local file; ``None``: random.
     """
 
     def __init__(self, config: DetectorConfig, backbone_weights: str | None = None):
