@@ -86,6 +86,11 @@ def finetune_config(recipe: DemoRecipe, variant: Variant, data: Path, init: Path
     return dataclasses.replace(demo_train_config(variant_recipe(recipe, variant), data, "cpu"), init=None if init is None else str(init))
 
 
+def _steps(recipe: DemoRecipe) -> int:
+    """Optimiser steps of ``recipe``: whole epochs of its training images."""
+    return recipe.epochs * (recipe.data.num_train // recipe.batch_size)
+
+
 def _cell(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
@@ -154,12 +159,11 @@ def main() -> None:
         rows.append({"run": run.name, "model": run.model, "model_label": variants[run.model].label, "start": run.label, "init": None if init is None else str(init), "metrics": metrics, "train_seconds": seconds})
         print(f"{run.name}: AP {_cell(metrics['AP'])} on glyphs ({'reused' if reused else f'trained in {seconds:.0f} s'})", flush=True)
 
-    steps = lambda recipe: recipe.epochs * (recipe.data.num_train // recipe.batch_size)  # noqa: E731
     meta = {
         "pretrain_images": pretrain.data.num_train,
-        "pretrain_steps": steps(pretrain),
+        "pretrain_steps": _steps(pretrain),
         "finetune_images": finetune.data.num_train,
-        "finetune_steps": steps(finetune),
+        "finetune_steps": _steps(finetune),
         "val_images": pretrain.data.num_val,
         "image_size": pretrain.image_size,
         "batch_size": pretrain.batch_size,

@@ -80,6 +80,10 @@ class InitReport:
     dropped: set[str] = field(default_factory=set)
 
 
+def _is_class_tensor(key: str) -> bool:
+    return any(re.fullmatch(p, key) for p in CLASS_TENSORS)
+
+
 def match_classes(ours: Sequence[str], theirs: Sequence[str]) -> dict[int, int]:
     """``{our label: their label}`` for each of our class names that one of theirs matches (:func:`class_key`)."""
     index: dict[str, int] = {}
@@ -103,7 +107,7 @@ def checkpoint_family(path: str | os.PathLike) -> str:
     return LAYOUT_FAMILY[read_official_state(path)[1]]
 
 
-def _read_source(path: Path, config: DetectorConfig, num_decoder_layers: int) -> tuple[dict[str, Tensor], str, tuple[str, ...], bool]:
+def _read_source(path: Path, config: DetectorConfig) -> tuple[dict[str, Tensor], str, tuple[str, ...], bool]:
     """The checkpoint's state dict under our names, its kind, its class names and whether its encoder is standard."""
     if path.suffix == ".safetensors":
         source, state = read_model_file(path)
@@ -111,9 +115,9 @@ def _read_source(path: Path, config: DetectorConfig, num_decoder_layers: int) ->
     else:
         official, kind = read_official_state(path)
         family, standard = LAYOUT_FAMILY[kind], kind in STANDARD_LAYOUTS
-        state = rename_official(official, official_rules(kind, num_decoder_layers))
-        rows = next((v.shape[0] for k, v in state.items() if re.fullmatch(r"heads\.class_heads\.0\.bias", k)), 0)
-        names = coco_class_names() if rows == COCO_NUM_CLASSES else ()
+        state = rename_official(official, official_rules(kind, config.decoder_layers))
+        bias = state.get("heads.class_heads.0.bias")
+        names = coco_class_names() if bias is not None and len(bias) == COCO_NUM_CLASSES else ()
     if family != config.family:
         raise ConversionError(f"{path}: a {family} checkpoint ({kind}), but the model is of the {config.family} family; pick a preset of its family")
     return state, kind, names, standard
@@ -148,18 +152,18 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike) -> InitRepor
     if not path.is_file():
         raise ValueError(f"{path}: no such checkpoint file")
     config: DetectorConfig = model.config
-    state, kind, their_names, standard = _read_source(path, config, config.decoder_layers)
+    state, kind, their_names, standard = _read_source(path, config)
     report = InitReport(source=kind)
     mapping = match_classes(config.class_names, their_names)
     binary = FAMILY_DESIGNS[config.family].binary_encoder_targets
     own = model.state_dict()
-    for key in [k for k in state if any(re.fullmatch(p, k) for p in CLASS_TENSORS)]:
+    for key in [k for k in state if _is_class_tensor(k)]:
         theirs = state.pop(key)
         if key in own:
             state[key] = _adapt_class_tensor(key, own[key], theirs, mapping, config.num_classes, binary)
         else:
             report.dropped.add(key)
-    report.fresh = {k for k in own if any(re.fullmatch(p, k) for p in CLASS_TENSORS)} - state.keys()
+    report.fresh = {k for k in own if _is_class_tensor(k)} - state.keys()
     fresh, dropped = adapt_encoder_weights(model, state, standard)
     report.fresh |= fresh
     report.dropped |= dropped
