@@ -20,133 +20,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from litedetr.ops.triton_sampling import (
+    bilinear_sample,
+    bilinear_setup,
+    corner,
+    level_geometry,
+    load_rows,
+    program_tile,
+    scatter_corners,
+    store_corner_rows,
+    store_location_grad,
+)
+
 __all__ = ["kda_bwd_kernel", "kda_fwd_kernel", "msda_bwd_kernel", "msda_fwd_kernel"]
-
-
-@triton.jit
-def _bilinear_setup(loc_ptr, sample, q_mask, height, width):
-    """Top-left neighbour ``(h0, w0)`` (int32) and fractions ``(lh, lw)`` of one sampling point per query.
-
-    ``loc_ptr`` holds ``(x, y)`` pairs in [0, 1]; pixel ``(i, j)`` has its centre at
-    ``((j + 0.5) / W, (i + 0.5) / H)``. Coordinates are clamped to ``[-2, size + 1]``: beyond that all
-    four neighbours are outside the map either way, so values and gradients are unchanged.
-    """
-    x = tl.load(loc_ptr + 2 * sample, mask=q_mask, other=0.0).to(tl.float32)
-    y = tl.load(loc_ptr + 2 * sample + 1, mask=q_mask, other=0.0).to(tl.float32)
-    height_f = height.to(tl.float32)
-    width_f = width.to(tl.float32)
-    h_im = tl.minimum(tl.maximum(y * height_f - 0.5, -2.0), height_f + 1.0)
-    w_im = tl.minimum(tl.maximum(x * width_f - 0.5, -2.0), width_f + 1.0)
-    h_floor = tl.floor(h_im)
-    w_floor = tl.floor(w_im)
-    return h_floor.to(tl.int32), w_floor.to(tl.int32), h_im - h_floor, w_im - w_floor
-
-
-@triton.jit
-def _corner(start, row, col, height, width, row_stride, q_mask):
-    """Row offsets ``(BLOCK_Q,)`` (int32, relative to the head's base) of the neighbour ``(row, col)`` of each query, and whether it is inside the map."""
-    inside = q_mask & (row >= 0) & (row < height) & (col >= 0) & (col < width)
-    rows = (start + row * width + col) * row_stride
-    return rows, inside
-
-
-@triton.jit
-def _load_rows(feat_ptr, rows, inside, d_offs, d_mask):
-    """``(BLOCK_Q, BLOCK_D)`` fp32 rows, zero where ``inside`` is False."""
-    ptrs = feat_ptr + rows[:, None] + d_offs[None, :]
-    return tl.load(ptrs, mask=inside[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _add_rows(grad_ptr, parts_ptr, rows, inside, slot, d_offs, d_mask, q_mask, val, HEAD_DIM: tl.constexpr, DETERMINISTIC: tl.constexpr):
-    """Add ``(BLOCK_Q, BLOCK_D)`` fp32 ``val`` to the rows that are inside the map.
-
-    Atomically into ``grad_ptr`` (offsets ``rows``); with ``DETERMINISTIC``, stored instead as row
-    ``slot`` of the ``(N*4, D)`` buffer ``parts_ptr`` (zero outside the map).
-    """
-    if DETERMINISTIC:
-        ptrs = parts_ptr + slot[:, None] * HEAD_DIM + d_offs[None, :]
-        tl.store(ptrs, tl.where(inside[:, None], val, 0.0), mask=q_mask[:, None] & d_mask[None, :])
-    else:
-        ptrs = grad_ptr + rows[:, None] + d_offs[None, :]
-        tl.atomic_add(ptrs, val, mask=inside[:, None] & d_mask[None, :], sem="relaxed")
-
-
-@triton.jit
-def _scatter_corners(grad_ptr, parts_ptr, sample, r00, i00, r01, i01, r10, i10, r11, i11, lh, lw, val, d_offs, d_mask, q_mask,
-                     HEAD_DIM: tl.constexpr, DETERMINISTIC: tl.constexpr):  # fmt: skip
-    """Spread ``val`` ``(BLOCK_Q, BLOCK_D)`` over the four neighbours of one sample with their bilinear weights (see :func:`_add_rows`)."""
-    hh = 1.0 - lh
-    hw = 1.0 - lw
-    slot = sample * 4
-    _add_rows(grad_ptr, parts_ptr, r00, i00, slot, d_offs, d_mask, q_mask, (hh * hw)[:, None] * val, HEAD_DIM, DETERMINISTIC)
-    _add_rows(grad_ptr, parts_ptr, r01, i01, slot + 1, d_offs, d_mask, q_mask, (hh * lw)[:, None] * val, HEAD_DIM, DETERMINISTIC)
-    _add_rows(grad_ptr, parts_ptr, r10, i10, slot + 2, d_offs, d_mask, q_mask, (lh * hw)[:, None] * val, HEAD_DIM, DETERMINISTIC)
-    _add_rows(grad_ptr, parts_ptr, r11, i11, slot + 3, d_offs, d_mask, q_mask, (lh * lw)[:, None] * val, HEAD_DIM, DETERMINISTIC)
-
-
-@triton.jit
-def _store_corner_rows(index_ptr, sample, base_row, r00, i00, r01, i01, r10, i10, r11, i11, q_mask, HEAD_DIM: tl.constexpr):
-    """Rows of the ``(B*S*M, D)`` table of one sample's four neighbours (0 outside the map) at ``4 * sample + corner`` (int64)."""
-    slot = sample * 4
-    tl.store(index_ptr + slot, tl.where(i00, base_row + r00 // HEAD_DIM, 0), mask=q_mask)
-    tl.store(index_ptr + slot + 1, tl.where(i01, base_row + r01 // HEAD_DIM, 0), mask=q_mask)
-    tl.store(index_ptr + slot + 2, tl.where(i10, base_row + r10 // HEAD_DIM, 0), mask=q_mask)
-    tl.store(index_ptr + slot + 3, tl.where(i11, base_row + r11 // HEAD_DIM, 0), mask=q_mask)
-
-
-@triton.jit
-def _bilinear_sample(feat_ptr, start, h0, w0, lh, lw, height, width, row_stride, d_offs, d_mask, q_mask):
-    """Bilinear sample of one point per query: ``(BLOCK_Q, BLOCK_D)`` in fp32, zero outside the map."""
-    hh = 1.0 - lh
-    hw = 1.0 - lw
-    rows, inside = _corner(start, h0, w0, height, width, row_stride, q_mask)
-    out = _load_rows(feat_ptr, rows, inside, d_offs, d_mask) * (hh * hw)[:, None]
-    rows, inside = _corner(start, h0, w0 + 1, height, width, row_stride, q_mask)
-    out += _load_rows(feat_ptr, rows, inside, d_offs, d_mask) * (hh * lw)[:, None]
-    rows, inside = _corner(start, h0 + 1, w0, height, width, row_stride, q_mask)
-    out += _load_rows(feat_ptr, rows, inside, d_offs, d_mask) * (lh * hw)[:, None]
-    rows, inside = _corner(start, h0 + 1, w0 + 1, height, width, row_stride, q_mask)
-    out += _load_rows(feat_ptr, rows, inside, d_offs, d_mask) * (lh * lw)[:, None]
-    return out
-
-
-@triton.jit
-def _store_location_grad(grad_loc_ptr, sample, q_mask, g00, g01, g10, g11, lh, lw, height, width, scale):
-    """Gradient w.r.t. ``(x, y)`` given ``g_c = dLoss / d(weight of corner c)`` for the four corners, times ``scale``."""
-    hh = 1.0 - lh
-    hw = 1.0 - lw
-    grad_x = scale * width.to(tl.float32) * (hh * (g01 - g00) + lh * (g11 - g10))
-    grad_y = scale * height.to(tl.float32) * (hw * (g10 - g00) + lw * (g11 - g01))
-    out_ty = grad_loc_ptr.dtype.element_ty
-    tl.store(grad_loc_ptr + 2 * sample, grad_x.to(out_ty), mask=q_mask)
-    tl.store(grad_loc_ptr + 2 * sample + 1, grad_y.to(out_ty), mask=q_mask)
-
-
-@triton.jit
-def _program_tile(num_tokens, num_queries, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's share of grid ``(cdiv(Lq, BLOCK_Q), M, B)`` (one head of one image): the mask of its
-    ``BLOCK_Q`` queries, the channel offsets and mask, the offset of its head's channels in the image's
-    ``(S, M*D)`` maps, the first ``(B*S*M)`` row of its head and image, and its queries' ``(B*Lq*M)`` rows."""
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    q_offs = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q_offs < num_queries
-    d_offs = tl.arange(0, BLOCK_D)
-    d_mask = d_offs < HEAD_DIM
-    feat_offset = batch * num_tokens * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM
-    base_row = batch * num_tokens * NUM_HEADS + head
-    query_row = (batch * num_queries + q_offs) * NUM_HEADS + head
-    return q_mask, d_offs, d_mask, feat_offset, base_row, query_row
-
-
-@triton.jit
-def _level(shapes_ptr, starts_ptr, level):
-    """Height, width and first token of ``level``."""
-    height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
-    width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
-    start = tl.load(starts_ptr + level).to(tl.int32)
-    return height, width, start
 
 
 @triton.jit
@@ -167,17 +53,17 @@ def msda_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Grid ``(cdiv(Lq, BLOCK_Q), M, B)``: ``out[b, q, m] = sum_{l,p} a[b, q, m, l, p] * sample_l(value[b, :, m], loc[b, q, m, l, p])``."""
-    q_mask, d_offs, d_mask, feat_offset, base_row, query_row = _program_tile(num_tokens, num_queries, NUM_HEADS, HEAD_DIM, BLOCK_Q, BLOCK_D)
+    q_mask, d_offs, d_mask, feat_offset, base_row, query_row = program_tile(num_tokens, num_queries, NUM_HEADS, HEAD_DIM, BLOCK_Q, BLOCK_D)
     row_stride = NUM_HEADS * HEAD_DIM
     value_base = value_ptr + feat_offset
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     for level in range(NUM_LEVELS):
-        height, width, start = _level(shapes_ptr, starts_ptr, level)
+        height, width, start = level_geometry(shapes_ptr, starts_ptr, level)
         for point in tl.static_range(NUM_POINTS):
             sample = query_row * (NUM_LEVELS * NUM_POINTS) + level * NUM_POINTS + point
-            h0, w0, lh, lw = _bilinear_setup(loc_ptr, sample, q_mask, height, width)
+            h0, w0, lh, lw = bilinear_setup(loc_ptr, sample, q_mask, height, width)
             weight = tl.load(attn_ptr + sample, mask=q_mask, other=0.0).to(tl.float32)
-            sampled = _bilinear_sample(value_base, start, h0, w0, lh, lw, height, width, row_stride, d_offs, d_mask, q_mask)
+            sampled = bilinear_sample(value_base, start, h0, w0, lh, lw, height, width, row_stride, d_offs, d_mask, q_mask)
             acc += weight[:, None] * sampled
     out_offs = query_row[:, None] * HEAD_DIM + d_offs[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
@@ -211,40 +97,40 @@ def msda_bwd_kernel(
     With ``DETERMINISTIC`` the value gradient goes instead to ``parts_ptr`` ``(N*4, D)`` fp32 and
     ``index_ptr`` ``(N*4,)`` int64 (``N = B*Lq*M*L*P``), and ``grad_value_ptr`` is not touched.
     """
-    q_mask, d_offs, d_mask, feat_offset, base_row, query_row = _program_tile(num_tokens, num_queries, NUM_HEADS, HEAD_DIM, BLOCK_Q, BLOCK_D)
+    q_mask, d_offs, d_mask, feat_offset, base_row, query_row = program_tile(num_tokens, num_queries, NUM_HEADS, HEAD_DIM, BLOCK_Q, BLOCK_D)
     row_stride = NUM_HEADS * HEAD_DIM
     value_base = value_ptr + feat_offset
     grad_value_base = grad_value_ptr + feat_offset
     tile_mask = q_mask[:, None] & d_mask[None, :]
     grad_out = tl.load(grad_out_ptr + query_row[:, None] * HEAD_DIM + d_offs[None, :], mask=tile_mask, other=0.0).to(tl.float32)
     for level in range(NUM_LEVELS):
-        height, width, start = _level(shapes_ptr, starts_ptr, level)
+        height, width, start = level_geometry(shapes_ptr, starts_ptr, level)
         for point in tl.static_range(NUM_POINTS):
             sample = query_row * (NUM_LEVELS * NUM_POINTS) + level * NUM_POINTS + point
-            h0, w0, lh, lw = _bilinear_setup(loc_ptr, sample, q_mask, height, width)
+            h0, w0, lh, lw = bilinear_setup(loc_ptr, sample, q_mask, height, width)
             weight = tl.load(attn_ptr + sample, mask=q_mask, other=0.0).to(tl.float32)
             hh = 1.0 - lh
             hw = 1.0 - lw
 
-            rows00, inside00 = _corner(start, h0, w0, height, width, row_stride, q_mask)
-            rows01, inside01 = _corner(start, h0, w0 + 1, height, width, row_stride, q_mask)
-            rows10, inside10 = _corner(start, h0 + 1, w0, height, width, row_stride, q_mask)
-            rows11, inside11 = _corner(start, h0 + 1, w0 + 1, height, width, row_stride, q_mask)
-            g00 = tl.sum(grad_out * _load_rows(value_base, rows00, inside00, d_offs, d_mask), axis=1)
-            g01 = tl.sum(grad_out * _load_rows(value_base, rows01, inside01, d_offs, d_mask), axis=1)
-            g10 = tl.sum(grad_out * _load_rows(value_base, rows10, inside10, d_offs, d_mask), axis=1)
-            g11 = tl.sum(grad_out * _load_rows(value_base, rows11, inside11, d_offs, d_mask), axis=1)
+            rows00, inside00 = corner(start, h0, w0, height, width, row_stride, q_mask)
+            rows01, inside01 = corner(start, h0, w0 + 1, height, width, row_stride, q_mask)
+            rows10, inside10 = corner(start, h0 + 1, w0, height, width, row_stride, q_mask)
+            rows11, inside11 = corner(start, h0 + 1, w0 + 1, height, width, row_stride, q_mask)
+            g00 = tl.sum(grad_out * load_rows(value_base, rows00, inside00, d_offs, d_mask), axis=1)
+            g01 = tl.sum(grad_out * load_rows(value_base, rows01, inside01, d_offs, d_mask), axis=1)
+            g10 = tl.sum(grad_out * load_rows(value_base, rows10, inside10, d_offs, d_mask), axis=1)
+            g11 = tl.sum(grad_out * load_rows(value_base, rows11, inside11, d_offs, d_mask), axis=1)
 
             grad_attn = hh * hw * g00 + hh * lw * g01 + lh * hw * g10 + lh * lw * g11
             tl.store(grad_attn_ptr + sample, grad_attn.to(grad_attn_ptr.dtype.element_ty), mask=q_mask)
-            _store_location_grad(grad_loc_ptr, sample, q_mask, g00, g01, g10, g11, lh, lw, height, width, weight)
+            store_location_grad(grad_loc_ptr, sample, q_mask, g00, g01, g10, g11, lh, lw, height, width, weight)
             weighted_grad = weight[:, None] * grad_out
 
             if DETERMINISTIC:
-                _store_corner_rows(
+                store_corner_rows(
                     index_ptr, sample, base_row, rows00, inside00, rows01, inside01, rows10, inside10, rows11, inside11, q_mask, HEAD_DIM
                 )
-            _scatter_corners(
+            scatter_corners(
                 grad_value_base, parts_ptr, sample, rows00, inside00, rows01, inside01, rows10, inside10, rows11, inside11,
                 lh, lw, weighted_grad, d_offs, d_mask, q_mask, HEAD_DIM, DETERMINISTIC
             )
@@ -276,7 +162,7 @@ def kda_fwd_kernel(
     Writes the output and the log-sum-exp ``(B, Lq, M)`` (fp32) of the logits, for the backward.
     With ``SHARED_KV`` the keys are the values (``key_ptr`` is ignored) and each map is read once.
     """
-    q_mask, d_offs, d_mask, feat_offset, base_row, query_row = _program_tile(num_tokens, num_queries, NUM_HEADS, HEAD_DIM, BLOCK_Q, BLOCK_D)
+    q_mask, d_offs, d_mask, feat_offset, base_row, query_row = program_tile(num_tokens, num_queries, NUM_HEADS, HEAD_DIM, BLOCK_Q, BLOCK_D)
     row_stride = NUM_HEADS * HEAD_DIM
     value_base = value_ptr + feat_offset
     key_base = key_ptr + feat_offset
@@ -288,15 +174,15 @@ def kda_fwd_kernel(
     running_sum = tl.zeros([BLOCK_Q], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     for level in range(NUM_LEVELS):
-        height, width, start = _level(shapes_ptr, starts_ptr, level)
+        height, width, start = level_geometry(shapes_ptr, starts_ptr, level)
         for point in tl.static_range(NUM_POINTS):
             sample = query_row * (NUM_LEVELS * NUM_POINTS) + level * NUM_POINTS + point
-            h0, w0, lh, lw = _bilinear_setup(loc_ptr, sample, q_mask, height, width)
-            value = _bilinear_sample(value_base, start, h0, w0, lh, lw, height, width, row_stride, d_offs, d_mask, q_mask)
+            h0, w0, lh, lw = bilinear_setup(loc_ptr, sample, q_mask, height, width)
+            value = bilinear_sample(value_base, start, h0, w0, lh, lw, height, width, row_stride, d_offs, d_mask, q_mask)
             if SHARED_KV:
                 key = value
             else:
-                key = _bilinear_sample(key_base, start, h0, w0, lh, lw, height, width, row_stride, d_offs, d_mask, q_mask)
+                key = bilinear_sample(key_base, start, h0, w0, lh, lw, height, width, row_stride, d_offs, d_mask, q_mask)
             logit = tl.sum(query * key, axis=1)
             new_max = tl.maximum(running_max, logit)
             rescale = tl.exp(running_max - new_max)
@@ -349,7 +235,7 @@ def kda_bwd_kernel(
     instead to ``key_parts_ptr``/``value_parts_ptr`` ``(N*4, D)`` fp32 with their rows in
     ``index_ptr`` ``(N*4,)`` int64 (``N = B*Lq*M*L*P``), as in :func:`msda_bwd_kernel`.
     """
-    q_mask, d_offs, d_mask, feat_offset, base_row, query_row = _program_tile(num_tokens, num_queries, NUM_HEADS, HEAD_DIM, BLOCK_Q, BLOCK_D)
+    q_mask, d_offs, d_mask, feat_offset, base_row, query_row = program_tile(num_tokens, num_queries, NUM_HEADS, HEAD_DIM, BLOCK_Q, BLOCK_D)
     row_stride = NUM_HEADS * HEAD_DIM
     value_base = value_ptr + feat_offset
     key_base = key_ptr + feat_offset
@@ -364,30 +250,30 @@ def kda_bwd_kernel(
     delta = tl.sum(grad_out * out, axis=1)
     grad_query = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     for level in range(NUM_LEVELS):
-        height, width, start = _level(shapes_ptr, starts_ptr, level)
+        height, width, start = level_geometry(shapes_ptr, starts_ptr, level)
         for point in tl.static_range(NUM_POINTS):
             sample = query_row * (NUM_LEVELS * NUM_POINTS) + level * NUM_POINTS + point
-            h0, w0, lh, lw = _bilinear_setup(loc_ptr, sample, q_mask, height, width)
+            h0, w0, lh, lw = bilinear_setup(loc_ptr, sample, q_mask, height, width)
             hh = 1.0 - lh
             hw = 1.0 - lw
-            rows00, inside00 = _corner(start, h0, w0, height, width, row_stride, q_mask)
-            rows01, inside01 = _corner(start, h0, w0 + 1, height, width, row_stride, q_mask)
-            rows10, inside10 = _corner(start, h0 + 1, w0, height, width, row_stride, q_mask)
-            rows11, inside11 = _corner(start, h0 + 1, w0 + 1, height, width, row_stride, q_mask)
-            v00 = _load_rows(value_base, rows00, inside00, d_offs, d_mask)
-            v01 = _load_rows(value_base, rows01, inside01, d_offs, d_mask)
-            v10 = _load_rows(value_base, rows10, inside10, d_offs, d_mask)
-            v11 = _load_rows(value_base, rows11, inside11, d_offs, d_mask)
+            rows00, inside00 = corner(start, h0, w0, height, width, row_stride, q_mask)
+            rows01, inside01 = corner(start, h0, w0 + 1, height, width, row_stride, q_mask)
+            rows10, inside10 = corner(start, h0 + 1, w0, height, width, row_stride, q_mask)
+            rows11, inside11 = corner(start, h0 + 1, w0 + 1, height, width, row_stride, q_mask)
+            v00 = load_rows(value_base, rows00, inside00, d_offs, d_mask)
+            v01 = load_rows(value_base, rows01, inside01, d_offs, d_mask)
+            v10 = load_rows(value_base, rows10, inside10, d_offs, d_mask)
+            v11 = load_rows(value_base, rows11, inside11, d_offs, d_mask)
             if SHARED_KV:
                 k00 = v00
                 k01 = v01
                 k10 = v10
                 k11 = v11
             else:
-                k00 = _load_rows(key_base, rows00, inside00, d_offs, d_mask)
-                k01 = _load_rows(key_base, rows01, inside01, d_offs, d_mask)
-                k10 = _load_rows(key_base, rows10, inside10, d_offs, d_mask)
-                k11 = _load_rows(key_base, rows11, inside11, d_offs, d_mask)
+                k00 = load_rows(key_base, rows00, inside00, d_offs, d_mask)
+                k01 = load_rows(key_base, rows01, inside01, d_offs, d_mask)
+                k10 = load_rows(key_base, rows10, inside10, d_offs, d_mask)
+                k11 = load_rows(key_base, rows11, inside11, d_offs, d_mask)
             key = (hh * hw)[:, None] * k00 + (hh * lw)[:, None] * k01 + (lh * hw)[:, None] * k10 + (lh * lw)[:, None] * k11
             qk00 = tl.sum(query * k00, axis=1)
             qk01 = tl.sum(query * k01, axis=1)
@@ -402,7 +288,7 @@ def kda_bwd_kernel(
             prob = tl.exp(logit - lse)
             grad_logit = prob * (grad_prob - delta)
             grad_query += grad_logit[:, None] * key
-            _store_location_grad(
+            store_location_grad(
                 grad_loc_ptr,
                 sample,
                 q_mask,
@@ -420,17 +306,17 @@ def kda_bwd_kernel(
             grad_value = prob[:, None] * grad_out
             grad_key = grad_logit[:, None] * query
             if DETERMINISTIC:
-                _store_corner_rows(
+                store_corner_rows(
                     index_ptr, sample, base_row, rows00, inside00, rows01, inside01, rows10, inside10, rows11, inside11, q_mask, HEAD_DIM
                 )
             if SHARED_KV:
                 grad_value += grad_key
             else:
-                _scatter_corners(
+                scatter_corners(
                     grad_key_base, key_parts_ptr, sample, rows00, inside00, rows01, inside01, rows10, inside10, rows11, inside11,
                     lh, lw, grad_key, d_offs, d_mask, q_mask, HEAD_DIM, DETERMINISTIC
                 )
-            _scatter_corners(
+            scatter_corners(
                 grad_value_base, value_parts_ptr, sample, rows00, inside00, rows01, inside01, rows10, inside10, rows11, inside11,
                 lh, lw, grad_value, d_offs, d_mask, q_mask, HEAD_DIM, DETERMINISTIC
             )
