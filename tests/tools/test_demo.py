@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import torch
+
 from litedetr.data import SyntheticSpec
+from litedetr.models import Detector
 from litedetr.tools.demo import DemoRecipe, run_demo
 
 TINY = DemoRecipe(data=SyntheticSpec(num_train=4, num_val=2, image_size=(80, 80), max_objects=4), image_size=64, epochs=1, lr_drop=(1,), workers=0, predicted_images=2)
@@ -23,7 +26,11 @@ def test_demo_writes_summary_predictions_and_resumes_as_a_report(tmp_path):
         assert (tmp_path / summary["files"][key]).relative_to(tmp_path).parts[0] == "run" and (tmp_path / summary["files"][key]).exists()
     predictions = json.loads((tmp_path / "predictions" / "predictions.json").read_text())
     assert len(predictions) == 2 and all((tmp_path / "predictions" / p["drawing"]).exists() for p in predictions)
-    assert summary["train_steps"] == 1
+    assert summary["train_steps"] == 1 and summary["seed"] == TINY.seed
+    drawn = summary["predictions"]
+    assert drawn["images"] == 2 and drawn["images_below_threshold"] == sum(1 for p in predictions if p.get("below_threshold"))
+    assert all(p["detections"] for p in predictions)  # a detector that finds nothing above 0.3 still shows its best guesses
+    assert summary["config"]["decoder_key_aware"] is False and summary["config"]["encoder"]["key_aware"] is True
 
     again = run_demo(tmp_path, TINY)  # a finished run is reported again, not retrained
     assert again["train_steps"] == 1 and again["metrics"] == summary["metrics"]
@@ -42,5 +49,17 @@ def test_a_tight_budget_shortens_every_epoch_and_a_rerun_keeps_the_schedule(tmp_
     summary = run_demo(tmp_path, recipe)
     assert summary["schedule"]["batches_per_epoch"] == 1 and summary["schedule"]["full_batches_per_epoch"] == 4
     assert summary["train_steps"] == 2
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if r["kind"] == "eval"] == [1, 2]  # an evaluation after every epoch, for the curves
     again = run_demo(tmp_path, dataclasses.replace(recipe, train_minutes=60.0))  # a finished run: same schedule, nothing retrained
     assert again["schedule"] == summary["schedule"] and again["train_steps"] == 2
+
+
+def test_seed_changes_the_training_run_not_the_data(tmp_path):
+    one = run_demo(tmp_path / "a", dataclasses.replace(TINY, seed=1))
+    two = run_demo(tmp_path / "b", dataclasses.replace(TINY, seed=2))
+    assert (one["seed"], two["seed"]) == (1, 2)
+    data_a, data_b = (tmp_path / d / "data" / "annotations" / "instances_train.json" for d in ("a", "b"))
+    assert data_a.read_text() == data_b.read_text()
+    weights = [Detector.from_checkpoint(tmp_path / d / "run" / "model.safetensors").state_dict() for d in ("a", "b")]
+    assert not torch.equal(weights[0]["heads.class_heads.0.weight"], weights[1]["heads.class_heads.0.weight"])

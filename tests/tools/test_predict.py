@@ -103,3 +103,22 @@ def test_detections_carry_the_datasets_category_ids(tmp_path):
     assert main(["predict", "--checkpoint", str(path), str(tmp_path / "a.png"), "--out", str(tmp_path / "out"), "--threshold", "0"]) == 0
     detections = json.loads((tmp_path / "out" / "predictions.json").read_text())[0]["detections"]
     assert detections and all(d["category_id"] == (7, 20)[d["label"]] for d in detections)
+
+
+def test_an_image_with_nothing_above_the_threshold_gets_its_best_few_drawn(checkpoint, tmp_path):
+    model, _ = checkpoint
+    image = tmp_path / "scene.png"
+    synthetic_scene(96, 96, seed=4).save(image)
+    best = model.predict([image], threshold=0.0)[0]
+    above = float(best["scores"][0]) + 1e-3  # nothing reaches it
+
+    from litedetr.tools.predict import predict_files
+
+    shown = predict_files(model, [image], tmp_path / "top", threshold=above, top_if_none=3)[0]
+    assert shown["below_threshold"] is True
+    np.testing.assert_allclose([d["score"] for d in shown["detections"]], best["scores"][:3].numpy(), atol=1e-4)
+    assert [d["label"] for d in shown["detections"]] == best["labels"][:3].tolist()
+    assert predict_files(model, [image], tmp_path / "none", threshold=above)[0]["detections"] == []  # the default: draw nothing
+
+    kept = predict_files(model, [image], tmp_path / "kept", threshold=float(best["scores"][1]), top_if_none=3)[0]
+    assert "below_threshold" not in kept and len(kept["detections"]) == int((best["scores"] >= best["scores"][1]).sum())

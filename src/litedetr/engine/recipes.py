@@ -47,7 +47,11 @@ class DemoRecipe:
 
     The backbone starts from random weights, so it trains with batch norm and at the full learning
     rate (``backbone_trainable_norm``); 100 denoising queries (up to 5 groups) speed up learning.
-    Images are 160x160; the learning rate drops 10x for the last epoch. ``amp="auto"`` trains under
+    Key-aware attention (KDA) runs in the encoder and plain deformable attention in the decoder's
+    cross-attention (``decoder_key_aware=False``): trained from scratch, KDA in the decoder doubles
+    the box losses and leaves the detector near AP 0 (``benchmarks/training_study.py``).
+    Images are 160x160; the learning rate drops 10x for the last epoch; the validation split is
+    evaluated after every ``eval_every`` epochs (and the last). ``amp="auto"`` trains under
     bf16 autocast where the CPU computes bf16 natively and in float32 elsewhere
     (:func:`litedetr.engine.precision.resolve_precision`).
 
@@ -58,7 +62,7 @@ class DemoRecipe:
     """
 
     model: str = "lite-dino-r18-tiny-h3l1-2x3"
-    model_overrides: tuple[tuple[str, Any], ...] = (("backbone_trainable_norm", True), ("dn_number", 100))
+    model_overrides: tuple[tuple[str, Any], ...] = (("backbone_trainable_norm", True), ("dn_number", 100), ("decoder_key_aware", False))
     data: SyntheticSpec = SyntheticSpec(num_train=1000, num_val=100, image_size=(160, 160), seed=0)
     image_size: int = 160
     epochs: int = 6
@@ -68,6 +72,7 @@ class DemoRecipe:
     amp: bool | Literal["auto"] = "auto"
     workers: int = 1
     seed: int = 0
+    eval_every: int = 1
     predicted_images: int = 6
     train_minutes: float | None = 11.0
     probe_steps: int = 6
@@ -94,7 +99,7 @@ def demo_train_config(recipe: DemoRecipe, data: Path, device: str) -> TrainConfi
         amp=recipe.amp,
         workers=recipe.workers,
         seed=recipe.seed,
-        eval_every=recipe.epochs,
+        eval_every=recipe.eval_every,
         device=device,
     )
 

@@ -35,6 +35,10 @@ __all__ = ["DemoRecipe", "demo_train_config", "fit_budget", "run_demo", "add_arg
 
 logger = logging.getLogger(__name__)
 
+PREDICTION_THRESHOLD = 0.3
+TOP_IF_NONE = 3
+"""Drawn predictions: detections scoring at least the threshold; an image with none gets its best three."""
+
 
 def encoder_gflops(model: Detector, size: int) -> dict[str, float]:
     """Encoder GFLOPs of ``model`` and of the same detector with a standard 6-layer encoder, at ``size``."""
@@ -89,7 +93,7 @@ def run_demo(out: Path, recipe: DemoRecipe = DemoRecipe(), device: str = "cpu") 
 
     model = Detector.from_checkpoint(run_dir / MODEL_FILE, device=device)
     val_images = sorted(find_split(data, "val").images.iterdir())[: recipe.predicted_images]
-    predict_files(model, val_images, out / "predictions", threshold=0.3)
+    drawn = predict_files(model, val_images, out / "predictions", threshold=PREDICTION_THRESHOLD, top_if_none=TOP_IF_NONE)
     gflops = encoder_gflops(model, recipe.image_size)
     summary = {
         "metrics": {k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")},
@@ -99,6 +103,13 @@ def run_demo(out: Path, recipe: DemoRecipe = DemoRecipe(), device: str = "cpu") 
         "image_size": recipe.image_size,
         "train_steps": result.steps,
         "schedule": {"epochs": config.epochs, **schedule, "batches_per_epoch": config.epoch_batches or full, "full_batches_per_epoch": full},
+        "seed": recipe.seed,
+        "predictions": {
+            "images": len(drawn),
+            "threshold": PREDICTION_THRESHOLD,
+            "detections": sum(len(e["detections"]) for e in drawn if not e.get("below_threshold")),
+            "images_below_threshold": sum(1 for e in drawn if e.get("below_threshold")),
+        },
         "precision": trainer.precision.name,
         "precision_reason": trainer.precision.reason,
         "seconds": {"train_and_eval": round(trained - started, 1), "total": round(time.perf_counter() - started, 1)},
@@ -118,13 +129,18 @@ def run_demo(out: Path, recipe: DemoRecipe = DemoRecipe(), device: str = "cpu") 
 
 
 def run(args: argparse.Namespace) -> int:
-    recipe = DemoRecipe() if args.epochs is None else dataclasses.replace(DemoRecipe(), epochs=args.epochs, lr_drop=(max(1, args.epochs - 1),))
+    recipe = dataclasses.replace(DemoRecipe(), seed=args.seed)
+    if args.epochs is not None:
+        recipe = dataclasses.replace(recipe, epochs=args.epochs, lr_drop=(max(1, args.epochs - 1),))
     if args.minutes is not None:
         recipe = dataclasses.replace(recipe, train_minutes=args.minutes or None)
     summary = run_demo(args.out, recipe, args.device)
     g = summary["encoder_gflops"]
     schedule = summary["schedule"]
-    print(f"\nLite-DINO ({summary['model']}) trained for {summary['train_steps']} steps on the synthetic dataset in {summary['seconds']['total'] / 60:.1f} min")
+    print(
+        f"\nLite-DINO ({summary['model']}) trained for {summary['train_steps']} steps (seed {summary['seed']}) on the synthetic dataset"
+        f" in {summary['seconds']['total'] / 60:.1f} min"
+    )
     print(f"precision: {summary['precision_reason']}")
     if schedule["batches_per_epoch"] < schedule["full_batches_per_epoch"]:
         print(
@@ -137,6 +153,13 @@ def run(args: argparse.Namespace) -> int:
         f"encoder GFLOPs at {summary['image_size']}x{summary['image_size']}: Lite {g['lite_encoder']:.2f} vs standard {g['standard_encoder']:.2f} "
         f"({1 - g['ratio']:.0%} fewer)"
     )
+    drawn = summary["predictions"]
+    print(f"predictions drawn on {drawn['images']} validation images: {drawn['detections']} detections scoring >= {drawn['threshold']}")
+    if drawn["images_below_threshold"]:
+        print(
+            f"  {drawn['images_below_threshold']} of them had no detection scoring >= {drawn['threshold']}: their best {TOP_IF_NONE} are drawn instead"
+            " (scores on the labels)"
+        )
     files = summary["files"]
     print(f"model: {files['model']}\npredictions drawn: {files['predictions']}/\ncurves: {files['curves']}\nsummary: {args.out / 'summary.json'}")
     return 0
@@ -147,5 +170,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("litedetr-demo"), help="where everything goes (default ./litedetr-demo)")
     p.add_argument("--epochs", type=int_at_least(1), help=f"training epochs (default {DemoRecipe.epochs}; the learning rate drops 10x for the last one)")
     p.add_argument("--minutes", type=float_in(0), help=f"training budget in minutes (default {DemoRecipe.train_minutes:.0f}; 0: the full schedule, however long)")
+    p.add_argument("--seed", type=int, default=DemoRecipe.seed, help=f"training seed: initial weights and batch order (default {DemoRecipe.seed}; the dataset stays the same)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from litedetr.models import Detector
@@ -72,11 +73,20 @@ def _readable(paths: list[Path], names: list[str], strict: bool) -> list[tuple[P
 
 
 def predict_files(
-    model: Detector, paths: list[Path], out: Path, threshold: float = 0.3, batch_size: int = 4, strict: bool = False
+    model: Detector,
+    paths: list[Path],
+    out: Path,
+    threshold: float = 0.3,
+    batch_size: int = 4,
+    strict: bool = False,
+    top_if_none: int = 0,
 ) -> list[dict[str, Any]]:
     """Detect, draw ``<stem>.png`` per image and write ``predictions.json`` into ``out``; returns the JSON's entries.
 
     An image that cannot be read is skipped with a warning (no entry); with ``strict`` it stops the run.
+    Where no detection of an image reaches ``threshold``, its ``top_if_none`` best ones are drawn and
+    listed instead, and its entry says so (``"below_threshold": true``), so that a weak model still shows
+    what it finds.
     """
     out.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -86,7 +96,12 @@ def predict_files(
         if not chunk:
             continue
         images = [image for _, _, image in chunk]
-        for (path, name, image), result in zip(chunk, model.predict(images, threshold, batch_size)):
+        for (path, name, image), result in zip(chunk, model.predict(images, 0.0 if top_if_none else threshold, batch_size)):
+            keep = result["scores"] >= threshold
+            below = not bool(keep.any()) and top_if_none > 0
+            if below:
+                keep = torch.arange(len(keep)) < top_if_none  # scores come sorted, best first
+            result = {k: v[keep] if torch.is_tensor(v) else [n for n, kept in zip(v, keep.tolist()) if kept] for k, v in result.items()}
             drawing = f"{name}.png"
             draw_detections(image, result["boxes"], result["scores"], result["labels"], result["names"]).save(out / drawing)
             ids = model.config.category_ids
@@ -95,7 +110,8 @@ def predict_files(
                 | ({"category_id": ids[label]} if ids else {})
                 for box, score, label, cls in zip(result["boxes"].tolist(), result["scores"].tolist(), result["labels"].tolist(), result["names"])
             ]
-            entries.append({"image": str(path), "width": image.width, "height": image.height, "drawing": drawing, "detections": detections})
+            entry = {"image": str(path), "width": image.width, "height": image.height, "drawing": drawing, "detections": detections}
+            entries.append(entry | ({"below_threshold": True} if below else {}))
     (out / "predictions.json").write_text(json.dumps(entries, indent=1))
     return entries
 

@@ -1,0 +1,198 @@
+"""Why the demo's Lite-DINO trains badly: one change at a time, each over several training seeds.
+
+Every cell trains the demo's model (:class:`litedetr.engine.recipes.DemoRecipe`: Lite-DINO
+H3L1-(2+1)x3 on the ``*-r18-tiny`` backbone and widths, the synthetic shapes dataset at 160x160,
+batch 4, lr 4e-4 dropped 10x for the last epoch) with one change, for each training seed, and
+reports the median and the range (min-max) over the seeds of the final validation AP and AP50, and of
+the last decoder layer's training losses over the last 50 steps (class, L1, GIoU): the losses tell
+apart what the AP of a short run cannot.
+
+Cells (``--cells``):
+
+- ``kda``: the authors' Lite-DINO, KDA in the encoder and in the decoder's cross-attention.
+- ``kda-zero-query``: the same with ``query_proj`` zero-initialised, so KDA starts with uniform
+  weights over the sampled points, exactly where plain deformable attention starts.
+- ``kda-encoder``: KDA in the encoder only, plain deformable attention (MSDA) in the decoder.
+- ``msda``: MSDA in the encoder and the decoder.
+
+``--steps-per-epoch`` shortens each of the 6 epochs (0: the demo's full 250; each epoch still draws
+its batches from its own shuffle of all 1000 images, and the learning rate still drops before the
+last one). Each run is a subprocess with ``--threads`` threads, ``--jobs`` at a time: the figures are
+accuracies after a fixed number of steps, which other jobs on the machine do not change (only the
+wall time). Runs go to ``--runs``; a finished run is reused and an interrupted one resumed, so the
+study can be stopped and started again. Writes ``training_study.md`` and ``training_study.json`` to ``--out``.
+
+    python benchmarks/training_study.py [--cells kda msda ...] [--seeds 0 1 2] [--steps-per-epoch 50]
+        [--jobs 2] [--threads 1] [--runs training-study-runs] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from litedetr.data import write_synthetic_dataset
+from litedetr.engine.recipes import DemoRecipe, demo_train_config, train_or_reuse
+from litedetr.engine.trainer import Trainer
+from litedetr.models import Detector, get_config
+
+LOSS_TERMS = ("loss_class", "loss_bbox", "loss_giou")
+LAST_STEPS = 50
+
+
+def _zero_query_proj(model: Detector) -> None:
+    for module in model.modules():
+        if getattr(module, "key_aware", False):
+            nn.init.zeros_(module.query_proj.weight)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration of the study: :class:`DetectorConfig` changes and an optional change to the
+    freshly built model (applied before training starts)."""
+
+    label: str
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    prepare: Callable[[Detector], None] | None = None
+
+
+AUTHORS_OVERRIDES = {"backbone_trainable_norm": True, "dn_number": 100}
+"""The demo's model as the authors' Lite-DINO (KDA in the decoder too), with the demo's from-scratch
+backbone and denoising; every cell starts from these, not from :class:`DemoRecipe`'s own overrides."""
+
+
+def cells() -> dict[str, Cell]:
+    base = get_config(DemoRecipe.model)
+    msda_encoder = dataclasses.replace(base.encoder, key_aware=False)
+    return {
+        "kda": Cell("KDA in encoder and decoder (the authors' Lite-DINO)"),
+        "kda-zero-query": Cell("KDA, query_proj zero-initialised (uniform start)", prepare=_zero_query_proj),
+        "kda-encoder": Cell("KDA in the encoder, MSDA in the decoder", {"decoder_key_aware": False}),
+        "msda": Cell("MSDA in encoder and decoder", {"encoder": msda_encoder, "decoder_key_aware": False}),
+    }
+
+
+def run_dir(runs: Path, cell: str, seed: int, steps_per_epoch: int) -> Path:
+    return runs / f"{cell}-seed{seed}-steps{steps_per_epoch or 'full'}"
+
+
+def train_one(cell_name: str, seed: int, steps_per_epoch: int, runs: Path) -> dict[str, Any]:
+    """Train (or reuse) one run and return its result (also written to ``result.json`` in its folder)."""
+    cell = cells()[cell_name]
+    recipe = DemoRecipe()
+    data = write_synthetic_dataset(runs / "data", recipe.data)
+    config = demo_train_config(recipe, data, "cpu")
+    config = dataclasses.replace(
+        config, model_overrides={**AUTHORS_OVERRIDES, **cell.model_overrides}, seed=seed, epoch_batches=steps_per_epoch, workers=1,
+        eval_every=recipe.epochs,
+    )
+    out = run_dir(runs, cell_name, seed, steps_per_epoch)
+    started = time.perf_counter()
+    if cell.prepare is not None and not (out / "checkpoint.pt").exists():
+        trainer = Trainer(config, out)  # a fresh run: change the model before its first step
+        cell.prepare(trainer.model)
+        metrics = trainer.fit().metrics
+    else:
+        metrics, _ = train_or_reuse(config, out)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"][-LAST_STEPS:]
+    result = {
+        "cell": cell_name,
+        "seed": seed,
+        "steps": max(r["step"] for r in records),
+        "AP": metrics["AP"],
+        "AP50": metrics["AP50"],
+        **{term: statistics.mean(r[term] for r in train) for term in LOSS_TERMS},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        f"Demo's model and data; {meta['steps']} training steps of {meta['batch_size']} images per run"
+        f" ({meta['steps_per_epoch']} per epoch x 6, lr drop before the last); seeds {meta['seeds']}. "
+        "Median [min-max] over the seeds; AP in %; losses: the last decoder layer's, mean of the last 50 steps.",
+        "",
+        "| cell | AP50 | AP | class loss | L1 loss | GIoU loss |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        cells_ = [row["label"]]
+        for key, scale, digits in (("AP50", 100, 1), ("AP", 100, 1), ("loss_class", 1, 3), ("loss_bbox", 1, 3), ("loss_giou", 1, 3)):
+            s = row[key]
+            cells_.append(f"{scale * s['median']:.{digits}f} [{scale * s['min']:.{digits}f}-{scale * s['max']:.{digits}f}]")
+        lines.append("| " + " | ".join(cells_) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", nargs="+", default=list(cells()), choices=list(cells()))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps-per-epoch", type=int, default=50, help="batches per epoch (0: the demo's full 250)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each a subprocess")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--runs", type=Path, default=Path("training-study-runs"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--run", nargs=2, metavar=("CELL", "SEED"), help=argparse.SUPPRESS)  # one run, in a worker process
+    args = parser.parse_args()
+    if args.run:
+        torch.set_num_threads(args.threads)
+        train_one(args.run[0], int(args.run[1]), args.steps_per_epoch, args.runs)
+        return
+
+    write_synthetic_dataset(args.runs / "data", DemoRecipe().data)  # once, before the workers
+    todo = [(c, s) for c in args.cells for s in args.seeds if not (run_dir(args.runs, c, s, args.steps_per_epoch) / "result.json").exists()]
+    running: list[subprocess.Popen] = []
+    for cell_name, seed in todo:
+        while len(running) >= args.jobs:
+            running = [p for p in running if p.poll() is None] or running
+            time.sleep(5)
+        command = [sys.executable, __file__, "--run", cell_name, str(seed), "--steps-per-epoch", str(args.steps_per_epoch),
+                   "--threads", str(args.threads), "--runs", str(args.runs)]  # fmt: skip
+        log = open(run_dir(args.runs, cell_name, seed, args.steps_per_epoch).with_suffix(".log"), "w")
+        running.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+    for process in running:
+        process.wait()
+
+    results = []
+    for cell_name in args.cells:
+        found = [run_dir(args.runs, cell_name, s, args.steps_per_epoch) / "result.json" for s in args.seeds]
+        missing = [str(p.parent) for p in found if not p.exists()]
+        if missing:
+            raise SystemExit(f"runs did not finish (see their .log files): {', '.join(missing)}")
+        per_seed = [json.loads(p.read_text()) for p in found]
+        row = {"cell": cell_name, "label": cells()[cell_name].label, "runs": per_seed}
+        row.update({key: _summary([r[key] for r in per_seed]) for key in ("AP", "AP50", *LOSS_TERMS)})
+        results.append(row)
+    recipe = DemoRecipe()
+    steps_per_epoch = args.steps_per_epoch or -(-recipe.data.num_train // recipe.batch_size)
+    meta = {"steps_per_epoch": steps_per_epoch, "steps": steps_per_epoch * recipe.epochs, "batch_size": recipe.batch_size,
+            "seeds": args.seeds, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
+    table = markdown(results, meta)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "training_study.md").write_text(table)
+    (args.out / "training_study.json").write_text(json.dumps({"meta": meta, "cells": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
