@@ -95,7 +95,9 @@ def test_dispatch():
         assert not cpu_kernels.enabled(x["value"]) and attention_backend(x["value"]) == "gather"
     assert attention_backend(x["value"].bfloat16()) == "gather", "low precision takes the PyTorch path"
     value = x["value"].requires_grad_()
-    assert attention_backend(value) == "grid_sample"
+    assert attention_backend(value) == "cpu_kernel", "with autograd: the fused forward and backward (tests/ops/test_cpu_backward.py)"
+    with cpu_kernels.cpu_kernels_disabled():
+        assert attention_backend(value) == "grid_sample"
     assert ms_deform_attn(value, SHAPES, x["locations"], x["weights"]).grad_fn is not None
     with torch.no_grad():
         assert attention_backend(value) == "cpu_kernel"

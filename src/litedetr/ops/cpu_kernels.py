@@ -1,10 +1,14 @@
-"""Fused C++ CPU kernels for MSDA and KDA forward passes without autograd (inference).
+"""Fused C++ CPU kernels for MSDA and KDA: forward passes and their fused backward passes.
 
 The PyTorch implementation in :mod:`litedetr.ops.deform_attn` samples through index tensors it
-builds first and, for KDA, materialises every sampled key. The kernels in ``csrc/deform_attn_cpu.cpp``
-work per (image, query, head): bilinear corners are computed in place, the sampled keys of one
-query-head stay in a small buffer, and the softmax and weighted sum follow at once. Same conventions
-and results as the PyTorch code (to float rounding), parallel over torch's intra-op threads.
+builds first (``grid_sample`` with autograd) and, for KDA, materialises every sampled key. The
+kernels in ``csrc/deform_attn_cpu.cpp`` work per (image, query, head): bilinear corners are computed
+in place, the sampled keys of one query-head stay in a small buffer, and the softmax and weighted sum
+follow at once. The backward recomputes the corners and KDA's softmax from the inputs and scatters
+into the key and value gradients, each thread owning whole image-head slices of them. Same
+conventions and results as the PyTorch code (to float rounding), parallel over torch's intra-op
+threads. The functions here run the forward without autograd (inference); with autograd
+:mod:`litedetr.ops.cpu_autograd` runs forward and backward as ``torch.library`` custom ops.
 
 They are compiled with torch's JIT extension loader on first use (a C++ compiler and ``ninja`` are
 needed; about a minute, once) and cached under ``TORCH_EXTENSIONS_DIR`` (by default
@@ -32,7 +36,17 @@ from torch import Tensor
 from litedetr.ops.geometry import SpatialShapes, check_token_count, level_shapes
 from litedetr.ops.switch import KernelSwitch
 
-__all__ = ["ENV_SWITCH", "build_name", "cpu_kernels_disabled", "enabled", "extensions_root", "load", "ms_deform_attn", "ms_deform_attn_key_aware"]
+__all__ = [
+    "ENV_SWITCH",
+    "build_name",
+    "check_shapes",
+    "cpu_kernels_disabled",
+    "enabled",
+    "extensions_root",
+    "load",
+    "ms_deform_attn",
+    "ms_deform_attn_key_aware",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +58,7 @@ _ISA_FLAGS = {
     "AVX2": ["-mavx2", "-mfma"],
 }
 _DTYPES = (torch.float32, torch.float64)
+_AUTOGRAD_DTYPES = (*_DTYPES, torch.bfloat16, torch.float16)  # computed in float32 (cpu_autograd casts)
 _switch = KernelSwitch()
 
 
@@ -114,13 +129,15 @@ def _put_ninja_on_path() -> None:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-def enabled(*tensors: Tensor) -> bool:
-    """Whether :mod:`litedetr.ops` runs these (CPU, float32/float64) tensors through the C++ kernels:
-    not switched off (``LITEDETR_CPU_KERNELS=0``, :func:`cpu_kernels_disabled`), not inside
-    ``torch.compile`` (which compiles the PyTorch implementation instead), and built."""
+def enabled(*tensors: Tensor, autograd: bool = False) -> bool:
+    """Whether :mod:`litedetr.ops` runs these CPU tensors through the C++ kernels: float32/float64 (with
+    ``autograd``, the forward and fused backward of :mod:`litedetr.ops.cpu_autograd`, also bfloat16 and
+    float16, computed in float32), not switched off (``LITEDETR_CPU_KERNELS=0``, :func:`cpu_kernels_disabled`),
+    not inside ``torch.compile`` (which compiles the PyTorch implementation instead), and built."""
     if not _switch.on or os.environ.get(ENV_SWITCH, "1") == "0" or torch.compiler.is_compiling():
         return False
-    if not all(t.device.type == "cpu" and t.dtype in _DTYPES for t in tensors):
+    dtypes = _AUTOGRAD_DTYPES if autograd else _DTYPES
+    if not all(t.device.type == "cpu" and t.dtype in dtypes for t in tensors):
         return False
     return load() is not None
 
@@ -137,9 +154,16 @@ def _kernels() -> ModuleType:
     return module
 
 
-def _check(value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, **per_query: tuple[Tensor, tuple[int, ...]]) -> Tensor:
+def check_shapes(value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, **per_query: tuple[Tensor, tuple[str, ...]]) -> Tensor:
     """Every shape the kernels index by, checked before they run (the C++ checks them again); returns
-    the level shapes as the ``(L, 2)`` long CPU tensor the kernels read."""
+    the level shapes as the ``(L, 2)`` long CPU tensor the kernels read.
+
+    ``per_query`` names further tensors and their dimensions by letter (``B, Lq, M, L, P, D``),
+    e.g. ``attention_weights=(weights, ("B", "Lq", "M", "L", "P"))``.
+
+    Raises:
+        ValueError: a shape does not fit the others (named).
+    """
     if value.dim() != 4 or sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
         shapes = f"{tuple(value.shape)} and {tuple(sampling_locations.shape)}"
         raise ValueError(f"value must be (B, S, M, D) and sampling_locations (B, Lq, M, L, P, 2), got {shapes}")
@@ -166,7 +190,7 @@ def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locati
     Raises:
         ValueError: a shape does not fit the others (named).
     """
-    shapes = _check(value, spatial_shapes, sampling_locations, attention_weights=(attention_weights, ("B", "Lq", "M", "L", "P")))
+    shapes = check_shapes(value, spatial_shapes, sampling_locations, attention_weights=(attention_weights, ("B", "Lq", "M", "L", "P")))
     locations = sampling_locations.to(value.dtype)
     return _kernels().ms_deform_attn_forward(value, shapes, locations, attention_weights)
 
@@ -179,7 +203,7 @@ def ms_deform_attn_key_aware(query: Tensor, key: Tensor, value: Tensor, spatial_
     Raises:
         ValueError: a shape does not fit the others (named).
     """
-    shapes = _check(value, spatial_shapes, sampling_locations, query=(query, ("B", "Lq", "M", "D")))
+    shapes = check_shapes(value, spatial_shapes, sampling_locations, query=(query, ("B", "Lq", "M", "D")))
     if key.shape != value.shape:
         raise ValueError(f"key must have the shape of value {tuple(value.shape)}, got {tuple(key.shape)}")
     locations = sampling_locations.to(value.dtype)

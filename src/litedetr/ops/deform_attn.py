@@ -1,7 +1,9 @@
 """Multi-scale deformable attention (MSDA) and key-aware deformable attention (KDA).
 
-Pure tensor functions, built on ``torch.nn.functional.grid_sample`` (bilinear, zero padding outside
-the map, ``align_corners=False``: the sampling convention of the authors' code). Everything is
+Pure tensor functions. The reference implementation is built on ``torch.nn.functional.grid_sample``
+(bilinear, zero padding outside the map, ``align_corners=False``: the sampling convention of the
+authors' code); the fused C++ CPU kernels (with and without autograd), the ``embedding_bag`` gather
+(CPU, no autograd) and the Triton kernels (CUDA) follow the same convention. Everything is
 differentiable w.r.t. every floating-point input.
 
 Notation: ``B`` batch, ``S`` tokens over all levels, ``M`` heads, ``D`` channels per head, ``Lq``
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from litedetr.ops import cpu_kernels
+from litedetr.ops import cpu_autograd, cpu_kernels
 from litedetr.ops.bilinear import bilinear_corners, gather_rows
 from litedetr.ops.geometry import LevelShapes, SpatialShapes, check_token_count, level_shapes
 
@@ -70,33 +72,38 @@ def _sample(maps: list[Tensor], grids: Tensor) -> list[Tensor]:
     ]
 
 
-def _use_grid_sample(*tensors: Tensor) -> bool:
-    """Whether to take the ``grid_sample`` path: with autograd, and while tracing or exporting to ONNX.
+def _traced() -> bool:
+    """Whether a trace is being recorded (``torch.jit.trace``, ``torch.onnx.export(..., dynamo=False)``):
+    it must record ``grid_sample`` (ONNX ``GridSample``, opset >= 16), as neither the C++ kernels
+    nor the gather path (``embedding_bag`` with per-sample weights) export."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
-    The gather path (``embedding_bag`` with per-sample weights) has no gradient w.r.t. locations
-    and no ONNX export; a trace (``torch.jit.trace``, ``torch.onnx.export(..., dynamo=False)``)
-    must record ``grid_sample`` (ONNX ``GridSample``, opset >= 16) instead.
-    """
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return True
+
+def _autograd(*tensors: Tensor) -> bool:
+    """Whether autograd records this call: grad mode on and an input that requires grad."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def attention_backend(*tensors: Tensor) -> str:
     """The implementation :func:`ms_deform_attn` and :func:`ms_deform_attn_key_aware` run for these inputs.
 
-    ``"triton"`` (CUDA, Triton installed), ``"grid_sample"`` (autograd, tracing or ONNX export),
-    ``"cpu_kernel"`` (CPU float32/float64 without autograd, the C++ kernels built) or ``"gather"``
-    (the rest: ``embedding_bag`` row gathers).
+    ``"triton"`` (CUDA, Triton installed); ``"grid_sample"`` while tracing or exporting to ONNX;
+    ``"cpu_kernel"`` (the C++ kernels built and not switched off, CPU inputs outside ``torch.compile``:
+    without autograd float32/float64, the forward kernel alone; with autograd also bfloat16/float16,
+    the ``litedetr::cpu_*`` custom ops with the fused backward, computed in float32); otherwise
+    ``"grid_sample"`` with autograd and ``"gather"`` (``embedding_bag`` row gathers) without.
     """
     if tensors[0].is_cuda:
         from litedetr.ops import custom_ops
 
         if custom_ops.triton_enabled():
             return "triton"
-    if _use_grid_sample(*tensors):
+    if _traced():
         return "grid_sample"
-    return "cpu_kernel" if cpu_kernels.enabled(*tensors) else "gather"
+    autograd = _autograd(*tensors)
+    if cpu_kernels.enabled(*tensors, autograd=autograd):
+        return "cpu_kernel"
+    return "grid_sample" if autograd else "gather"
 
 
 def _kda_gather(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor) -> Tensor:
@@ -136,8 +143,10 @@ def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locati
         ``(B, Lq, M*D)``.
 
     CUDA inputs run the fused Triton kernel (``litedetr::ms_deform_attn``, see
-    :mod:`litedetr.ops.custom_ops`) when Triton is installed; CPU inputs without autograd the fused
-    C++ kernel (:mod:`litedetr.ops.cpu_kernels`) where it builds; other inputs the PyTorch code below.
+    :mod:`litedetr.ops.custom_ops`) when Triton is installed; CPU inputs the fused C++ kernels where
+    they build (:mod:`litedetr.ops.cpu_kernels`; with autograd ``litedetr::cpu_ms_deform_attn`` and
+    its fused backward, :mod:`litedetr.ops.cpu_autograd`); other inputs the PyTorch code below (see
+    :func:`attention_backend`).
     """
     shapes = _check_shapes(value, spatial_shapes, sampling_locations)
     b, _, m, _ = value.shape
@@ -149,6 +158,8 @@ def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locati
         from litedetr.ops import custom_ops
 
         return custom_ops.ms_deform_attn(value, shapes, sampling_locations, attention_weights)
+    if backend == "cpu_kernel" and _autograd(value, sampling_locations, attention_weights):
+        return cpu_autograd.ms_deform_attn(value, shapes, sampling_locations, attention_weights)
     if backend == "cpu_kernel":
         return cpu_kernels.ms_deform_attn(value, shapes, sampling_locations, attention_weights)
     if backend == "gather":
@@ -183,8 +194,10 @@ def ms_deform_attn_key_aware(
         ``(B, Lq, M*D)``.
 
     CUDA inputs run the fused Triton kernel (``litedetr::ms_deform_attn_key_aware``, see
-    :mod:`litedetr.ops.custom_ops`) when Triton is installed; CPU inputs without autograd the fused
-    C++ kernel (:mod:`litedetr.ops.cpu_kernels`) where it builds; other inputs the PyTorch code below.
+    :mod:`litedetr.ops.custom_ops`) when Triton is installed; CPU inputs the fused C++ kernels where
+    they build (:mod:`litedetr.ops.cpu_kernels`; with autograd ``litedetr::cpu_ms_deform_attn_key_aware``
+    and its fused backward, :mod:`litedetr.ops.cpu_autograd`); other inputs the PyTorch code below (see
+    :func:`attention_backend`).
     """
     shapes = _check_shapes(value, spatial_shapes, sampling_locations)
     if key.shape != value.shape:
@@ -198,6 +211,8 @@ def ms_deform_attn_key_aware(
         from litedetr.ops import custom_ops
 
         return custom_ops.ms_deform_attn_key_aware(query, key, value, shapes, sampling_locations)
+    if backend == "cpu_kernel" and _autograd(value, query, key, sampling_locations):
+        return cpu_autograd.ms_deform_attn_key_aware(query, key, value, shapes, sampling_locations)
     if backend == "cpu_kernel":
         return cpu_kernels.ms_deform_attn_key_aware(query, key, value, shapes, sampling_locations)
     if backend == "gather":

@@ -1,11 +1,20 @@
-// Fused CPU forward kernels for multi-scale deformable attention (MSDA) and key-aware deformable
-// attention (KDA), without autograd. One task per (image, query, head): the bilinear corners of
-// every sampling location are computed in place (align_corners=False, zeros outside the map, the
-// convention of litedetr.ops.deform_attn), and sampled keys live in a small per-task buffer, so
-// nothing of size (queries x heads x levels x points x channels) is materialised.
+// Fused CPU kernels for multi-scale deformable attention (MSDA) and key-aware deformable attention
+// (KDA): forward and backward. The forward runs one task per (image, query, head): the bilinear
+// corners of every sampling location are computed in place (align_corners=False, zeros outside the
+// map, the convention of litedetr.ops.deform_attn), and sampled keys live in a small per-task
+// buffer, so nothing of size (queries x heads x levels x points x channels) is materialised.
+//
+// The backward recomputes what it needs per (image, query, head) (corners, the dot products of the
+// query and of the output gradient with every corner row, KDA's softmax) instead of storing it, and
+// scatters into the key and value gradients. Its parallel work units are (image, head, chunk of
+// queries): a unit owns its image-head slice of the key and value gradients, so no two threads write
+// the same row. Chunks beyond the first (only where threads outnumber image-heads) accumulate into
+// their own zeroed copy of the gradient, summed in chunk order afterwards: results are deterministic
+// for a given thread count, and independent of it while threads <= images x heads.
 //
 // Layouts (all contiguous): value/key (B, S, M, D); query (B, Lq, M, D); sampling_locations
-// (B, Lq, M, L, P, 2) as (x, y) in [0, 1]; attention_weights (B, Lq, M, L, P); output (B, Lq, M, D).
+// (B, Lq, M, L, P, 2) as (x, y) in [0, 1]; attention_weights (B, Lq, M, L, P); output and its
+// gradient (B, Lq, M, D).
 
 #include <torch/extension.h>
 
@@ -21,18 +30,21 @@ namespace {
 
 template <typename scalar_t>
 struct Corner {
-  int64_t offset;  // in elements, from the level's first cell of this image and head
-  scalar_t weight;
+  int64_t offset;      // in elements, from the level's first cell of this image and head
+  scalar_t weight;     // bilinear weight
+  scalar_t weight_dx;  // d weight / d x and d weight / d y, x and y in cells of the map
+  scalar_t weight_dy;
 };
 
 // The up to four in-map corners of location (loc_x, loc_y) on an h x w map whose cells are
-// cell_stride elements apart; returns how many were written to out.
+// cell_stride elements apart, with their weights' derivatives; returns how many were written to out.
+// A corner in the map counts even with weight 0 (x exactly -1), as its weight's derivative does not vanish.
 template <typename scalar_t>
 inline int bilinear_corners(scalar_t loc_x, scalar_t loc_y, int64_t h, int64_t w, int64_t cell_stride, Corner<scalar_t>* out) {
   const scalar_t x = loc_x * static_cast<scalar_t>(w) - scalar_t(0.5);
   const scalar_t y = loc_y * static_cast<scalar_t>(h) - scalar_t(0.5);
   // entirely outside (NaN included): no corner; this also keeps the integer casts below in range
-  if (!(x > scalar_t(-1) && x < static_cast<scalar_t>(w) && y > scalar_t(-1) && y < static_cast<scalar_t>(h))) {
+  if (!(x >= scalar_t(-1) && x < static_cast<scalar_t>(w) && y >= scalar_t(-1) && y < static_cast<scalar_t>(h))) {
     return 0;
   }
   const scalar_t x_floor = std::floor(x), y_floor = std::floor(y);
@@ -42,11 +54,12 @@ inline int bilinear_corners(scalar_t loc_x, scalar_t loc_y, int64_t h, int64_t w
   for (int dy = 0; dy < 2; ++dy) {
     const int64_t yy = y0 + dy;
     if (yy < 0 || yy >= h) continue;
-    const scalar_t wy = dy ? fy : scalar_t(1) - fy;
+    const scalar_t wy = dy ? fy : scalar_t(1) - fy, sign_y = dy ? scalar_t(1) : scalar_t(-1);
     for (int dx = 0; dx < 2; ++dx) {
       const int64_t xx = x0 + dx;
       if (xx < 0 || xx >= w) continue;
-      out[n++] = {(yy * w + xx) * cell_stride, wy * (dx ? fx : scalar_t(1) - fx)};
+      const scalar_t wx = dx ? fx : scalar_t(1) - fx, sign_x = dx ? scalar_t(1) : scalar_t(-1);
+      out[n++] = {(yy * w + xx) * cell_stride, wy * wx, wy * sign_x, wx * sign_y};
     }
   }
   return n;
@@ -71,6 +84,45 @@ inline scalar_t dot(const scalar_t* __restrict q, const scalar_t* __restrict k, 
   scalar_t total = 0;
   for (int lane = 0; lane < kLanes; ++lane) total += partial[lane];
   return total;
+}
+
+// a[0:d] . row[0:d] and b[0:d] . row[0:d] in one pass over row, each as dot() sums it
+template <typename scalar_t>
+inline void dot2(const scalar_t* __restrict a, const scalar_t* __restrict b, const scalar_t* __restrict row, int64_t d,
+                 scalar_t& a_row, scalar_t& b_row) {
+  constexpr int kLanes = 8;
+  scalar_t partial_a[kLanes] = {}, partial_b[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= d; c += kLanes) {
+    for (int lane = 0; lane < kLanes; ++lane) {
+      partial_a[lane] += a[c + lane] * row[c + lane];
+      partial_b[lane] += b[c + lane] * row[c + lane];
+    }
+  }
+  for (; c < d; ++c) {
+    partial_a[0] += a[c] * row[c];
+    partial_b[0] += b[c] * row[c];
+  }
+  a_row = b_row = 0;
+  for (int lane = 0; lane < kLanes; ++lane) {
+    a_row += partial_a[lane];
+    b_row += partial_b[lane];
+  }
+}
+
+// grad_row[0:d] += weight * g[0:d]; returns g[0:d] . row[0:d] (summed as dot() does)
+template <typename scalar_t>
+inline scalar_t dot_and_axpy(const scalar_t* __restrict g, const scalar_t* __restrict row, scalar_t* __restrict grad_row, scalar_t weight,
+                             int64_t d) {
+  axpy(grad_row, g, weight, d);
+  return dot(g, row, d);
+}
+
+// out[0:d] += a_weight * a[0:d] + b_weight * b[0:d]
+template <typename scalar_t>
+inline void axpy2(scalar_t* __restrict out, const scalar_t* __restrict a, scalar_t a_weight, const scalar_t* __restrict b, scalar_t b_weight,
+                  int64_t d) {
+  for (int64_t c = 0; c < d; ++c) out[c] += a_weight * a[c] + b_weight * b[c];
 }
 
 struct Geometry {
@@ -113,7 +165,59 @@ void check_inputs(const at::Tensor& value, const at::Tensor& sampling_locations)
   TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type(), "sampling_locations must have the dtype of value");
 }
 
-constexpr int64_t kGrain = 16;  // (image, query, head) tasks per parallel chunk, at least
+void check_attention_weights(const at::Tensor& attention, const Geometry& g) {
+  TORCH_CHECK(attention.device().is_cpu() && attention.dim() == 5 && attention.size(0) == g.batch && attention.size(1) == g.queries &&
+                  attention.size(2) == g.heads && attention.size(3) == g.levels && attention.size(4) == g.points,
+              "attention_weights must be (B, Lq, M, L, P) = (", g.batch, ", ", g.queries, ", ", g.heads, ", ", g.levels, ", ", g.points,
+              "), got ", attention.sizes());
+}
+
+void check_query(const at::Tensor& query, const at::Tensor& key, const Geometry& g) {
+  TORCH_CHECK(key.device().is_cpu() && query.device().is_cpu(), "CPU tensors expected");
+  TORCH_CHECK(query.dim() == 4 && query.size(0) == g.batch && query.size(1) == g.queries && query.size(2) == g.heads && query.size(3) == g.channels,
+              "query must be (B, Lq, M, D) = (", g.batch, ", ", g.queries, ", ", g.heads, ", ", g.channels, "), got ", query.sizes());
+}
+
+// The gradient of an output (B, Lq, M*D), contiguous, in the dtype of value.
+at::Tensor output_gradient(const at::Tensor& grad_out, const Geometry& g, const at::Tensor& value) {
+  TORCH_CHECK(grad_out.device().is_cpu() && grad_out.dim() == 3 && grad_out.size(0) == g.batch && grad_out.size(1) == g.queries &&
+                  grad_out.size(2) == g.heads * g.channels,
+              "grad_out must be (B, Lq, M*D) = (", g.batch, ", ", g.queries, ", ", g.heads * g.channels, "), got ", grad_out.sizes());
+  return grad_out.to(value.scalar_type()).contiguous();
+}
+
+constexpr int64_t kGrain = 16;  // (image, query, head) tasks per parallel chunk of the forward, at least
+constexpr int64_t kMaxQueryChunks = 4;  // the backward's extra gradient copies stay below 4 per image-head
+
+// Query chunks per image-head in the backward: 1 unless threads outnumber image-heads.
+int64_t query_chunks(const Geometry& g) {
+  const int64_t slices = g.batch * g.heads, threads = at::get_num_threads();
+  if (threads <= slices || g.queries < 2) return 1;
+  return std::min({(threads + slices - 1) / slices, kMaxQueryChunks, g.queries});
+}
+
+// One work unit of the backward: the queries [query_begin, query_end) of one image and head.
+struct Unit {
+  int64_t image, head, chunk, query_begin, query_end;
+};
+
+Unit unit(const Geometry& g, int64_t chunks, int64_t index) {
+  Unit u;
+  u.chunk = index % chunks;
+  u.head = (index / chunks) % g.heads;
+  u.image = index / (chunks * g.heads);
+  u.query_begin = u.chunk * g.queries / chunks;
+  u.query_end = (u.chunk + 1) * g.queries / chunks;
+  return u;
+}
+
+// (chunks, B, S, M, D) per-chunk gradients -> (B, S, M, D), summed in chunk order.
+at::Tensor sum_chunks(const at::Tensor& per_chunk) {
+  if (per_chunk.size(0) == 1) return per_chunk.select(0, 0);
+  auto total = per_chunk.select(0, 0).clone();
+  for (int64_t c = 1; c < per_chunk.size(0); ++c) total.add_(per_chunk.select(0, c));
+  return total;
+}
 
 }  // namespace
 
@@ -148,10 +252,7 @@ at::Tensor ms_deform_attn_forward(const at::Tensor& value_in, const at::Tensor& 
   const auto locations = sampling_locations_in.contiguous();
   const auto attention = attention_weights_in.to(value.scalar_type()).contiguous();
   const Geometry g = geometry(value, spatial_shapes, locations);
-  TORCH_CHECK(attention.device().is_cpu() && attention.dim() == 5 && attention.size(0) == g.batch && attention.size(1) == g.queries &&
-                  attention.size(2) == g.heads && attention.size(3) == g.levels && attention.size(4) == g.points,
-              "attention_weights must be (B, Lq, M, L, P) = (", g.batch, ", ", g.queries, ", ", g.heads, ", ", g.levels, ", ", g.points,
-              "), got ", attention.sizes());
+  check_attention_weights(attention, g);
   auto out = at::zeros({g.batch, g.queries, g.heads, g.channels}, value.options());
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward", [&] {
     const scalar_t* v = value.data_ptr<scalar_t>();
@@ -218,20 +319,33 @@ void kda_kernel(const Geometry& g, const scalar_t* q, const scalar_t* k, const s
   });
 }
 
-at::Tensor ms_deform_attn_key_aware_forward(const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in,
-                                            const at::Tensor& spatial_shapes, const at::Tensor& sampling_locations_in,
-                                            bool shared) {
+// KDA's inputs made contiguous (key is value when shared) and checked against each other.
+struct KdaInputs {
+  at::Tensor query, key, value, locations;
+  Geometry g;
+};
+
+KdaInputs kda_inputs(const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in, const at::Tensor& spatial_shapes,
+                     const at::Tensor& sampling_locations_in, bool shared) {
   check_inputs(value_in, sampling_locations_in);
   TORCH_CHECK(key_in.sizes() == value_in.sizes() && key_in.scalar_type() == value_in.scalar_type(), "key must match value");
   TORCH_CHECK(query_in.scalar_type() == value_in.scalar_type(), "query must have the dtype of value");
-  const auto value = value_in.contiguous();
-  const auto key = shared ? value : key_in.contiguous();
-  const auto query = query_in.contiguous();
-  const auto locations = sampling_locations_in.contiguous();
-  const Geometry g = geometry(value, spatial_shapes, locations);
-  TORCH_CHECK(key.device().is_cpu() && query.device().is_cpu(), "CPU tensors expected");
-  TORCH_CHECK(query.dim() == 4 && query.size(0) == g.batch && query.size(1) == g.queries && query.size(2) == g.heads && query.size(3) == g.channels,
-              "query must be (B, Lq, M, D) = (", g.batch, ", ", g.queries, ", ", g.heads, ", ", g.channels, "), got ", query.sizes());
+  KdaInputs in;
+  in.value = value_in.contiguous();
+  in.key = shared ? in.value : key_in.contiguous();
+  in.query = query_in.contiguous();
+  in.locations = sampling_locations_in.contiguous();
+  in.g = geometry(in.value, spatial_shapes, in.locations);
+  check_query(in.query, in.key, in.g);
+  return in;
+}
+
+at::Tensor ms_deform_attn_key_aware_forward(const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in,
+                                            const at::Tensor& spatial_shapes, const at::Tensor& sampling_locations_in,
+                                            bool shared) {
+  const KdaInputs in = kda_inputs(query_in, key_in, value_in, spatial_shapes, sampling_locations_in, shared);
+  const Geometry& g = in.g;
+  const auto &query = in.query, &key = in.key, &value = in.value, &locations = in.locations;
   auto out = at::zeros({g.batch, g.queries, g.heads, g.channels}, value.options());
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_key_aware_forward", [&] {
     const scalar_t* k = key.data_ptr<scalar_t>();
@@ -248,9 +362,237 @@ at::Tensor ms_deform_attn_key_aware_forward(const at::Tensor& query_in, const at
   return out.view({g.batch, g.queries, g.heads * g.channels});
 }
 
+// MSDA backward, one unit (image, head, chunk of queries) at a time. Per sample and corner, one pass
+// over the corner's value row reads it (for g . v) and adds weight * g to its gradient row.
+template <typename scalar_t, int64_t kChannels>
+void msda_backward_kernel(const Geometry& g, int64_t chunks, const scalar_t* grad_out, const scalar_t* v, const scalar_t* loc,
+                          const scalar_t* att, scalar_t* grad_v, scalar_t* grad_loc, scalar_t* grad_att) {
+  const int64_t d = kChannels > 0 ? kChannels : g.channels;
+  const int64_t cell = g.heads * d, samples = g.levels * g.points, value_numel = g.batch * g.tokens * cell;
+  at::parallel_for(0, g.batch * g.heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    Corner<scalar_t> corners[4];
+    for (int64_t index = begin; index < end; ++index) {
+      const Unit u = unit(g, chunks, index);
+      scalar_t* unit_grad_v = grad_v + u.chunk * value_numel;
+      for (int64_t query = u.query_begin; query < u.query_end; ++query) {
+        const int64_t task = (u.image * g.queries + query) * g.heads + u.head;
+        const scalar_t* task_grad = grad_out + task * d;
+        for (int64_t l = 0; l < g.levels; ++l) {
+          const int64_t first = (u.image * g.tokens + g.starts[l]) * cell + u.head * d;
+          for (int64_t p = 0; p < g.points; ++p) {
+            const int64_t s = task * samples + l * g.points + p;
+            const int n = bilinear_corners(loc[2 * s], loc[2 * s + 1], g.heights[l], g.widths[l], cell, corners);
+            scalar_t grad_weight = 0, grad_x = 0, grad_y = 0;
+            for (int c = 0; c < n; ++c) {
+              const int64_t row = first + corners[c].offset;
+              const scalar_t sampled = dot_and_axpy(task_grad, v + row, unit_grad_v + row, att[s] * corners[c].weight, d);
+              grad_weight += corners[c].weight * sampled;
+              grad_x += corners[c].weight_dx * sampled;
+              grad_y += corners[c].weight_dy * sampled;
+            }
+            grad_att[s] = grad_weight;
+            grad_loc[2 * s] = att[s] * grad_x * static_cast<scalar_t>(g.widths[l]);
+            grad_loc[2 * s + 1] = att[s] * grad_y * static_cast<scalar_t>(g.heights[l]);
+          }
+        }
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> ms_deform_attn_backward(const at::Tensor& grad_out_in, const at::Tensor& value_in, const at::Tensor& spatial_shapes,
+                                                const at::Tensor& sampling_locations_in, const at::Tensor& attention_weights_in) {
+  check_inputs(value_in, sampling_locations_in);
+  const auto value = value_in.contiguous();
+  const auto locations = sampling_locations_in.contiguous();
+  const auto attention = attention_weights_in.to(value.scalar_type()).contiguous();
+  const Geometry g = geometry(value, spatial_shapes, locations);
+  check_attention_weights(attention, g);
+  const auto grad_out = output_gradient(grad_out_in, g, value);
+  const int64_t chunks = query_chunks(g);
+  auto grad_value = at::zeros({chunks, g.batch, g.tokens, g.heads, g.channels}, value.options());
+  auto grad_locations = at::empty_like(locations);
+  auto grad_attention = at::empty_like(attention);
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward", [&] {
+    const scalar_t* grad = grad_out.data_ptr<scalar_t>();
+    const scalar_t* v = value.data_ptr<scalar_t>();
+    const scalar_t* loc = locations.data_ptr<scalar_t>();
+    const scalar_t* att = attention.data_ptr<scalar_t>();
+    scalar_t* grad_v = grad_value.data_ptr<scalar_t>();
+    scalar_t* grad_loc = grad_locations.data_ptr<scalar_t>();
+    scalar_t* grad_att = grad_attention.data_ptr<scalar_t>();
+    if (g.channels == 32) {
+      msda_backward_kernel<scalar_t, 32>(g, chunks, grad, v, loc, att, grad_v, grad_loc, grad_att);
+    } else {
+      msda_backward_kernel<scalar_t, 0>(g, chunks, grad, v, loc, att, grad_v, grad_loc, grad_att);
+    }
+  });
+  return {sum_chunks(grad_value), grad_locations, grad_attention};
+}
+
+// Pointers of the KDA backward: inputs (contiguous), and gradients (key and value per chunk, see sum_chunks).
+template <typename scalar_t>
+struct KdaBackward {
+  const scalar_t *grad_out, *query, *key, *value, *locations;
+  scalar_t *grad_query, *grad_key, *grad_value, *grad_locations;
+  bool shared;  // key == value: one gradient, grad_key unused
+};
+
+// What one thread keeps of one (image, query, head) task between its passes.
+template <typename scalar_t>
+struct KdaScratch {
+  std::vector<Corner<scalar_t>> corners;  // 4 per sample
+  std::vector<int> counts;                // corners in the map per sample
+  std::vector<scalar_t> key_dots;         // q . k of every corner's key row
+  std::vector<scalar_t> grad_dots;        // grad_out . v of every corner's value row
+  std::vector<scalar_t> probs;            // softmax weights per sample
+  std::vector<scalar_t> grad_logits;      // d loss / d logit per sample (first the sampled values' g . v)
+  std::vector<int64_t> firsts;            // per level: the first element of this image and head
+  explicit KdaScratch(const Geometry& g)
+      : corners(4 * g.levels * g.points), counts(g.levels * g.points), key_dots(4 * g.levels * g.points),
+        grad_dots(4 * g.levels * g.points), probs(g.levels * g.points), grad_logits(g.levels * g.points), firsts(g.levels) {}
+};
+
+// Pass 1 of a task: corners, the dot products of q with every corner key and of grad_out with every
+// corner value, the logits (in probs) and the sampled values' g . v (in grad_logits).
+template <typename scalar_t>
+void kda_task_dots(const Geometry& g, const KdaBackward<scalar_t>& a, int64_t task, int64_t d, KdaScratch<scalar_t>& w) {
+  const int64_t cell = g.heads * d, samples = g.levels * g.points;
+  const scalar_t scale = scalar_t(1) / std::sqrt(static_cast<scalar_t>(d));
+  const scalar_t *q = a.query + task * d, *grad = a.grad_out + task * d, *loc = a.locations + task * samples * 2;
+  for (int64_t l = 0; l < g.levels; ++l) {
+    for (int64_t p = 0; p < g.points; ++p) {
+      const int64_t s = l * g.points + p;
+      Corner<scalar_t>* cs = w.corners.data() + 4 * s;
+      w.counts[s] = bilinear_corners(loc[2 * s], loc[2 * s + 1], g.heights[l], g.widths[l], cell, cs);
+      scalar_t logit = 0, sampled_grad = 0;
+      for (int c = 0; c < w.counts[s]; ++c) {
+        const int64_t row = w.firsts[l] + cs[c].offset;
+        scalar_t& key_dot = w.key_dots[4 * s + c];
+        scalar_t& grad_dot = w.grad_dots[4 * s + c];
+        if (a.shared) {
+          dot2(q, grad, a.value + row, d, key_dot, grad_dot);
+        } else {
+          key_dot = dot(q, a.key + row, d);
+          grad_dot = dot(grad, a.value + row, d);
+        }
+        logit += cs[c].weight * key_dot;
+        sampled_grad += cs[c].weight * grad_dot;
+      }
+      w.probs[s] = logit * scale;
+      w.grad_logits[s] = sampled_grad;
+    }
+  }
+}
+
+// Pass 2: the softmax of the logits, and d loss / d logit = p * (g . v - sum_t p_t g . v_t).
+template <typename scalar_t>
+void kda_task_softmax_backward(int64_t samples, KdaScratch<scalar_t>& w) {
+  scalar_t max_logit = -std::numeric_limits<scalar_t>::infinity(), total = 0, mean = 0;
+  for (int64_t s = 0; s < samples; ++s) max_logit = std::max(max_logit, w.probs[s]);
+  for (int64_t s = 0; s < samples; ++s) {
+    w.probs[s] = std::exp(w.probs[s] - max_logit);
+    total += w.probs[s];
+  }
+  for (int64_t s = 0; s < samples; ++s) {
+    w.probs[s] /= total;
+    mean += w.probs[s] * w.grad_logits[s];
+  }
+  for (int64_t s = 0; s < samples; ++s) w.grad_logits[s] = w.probs[s] * (w.grad_logits[s] - mean);
+}
+
+// Pass 3: the query's and the locations' gradients, and the scatter into the key and value gradient
+// rows of this unit (sampled key k_s gets scale * dlogit_s * q, sampled value v_s gets p_s * grad_out).
+template <typename scalar_t>
+void kda_task_scatter(const Geometry& g, const KdaBackward<scalar_t>& a, int64_t task, int64_t d, const KdaScratch<scalar_t>& w,
+                      scalar_t* unit_grad_key, scalar_t* unit_grad_value) {
+  const int64_t samples = g.levels * g.points;
+  const scalar_t scale = scalar_t(1) / std::sqrt(static_cast<scalar_t>(d));
+  const scalar_t *q = a.query + task * d, *grad = a.grad_out + task * d;
+  scalar_t* grad_q = a.grad_query + task * d;
+  scalar_t* grad_loc = a.grad_locations + task * samples * 2;
+  for (int64_t s = 0; s < samples; ++s) {
+    const int64_t l = s / g.points;
+    const scalar_t key_coef = scale * w.grad_logits[s], value_coef = w.probs[s];
+    scalar_t grad_x = 0, grad_y = 0;
+    for (int c = 0; c < w.counts[s]; ++c) {
+      const Corner<scalar_t>& corner = w.corners[4 * s + c];
+      const int64_t row = w.firsts[l] + corner.offset;
+      const scalar_t along = key_coef * w.key_dots[4 * s + c] + value_coef * w.grad_dots[4 * s + c];
+      grad_x += corner.weight_dx * along;
+      grad_y += corner.weight_dy * along;
+      if (a.shared) {
+        axpy(grad_q, a.value + row, key_coef * corner.weight, d);
+        axpy2(unit_grad_value + row, q, key_coef * corner.weight, grad, value_coef * corner.weight, d);
+      } else {
+        axpy(grad_q, a.key + row, key_coef * corner.weight, d);
+        axpy(unit_grad_key + row, q, key_coef * corner.weight, d);
+        axpy(unit_grad_value + row, grad, value_coef * corner.weight, d);
+      }
+    }
+    grad_loc[2 * s] = grad_x * static_cast<scalar_t>(g.widths[l]);
+    grad_loc[2 * s + 1] = grad_y * static_cast<scalar_t>(g.heights[l]);
+  }
+}
+
+template <typename scalar_t, int64_t kChannels>
+void kda_backward_kernel(const Geometry& g, int64_t chunks, const KdaBackward<scalar_t>& a) {
+  const int64_t d = kChannels > 0 ? kChannels : g.channels;
+  const int64_t cell = g.heads * d, value_numel = g.batch * g.tokens * cell;
+  at::parallel_for(0, g.batch * g.heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    KdaScratch<scalar_t> scratch(g);
+    for (int64_t index = begin; index < end; ++index) {
+      const Unit u = unit(g, chunks, index);
+      for (int64_t l = 0; l < g.levels; ++l) scratch.firsts[l] = (u.image * g.tokens + g.starts[l]) * cell + u.head * d;
+      scalar_t* unit_grad_value = a.grad_value + u.chunk * value_numel;
+      scalar_t* unit_grad_key = a.shared ? nullptr : a.grad_key + u.chunk * value_numel;
+      for (int64_t query = u.query_begin; query < u.query_end; ++query) {
+        const int64_t task = (u.image * g.queries + query) * g.heads + u.head;
+        kda_task_dots(g, a, task, d, scratch);
+        kda_task_softmax_backward(g.levels * g.points, scratch);
+        kda_task_scatter(g, a, task, d, scratch, unit_grad_key, unit_grad_value);
+      }
+    }
+  });
+}
+
+// [grad_query, grad_value, grad_sampling_locations], then grad_key unless shared.
+std::vector<at::Tensor> ms_deform_attn_key_aware_backward(const at::Tensor& grad_out_in, const at::Tensor& query_in, const at::Tensor& key_in,
+                                                          const at::Tensor& value_in, const at::Tensor& spatial_shapes,
+                                                          const at::Tensor& sampling_locations_in, bool shared) {
+  const KdaInputs in = kda_inputs(query_in, key_in, value_in, spatial_shapes, sampling_locations_in, shared);
+  const Geometry& g = in.g;
+  const auto grad_out = output_gradient(grad_out_in, g, in.value);
+  const int64_t chunks = query_chunks(g);
+  const auto options = in.value.options();
+  auto grad_query = at::zeros_like(in.query);
+  auto grad_value = at::zeros({chunks, g.batch, g.tokens, g.heads, g.channels}, options);
+  auto grad_key = shared ? at::Tensor() : at::zeros({chunks, g.batch, g.tokens, g.heads, g.channels}, options);
+  auto grad_locations = at::empty_like(in.locations);
+  AT_DISPATCH_FLOATING_TYPES(in.value.scalar_type(), "ms_deform_attn_key_aware_backward", [&] {
+    const KdaBackward<scalar_t> a{grad_out.data_ptr<scalar_t>(),       in.query.data_ptr<scalar_t>(),
+                                  in.key.data_ptr<scalar_t>(),         in.value.data_ptr<scalar_t>(),
+                                  in.locations.data_ptr<scalar_t>(),   grad_query.data_ptr<scalar_t>(),
+                                  shared ? nullptr : grad_key.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(),
+                                  grad_locations.data_ptr<scalar_t>(), shared};
+    if (g.channels == 32) {
+      kda_backward_kernel<scalar_t, 32>(g, chunks, a);
+    } else {
+      kda_backward_kernel<scalar_t, 0>(g, chunks, a);
+    }
+  });
+  std::vector<at::Tensor> grads{grad_query, sum_chunks(grad_value), grad_locations};
+  if (!shared) grads.push_back(sum_chunks(grad_key));
+  return grads;
+}
+
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the GIL is released while computing: other Python threads (data loading, a server) keep running
-  m.def("ms_deform_attn_forward", &ms_deform_attn_forward, "MSDA forward (CPU, no autograd)", py::call_guard<py::gil_scoped_release>());
-  m.def("ms_deform_attn_key_aware_forward", &ms_deform_attn_key_aware_forward, "KDA forward (CPU, no autograd)",
-        py::call_guard<py::gil_scoped_release>());
+  const auto release = py::call_guard<py::gil_scoped_release>();
+  m.def("ms_deform_attn_forward", &ms_deform_attn_forward, "MSDA forward (CPU)", release);
+  m.def("ms_deform_attn_backward", &ms_deform_attn_backward, "MSDA backward (CPU): grad_value, grad_locations, grad_weights", release);
+  m.def("ms_deform_attn_key_aware_forward", &ms_deform_attn_key_aware_forward, "KDA forward (CPU)", release);
+  m.def("ms_deform_attn_key_aware_backward", &ms_deform_attn_key_aware_backward,
+        "KDA backward (CPU): grad_query, grad_value, grad_locations, then grad_key unless shared", release);
 }
