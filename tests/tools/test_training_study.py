@@ -1,0 +1,57 @@
+"""benchmarks/training_study.py: each cell changes what it says, the zero-query start is uniform, the table's statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import benchmark_script
+
+from litedetr.engine.recipes import DemoRecipe
+from litedetr.models import build_model, get_config
+from litedetr.nn.attention import MultiScaleDeformableAttention
+
+
+@pytest.fixture(scope="module")
+def study():
+    with benchmark_script("training_study") as module:
+        yield module
+
+
+def _config(study, name):
+    return get_config(DemoRecipe.model, **{**study.AUTHORS_OVERRIDES, **study.cells()[name].model_overrides})
+
+
+def test_cells_differ_only_where_named(study):
+    configs = {name: _config(study, name) for name in study.cells()}
+    assert configs["kda"] == configs["kda-zero-query"] == get_config(DemoRecipe.model, backbone_trainable_norm=True, dn_number=100)
+    assert configs["kda"].encoder.key_aware and configs["kda"].decoder_key_aware
+    assert configs["kda-encoder"].encoder.key_aware and not configs["kda-encoder"].decoder_key_aware
+    assert not configs["msda"].encoder.key_aware and not configs["msda"].decoder_key_aware
+    others = {"encoder", "decoder_key_aware"}
+    for config in configs.values():
+        assert {k: v for k, v in config.to_dict().items() if k not in others} == {k: v for k, v in configs["kda"].to_dict().items() if k not in others}
+
+
+def test_zero_query_start_weighs_every_sampled_point_alike(study):
+    torch.manual_seed(0)
+    model = build_model(DemoRecipe.model, num_classes=3, min_size=(64,), max_size=64, num_queries=10, num_select=10)
+    study.cells()["kda-zero-query"].prepare(model)
+    captured = []
+    attentions = [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
+    assert attentions and all(m.key_aware for m in attentions)
+    for module in attentions:
+        module.capture = lambda locations, weights: captured.append(weights)
+    model.eval()
+    with torch.no_grad():
+        model([torch.rand(3, 64, 64)])
+    assert len(captured) == len(attentions)
+    for weights in captured:  # softmax of q.k with q = 0: 1 / (levels x points) everywhere
+        torch.testing.assert_close(weights, torch.full_like(weights, 1 / weights[0, 0, 0].numel()))
+
+
+def test_summary_and_table(study):
+    assert study._summary([0.3, 0.1, 0.2]) == {"median": 0.2, "min": 0.1, "max": 0.3}
+    row = {"label": "x", **{k: study._summary(v) for k, v in {"AP50": [0.5, 0.6, 0.4], "AP": [0.2, 0.3, 0.1], "loss_class": [0.4] * 3,
+                                                                "loss_bbox": [0.5] * 3, "loss_giou": [0.9, 1.0, 1.1]}.items()}}  # fmt: skip
+    table = study.markdown([row], {"steps": 300, "batch_size": 4, "steps_per_epoch": 50, "seeds": [0, 1, 2]})
+    assert "| x | 50.0 [40.0-60.0] | 20.0 [10.0-30.0] | 0.400 [0.400-0.400] | 0.500 [0.500-0.500] | 1.000 [0.900-1.100] |" in table
