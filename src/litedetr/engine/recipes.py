@@ -47,9 +47,6 @@ class DemoRecipe:
 
     The backbone starts from random weights, so it trains with batch norm and at the full learning
     rate (``backbone_trainable_norm``); 100 denoising queries (up to 5 groups) speed up learning.
-    Key-aware attention (KDA) runs in the encoder and plain deformable attention in the decoder's
-    cross-attention (``decoder_key_aware=False``): trained from scratch, KDA in the decoder doubles
-    the box losses and leaves the detector near AP 0 (``benchmarks/training_study.py``).
     Images are 160x160; the learning rate drops 10x for the last epoch; the validation split is
     evaluated after every ``eval_every`` epochs (and the last). ``amp="auto"`` trains under
     bf16 autocast where the CPU computes bf16 natively and in float32 elsewhere
@@ -62,7 +59,7 @@ class DemoRecipe:
     """
 
     model: str = "lite-dino-r18-tiny-h3l1-2x3"
-    model_overrides: tuple[tuple[str, Any], ...] = (("backbone_trainable_norm", True), ("dn_number", 100), ("decoder_key_aware", False))
+    model_overrides: tuple[tuple[str, Any], ...] = (("backbone_trainable_norm", True), ("dn_number", 100))
     data: SyntheticSpec = SyntheticSpec(num_train=1000, num_val=100, image_size=(160, 160), seed=0)
     image_size: int = 160
     epochs: int = 6
