@@ -4,7 +4,7 @@ An op (``msda``; ``kda``, keys are the values as in the Lite DETR encoder; ``kda
 runs one of three ways:
 
 - ``ours``: the public op as the models call it; :mod:`litedetr.ops` picks the implementation
-  (Triton on CUDA, the C++ kernels on the CPU without autograd, ``grid_sample`` with autograd);
+  (Triton on CUDA, the C++ kernels on the CPU: with autograd their fused forward and backward);
 - ``pytorch``: the same op with the Triton and C++ kernels switched off (``embedding_bag`` gathers
   without autograd, ``grid_sample`` with it);
 - ``two_pass`` (KDA only): the authors' way, one ``grid_sample`` pass for the keys and one for the
@@ -12,12 +12,16 @@ runs one of three ways:
 
 Every token is a query. Values, queries, keys and weights are in the requested dtype; sampling
 locations stay float32 (as in the models, where reference points are float32).
+
+:func:`fused_backward_row` times the forward and backward of ``ours`` and ``pytorch`` on the CPU
+(the fused C++ path against the ``grid_sample`` path) alternately, call by call, in one process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from litedetr.ops import attention_backend, cpu_kernels, custom_ops, ms_deform_attn, ms_deform_attn_key_aware
-from litedetr.engine.timing import Timing, measure
+from litedetr.engine.timing import Timing, measure, peak_memory, time_calls
 
 __all__ = [
     "LEVELS_800X1333",
@@ -43,6 +47,8 @@ __all__ = [
     "attention_call",
     "kernel_row",
     "kernel_markdown",
+    "fused_backward_row",
+    "fused_backward_markdown",
 ]
 
 LEVELS_800X1333: tuple[tuple[int, int], ...] = ((100, 167), (50, 84), (25, 42), (13, 21))
@@ -249,4 +255,78 @@ def kernel_markdown(rows: Sequence[dict[str, object]]) -> str:
         cells = [r["op"], r["method"], f"{r['fwd_backend']} / {r['fwd_bwd_backend']}", r["batch"], r["dtype"]]
         cells += [r["fwd_ms"], r["fwd_bwd_ms"], r["fwd_peak_mib"], r["fwd_bwd_peak_mib"]]
         lines.append("| " + " | ".join(cell(c) for c in cells) + f" | {r['max_abs_diff_vs_fp32_grid_sample']:.1e} |")
+    return "\n".join(lines)
+
+
+def _outputs_and_grads(op: str, method: str, inputs: dict[str, Tensor], grad_out: Tensor) -> list[Tensor]:
+    """The output of ``op`` by ``method`` and the gradient of every float input, in the order of ``inputs``."""
+    leaves = _leaves(inputs)
+    out = run_attention(op, method, leaves)
+    out.backward(grad_out)
+    return [out.detach(), *(leaf.grad for leaf in leaves.values() if leaf.is_floating_point())]
+
+
+def _largest_relative_difference(op: str, inputs: dict[str, Tensor]) -> float:
+    """Over the output and every gradient: max |ours - pytorch| / max |pytorch| (the fused path against ``grid_sample``)."""
+    grad_out = torch.randn(inputs["value"].shape[0], inputs["locations"].shape[1], D_MODEL, generator=torch.Generator().manual_seed(1))
+    ours = _outputs_and_grads(op, "ours", inputs, grad_out.to(inputs["value"].dtype))
+    reference = _outputs_and_grads(op, "pytorch", inputs, grad_out.to(inputs["value"].dtype))
+    return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, reference, strict=True))
+
+
+def _summary(times: list[float]) -> dict[str, float]:
+    ordered = sorted(times)
+    return {
+        "median_ms": statistics.median(ordered) * 1e3,
+        "p90_ms": ordered[max(math.ceil(0.9 * len(ordered)) - 1, 0)] * 1e3,
+        "min_ms": ordered[0] * 1e3,
+    }
+
+
+def fused_backward_row(op: str, levels: Sequence[tuple[int, int]] = LEVELS_800X1333, batch: int = 1, repeats: int = 5, warmup: int = 1) -> dict[str, object]:
+    """Forward + backward of ``op`` on the CPU (float32, gradients of every float input): ``ours`` (the
+    fused C++ kernels with autograd) against ``pytorch`` (the ``grid_sample`` path), timed alternately
+    (each repeat runs both, in alternating order) in this process.
+
+    Per method: the implementation that ran (:func:`litedetr.ops.attention_backend`), median, 90th
+    percentile and minimum ms, and ``peak_mib``: the most memory one call holds in tensors beyond its
+    inputs (the profiler's allocation events: every tensor, output and gradients included, allocated
+    through torch's CPU allocator, also inside the C++ kernels; not the kernels' per-thread scratch of
+    a few KiB, nor the allocator's or the process's overhead). ``speedup``: pytorch's median over ours;
+    ``memory_ratio``: ours' peak over pytorch's; ``max_relative_difference``: of the output and every
+    gradient, the largest |ours - pytorch| over that tensor's largest magnitude.
+    """
+    cpu = torch.device("cpu")
+    inputs = attention_inputs(op, levels, batch)
+    methods = ("ours", "pytorch")
+    calls = {method: attention_call(op, method, inputs, backward=True) for method in methods}
+    row: dict[str, object] = {"op": op, "batch": batch, "dtype": "float32", "repeats": repeats}
+    row["max_relative_difference"] = _largest_relative_difference(op, inputs)
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {method: [] for method in methods}
+    for repeat in range(repeats):
+        for method in methods if repeat % 2 == 0 else methods[::-1]:
+            times[method].extend(time_calls(calls[method], cpu, 1, warmup=0))
+    for method in methods:
+        peak = peak_memory(calls[method], cpu)
+        row[method] = {"backend": _backend(method, inputs, True), **_summary(times[method]), "peak_mib": peak / 2**20}
+    row["speedup"] = row["pytorch"]["median_ms"] / row["ours"]["median_ms"]
+    row["memory_ratio"] = row["ours"]["peak_mib"] / row["pytorch"]["peak_mib"]
+    return row
+
+
+def fused_backward_markdown(rows: Sequence[dict[str, object]]) -> str:
+    """A Markdown table of :func:`fused_backward_row` rows."""
+    lines = [
+        "| op | batch | fused C++ fwd+bwd ms (median / p90) | grid_sample fwd+bwd ms (median / p90) | speedup | fused peak MiB | grid_sample peak MiB | memory ratio | max rel. diff |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ours, ref = r["ours"], r["pytorch"]
+        lines.append(
+            f"| {r['op']} | {r['batch']} | {ours['median_ms']:.0f} / {ours['p90_ms']:.0f} | {ref['median_ms']:.0f} / {ref['p90_ms']:.0f} | "
+            f"{r['speedup']:.1f}x | {ours['peak_mib']:.0f} | {ref['peak_mib']:.0f} | {r['memory_ratio']:.2f} | {r['max_relative_difference']:.1e} |"
+        )
     return "\n".join(lines)

@@ -455,8 +455,9 @@ struct KdaScratch {
 
 // Pass 1 of a task: corners, the dot products of q with every corner key and of grad_out with every
 // corner value, the logits (in probs) and the sampled values' g . v (in grad_logits).
-template <typename scalar_t>
-void kda_task_dots(const Geometry& g, const KdaBackward<scalar_t>& a, int64_t task, int64_t d, KdaScratch<scalar_t>& w) {
+template <typename scalar_t, int64_t kChannels>
+void kda_task_dots(const Geometry& g, const KdaBackward<scalar_t>& a, int64_t task, KdaScratch<scalar_t>& w) {
+  const int64_t d = kChannels > 0 ? kChannels : g.channels;
   const int64_t cell = g.heads * d, samples = g.levels * g.points;
   const scalar_t scale = scalar_t(1) / std::sqrt(static_cast<scalar_t>(d));
   const scalar_t *q = a.query + task * d, *grad = a.grad_out + task * d, *loc = a.locations + task * samples * 2;
@@ -503,9 +504,10 @@ void kda_task_softmax_backward(int64_t samples, KdaScratch<scalar_t>& w) {
 
 // Pass 3: the query's and the locations' gradients, and the scatter into the key and value gradient
 // rows of this unit (sampled key k_s gets scale * dlogit_s * q, sampled value v_s gets p_s * grad_out).
-template <typename scalar_t>
-void kda_task_scatter(const Geometry& g, const KdaBackward<scalar_t>& a, int64_t task, int64_t d, const KdaScratch<scalar_t>& w,
-                      scalar_t* unit_grad_key, scalar_t* unit_grad_value) {
+template <typename scalar_t, int64_t kChannels>
+void kda_task_scatter(const Geometry& g, const KdaBackward<scalar_t>& a, int64_t task, const KdaScratch<scalar_t>& w, scalar_t* unit_grad_key,
+                      scalar_t* unit_grad_value) {
+  const int64_t d = kChannels > 0 ? kChannels : g.channels;
   const int64_t samples = g.levels * g.points;
   const scalar_t scale = scalar_t(1) / std::sqrt(static_cast<scalar_t>(d));
   const scalar_t *q = a.query + task * d, *grad = a.grad_out + task * d;
@@ -548,9 +550,9 @@ void kda_backward_kernel(const Geometry& g, int64_t chunks, const KdaBackward<sc
       scalar_t* unit_grad_key = a.shared ? nullptr : a.grad_key + u.chunk * value_numel;
       for (int64_t query = u.query_begin; query < u.query_end; ++query) {
         const int64_t task = (u.image * g.queries + query) * g.heads + u.head;
-        kda_task_dots(g, a, task, d, scratch);
+        kda_task_dots<scalar_t, kChannels>(g, a, task, scratch);
         kda_task_softmax_backward(g.levels * g.points, scratch);
-        kda_task_scatter(g, a, task, d, scratch, unit_grad_key, unit_grad_value);
+        kda_task_scatter<scalar_t, kChannels>(g, a, task, scratch, unit_grad_key, unit_grad_value);
       }
     }
   });
