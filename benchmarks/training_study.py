@@ -84,12 +84,16 @@ def cells() -> dict[str, Cell]:
     }
 
 
-def run_dir(runs: Path, cell: str, seed: int, steps_per_epoch: int) -> Path:
-    return runs / f"{cell}-seed{seed}-steps{steps_per_epoch or 'full'}"
+def run_dir(runs: Path, cell: str, seed: int, steps_per_epoch: int, init: Path | None = None) -> Path:
+    start = f"-init-{init.stem}" if init else ""
+    return runs / f"{cell}{start}-seed{seed}-steps{steps_per_epoch or 'full'}"
 
 
-def train_one(cell_name: str, seed: int, steps_per_epoch: int, runs: Path) -> dict[str, Any]:
-    """Train (or reuse) one run and return its result (also written to ``result.json`` in its folder)."""
+def train_one(cell_name: str, seed: int, steps_per_epoch: int, runs: Path, init: Path | None = None) -> dict[str, Any]:
+    """Train (or reuse) one run and return its result (also written to ``result.json`` in its folder).
+
+    ``init``: a model file to start from (``TrainConfig.init``) instead of the seed's draw of initial
+    weights; the seed still orders the batches."""
     cell = cells()[cell_name]
     recipe = DemoRecipe()
     data = write_synthetic_dataset(runs / "data", recipe.data)
@@ -97,8 +101,9 @@ def train_one(cell_name: str, seed: int, steps_per_epoch: int, runs: Path) -> di
     config = dataclasses.replace(
         config, model_overrides={**AUTHORS_OVERRIDES, **cell.model_overrides}, seed=seed, epoch_batches=steps_per_epoch, workers=1,
         eval_every=recipe.epochs,
+        init=str(init) if init else None,
     )
-    out = run_dir(runs, cell_name, seed, steps_per_epoch)
+    out = run_dir(runs, cell_name, seed, steps_per_epoch, init)
     started = time.perf_counter()
     if cell.prepare is not None and not (out / "checkpoint.pt").exists():
         trainer = Trainer(config, out)  # a fresh run: change the model before its first step
@@ -111,6 +116,7 @@ def train_one(cell_name: str, seed: int, steps_per_epoch: int, runs: Path) -> di
     result = {
         "cell": cell_name,
         "seed": seed,
+        "init": str(init) if init else None,
         "steps": max(r["step"] for r in records),
         "AP": metrics["AP"],
         "AP50": metrics["AP50"],
@@ -151,31 +157,32 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each a subprocess")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--runs", type=Path, default=Path("training-study-runs"))
+    parser.add_argument("--init", type=Path, help="start every run from this model file instead of the seed's initial weights")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--run", nargs=2, metavar=("CELL", "SEED"), help=argparse.SUPPRESS)  # one run, in a worker process
     args = parser.parse_args()
     if args.run:
         torch.set_num_threads(args.threads)
-        train_one(args.run[0], int(args.run[1]), args.steps_per_epoch, args.runs)
+        train_one(args.run[0], int(args.run[1]), args.steps_per_epoch, args.runs, args.init)
         return
 
     write_synthetic_dataset(args.runs / "data", DemoRecipe().data)  # once, before the workers
-    todo = [(c, s) for c in args.cells for s in args.seeds if not (run_dir(args.runs, c, s, args.steps_per_epoch) / "result.json").exists()]
+    todo = [(c, s) for c in args.cells for s in args.seeds if not (run_dir(args.runs, c, s, args.steps_per_epoch, args.init) / "result.json").exists()]
     running: list[subprocess.Popen] = []
     for cell_name, seed in todo:
         while len(running) >= args.jobs:
             running = [p for p in running if p.poll() is None] or running
             time.sleep(5)
         command = [sys.executable, __file__, "--run", cell_name, str(seed), "--steps-per-epoch", str(args.steps_per_epoch),
-                   "--threads", str(args.threads), "--runs", str(args.runs)]  # fmt: skip
-        log = open(run_dir(args.runs, cell_name, seed, args.steps_per_epoch).with_suffix(".log"), "w")
+                   "--threads", str(args.threads), "--runs", str(args.runs)] + (["--init", str(args.init)] if args.init else [])  # fmt: skip
+        log = open(run_dir(args.runs, cell_name, seed, args.steps_per_epoch, args.init).with_suffix(".log"), "w")
         running.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
     for process in running:
         process.wait()
 
     results = []
     for cell_name in args.cells:
-        found = [run_dir(args.runs, cell_name, s, args.steps_per_epoch) / "result.json" for s in args.seeds]
+        found = [run_dir(args.runs, cell_name, s, args.steps_per_epoch, args.init) / "result.json" for s in args.seeds]
         missing = [str(p.parent) for p in found if not p.exists()]
         if missing:
             raise SystemExit(f"runs did not finish (see their .log files): {', '.join(missing)}")

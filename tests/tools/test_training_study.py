@@ -55,3 +55,8 @@ def test_summary_and_table(study):
                                                                 "loss_bbox": [0.5] * 3, "loss_giou": [0.9, 1.0, 1.1]}.items()}}  # fmt: skip
     table = study.markdown([row], {"steps": 300, "batch_size": 4, "steps_per_epoch": 50, "seeds": [0, 1, 2]})
     assert "| x | 50.0 [40.0-60.0] | 20.0 [10.0-30.0] | 0.400 [0.400-0.400] | 0.500 [0.500-0.500] | 1.000 [0.900-1.100] |" in table
+
+
+def test_runs_from_a_model_file_go_to_their_own_folders(study, tmp_path):
+    assert study.run_dir(tmp_path, "kda", 1, 50) == tmp_path / "kda-seed1-steps50"
+    assert study.run_dir(tmp_path, "kda", 1, 0, tmp_path / "v01.safetensors") == tmp_path / "kda-init-v01-seed1-stepsfull"
