@@ -87,3 +87,26 @@ def test_accumulation_steps_at_every_epoch_end_and_nothing_leaks(tiny_synthetic,
     assert trainer.step == 2 and trainer.epoch == 1
     assert all(p.grad is None for p in trainer.model.parameters())
     assert any(not torch.equal(before[name], p) for name, p in trainer.model.named_parameters())
+
+
+def test_warm_up_ramps_every_group_and_resumes_exactly(tiny_synthetic, tmp_path):
+    settings = dict(epochs=2, epoch_batches=3, lr=4e-4, lr_backbone=2e-4, lr_drop=(1,), warmup_steps=4)
+    straight = Trainer(config(tiny_synthetic, **settings), tmp_path / "straight")
+    straight.fit()
+    records = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    # steps 1-3 ramp in epoch 0; step 4 (epoch 1, after the drop) ends the ramp; then the dropped rate
+    assert [r["lr"] for r in records] == pytest.approx([1e-4, 2e-4, 3e-4, 4e-5, 4e-5, 4e-5])
+    assert [r["lr_groups"]["backbone"] for r in records] == pytest.approx([5e-5, 1e-4, 1.5e-4, 2e-5, 2e-5, 2e-5])
+
+    partial = Trainer(config(tiny_synthetic, checkpoint_every=1, **settings), tmp_path / "resumed")
+    partial._stop.set()
+    assert partial.fit().interrupted and partial.step == 1
+    resumed = Trainer(config(tiny_synthetic, checkpoint_every=1, **settings), tmp_path / "resumed", resume=True)
+    assert resumed.fit().steps == 6
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_warm_up_steps_cannot_be_negative(tiny_synthetic):
+    with pytest.raises(ValueError, match="warmup_steps"):
+        config(tiny_synthetic, warmup_steps=-1)

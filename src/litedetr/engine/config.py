@@ -42,6 +42,8 @@ class TrainConfig:
         epoch_batches: batches per epoch and process (0: the whole dataset). Each epoch draws them
             from its own shuffled order, so a shorter epoch still sees different images each time;
             a way to fit a schedule of ``epochs`` and ``lr_drop`` into a time budget.
+        warmup_steps: the learning rate of every group rises linearly over the first this many
+            optimiser steps, from ``1/warmup_steps`` of its scheduled value to all of it (0: no warm-up).
         eval_every: evaluate every this many epochs (and after the last).
         checkpoint_every: also write the resume checkpoint every this many optimiser steps (0: only
             at the end of each epoch).
@@ -68,6 +70,7 @@ class TrainConfig:
     lr_sampling_mult: float = 0.1
     weight_decay: float = 1e-4
     lr_drop: tuple[int, ...] = (11,)
+    warmup_steps: int = 0
     clip_norm: float = 0.1
     image_sizes: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
     max_size: int = 1333
@@ -91,6 +94,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "accumulate", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.epoch_batches < 0 or self.epoch_batches % self.accumulate:
             raise ValueError(f"epoch_batches must be 0 (whole epochs) or a positive multiple of accumulate ({self.accumulate}), got {self.epoch_batches}")
         if self.init is not None and self.backbone_weights is not None:

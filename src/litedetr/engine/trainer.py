@@ -264,8 +264,21 @@ class Trainer:
         self.scaler.scale(loss / self.config.accumulate).backward()
         return loss, losses
 
+    def _warm_up(self) -> None:
+        """During the first ``warmup_steps`` optimiser steps (and at the first one after), set each group's
+        learning rate to its scheduled value (``initial_lr`` dropped at every milestone passed) times
+        ``(step + 1) / warmup_steps``, at most 1."""
+        warmup = self.config.warmup_steps
+        if not warmup or self.step > warmup:
+            return
+        factor = min(1.0, (self.step + 1) / warmup)
+        drops = sum(1 for milestone in self.config.lr_drop if self.epoch >= milestone)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * self.scheduler.gamma**drops * factor
+
     def _optimizer_step(self) -> torch.Tensor:
         """Clip, step, clear the gradients and update the EMA; returns the gradient norm before clipping."""
+        self._warm_up()
         self.scaler.unscale_(self.optimizer)
         clip = self.config.clip_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip) if clip > 0 else torch.tensor(0.0)
