@@ -14,6 +14,9 @@ Cells (``--cells``):
   weights over the sampled points, exactly where plain deformable attention starts.
 - ``kda-encoder``: KDA in the encoder only, plain deformable attention (MSDA) in the decoder.
 - ``msda``: MSDA in the encoder and the decoder.
+- ``kda-warmup``: the authors' Lite-DINO with the learning rate warmed up linearly over the first
+  ``WARMUP_STEPS`` optimiser steps.
+- ``msda-warmup``: MSDA with the same warm-up.
 
 ``--steps-per-epoch`` shortens each of the 6 epochs (0: the demo's full 250; each epoch still draws
 its batches from its own shuffle of all 1000 images, and the learning rate still drops before the
@@ -49,6 +52,7 @@ from litedetr.engine.trainer import Trainer
 from litedetr.models import Detector, get_config
 
 LOSS_TERMS = ("loss_class", "loss_bbox", "loss_giou")
+WARMUP_STEPS = 100
 LAST_STEPS = 50
 
 
@@ -60,11 +64,12 @@ def _zero_query_proj(model: Detector) -> None:
 
 @dataclass(frozen=True)
 class Cell:
-    """One configuration of the study: :class:`DetectorConfig` changes and an optional change to the
-    freshly built model (applied before training starts)."""
+    """One configuration of the study: :class:`DetectorConfig` changes, :class:`TrainConfig` changes and
+    an optional change to the freshly built model (applied before training starts)."""
 
     label: str
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    train_overrides: dict[str, Any] = field(default_factory=dict)
     prepare: Callable[[Detector], None] | None = None
 
 
@@ -81,6 +86,10 @@ def cells() -> dict[str, Cell]:
         "kda-zero-query": Cell("KDA, query_proj zero-initialised (uniform start)", prepare=_zero_query_proj),
         "kda-encoder": Cell("KDA in the encoder, MSDA in the decoder", {"decoder_key_aware": False}),
         "msda": Cell("MSDA in encoder and decoder", {"encoder": msda_encoder, "decoder_key_aware": False}),
+        "kda-warmup": Cell(f"KDA, lr warm-up over {WARMUP_STEPS} steps", train_overrides={"warmup_steps": WARMUP_STEPS}),
+        "msda-warmup": Cell(
+            f"MSDA, lr warm-up over {WARMUP_STEPS} steps", {"encoder": msda_encoder, "decoder_key_aware": False}, {"warmup_steps": WARMUP_STEPS}
+        ),
     }
 
 
@@ -102,6 +111,7 @@ def train_one(cell_name: str, seed: int, steps_per_epoch: int, runs: Path, init:
         config, model_overrides={**AUTHORS_OVERRIDES, **cell.model_overrides}, seed=seed, epoch_batches=steps_per_epoch, workers=1,
         eval_every=recipe.epochs,
         init=str(init) if init else None,
+        **cell.train_overrides,
     )
     out = run_dir(runs, cell_name, seed, steps_per_epoch, init)
     started = time.perf_counter()

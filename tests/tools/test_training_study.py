@@ -23,6 +23,9 @@ def _config(study, name):
 
 def test_cells_differ_only_where_named(study):
     configs = {name: _config(study, name) for name in study.cells()}
+    assert configs["kda-warmup"] == configs["kda"] and configs["msda-warmup"] == configs["msda"]
+    assert study.cells()["kda-warmup"].train_overrides == study.cells()["msda-warmup"].train_overrides == {"warmup_steps": study.WARMUP_STEPS}
+    assert not any(study.cells()[name].train_overrides for name in ("kda", "kda-zero-query", "kda-encoder", "msda"))
     assert configs["kda"] == configs["kda-zero-query"] == get_config(DemoRecipe.model, backbone_trainable_norm=True, dn_number=100)
     assert configs["kda"].encoder.key_aware and configs["kda"].decoder_key_aware
     assert configs["kda-encoder"].encoder.key_aware and not configs["kda-encoder"].decoder_key_aware
