@@ -162,7 +162,15 @@ def _cpu_markdown(meta: dict[str, object], table: str) -> str:
     ]
     if meta["note"]:
         lines += [f"**Note:** {meta['note']}", ""]
-    return "\n".join([*lines, table, ""])
+    after = [
+        "",
+        "The difference columns compare the fused path's output and gradients with the grid_sample path's, each relative to that "
+        "tensor's largest magnitude. A location gradient can differ by O(1) where a sample lies within float32 rounding of a cell "
+        "centre: the bilinear derivative jumps there, and the two paths round the pixel coordinate differently "
+        "(`x * W - 0.5` against grid_sample's `(((2x - 1) + 1) * W - 1) / 2`), so they take opposite one-sided derivatives.",
+        "",
+    ]
+    return "\n".join([*lines, table, *after])
 
 
 if __name__ == "__main__":

@@ -93,7 +93,11 @@ def test_gradcheck_of_the_fused_path(op, option):
 @pytest.mark.parametrize("op", OPS)
 def test_forward_and_every_gradient_agree_with_the_grid_sample_path_in_float32(op):
     """Encoder-like sizes (8 heads of 32 channels, 4 levels, 4 points, every token a query, batch 2):
-    within 1e-5 of each tensor's largest magnitude, and as close to float64 as the ``grid_sample`` path."""
+    within 1e-5 of each tensor's largest magnitude, and as close to float64 as the ``grid_sample`` path.
+
+    (With other random locations a sample may fall within float32 rounding of a cell centre, where the
+    bilinear derivative jumps: the two paths round the pixel coordinate differently and their location
+    gradients there are the two one-sided derivatives. This seed has no such sample.)"""
     shapes = torch.tensor([[12, 14], [6, 7], [3, 4], [1, 1]])
     x64 = inputs(shapes, b=2, m=8, d=32, p=4, dtype=torch.float64, spread=1.2)
     grad_out64 = torch.randn(2, x64["value"].shape[1], 8 * 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
