@@ -23,7 +23,8 @@ its batches from its own shuffle of all 1000 images, and the learning rate still
 last one). Each run is a subprocess with ``--threads`` threads, ``--jobs`` at a time: the figures are
 accuracies after a fixed number of steps, which other jobs on the machine do not change (only the
 wall time). Runs go to ``--runs``; a finished run is reused and an interrupted one resumed, so the
-study can be stopped and started again. Writes ``training_study.md`` and ``training_study.json`` to ``--out``.
+study can be stopped and started again. Writes ``training_study.md`` and ``training_study.json`` to ``--out``
+(``training_study_init_<file stem>.*`` with ``--init``).
 
     python benchmarks/training_study.py [--cells kda msda ...] [--seeds 0 1 2] [--steps-per-epoch 50]
         [--jobs 2] [--threads 1] [--runs training-study-runs] [--out benchmarks/results]
@@ -145,7 +146,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"Demo's model and data; {meta['steps']} training steps of {meta['batch_size']} images per run"
         f" ({meta['steps_per_epoch']} per epoch x 6, lr drop before the last); seeds {meta['seeds']}. "
-        "Median [min-max] over the seeds; AP in %; losses: the last decoder layer's, mean of the last 50 steps.",
+        "Median [min-max] over the seeds; AP in %; losses: the last decoder layer's, mean of the last 50 steps."
+        + (f" Every run starts from the initial weights in `{Path(meta['init']).name}`; the seed orders the batches." if meta.get("init") else ""),
         "",
         "| cell | AP50 | AP | class loss | L1 loss | GIoU loss |",
         "|---|---:|---:|---:|---:|---:|",
@@ -203,12 +205,13 @@ def main() -> None:
     recipe = DemoRecipe()
     steps_per_epoch = args.steps_per_epoch or -(-recipe.data.num_train // recipe.batch_size)
     meta = {"steps_per_epoch": steps_per_epoch, "steps": steps_per_epoch * recipe.epochs, "batch_size": recipe.batch_size,
-            "seeds": args.seeds, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
+            "seeds": args.seeds, "init": str(args.init) if args.init else None, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
     table = markdown(results, meta)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "training_study.md").write_text(table)
-    (args.out / "training_study.json").write_text(json.dumps({"meta": meta, "cells": results}, indent=2))
+    name = "training_study" + (f"_init_{args.init.stem}" if args.init else "")
+    (args.out / f"{name}.md").write_text(table)
+    (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "cells": results}, indent=2))
 
 
 if __name__ == "__main__":
