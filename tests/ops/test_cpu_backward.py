@@ -157,19 +157,24 @@ def test_tracing_and_no_grad_keep_their_paths():
     assert "grid_sampler" in str(traced.graph) and "litedetr::" not in str(traced.graph)
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_two_backward_runs_are_bitwise_equal_and_independent_of_threads_up_to_images_x_heads(op):
-    """Batch 1 x 2 heads: every thread count up to 2 splits the work the same way (one unit per image-head)."""
-    x = inputs(SMALL, b=1, m=2, d=32, p=4, dtype=torch.float32)
-    grad_out = torch.randn(1, x["value"].shape[1], 64)
+def _two_threads_twice_then_one(op, x, grad_out):
+    """The forward output and gradients of ``op`` twice with 2 threads, then once with 1."""
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         first, second = forward_and_grads(op, SMALL, x, grad_out), forward_and_grads(op, SMALL, x, grad_out)
         torch.set_num_threads(1)
-        single = forward_and_grads(op, SMALL, x, grad_out)
+        return first, second, forward_and_grads(op, SMALL, x, grad_out)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_two_backward_runs_are_bitwise_equal_and_independent_of_threads_up_to_images_x_heads(op):
+    """Batch 1 x 2 heads: every thread count up to 2 splits the work the same way (one unit per image-head)."""
+    x = inputs(SMALL, b=1, m=2, d=32, p=4, dtype=torch.float32)
+    grad_out = torch.randn(1, x["value"].shape[1], 64)
+    first, second, single = _two_threads_twice_then_one(op, x, grad_out)
     for a, b, c in zip(first, second, single):
         assert torch.equal(a, b) and torch.equal(a, c)
 
@@ -180,14 +185,7 @@ def test_more_threads_than_image_heads_split_the_queries_deterministically(op):
     copy (summed in order): bitwise repeatable, and equal to the single-thread result to rounding."""
     x = inputs(SMALL, b=1, m=1, d=32, p=4, dtype=torch.float32)
     grad_out = torch.randn(1, x["value"].shape[1], 32)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        first, second = forward_and_grads(op, SMALL, x, grad_out), forward_and_grads(op, SMALL, x, grad_out)
-        torch.set_num_threads(1)
-        single = forward_and_grads(op, SMALL, x, grad_out)
-    finally:
-        torch.set_num_threads(threads)
+    first, second, single = _two_threads_twice_then_one(op, x, grad_out)
     for a, b, c in zip(first, second, single):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from litedetr.ops import cpu_kernels
+from litedetr.ops.custom_ops import key_aware_input_grads
 from litedetr.ops.geometry import SpatialShapes
 
 __all__ = ["compute_dtype", "ms_deform_attn", "ms_deform_attn_key_aware"]
@@ -121,16 +122,7 @@ def _kda_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> Non
 def _kda_backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     query, key, value, spatial_shapes, locations = ctx.saved_tensors
     grads = torch.ops.litedetr.cpu_ms_deform_attn_key_aware_backward(grad_out, query, key, value, spatial_shapes, locations)
-    grad_query, grad_value, grad_locations = grads[:3]
-    grad_key = grads[3] if key is not None else None
-    needs = ctx.needs_input_grad
-    return (
-        grad_query if needs[0] else None,
-        grad_key if needs[1] else None,
-        grad_value if needs[2] else None,
-        None,
-        grad_locations if needs[4] else None,
-    )
+    return key_aware_input_grads(grads, key is not None, ctx.needs_input_grad, shape_inputs=1)
 
 
 _kda_op.register_autograd(_kda_backward, setup_context=_kda_setup_context)

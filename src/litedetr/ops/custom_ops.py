@@ -30,7 +30,7 @@ from torch import Tensor
 from litedetr.ops.geometry import SpatialShapes, check_token_count, level_shapes, level_start_index, shapes_tensor
 from litedetr.ops.switch import KernelSwitch
 
-__all__ = ["TRITON_AVAILABLE", "ms_deform_attn", "ms_deform_attn_key_aware", "triton_disabled", "triton_enabled"]
+__all__ = ["TRITON_AVAILABLE", "key_aware_input_grads", "ms_deform_attn", "ms_deform_attn_key_aware", "triton_disabled", "triton_enabled"]
 
 TRITON_AVAILABLE: bool = importlib.util.find_spec("triton") is not None
 _switch = KernelSwitch()
@@ -188,17 +188,17 @@ def _key_aware_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Te
 def _key_aware_backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
     query, key, value, spatial_shapes, starts, locations, out, lse = ctx.saved_tensors
     grads = torch.ops.litedetr.ms_deform_attn_key_aware_backward(grad_out, query, key, value, spatial_shapes, starts, locations, out, lse)
+    return key_aware_input_grads(grads, key is not None, ctx.needs_input_grad, shape_inputs=2)
+
+
+def key_aware_input_grads(grads: tuple[Tensor, ...], has_key: bool, needs: tuple[bool, ...], shape_inputs: int) -> tuple[Tensor | None, ...]:
+    """A KDA backward op's ``(grad_query, grad_value, grad_locations[, grad_key])`` as an autograd formula
+    returns them: in input order ``(query, key, value, <shape_inputs level-shape inputs>, locations)``,
+    ``None`` for the level shapes and for every input whose gradient is not needed (``needs``)."""
     grad_query, grad_value, grad_locations = grads[:3]
-    grad_key = grads[3] if key is not None else None
-    needs = ctx.needs_input_grad
-    return (
-        grad_query if needs[0] else None,
-        grad_key if needs[1] else None,
-        grad_value if needs[2] else None,
-        None,
-        None,
-        grad_locations if needs[5] else None,
-    )
+    grad_key = grads[3] if has_key else None
+    found = (grad_query, grad_key, grad_value, *([None] * shape_inputs), grad_locations)
+    return tuple(grad if need else None for grad, need in zip(found, needs))
 
 
 _key_aware_op.register_autograd(_key_aware_backward, setup_context=_key_aware_setup_context)
