@@ -88,17 +88,21 @@ def run_gpu(args: argparse.Namespace) -> None:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": importlib.metadata.version("triton"),
-        "levels": LEVELS_800X1333,
-        "d_model": D_MODEL,
-        "heads": HEADS,
-        "points": POINTS,
-        "warmup": warmup,
-        "repeats": repeats,
+        **_shapes_meta(warmup, repeats),
     }
-    out = args.out or RESULTS / "kernels.json"
+    out = _write_json(args.out or RESULTS / "kernels.json", meta, rows)
+    print(f"\nwrote {out}")
+
+
+def _shapes_meta(warmup: int, repeats: int) -> dict[str, object]:
+    """The op shapes and the timing counts every run records."""
+    return {"levels": LEVELS_800X1333, "d_model": D_MODEL, "heads": HEADS, "points": POINTS, "warmup": warmup, "repeats": repeats}
+
+
+def _write_json(out: Path, meta: dict[str, object], rows: list[dict[str, object]]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    return out
 
 
 def _targets(row: dict[str, object]) -> dict[str, object]:
@@ -131,20 +135,13 @@ def run_cpu(args: argparse.Namespace) -> None:
         "load_average_after": os.getloadavg(),
         "note": args.note,
         "torch": torch.__version__,
-        "levels": LEVELS_800X1333,
-        "d_model": D_MODEL,
-        "heads": HEADS,
-        "points": POINTS,
-        "warmup": warmup,
-        "repeats": repeats,
+        **_shapes_meta(warmup, repeats),
         "timing": "alternating: each repeat runs the fused and the grid_sample call, in alternating order",
         "peak_memory": "most tensor memory one call holds beyond its inputs (torch.profiler allocation events; output and gradients included)",
     }
     table = fused_backward_markdown(rows)
     print("\n" + table)
-    out = args.out or RESULTS / "kernels_cpu.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    out = _write_json(args.out or RESULTS / "kernels_cpu.json", meta, rows)
     out.with_suffix(".md").write_text(_cpu_markdown(meta, table))
     print(f"\nwrote {out} and {out.with_suffix('.md')}")
 
