@@ -245,14 +245,31 @@ void msda_kernel(const Geometry& g, const scalar_t* v, const scalar_t* loc, cons
   });
 }
 
+// MSDA's inputs made contiguous (the weights in the values' dtype) and checked against each other.
+struct MsdaInputs {
+  at::Tensor value, locations, attention;
+  Geometry g;
+};
+
+MsdaInputs msda_inputs(const at::Tensor& value_in, const at::Tensor& spatial_shapes, const at::Tensor& sampling_locations_in,
+                       const at::Tensor& attention_weights_in) {
+  check_inputs(value_in, sampling_locations_in);
+  MsdaInputs in;
+  in.value = value_in.contiguous();
+  in.locations = sampling_locations_in.contiguous();
+  in.attention = attention_weights_in.to(in.value.scalar_type()).contiguous();
+  in.g = geometry(in.value, spatial_shapes, in.locations);
+  check_attention_weights(in.attention, in.g);
+  return in;
+}
+
 at::Tensor ms_deform_attn_forward(const at::Tensor& value_in, const at::Tensor& spatial_shapes,
                                   const at::Tensor& sampling_locations_in, const at::Tensor& attention_weights_in) {
-  check_inputs(value_in, sampling_locations_in);
-  const auto value = value_in.contiguous();
-  const auto locations = sampling_locations_in.contiguous();
-  const auto attention = attention_weights_in.to(value.scalar_type()).contiguous();
-  const Geometry g = geometry(value, spatial_shapes, locations);
-  check_attention_weights(attention, g);
+  const MsdaInputs in = msda_inputs(value_in, spatial_shapes, sampling_locations_in, attention_weights_in);
+  const at::Tensor& value = in.value;
+  const at::Tensor& locations = in.locations;
+  const at::Tensor& attention = in.attention;
+  const Geometry& g = in.g;
   auto out = at::zeros({g.batch, g.queries, g.heads, g.channels}, value.options());
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward", [&] {
     const scalar_t* v = value.data_ptr<scalar_t>();
@@ -402,12 +419,11 @@ void msda_backward_kernel(const Geometry& g, int64_t chunks, const scalar_t* gra
 
 std::vector<at::Tensor> ms_deform_attn_backward(const at::Tensor& grad_out_in, const at::Tensor& value_in, const at::Tensor& spatial_shapes,
                                                 const at::Tensor& sampling_locations_in, const at::Tensor& attention_weights_in) {
-  check_inputs(value_in, sampling_locations_in);
-  const auto value = value_in.contiguous();
-  const auto locations = sampling_locations_in.contiguous();
-  const auto attention = attention_weights_in.to(value.scalar_type()).contiguous();
-  const Geometry g = geometry(value, spatial_shapes, locations);
-  check_attention_weights(attention, g);
+  const MsdaInputs in = msda_inputs(value_in, spatial_shapes, sampling_locations_in, attention_weights_in);
+  const at::Tensor& value = in.value;
+  const at::Tensor& locations = in.locations;
+  const at::Tensor& attention = in.attention;
+  const Geometry& g = in.g;
   const auto grad_out = output_gradient(grad_out_in, g, value);
   const int64_t chunks = query_chunks(g);
   auto grad_value = at::zeros({chunks, g.batch, g.tokens, g.heads, g.channels}, value.options());
