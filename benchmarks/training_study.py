@@ -45,15 +45,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from litedetr.data import write_synthetic_dataset
+from litedetr.data import CocoDetection, collate, write_synthetic_dataset
 from litedetr.engine.recipes import DemoRecipe, demo_train_config, train_or_reuse
 from litedetr.engine.trainer import Trainer
-from litedetr.models import Detector, get_config
+from litedetr.models import Detector, get_config, load_model
+from litedetr.ops import level_shapes
 
 LOSS_TERMS = ("loss_class", "loss_bbox", "loss_giou")
 WARMUP_STEPS = 100
+DENSE_REPEAT = 6
 LAST_STEPS = 50
 
 
@@ -90,6 +92,15 @@ def cells() -> dict[str, Cell]:
         "kda-warmup": Cell(f"KDA, lr warm-up over {WARMUP_STEPS} steps", train_overrides={"warmup_steps": WARMUP_STEPS}),
         "msda-warmup": Cell(
             f"MSDA, lr warm-up over {WARMUP_STEPS} steps", {"encoder": msda_encoder, "decoder_key_aware": False}, {"warmup_steps": WARMUP_STEPS}
+        ),
+        "kda-lr1e-4": Cell("KDA, lr 1e-4 (backbone too)", train_overrides={"lr": 1e-4, "lr_backbone": 1e-4}),
+        "kda-lr1e-4-backbone": Cell("KDA, lr 1e-4, backbone 4e-4", train_overrides={"lr": 1e-4}),
+        "kda-clip1": Cell("KDA, gradient clipping at norm 1", train_overrides={"clip_norm": 1.0}),
+        "kda-dn20": Cell("KDA, 20 denoising queries", {"dn_number": 20}),
+        "kda-dense": Cell(f"KDA, every token's proposal matched one-to-many ({DENSE_REPEAT}x)", {"encoder_one_to_many": DENSE_REPEAT}),
+        "msda-dense": Cell(
+            f"MSDA, every token's proposal matched one-to-many ({DENSE_REPEAT}x)",
+            {"encoder": msda_encoder, "decoder_key_aware": False, "encoder_one_to_many": DENSE_REPEAT},
         ),
     }
 
@@ -133,9 +144,45 @@ def train_one(cell_name: str, seed: int, steps_per_epoch: int, runs: Path, init:
         "AP50": metrics["AP50"],
         **{term: statistics.mean(r[term] for r in train) for term in LOSS_TERMS},
         "seconds": round(time.perf_counter() - started, 1),
+        **diagnose(out / "model.safetensors", config),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def diagnose(model_file: Path, config: Any, images: int = 16) -> dict[str, Any]:
+    """What tells a stuck run from one that learns, on the first ``images`` validation images.
+
+    ``finest_share``: the share of the selected proposals (the decoder's anchors) that come from the
+    finest (stride-8) level. ``box_l1``: the L1 box loss of the encoder's proposals and of every
+    decoder layer, for the matched queries and for the denoising ones (training mode, no gradient):
+    a decoder that refines its boxes lowers it layer by layer.
+    """
+    model = load_model(model_file)
+    dataset = CocoDetection(config.val_annotations, config.val_images)
+    batch, targets = collate([dataset[i] for i in range(images)])
+    picked: list[Tensor] = []
+    select = model.query_selection.select
+    model.query_selection.select = lambda scores, k: picked.append(select(scores, k)) or picked[-1]
+    shapes: list[Any] = []
+    model.input_stage.register_forward_hook(lambda module, inputs, tokens: shapes.append(level_shapes(tokens.spatial_shapes)))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.eval()
+        model(list(batch))
+        (height, width), *_ = shapes[0]  # the finest level's tokens come first
+        share = float((picked[0] < height * width).float().mean())
+        model.train()
+        losses = model(list(batch), list(targets))
+    layers = model.config.decoder_layers
+    return {
+        "finest_share": share,
+        "box_l1": {
+            "encoder": float(losses["loss_bbox_enc"]),
+            "decoder": [float(losses[f"loss_bbox_{i}"]) for i in range(layers - 1)] + [float(losses["loss_bbox"])],
+            "denoising": [float(losses[f"loss_bbox_dn_{i}"]) for i in range(layers - 1)] + [float(losses["loss_bbox_dn"])],
+        },
+    }
 
 
 def _summary(values: list[float]) -> dict[str, float]:

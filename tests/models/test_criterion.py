@@ -488,3 +488,23 @@ def test_giou_eps_must_match_the_matcher():
     with pytest.raises(ValueError, match="giou_eps"):
         SetCriterion(K, HungarianMatcher(), giou_eps=1e-6)
     assert SetCriterion(K, HungarianMatcher(giou_eps=1e-6), giou_eps=1e-6).giou_eps == 1e-6
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_dense_encoder_losses_match_every_copy_of_every_target(binary):
+    """``enc_dense``: each target repeated ``encoder_one_to_many`` times, Hungarian-matched over every
+    token, with the labels the encoder's own loss uses; the reference is a plain matching + losses."""
+    g = torch.Generator().manual_seed(7)
+    criterion = SetCriterion(K, HungarianMatcher(), encoder_one_to_many=3, binary_encoder_targets=binary)
+    targets = make_targets([2, 1], g)
+    dense = random_outputs(2, 40, g)
+    losses = criterion({**random_outputs(2, 6, g), "enc_dense": dense}, targets)
+    labelled = [{"labels": torch.zeros_like(t["labels"]) if binary else t["labels"], "boxes": t["boxes"]} for t in targets]
+    repeated = [{"labels": t["labels"].repeat(3), "boxes": t["boxes"].repeat(3, 1)} for t in labelled]
+    indices = HungarianMatcher()(dense, repeated)
+    assert [len(src) for src, _ in indices] == [6, 3] and all(len(set(src.tolist())) == len(src) for src, _ in indices)
+    torch.testing.assert_close(losses["loss_class_enc_dense"], reference_class_loss(dense["pred_logits"], repeated, indices, 9.0))
+    pairs = [(dense["pred_boxes"][b, s], repeated[b]["boxes"][t]) for b, (src, tgt) in enumerate(indices) for s, t in zip(src, tgt)]
+    torch.testing.assert_close(losses["loss_bbox_enc_dense"], sum((p - q).abs().sum() for p, q in pairs) / 9.0)
+    plain = SetCriterion(K, HungarianMatcher(), binary_encoder_targets=binary)({**random_outputs(2, 6, g)}, targets)
+    assert not any("dense" in key for key in plain)

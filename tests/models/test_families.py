@@ -322,3 +322,40 @@ def test_a_converted_h_detr_model_file_reproduces_the_code_base(tmp_path):
 def test_impossible_family_choices_are_named(overrides, message):
     with pytest.raises(ValueError, match=message):
         get_config("dino-r50", **overrides)
+
+
+@pytest.mark.parametrize("name", ["lite-dino-r18-tiny-h3l1-2x3", "h-detr-r18-tiny"])
+def test_encoder_one_to_many_supervises_every_token_in_training_only(name):
+    """The option adds ``*_enc_dense`` losses over all S tokens; weights, inference and the other losses stay."""
+    images = [torch.rand(3, 96, 96)]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0], [40.0, 30.0, 90.0, 90.0]]), "labels": torch.tensor([0, 2])}]
+    models = {}
+    for repeat in (0, 4):
+        torch.manual_seed(0)
+        models[repeat] = build_model(name, num_classes=3, min_size=(96,), max_size=96, encoder_one_to_many=repeat)
+    assert models[0].state_dict().keys() == models[4].state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), models[4].state_dict().values()))
+    losses = {}
+    for repeat, model in models.items():
+        torch.manual_seed(1)
+        losses[repeat] = model.train()(images, targets)
+    dense = {key for key in losses[4] if key.endswith("_enc_dense")}
+    assert dense == {"loss_class_enc_dense", "loss_bbox_enc_dense", "loss_giou_enc_dense"}
+    assert losses[0].keys() == losses[4].keys() - dense
+    for key, value in losses[0].items():
+        torch.testing.assert_close(losses[4][key], value)
+    captured = []
+    handle = models[4].query_selection.register_forward_hook(lambda module, inputs, output: captured.append(output[1]))
+    models[4](images, targets)
+    tokens = 12 * 12 + 6 * 6 + 3 * 3 + 2 * 2  # strides 8, 16, 32, 64 of a 96-px image
+    assert captured[-1]["dense"]["pred_logits"].shape == (1, tokens, 3)
+    models[4].eval()
+    with torch.no_grad():
+        models[4](images)
+    handle.remove()
+    assert "dense" not in captured[-1]
+    with torch.no_grad():
+        eval_outputs = [model.eval()(images) for model in models.values()]
+    torch.testing.assert_close(eval_outputs[0], eval_outputs[1])
+    with pytest.raises(ValueError, match="encoder_one_to_many"):
+        get_config(name, encoder_one_to_many=-1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import benchmark_script
@@ -23,16 +25,21 @@ def _config(study, name):
 
 def test_cells_differ_only_where_named(study):
     configs = {name: _config(study, name) for name in study.cells()}
-    assert configs["kda-warmup"] == configs["kda"] and configs["msda-warmup"] == configs["msda"]
-    assert study.cells()["kda-warmup"].train_overrides == study.cells()["msda-warmup"].train_overrides == {"warmup_steps": study.WARMUP_STEPS}
-    assert not any(study.cells()[name].train_overrides for name in ("kda", "kda-zero-query", "kda-encoder", "msda"))
     assert configs["kda"] == configs["kda-zero-query"] == get_config(DemoRecipe.model, backbone_trainable_norm=True, dn_number=100)
     assert configs["kda"].encoder.key_aware and configs["kda"].decoder_key_aware
     assert configs["kda-encoder"].encoder.key_aware and not configs["kda-encoder"].decoder_key_aware
     assert not configs["msda"].encoder.key_aware and not configs["msda"].decoder_key_aware
-    others = {"encoder", "decoder_key_aware"}
-    for config in configs.values():
-        assert {k: v for k, v in config.to_dict().items() if k not in others} == {k: v for k, v in configs["kda"].to_dict().items() if k not in others}
+    assert configs["kda-dense"].encoder_one_to_many == configs["msda-dense"].encoder_one_to_many == study.DENSE_REPEAT > 0
+    assert study.cells()["kda-warmup"].train_overrides == study.cells()["msda-warmup"].train_overrides == {"warmup_steps": study.WARMUP_STEPS}
+    assert study.cells()["kda-lr1e-4"].train_overrides == {"lr": 1e-4, "lr_backbone": 1e-4}
+    authors = configs["kda"].to_dict()
+    for name, config in configs.items():  # a cell changes its named fields, and the MSDA cells the attention
+        named = set(study.cells()[name].model_overrides)
+        changed = {key for key, value in config.to_dict().items() if value != authors[key]}
+        assert changed == named - {key for key in named if study.cells()[name].model_overrides[key] == authors[key]}, name
+        assert ("msda" in name) == ("encoder" in changed and "decoder_key_aware" in changed), name
+        if name.startswith("msda"):
+            assert config == dataclasses.replace(configs["msda"], **{k: v for k, v in study.cells()[name].model_overrides.items() if k not in ("encoder", "decoder_key_aware")})
 
 
 def test_zero_query_start_weighs_every_sampled_point_alike(study):

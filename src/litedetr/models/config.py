@@ -60,6 +60,13 @@ class DetectorConfig:
     one_to_many_repeat: int = 6
     one_to_many_weight: float = 1.0
     """H-DETR's lambda: the weight of the one-to-many group's losses."""
+    encoder_one_to_many: int = 0
+    """Training only, in none of the code bases (0: off, as the authors). Every ground-truth box is
+    repeated this many times and Hungarian-matched over *every* encoder token's proposal, whose class
+    and box losses (``*_enc_dense``) join the others. DINO supervises only the selected proposals,
+    so from scratch its selection can lock onto one level whose proposals never learn to find the
+    objects (``benchmarks/training_study.py``); a dense one-to-many target teaches every level's
+    proposals at once. Weights and inference are unchanged."""
     min_size: tuple[int, ...] = (800,)
     max_size: int = 1333
     pe_temperature: float = 20.0
@@ -81,6 +88,8 @@ class DetectorConfig:
             raise ValueError(f"denoising queries (dn_number={self.dn_number}) exist in the dino family only, not {self.family!r}")
         if self.dn_number and self.one_to_many_queries:
             raise ValueError("a detector has one kind of training-only queries: set dn_number or one_to_many_queries, not both")
+        if self.encoder_one_to_many < 0:
+            raise ValueError(f"encoder_one_to_many must be >= 0 (0: off), got {self.encoder_one_to_many}")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names given for {self.num_classes} classes")
         if self.category_ids and len(self.category_ids) != self.num_classes:

@@ -111,12 +111,15 @@ class SetCriterion(nn.Module):
             uses the real labels, as DINO.
         one_to_many_weight: factor on every returned ``_o2m`` loss (H-DETR's ``lambda_one2many``),
             applied before, and independently of, ``weight_dict``.
+        encoder_one_to_many: how often each image's targets are repeated and matched over every
+            token's proposal in ``enc_dense`` (``_enc_dense`` losses; labels as for ``enc_outputs``).
 
     ``outputs`` for :meth:`forward`: ``pred_logits (B, Q, K)`` and ``pred_boxes (B, Q, 4)``
     (normalised cxcywh), optionally ``aux_outputs`` (list of such dicts), ``enc_outputs`` (one
     dict), ``dn_outputs`` (dict with ``pred_logits (B, G * group_size, K)``, ``pred_boxes`` and
     optionally ``aux_outputs``) together with ``dn_meta = {"num_groups": G, "group_size": 2 * N_max}``,
-    and ``one_to_many`` (dict structured like the top level, without denoising).
+    ``one_to_many`` (dict structured like the top level, without denoising) and ``enc_dense``
+    (``pred_logits (B, S, K)`` and ``pred_boxes (B, S, 4)`` of every encoder token).
     """
 
     def __init__(
@@ -130,6 +133,7 @@ class SetCriterion(nn.Module):
         giou_eps: float = 0.0,
         binary_encoder_targets: bool = False,
         one_to_many_weight: float = 1.0,
+        encoder_one_to_many: int = 6,
     ) -> None:
         super().__init__()
         if matcher.giou_eps != giou_eps:
@@ -143,6 +147,7 @@ class SetCriterion(nn.Module):
         self.giou_eps = giou_eps
         self.binary_encoder_targets = binary_encoder_targets
         self.one_to_many_weight = one_to_many_weight
+        self.encoder_one_to_many = encoder_one_to_many
 
     def forward(self, outputs: Mapping[str, Any], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Unweighted losses, one scalar per key.
@@ -165,6 +170,8 @@ class SetCriterion(nn.Module):
             repeated = [_repeat_targets(t, self.one_to_many_repeat) for t in targets]
             one_to_many = self._set_losses(outputs["one_to_many"], repeated, _num_boxes(repeated, device), suffix="_o2m")
             losses.update({key: self.one_to_many_weight * value for key, value in one_to_many.items()})
+        if "enc_dense" in outputs:
+            losses.update(self._dense_encoder_losses(outputs["enc_dense"], targets, device))
         _check_finite(losses)
         return losses
 
@@ -198,6 +205,14 @@ class SetCriterion(nn.Module):
             indices = self.matcher(out, paired_targets)
             losses.update(_suffixed(self.paired_losses(out, paired_targets, indices, num_boxes), name + suffix))
         return losses
+
+    def _dense_encoder_losses(self, dense: Mapping[str, Tensor], targets: list[dict[str, Tensor]], device: torch.device) -> dict[str, Tensor]:
+        """Every token's proposal against the targets repeated ``encoder_one_to_many`` times."""
+        if self.binary_encoder_targets:
+            targets = [_binary_targets(t) for t in targets]
+        repeated = [_repeat_targets(t, self.encoder_one_to_many) for t in targets]
+        indices = self.matcher(dense, repeated)
+        return _suffixed(self.paired_losses(dense, repeated, indices, _num_boxes(repeated, device)), "_enc_dense")
 
     def _dn_losses(
         self, dn_outputs: Mapping[str, Any], dn_meta: Mapping[str, int], targets: list[dict[str, Tensor]], num_boxes: float

@@ -168,7 +168,8 @@ class Detector(nn.Module):
             ``pred_logits (B, Q, K)``, ``pred_boxes (B, Q, 4)`` normalised ``cxcywh``, ``aux_outputs``
             (the same for every earlier decoder layer), ``enc_outputs`` (the proposals the query
             selection supervises); in training also ``dn_outputs`` + ``dn_meta`` (denoising) or
-            ``one_to_many`` (H-DETR's hybrid branch).
+            ``one_to_many`` (H-DETR's hybrid branch), and ``enc_dense`` (every token's proposal) with
+            ``encoder_one_to_many``.
         """
         tokens = self.input_stage(features, image_mask)
         memory = self.encoder(tokens.src, tokens.pos, tokens.spatial_shapes, tokens.valid_ratios, tokens.padding_mask)
@@ -194,7 +195,9 @@ class Detector(nn.Module):
             per_layer = [{key: value[:, part] for key, value in layer.items()} for layer in layers]
             return {**per_layer[-1], "aux_outputs": per_layer[:-1]}
 
-        outputs = {**group("one_to_one"), "enc_outputs": enc_outputs}
+        outputs = {**group("one_to_one"), "enc_outputs": {key: value for key, value in enc_outputs.items() if key != "dense"}}
+        if "dense" in enc_outputs:
+            outputs["enc_dense"] = enc_outputs["dense"]
         if "dn" in queries.groups:
             outputs["dn_outputs"], outputs["dn_meta"] = group("dn"), queries.dn_meta
         if "one_to_many" in queries.groups:

@@ -155,6 +155,7 @@ def build_parts(config: DetectorConfig, backbone_weights: str | None = None) -> 
         weight_dict=design.loss_weights,
         one_to_many_repeat=config.one_to_many_repeat,
         one_to_many_weight=config.one_to_many_weight,
+        encoder_one_to_many=config.encoder_one_to_many,
         binary_encoder_targets=design.binary_encoder_targets,
         giou_eps=design.giou_eps,
     )
@@ -162,7 +163,7 @@ def build_parts(config: DetectorConfig, backbone_weights: str | None = None) -> 
         backbone=backbone,
         input_stage=input_stage,
         encoder=encoder,
-        query_selection=design.selection(d, config.num_classes, num_content),
+        query_selection=design.selection(d, config.num_classes, num_content, dense=config.encoder_one_to_many > 0),
         training_queries=_training_queries(config),
         decoder=decoder,
         heads=PredictionHeads(d, config.num_classes, config.decoder_layers, design.shared_heads, design.inverse_sigmoid_eps),

@@ -11,11 +11,16 @@ then ``enc_output`` + LayerNorm, a class head and a box head). They then differ:
   query position (fixed for all decoder layers) and whose second half the content (Deformable
   DETR), unless a learned content embedding replaces it (H-DETR's mixed selection). Every token's
   proposal is supervised, with binary targets.
+
+With ``dense`` (training from scratch, not in any of the code bases) ``enc_outputs`` also carries
+``dense``: every token's class logits and box, which the criterion supervises one-to-many
+(:attr:`~litedetr.models.config.DetectorConfig.encoder_one_to_many`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -63,10 +68,12 @@ class QuerySelection(nn.Module):
         num_classes: ``K``.
         num_content: rows of the learned content embedding (the one-to-one queries plus any
             training-only ones), or None when the content does not come from an embedding.
+        dense: in training, also return every token's proposal (``enc_outputs["dense"]``).
     """
 
-    def __init__(self, d_model: int, num_classes: int, num_content: int | None):
+    def __init__(self, d_model: int, num_classes: int, num_content: int | None, dense: bool = False):
         super().__init__()
+        self.dense = dense
         self.enc_output = nn.Linear(d_model, d_model)
         self.enc_output_norm = nn.LayerNorm(d_model)
         self.class_head = nn.Linear(d_model, num_classes)
@@ -110,15 +117,20 @@ class MixedQuerySelection(QuerySelection):
 
         Returns:
             The decoder queries and ``enc_outputs``: ``pred_logits (B, Q, K)`` and ``pred_boxes (B, Q, 4)``
-            of the selected proposals.
+            of the selected proposals (and, with ``dense`` in training, ``dense``: the same
+            ``(B, S, K)`` and ``(B, S, 4)`` of every token).
         """
         proposal_memory, proposals = self.proposals(memory, tokens, num_queries)
-        topk = self.select(self.class_head(proposal_memory).max(-1).values, num_queries)
+        logits = self.class_head(proposal_memory)
+        topk = self.select(logits.max(-1).values, num_queries)
         selected = _gather(proposal_memory, topk)
         anchors = self.box_head(selected) + _gather(proposals, topk)
         content = self.learned_content(memory.shape[0], num_queries) if self.content is not None else selected.detach()
         queries = DecoderQueries(content, anchors.detach(), None, groups={"one_to_one": slice(0, num_queries)})
-        return queries, {"pred_logits": self.class_head(selected), "pred_boxes": anchors.sigmoid()}
+        enc_outputs: dict[str, Any] = {"pred_logits": self.class_head(selected), "pred_boxes": anchors.sigmoid()}
+        if self.dense and self.training:
+            enc_outputs["dense"] = {"pred_logits": logits, "pred_boxes": (self.box_head(proposal_memory) + proposals).sigmoid()}
+        return queries, enc_outputs
 
 
 class PosTransQuerySelection(QuerySelection):
@@ -130,8 +142,8 @@ class PosTransQuerySelection(QuerySelection):
             rows of a learned content embedding (H-DETR's mixed selection).
     """
 
-    def __init__(self, d_model: int, num_classes: int, num_content: int | None):
-        super().__init__(d_model, num_classes, num_content)
+    def __init__(self, d_model: int, num_classes: int, num_content: int | None, dense: bool = False):
+        super().__init__(d_model, num_classes, num_content, dense)
         self.pos_trans = nn.Linear(2 * d_model, 2 * d_model)
         self.pos_trans_norm = nn.LayerNorm(2 * d_model)
         nn.init.xavier_uniform_(self.pos_trans.weight)
@@ -145,7 +157,7 @@ class PosTransQuerySelection(QuerySelection):
 
         Returns:
             The decoder queries and ``enc_outputs``: ``pred_logits (B, S, K)`` and ``pred_boxes (B, S, 4)``
-            of every token's proposal.
+            of every token's proposal (with ``dense`` in training, the same again as ``dense``).
         """
         proposal_memory, proposals = self.proposals(memory, tokens, num_queries)
         logits = self.class_head(proposal_memory)
@@ -158,4 +170,7 @@ class PosTransQuerySelection(QuerySelection):
         if self.content is not None:
             content = self.learned_content(memory.shape[0], num_queries)
         queries = DecoderQueries(content, reference, position, groups={"one_to_one": slice(0, num_queries)})
-        return queries, {"pred_logits": logits, "pred_boxes": boxes.sigmoid()}
+        enc_outputs: dict[str, Any] = {"pred_logits": logits, "pred_boxes": boxes.sigmoid()}
+        if self.dense and self.training:
+            enc_outputs["dense"] = dict(enc_outputs)
+        return queries, enc_outputs
