@@ -47,11 +47,25 @@ def test_a_tight_budget_shortens_every_epoch_and_a_rerun_keeps_the_schedule(tmp_
                                  train_minutes=1e-4, probe_steps=2)  # fmt: skip
     summary = run_demo(tmp_path, recipe)
     assert summary["schedule"]["batches_per_epoch"] == 1 and summary["schedule"]["full_batches_per_epoch"] == 4
+    assert summary["schedule"]["cut"] and summary["schedule"]["planned_batches"] == 4
     assert summary["train_steps"] == 2
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if r["kind"] == "eval"] == [1, 2]  # an evaluation after every epoch, for the curves
     again = run_demo(tmp_path, dataclasses.replace(recipe, train_minutes=60.0))  # a finished run: same schedule, nothing retrained
     assert again["schedule"] == summary["schedule"] and again["train_steps"] == 2
+
+
+def test_the_schedule_is_fixed_and_the_cap_only_cuts(tmp_path):
+    """The recipe's batches per epoch on every machine; no probe without a cap; a cap that fits changes nothing."""
+    recipe = dataclasses.replace(TINY, data=SyntheticSpec(num_train=8, num_val=2, image_size=(80, 80), max_objects=4), batch_size=2, epochs=2,
+                                 epoch_batches=3, lr_drop=(1,), eval_every=2)  # fmt: skip
+    uncapped = run_demo(tmp_path / "uncapped", dataclasses.replace(recipe, train_minutes=None))
+    assert uncapped["train_steps"] == 6 and "probe_step_s" not in uncapped["schedule"]
+    assert {k: uncapped["schedule"][k] for k in ("batches_per_epoch", "planned_batches", "full_batches_per_epoch", "cut")} == {
+        "batches_per_epoch": 3, "planned_batches": 3, "full_batches_per_epoch": 4, "cut": False}  # fmt: skip
+    capped = run_demo(tmp_path / "capped", dataclasses.replace(recipe, train_minutes=60.0))
+    assert capped["train_steps"] == 6 and not capped["schedule"]["cut"] and capped["schedule"]["probe_step_s"] > 0
+    assert capped["metrics"] == uncapped["metrics"]  # same steps, same seed: the same detector whatever the machine's speed
 
 
 def test_seed_changes_the_training_run_not_the_data(tmp_path):

@@ -2,8 +2,8 @@
 
 It writes the synthetic dataset, trains a small Lite-DINO on it, evaluates it with pycocotools,
 draws its predictions on validation images and compares the encoder's GFLOPs with a standard
-encoder's. Training fits a time budget: the demo times a few steps first and, on a machine too slow
-for the full schedule, shortens every epoch. Running it again in the same ``--out`` resumes an
+encoder's. Training follows a fixed schedule (the same steps on every machine); only on a machine
+too slow to fit it in the time cap does it shorten every epoch, and it says so. Running it again in the same ``--out`` resumes an
 interrupted run (or just reports a finished one).
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from litedetr.data import find_split, write_synthetic_dataset
+from litedetr.data import CocoDetection, find_split, write_synthetic_dataset
 from litedetr.engine import CHECKPOINT, MODEL_FILE, TrainConfig, Trainer
 from litedetr.engine.recipes import DemoRecipe, demo_train_config
 from litedetr.models import Detector
@@ -50,20 +50,27 @@ def encoder_gflops(model: Detector, size: int) -> dict[str, float]:
 
 
 def fit_budget(config: TrainConfig, recipe: DemoRecipe) -> dict[str, Any]:
-    """The schedule that fits ``recipe.train_minutes`` on this machine: ``epoch_batches`` (0: whole
-    epochs) and the seconds per step measured for it (on a throwaway trainer)."""
-    if recipe.train_minutes is None:
-        return {"budget_minutes": None, "epoch_batches": 0}
-    with tempfile.TemporaryDirectory() as scratch:
-        probe = Trainer(config, scratch)
-        step_s = statistics.median(probe.time_steps(recipe.probe_steps))
-    full = -(-len(probe.train_set) // config.batch_size)
-    batches = min(full, max(1, int(recipe.train_minutes * 60 / step_s / config.epochs)))
-    logger.info(
-        "training budget %.0f min at %.2f s per step: %d of %d batches per epoch, %d steps",
-        recipe.train_minutes, step_s, batches, full, batches * config.epochs,
-    )  # fmt: skip
-    return {"budget_minutes": recipe.train_minutes, "probe_step_s": round(step_s, 3), "epoch_batches": 0 if batches == full else batches}
+    """The recipe's fixed schedule, cut only where it would not fit ``recipe.train_minutes`` here.
+
+    Returns ``epoch_batches`` (0: whole epochs), ``planned_batches`` (the recipe's), ``cut`` and the
+    seconds per step measured for the decision (on a throwaway trainer)."""
+    full = -(-len(CocoDetection(config.train_annotations, config.train_images)) // config.batch_size)
+    planned = min(full, recipe.epoch_batches or full)
+    schedule: dict[str, Any] = {"budget_minutes": recipe.train_minutes, "planned_batches": planned, "cut": False}
+    batches = planned
+    if recipe.train_minutes is not None:
+        with tempfile.TemporaryDirectory() as scratch:
+            step_s = statistics.median(Trainer(config, scratch).time_steps(recipe.probe_steps))
+        schedule["probe_step_s"] = round(step_s, 3)
+        batches = min(planned, max(1, int(recipe.train_minutes * 60 / step_s / config.epochs)))
+        if batches < planned:
+            schedule["cut"] = True
+            logger.warning(
+                "at %.2f s per step the schedule's %d steps would not fit the %.0f-min cap: cut to %d of %d batches per epoch (%d steps)",
+                step_s, planned * config.epochs, recipe.train_minutes, batches, planned, batches * config.epochs,
+            )  # fmt: skip
+    logger.info("schedule: %d epochs of %d batches (%d steps)", config.epochs, batches, batches * config.epochs)
+    return {**schedule, "epoch_batches": 0 if batches == full else batches}
 
 
 def run_demo(out: Path, recipe: DemoRecipe = DemoRecipe(), device: str = "cpu") -> dict[str, Any]:
@@ -78,7 +85,7 @@ def run_demo(out: Path, recipe: DemoRecipe = DemoRecipe(), device: str = "cpu") 
     resume = (run_dir / CHECKPOINT).exists()
     config = demo_train_config(recipe, data, device)
     if resume:
-        schedule = json.loads(schedule_file.read_text()) if schedule_file.exists() else {"budget_minutes": None, "epoch_batches": 0}
+        schedule = json.loads(schedule_file.read_text()) if schedule_file.exists() else {"budget_minutes": None, "epoch_batches": config.epoch_batches, "cut": False}
     else:
         schedule = fit_budget(config, recipe)
         schedule_file.write_text(json.dumps(schedule, indent=2))
@@ -142,10 +149,11 @@ def run(args: argparse.Namespace) -> int:
         f" in {summary['seconds']['total'] / 60:.1f} min"
     )
     print(f"precision: {summary['precision_reason']}")
-    if schedule["batches_per_epoch"] < schedule["full_batches_per_epoch"]:
+    print(f"{schedule['epochs']} epochs of {schedule['batches_per_epoch']} batches (of {schedule['full_batches_per_epoch']} in the training split)")
+    if schedule["cut"]:
         print(
-            f"{schedule['epochs']} epochs of {schedule['batches_per_epoch']} of {schedule['full_batches_per_epoch']} batches, to fit the training budget"
-            f" of {schedule['budget_minutes']:.0f} min at {schedule['probe_step_s']:.2f} s per step; train longer with --minutes"
+            f"  cut from {schedule['planned_batches']} batches per epoch: this machine's {schedule['probe_step_s']:.2f} s per step would not fit"
+            f" the {schedule['budget_minutes']:.0f}-min cap; lift the cap with --minutes 0"
         )
     print("COCO box metrics on its validation split:")
     print(format_metrics(summary["metrics"]))
@@ -169,7 +177,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``litedetr demo``; sets ``func``."""
     p.add_argument("--out", type=Path, default=Path("litedetr-demo"), help="where everything goes (default ./litedetr-demo)")
     p.add_argument("--epochs", type=int_at_least(1), help=f"training epochs (default {DemoRecipe.epochs}; the learning rate drops 10x for the last one)")
-    p.add_argument("--minutes", type=float_in(0), help=f"training budget in minutes (default {DemoRecipe.train_minutes:.0f}; 0: the full schedule, however long)")
+    p.add_argument(
+        "--minutes", type=float_in(0),
+        help=f"cap on the training minutes: a slower machine cuts every epoch to fit (default {DemoRecipe.train_minutes:.0f}; 0: no cap)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=DemoRecipe.seed, help=f"training seed: initial weights and batch order (default {DemoRecipe.seed}; the dataset stays the same)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
