@@ -17,6 +17,17 @@ Cells (``--cells``):
 - ``kda-warmup``: the authors' Lite-DINO with the learning rate warmed up linearly over the first
   ``WARMUP_STEPS`` optimiser steps.
 - ``msda-warmup``: MSDA with the same warm-up.
+- ``kda-lr1e-4``: the authors' Lite-DINO at lr 1e-4 (DINO's), backbone included;
+  ``kda-lr1e-4-backbone``: lr 1e-4 with the backbone at the demo's 4e-4.
+- ``kda-clip1``: gradient-norm clipping at 1 instead of DINO's 0.1.
+- ``kda-dn20``: 20 denoising queries instead of 100 (the ``*-tiny`` presets' own count).
+- ``kda-dense`` / ``msda-dense``: every encoder token's proposal also matched one-to-many against the
+  targets repeated ``DENSE_REPEAT`` times (``DetectorConfig.encoder_one_to_many``; the demo's recipe).
+
+Besides AP and the training losses, each run records what tells a stuck run from one that learns
+(:func:`diagnose`): the share of the selected proposals that come from the finest level, and the
+L1 box loss of the encoder's proposals and of each decoder layer, for matched and for denoising
+queries.
 
 ``--steps-per-epoch`` shortens each of the 6 epochs (0: the demo's full 250; each epoch still draws
 its batches from its own shuffle of all 1000 images, and the learning rate still drops before the
@@ -194,18 +205,28 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Demo's model and data; {meta['steps']} training steps of {meta['batch_size']} images per run"
         f" ({meta['steps_per_epoch']} per epoch x 6, lr drop before the last); seeds {meta['seeds']}. "
         "Median [min-max] over the seeds; AP in %; losses: the last decoder layer's, mean of the last 50 steps."
+        " Finest share: the share of the decoder's anchors selected from the stride-8 level; box L1 (16 validation"
+        " images): the encoder's proposals -> the last decoder layer, and the denoising queries' first -> last layer."
         + (f" Every run starts from the initial weights in `{Path(meta['init']).name}`; the seed orders the batches." if meta.get("init") else ""),
         "",
-        "| cell | AP50 | AP | class loss | L1 loss | GIoU loss |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| cell | AP50 | AP | class loss | L1 loss | GIoU loss | finest share | box L1 enc -> last | denoising L1 first -> last |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         cells_ = [row["label"]]
-        for key, scale, digits in (("AP50", 100, 1), ("AP", 100, 1), ("loss_class", 1, 3), ("loss_bbox", 1, 3), ("loss_giou", 1, 3)):
+        for key, scale, digits in (("AP50", 100, 1), ("AP", 100, 1), ("loss_class", 1, 3), ("loss_bbox", 1, 3), ("loss_giou", 1, 3), ("finest_share", 1, 2)):
             s = row[key]
             cells_.append(f"{scale * s['median']:.{digits}f} [{scale * s['min']:.{digits}f}-{scale * s['max']:.{digits}f}]")
+        for first, last in (("enc", "last"), ("dn_first", "dn_last")):
+            cells_.append(f"{row[first]['median']:.2f} -> {row[last]['median']:.2f}")
         lines.append("| " + " | ".join(cells_) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _box_columns(run: dict[str, Any]) -> dict[str, float]:
+    """The per-run box L1 figures the table shows (encoder, last decoder layer, denoising first and last)."""
+    l1 = run["box_l1"]
+    return {"enc": l1["encoder"], "last": l1["decoder"][-1], "dn_first": l1["denoising"][0], "dn_last": l1["denoising"][-1]}
 
 
 def main() -> None:
@@ -247,7 +268,8 @@ def main() -> None:
             raise SystemExit(f"runs did not finish (see their .log files): {', '.join(missing)}")
         per_seed = [json.loads(p.read_text()) for p in found]
         row = {"cell": cell_name, "label": cells()[cell_name].label, "runs": per_seed}
-        row.update({key: _summary([r[key] for r in per_seed]) for key in ("AP", "AP50", *LOSS_TERMS)})
+        row.update({key: _summary([r[key] for r in per_seed]) for key in ("AP", "AP50", *LOSS_TERMS, "finest_share")})
+        row.update({key: _summary([_box_columns(r)[key] for r in per_seed]) for key in ("enc", "last", "dn_first", "dn_last")})
         results.append(row)
     recipe = DemoRecipe()
     steps_per_epoch = args.steps_per_epoch or -(-recipe.data.num_train // recipe.batch_size)

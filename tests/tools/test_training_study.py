@@ -61,10 +61,13 @@ def test_zero_query_start_weighs_every_sampled_point_alike(study):
 
 def test_summary_and_table(study):
     assert study._summary([0.3, 0.1, 0.2]) == {"median": 0.2, "min": 0.1, "max": 0.3}
-    row = {"label": "x", **{k: study._summary(v) for k, v in {"AP50": [0.5, 0.6, 0.4], "AP": [0.2, 0.3, 0.1], "loss_class": [0.4] * 3,
-                                                                "loss_bbox": [0.5] * 3, "loss_giou": [0.9, 1.0, 1.1]}.items()}}  # fmt: skip
+    runs = [{"box_l1": {"encoder": e, "decoder": [1.0, d], "denoising": [f, 1.0, g]}} for e, d, f, g in ((0.9, 0.5, 1.2, 1.1), (1.0, 0.7, 1.3, 1.2), (0.8, 0.6, 1.4, 1.0))]
+    columns = {key: study._summary([study._box_columns(r)[key] for r in runs]) for key in ("enc", "last", "dn_first", "dn_last")}
+    row = {"label": "x", **columns, **{k: study._summary(v) for k, v in {"AP50": [0.5, 0.6, 0.4], "AP": [0.2, 0.3, 0.1], "loss_class": [0.4] * 3,
+                                                                "loss_bbox": [0.5] * 3, "loss_giou": [0.9, 1.0, 1.1], "finest_share": [1.0, 0.0, 0.5]}.items()}}  # fmt: skip
     table = study.markdown([row], {"steps": 300, "batch_size": 4, "steps_per_epoch": 50, "seeds": [0, 1, 2]})
-    assert "| x | 50.0 [40.0-60.0] | 20.0 [10.0-30.0] | 0.400 [0.400-0.400] | 0.500 [0.500-0.500] | 1.000 [0.900-1.100] |" in table
+    assert ("| x | 50.0 [40.0-60.0] | 20.0 [10.0-30.0] | 0.400 [0.400-0.400] | 0.500 [0.500-0.500] | 1.000 [0.900-1.100] | 0.50 [0.00-1.00]"
+            " | 0.90 -> 0.60 | 1.30 -> 1.10 |") in table
 
 
 def test_runs_from_a_model_file_go_to_their_own_folders(study, tmp_path):
