@@ -73,3 +73,30 @@ def test_summary_and_table(study):
 def test_runs_from_a_model_file_go_to_their_own_folders(study, tmp_path):
     assert study.run_dir(tmp_path, "kda", 1, 50) == tmp_path / "kda-seed1-steps50"
     assert study.run_dir(tmp_path, "kda", 1, 0, tmp_path / "v01.safetensors") == tmp_path / "kda-init-v01-seed1-stepsfull"
+
+
+def test_diagnose_counts_the_finest_level_and_every_layer(study, tiny_synthetic, tmp_path):
+    """The finest-level share against the top-k of the class logits of every token, read independently."""
+    from types import SimpleNamespace
+
+    from litedetr.data import find_split
+    from litedetr.models import save_model
+
+    torch.manual_seed(0)
+    model = build_model(DemoRecipe.model, num_classes=5, min_size=(64,), max_size=64, num_queries=20, num_select=20, dn_number=10)
+    save_model(model, tmp_path / "model.safetensors")
+    val = find_split(tiny_synthetic, "val")
+    config = SimpleNamespace(val_annotations=str(val.annotations), val_images=str(val.images))
+    result = study.diagnose(tmp_path / "model.safetensors", config, images=2)
+
+    logits = []
+    model.query_selection.class_head.register_forward_hook(lambda module, inputs, output: logits.append(output))
+    dataset = study.CocoDetection(config.val_annotations, config.val_images)
+    with torch.no_grad():
+        model.eval()([dataset[i][0] for i in range(2)])
+    scores = logits[0].max(-1).values  # (B, S): every token's, finest level (8 x 8 tokens at 64 px) first
+    top = scores.topk(20, dim=1).indices
+    assert result["finest_share"] == pytest.approx(float((top < 64).float().mean()))
+    l1 = result["box_l1"]
+    assert len(l1["decoder"]) == len(l1["denoising"]) == model.config.decoder_layers
+    assert all(v > 0 for v in [l1["encoder"], *l1["decoder"], *l1["denoising"]])
