@@ -3,8 +3,8 @@
 It writes the synthetic dataset, trains a small Lite-DINO on it, evaluates it with pycocotools,
 draws its predictions on validation images and compares the encoder's GFLOPs with a standard
 encoder's. Training follows a fixed schedule (the same steps on every machine); only on a machine
-too slow to fit it in the time cap does it shorten every epoch, and it says so. Running it again in the same ``--out`` resumes an
-interrupted run (or just reports a finished one).
+too slow to fit it in the time cap does it shorten every epoch, and it says so. Running it again in
+the same ``--out`` resumes an interrupted run (or just reports a finished one).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"precision: {summary['precision_reason']}")
     print(f"{schedule['epochs']} epochs of {schedule['batches_per_epoch']} batches (of {schedule['full_batches_per_epoch']} in the training split)")
-    if schedule["cut"]:
+    if schedule.get("cut"):  # a run started before 0.3 has no "cut"
         print(
             f"  cut from {schedule['planned_batches']} batches per epoch: this machine's {schedule['probe_step_s']:.2f} s per step would not fit"
             f" the {schedule['budget_minutes']:.0f}-min cap; lift the cap with --minutes 0"
