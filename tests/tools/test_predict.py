@@ -64,11 +64,15 @@ def test_drawn_box_outline_and_label_are_in_the_picture():
         (lambda d: [str(d / "missing.jpg")], "missing.jpg: no such image file or directory"),
         (lambda d: [str(d / "bad.jpg"), "--strict"], "bad.jpg: not a readable image"),
         (lambda d: [str(d / "empty")], "no image files in"),
+        (lambda d: ["--checkpoint", str(d / "checkpoint.pt"), str(d)], "checkpoint.pt: a litedetr training checkpoint (for `train --resume`)"),
+        (lambda d: ["--checkpoint", str(d / "checkpoint.pt"), "--preset", "dino-r50", str(d)], "load the model.safetensors its run wrote beside it"),
     ],
 )
 def test_errors_are_one_line(checkpoint, tmp_path, capsys, make, message):
     (tmp_path / "bad.jpg").write_bytes(b"garbage")
     (tmp_path / "empty").mkdir()
+    run_state = {"model": build_model("dino-r18-tiny", num_classes=2).state_dict(), "train_config": json.dumps({"model": "dino-r18-tiny"})}
+    torch.save(run_state, tmp_path / "checkpoint.pt")  # what a run's checkpoint holds besides optimiser and random states
     args = make(tmp_path)
     if "--checkpoint" not in args:
         args = ["--checkpoint", str(checkpoint[1]), *args]

@@ -25,7 +25,10 @@ from torch import nn
 from litedetr.models.config import DetectorConfig, config_from_dict, get_config
 from litedetr.models.convert import LAYOUT_FAMILY, LAYOUTS, ConversionError, detect_layout, rename_official
 
-__all__ = ["save_model", "atomic_write", "read_config", "read_model_file", "read_official_checkpoint", "read_official_state", "CONFIG_KEY"]
+__all__ = [
+    "save_model", "atomic_write", "read_config", "read_model_file", "read_official_checkpoint", "read_official_state", "is_training_checkpoint",
+    "CONFIG_KEY",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +115,28 @@ def read_model_file(path: str | os.PathLike) -> tuple[DetectorConfig, dict[str, 
     return config, _upgrade(path, metadata.get(FORMAT_KEY, "1"), config, load_file(str(path), device="cpu"))
 
 
+TRAINING_CHECKPOINT_HINT = "a litedetr training checkpoint (for `train --resume`): load the model.safetensors its run wrote beside it"
+
+
+def _training_checkpoint(checkpoint: Any) -> bool:
+    return isinstance(checkpoint, dict) and "train_config" in checkpoint and "model" in checkpoint
+
+
+def is_training_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a litedetr run's ``checkpoint.pt`` (read memory-mapped, tensors untouched)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return _training_checkpoint(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    except Exception:  # not a torch file, or one this reader cannot map: not ours
+        return False
+
+
 def _read_official(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict of an authors' checkpoint (``{"model": state_dict, ...}`` or a bare state dict)."""
     with torch.serialization.safe_globals([argparse.Namespace]):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if _training_checkpoint(checkpoint):
+        raise ValueError(f"{path}: {TRAINING_CHECKPOINT_HINT}, not an original code base's checkpoint")
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a dict with the state dict under 'model'")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from litedetr.models.checkpoint import read_model_file, read_official_checkpoint, save_model
+from litedetr.models.checkpoint import TRAINING_CHECKPOINT_HINT, is_training_checkpoint, read_model_file, read_official_checkpoint, save_model
 from litedetr.models.config import DetectorConfig
 from litedetr.models.convert import load_official_state_dict
 from litedetr.models.families import build_parts
@@ -74,6 +74,8 @@ class Detector(nn.Module):
         """
         if not Path(path).is_file():
             raise ValueError(f"{path}: no such checkpoint file")
+        if Path(path).suffix in (".pth", ".pt") and is_training_checkpoint(path):
+            raise ValueError(f"{path}: {TRAINING_CHECKPOINT_HINT}")
         if preset is not None:
             return load_official_checkpoint(path, preset, device, **overrides)
         if overrides:
