@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import random_checkpoint
-from litedetr.models import build_model, save_model
+from litedetr.models import build_model, convert_official_checkpoint, save_model
 from litedetr.models.coco_classes import COCO_CLASSES, class_key, coco_class_names
 from litedetr.models.convert import ConversionError
 from litedetr.models.heads import PRIOR_PROBABILITY
@@ -138,3 +138,33 @@ def test_another_family_or_architecture_is_refused_by_name(tiny_source):
         build_model("dino-r18-tiny", init="missing.safetensors", num_classes=3)
     with pytest.raises(ValueError, match="not both"):
         build_model("dino-r18-tiny", init=str(path), backbone_weights="imagenet", num_classes=3)
+
+
+def test_unnamed_classes_of_the_same_count_carry_over_row_by_row(tmp_path, caplog):
+    """Neither side names its classes: with equal counts every row carries over (issue 25 item 2)."""
+    source = build_model("dino-r18-tiny", num_classes=3, dn_number=10)
+    save_model(source, tmp_path / "unnamed.safetensors")
+    with caplog.at_level(logging.INFO, logger="litedetr.models.pretrained"):
+        model = build_model("dino-r18-tiny", init=str(tmp_path / "unnamed.safetensors"), num_classes=3, dn_number=10)
+    theirs = source.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in model.state_dict().items())
+    assert "3 of 3 classes carried over" in caplog.text
+    other = build_model("dino-r18-tiny", num_classes=2, dn_number=10)  # another count: nothing to pair the rows by
+    assert init_from_checkpoint(other, tmp_path / "unnamed.safetensors").classes_kept == []
+
+
+def test_a_released_coco_checkpoint_names_its_classes_through_convert_and_init(tmp_path, caplog):
+    """A 91-row .pth converts to a model file with COCO's names and ids, and both starts keep the rows (items 1 and 2)."""
+    state, ours = random_checkpoint("dino", torch.Generator().manual_seed(2))
+    torch.save({"model": state}, tmp_path / "coco.pth")
+    converted = convert_official_checkpoint(tmp_path / "coco.pth", "dino-r50", tmp_path / "coco.safetensors")
+    assert converted.config.class_names == coco_class_names() and converted.config.category_ids == tuple(range(91))
+    assert converted.config.class_name(DOG) == "dog"
+    for start in ("coco.pth", "coco.safetensors"):
+        for names in ((), ("person", "car")):
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="litedetr.models.pretrained"):
+                model = build_model("dino-r50", init=str(tmp_path / start), **({"num_classes": 2, "class_names": names} if names else {}))
+            rows = [1, 3] if names else list(range(91))
+            assert torch.equal(model.state_dict()["heads.class_heads.0.weight"], ours["heads.class_heads.0.weight"][rows]), (start, names)
+            assert f"{len(rows)} of {len(rows)} classes carried over" in caplog.text, (start, names)

@@ -8,6 +8,7 @@ and checks them against a preset. Building the detector from what is read is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from litedetr.models.coco_classes import COCO_NUM_CLASSES, coco_class_names
 from litedetr.models.config import DetectorConfig, config_from_dict, get_config
 from litedetr.models.convert import LAYOUT_FAMILY, LAYOUTS, ConversionError, detect_layout, rename_official
 
@@ -165,6 +167,8 @@ def read_official_checkpoint(path: str | os.PathLike, preset: str, **overrides: 
 
     The checkpoint may be the authors' Lite-DINO, IDEA-Research/DINO, fundamentalvision/Deformable-DETR
     (two-stage) or HDETR/H-Deformable-DETR (two-stage); its layout must be of the preset's family.
+    A 91-row class head (the released COCO checkpoints) gets COCO's names and category ids, unless
+    ``overrides`` name the classes.
 
     Raises:
         ConversionError: the checkpoint fits no known layout, is of another family, or has another class count.
@@ -178,4 +182,7 @@ def read_official_checkpoint(path: str | os.PathLike, preset: str, **overrides: 
         raise ConversionError(
             f"{path}: the checkpoint has {class_weight.shape[0]} classes, preset {preset!r} {config.num_classes}; pass num_classes"
         )
+    if class_weight is not None and class_weight.shape[0] == COCO_NUM_CLASSES and not config.class_names and not config.category_ids:
+        # a released COCO checkpoint: its rows are COCO's category ids, so they name themselves
+        config = dataclasses.replace(config, class_names=coco_class_names(), category_ids=tuple(range(COCO_NUM_CLASSES)))
     return config, state, layout

@@ -11,7 +11,8 @@ built detector of the same family:
   checkpoint's (:func:`~litedetr.models.coco_classes.class_key`: case, spaces, underscores and hyphens
   ignored; VOC's names of COCO classes accepted) takes that class's row; the other rows keep the fresh
   model's initialisation (the focal-loss prior bias). The released ``.pth`` files are COCO's 91-id
-  layout, whose 80 names ship with litedetr; a litedetr model file names its own classes.
+  layout, whose 80 names ship with litedetr; a litedetr model file names its own classes. A model
+  whose classes are not named takes the checkpoint's rows one to one when the counts match.
 - Where the family supervises the encoder's proposals with binary targets (Deformable DETR, H-DETR),
   row 0 of the proposal class head is the objectness score: it always takes the checkpoint's row 0.
 - A standard-encoder checkpoint initialises a Lite model of its family (encoder layer ``i`` takes
@@ -155,6 +156,9 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike) -> InitRepor
     state, kind, their_names, standard = _read_source(path, config)
     report = InitReport(source=kind)
     mapping = match_classes(config.class_names, their_names)
+    their_count = state["heads.class_heads.0.weight"].shape[0] if "heads.class_heads.0.weight" in state else None
+    if not config.class_names and their_count == config.num_classes:  # our classes unnamed: the same count carries row by row
+        mapping = {i: i for i in range(config.num_classes)}
     binary = FAMILY_DESIGNS[config.family].binary_encoder_targets
     own = model.state_dict()
     for key in [k for k in state if _is_class_tensor(k)]:
@@ -169,7 +173,7 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike) -> InitRepor
     report.dropped |= dropped
     load_strictly(model, state, report.fresh)
     report.copied = len(state)
-    report.classes_kept = [(config.class_name(i), their_names[j]) for i, j in sorted(mapping.items())]
+    report.classes_kept = [(config.class_name(i), their_names[j] if their_names else str(j)) for i, j in sorted(mapping.items())]
     report.classes_new = [config.class_name(i) for i in range(config.num_classes) if i not in mapping]
     _log(path, report, config.num_classes)
     return report
