@@ -163,3 +163,25 @@ def test_the_built_in_dataset_is_chosen_with_synthetic(tmp_path, monkeypatch, ti
         with pytest.raises(ValueError, match=folder):  # nothing written there by the stand-in: the split is looked for in the kind's own folder
             train.resolve_data(args, "train", tmp_path / "synthetic-data")
         assert written[-1] == (tmp_path / folder, kind)
+
+
+def test_eval_scores_a_coco_model_by_category_id(tmp_path, capsys):
+    """A converted COCO checkpoint (91 rows = COCO ids) on a dataset of 2 COCO categories: scored by id (issue 25 item 3)."""
+    from litedetr.engine.evaluate import coco_metrics
+    from litedetr.models import build_model, save_model
+    from litedetr.models.coco_classes import coco_class_names
+
+    model = build_model("dino-r18-tiny", min_size=(64,), max_size=64, class_names=coco_class_names(), category_ids=tuple(range(91)))
+    save_model(model, tmp_path / "coco.safetensors")
+    boxes = [coco_box(1, 1, 18, [4, 4, 30, 30]), coco_box(2, 1, 1, [20, 10, 25, 25])]
+    annotations, images = write_coco(tmp_path, [coco_image(1)], boxes, [{"id": 18, "name": "dog"}, {"id": 1, "name": "person"}])
+    out = tmp_path / "e"
+    assert main(["eval", "--checkpoint", str(tmp_path / "coco.safetensors"), "--val-json", str(annotations), "--val-images", str(images), "--out", str(out), "--workers", "0"]) == 0
+    detections = json.loads((out / "detections.json").read_text())
+    assert detections and {d["category_id"] for d in detections} <= set(range(91))
+    assert json.loads((out / "metrics.json").read_text())["metrics"] == coco_metrics(annotations, detections)
+    capsys.readouterr()
+    renamed = [{"id": 18, "name": "cat"}, {"id": 1, "name": "person"}]  # id 18 is the model's dog: not the same class
+    annotations, images = write_coco(tmp_path / "other", [coco_image(1)], boxes, renamed)
+    assert main(["eval", "--checkpoint", str(tmp_path / "coco.safetensors"), "--val-json", str(annotations), "--val-images", str(images), "--out", str(out)]) == 2
+    assert "the model has 91 classes" in capsys.readouterr().err

@@ -64,11 +64,14 @@ def coco_metrics(annotations: str | Path | dict[str, Any], detections: list[dict
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, results_file: str | Path | None = None) -> dict[str, float | None]:
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, results_file: str | Path | None = None, category_ids: tuple[int, ...] | None = None
+) -> dict[str, float | None]:
     """Run ``model`` over ``loader`` (a :class:`CocoDetection` loader, sharded over ranks) and score it.
 
-    Every rank returns the same metrics; rank 0 writes the detections in COCO results format to
-    ``results_file`` when given.
+    Label ``i`` is category ``category_ids[i]`` (default: the dataset's own ids, in order). Every rank
+    returns the same metrics; rank 0 writes the detections in COCO results format to ``results_file``
+    when given.
     """
     dataset: CocoDetection = loader.dataset
     was_training = model.training
@@ -79,7 +82,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, results
             continue
         predictions = model([img.to(device) for img in images])
         for prediction, target in zip(predictions, targets):
-            per_image[target["image_id"]] = detections_to_coco(target["image_id"], prediction, dataset.category_ids)
+            per_image[target["image_id"]] = detections_to_coco(target["image_id"], prediction, category_ids or dataset.category_ids)
     model.train(was_training)
     for shard in distributed.all_gather_objects(per_image):  # a sharded epoch repeats a few images: keep each once
         per_image.update(shard)

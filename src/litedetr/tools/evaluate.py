@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from litedetr.data import CocoDetection, collate
 from litedetr.engine import evaluate
 from litedetr.models import load_model, read_config
+from litedetr.models.coco_classes import class_key
 from litedetr.tools.args import int_at_least
 from litedetr.tools.train import add_data_arguments, format_metrics, resolve_data
 
@@ -26,21 +27,35 @@ def evaluate_model_file(
 ) -> dict[str, float | None]:
     """COCO metrics of the model in ``checkpoint`` on a dataset; writes ``metrics.json`` and detections to ``out``.
 
+    A model whose config carries category ids covering the dataset's (e.g. a released COCO
+    checkpoint's 91 rows, which are COCO's ids), under the same names where both name them, is
+    scored by category id, whatever the two class counts; otherwise labels pair with the dataset's categories in order, and the counts must match.
+
     Raises:
-        ValueError: the model's class count differs from the dataset's categories.
+        ValueError: the model's classes cannot be paired with the dataset's categories (named).
     """
     config = read_config(checkpoint)
     dataset = CocoDetection(annotations, images)
-    if config.num_classes != dataset.num_classes:
-        raise ValueError(f"{checkpoint}: the model has {config.num_classes} classes, {annotations} has {dataset.num_classes} categories")
-    if config.class_names and config.class_names != dataset.class_names:
+    category_ids = None
+    named = dict(zip(config.category_ids, config.class_names)) if config.class_names else {}
+    same_names = all(not named.get(i) or class_key(named[i]) == class_key(name) for i, name in zip(dataset.category_ids, dataset.class_names))
+    if config.category_ids and set(dataset.category_ids) <= set(config.category_ids) and same_names:
+        category_ids = config.category_ids
+        logger.info("%s: scored by category id (%d model classes, %d dataset categories)", checkpoint, config.num_classes, dataset.num_classes)
+    elif config.num_classes != dataset.num_classes:
+        missing = sorted(set(dataset.category_ids) - set(config.category_ids))[:5] if config.category_ids else None
+        raise ValueError(
+            f"{checkpoint}: the model has {config.num_classes} classes, {annotations} has {dataset.num_classes} categories"
+            + (f", and the model's category ids lack the dataset's {missing}" if missing else "")
+        )
+    elif config.class_names and config.class_names != dataset.class_names:
         logger.warning("%s: class names %s differ from the dataset's %s (labels are matched by order)", checkpoint, config.class_names, dataset.class_names)
     model = load_model(checkpoint, device)
     loader = DataLoader(dataset, batch_size, num_workers=workers, collate_fn=collate)
     results = out / "detections.json" if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate(model, loader, torch.device(device), results)
+    metrics = evaluate(model, loader, torch.device(device), results, category_ids)
     if out is not None:
         (out / "metrics.json").write_text(json.dumps({"checkpoint": str(checkpoint), "annotations": str(annotations), "metrics": metrics}, indent=2))
     return metrics
