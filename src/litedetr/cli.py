@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING
 from litedetr import __version__
 from litedetr.tools.args import int_at_least, size_type
 
+CHECKPOINT_WEIGHTS = ("auto", "ema", "model")
+"""``litedetr.models.checkpoint.WEIGHTS``, spelled here so that ``litedetr --help`` does not import torch."""
+
 if TYPE_CHECKING:
     import torch
 
@@ -93,7 +96,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from litedetr.models import convert_official_checkpoint
 
     overrides = {"num_classes": args.num_classes} if args.num_classes is not None else {}
-    convert_official_checkpoint(args.checkpoint, args.preset, args.out, **overrides)
+    convert_official_checkpoint(args.checkpoint, args.preset, args.out, args.weights, **overrides)
     print(f"wrote {args.out} ({args.preset})")
     return 0
 
@@ -139,7 +142,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "convert", parents=[verbosity], help="convert a checkpoint (.pth) of the authors' Lite-DINO, DINO, Deformable DETR or H-DETR into a litedetr model file"
     )
-    p.add_argument("checkpoint", help="the .pth file (state dict under 'model')")
+    p.add_argument("checkpoint", help="the .pth file (a state dict, bare or under model / state_dict / an EMA's key; DDP's module. prefix is fine)")
     p.add_argument(
         "--preset",
         required=True,
@@ -148,6 +151,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--num-classes", type=int_at_least(1), help="class count if not the preset's (91)")
+    p.add_argument("--weights", choices=CHECKPOINT_WEIGHTS, default="auto", help="of a checkpoint holding a model and its EMA: the EMA (auto, ema) or the model")
     p.set_defaults(func=cmd_convert)
 
     for name, (module, help_text) in TOOL_COMMANDS.items():

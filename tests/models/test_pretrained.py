@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import random_checkpoint
-from litedetr.models import build_model, convert_official_checkpoint, save_model
+from litedetr.models import Detector, build_model, convert_official_checkpoint, save_model
 from litedetr.models.coco_classes import COCO_CLASSES, class_key, coco_class_names
 from litedetr.models.convert import ConversionError
 from litedetr.models.heads import PRIOR_PROBABILITY
@@ -168,3 +168,37 @@ def test_a_released_coco_checkpoint_names_its_classes_through_convert_and_init(t
             rows = [1, 3] if names else list(range(91))
             assert torch.equal(model.state_dict()["heads.class_heads.0.weight"], ours["heads.class_heads.0.weight"][rows]), (start, names)
             assert f"{len(rows)} of {len(rows)} classes carried over" in caplog.text, (start, names)
+
+
+@pytest.mark.parametrize(
+    "wrap, weights, read",
+    [
+        (lambda s, e: {"state_dict": s}, "auto", "model"),
+        (lambda s, e: {"model": {"module." + k: v for k, v in s.items()}}, "auto", "model"),  # saved from a DDP-wrapped model
+        (lambda s, e: {"ema": e}, "auto", "ema"),
+        (lambda s, e: {"model_ema": e}, "ema", "ema"),
+        (lambda s, e: {"model": s, "ema_model": {"module." + k: v for k, v in e.items()}}, "auto", "ema"),  # DINO's --use_ema
+        (lambda s, e: {"model": s, "ema_model": e}, "model", "model"),
+        (lambda s, e: s, "auto", "model"),  # a bare state dict
+    ],
+)
+def test_checkpoints_as_people_save_them(tmp_path, caplog, wrap, weights, read):
+    """Wrappers, DDP's prefix and EMA weights are read, the EMA by default, and the log says which (issue 25 item 4)."""
+    state, ours = random_checkpoint("dino", torch.Generator().manual_seed(3))
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    saved = wrap(state, ema)
+    torch.save(saved, tmp_path / "saved.pth")
+    with caplog.at_level(logging.INFO):
+        model = Detector.from_checkpoint(tmp_path / "saved.pth", preset="dino-r50", weights=weights)
+        converted = build_model("dino-r50", init=str(tmp_path / "saved.pth"), init_weights=weights)
+    expected = ours["heads.class_heads.0.weight"] + (1 if read == "ema" else 0)
+    for loaded in (model, converted):
+        assert torch.equal(loaded.state_dict()["heads.class_heads.0.weight"], expected)
+    assert ("it also holds" in caplog.text) == ("model" in saved and "ema_model" in saved)
+
+
+def test_asking_for_missing_ema_weights_names_the_keys(tmp_path):
+    state, _ = random_checkpoint("dino", torch.Generator().manual_seed(4))
+    torch.save({"model": state}, tmp_path / "plain.pth")
+    with pytest.raises(ValueError, match="no EMA weights under any of ema_model, model_ema, ema, state_dict_ema; its keys: model"):
+        Detector.from_checkpoint(tmp_path / "plain.pth", preset="dino-r50", weights="ema")

@@ -27,6 +27,7 @@ class TrainConfig:
         init: a trained checkpoint to start the model from (a litedetr model file or a released
             ``.pth`` of the preset's family): class rows are carried over by class name, the optimiser
             and schedule start fresh. Read only when the run starts (a resume ignores it).
+        init_weights: of an ``init`` holding a model and its EMA, the EMA (``auto``, ``ema``) or the model.
         freeze_backbone: keep the backbone's weights (and batch-norm statistics) as they start.
         train_annotations, train_images, val_annotations, val_images: COCO-format data
             (``val_*`` empty: no evaluation).
@@ -60,6 +61,7 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     backbone_weights: str | None = None
     init: str | None = None
+    init_weights: str = "auto"
     freeze_backbone: bool = False
     epochs: int = 12
     epoch_batches: int = 0

@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 MODEL_FILE = "model.safetensors"
-_RESUMABLE_CHANGES = {"epochs", "eval_every", "workers", "device", "checkpoint_every", "init"}
+_RESUMABLE_CHANGES = {"epochs", "eval_every", "workers", "device", "checkpoint_every", "init", "init_weights"}
 """TrainConfig fields a resumed run may change (``init`` is read only when a run starts)."""
 
 
@@ -124,6 +124,7 @@ class Trainer:
             config.model,
             backbone_weights=config.backbone_weights,
             init=None if resume else config.init,
+            init_weights=config.init_weights,
             num_classes=self.train_set.num_classes,
             class_names=self.train_set.class_names,
             category_ids=self.train_set.category_ids,

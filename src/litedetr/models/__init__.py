@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-def build_model(name: str, backbone_weights: str | None = None, init: str | None = None, **overrides: Any) -> Detector:
+def build_model(name: str, backbone_weights: str | None = None, init: str | None = None, init_weights: str = "auto", **overrides: Any) -> Detector:
     """A detector from a named preset, e.g. ``build_model("lite-dino-r50-h3l1-2x3", num_classes=20)``.
 
     Random weights (nothing downloads), unless ``backbone_weights`` or ``init`` say otherwise.
@@ -36,11 +36,12 @@ def build_model(name: str, backbone_weights: str | None = None, init: str | None
         init: a trained checkpoint to start from (:func:`~litedetr.models.pretrained.init_from_checkpoint`):
             a litedetr model file or a released ``.pth`` of the preset's family; name your classes
             (``class_names=...``) so that those the checkpoint knows keep their rows.
+        init_weights: of an ``init`` holding both, its EMA (``auto``, ``ema``) or its model weights (``model``).
         overrides: :class:`DetectorConfig` fields to change.
     """
     if init is not None and backbone_weights is not None:
         raise ValueError("pass init or backbone_weights, not both: the checkpoint's backbone would replace the ImageNet weights")
     model = Detector(get_config(name, **overrides), backbone_weights=backbone_weights)
     if init is not None:
-        init_from_checkpoint(model, init)
+        init_from_checkpoint(model, init, init_weights)
     return model

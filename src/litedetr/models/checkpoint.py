@@ -29,6 +29,7 @@ from litedetr.models.convert import LAYOUT_FAMILY, LAYOUTS, ConversionError, det
 
 __all__ = [
     "save_model", "atomic_write", "read_config", "read_model_file", "read_official_checkpoint", "read_official_state", "is_training_checkpoint",
+    "WEIGHTS",
     "CONFIG_KEY",
 ]  # fmt: skip
 
@@ -133,25 +134,63 @@ def is_training_checkpoint(path: str | os.PathLike) -> bool:
         return False
 
 
-def _read_official(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state dict of an authors' checkpoint (``{"model": state_dict, ...}`` or a bare state dict)."""
+WEIGHTS = ("auto", "ema", "model")
+"""Which weights of a checkpoint that holds both a model and its EMA: ``auto`` (the EMA), or either one."""
+_MODEL_KEYS = ("model", "state_dict")
+_EMA_KEYS = ("ema_model", "model_ema", "ema", "state_dict_ema")
+
+
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _unwrap(path: str | os.PathLike, checkpoint: Any, weights: str) -> dict[str, torch.Tensor]:
+    """The state dict ``weights`` picks from a checkpoint as people save them: bare, or under ``model`` /
+    ``state_dict`` and an EMA's ``ema_model`` / ``model_ema`` / ``ema`` / ``state_dict_ema``, with or
+    without DDP's ``module.`` prefix. Says which one was read."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if _is_state_dict(checkpoint):
+        found, key = {"": checkpoint}, ""
+    elif isinstance(checkpoint, dict):
+        found = {k: checkpoint[k] for k in (*_EMA_KEYS, *_MODEL_KEYS) if _is_state_dict(checkpoint.get(k))}
+        ema = [k for k in _EMA_KEYS if k in found]
+        model = [k for k in _MODEL_KEYS if k in found]
+        wanted = {"auto": ema + model, "ema": ema, "model": model}[weights]
+        if not wanted:
+            kind = {"ema": "EMA weights", "model": "model weights"}.get(weights, "state dict")
+            raise ValueError(f"{path}: no {kind} under any of {', '.join(_EMA_KEYS if weights == 'ema' else _MODEL_KEYS + _EMA_KEYS)}; its keys: {', '.join(map(str, list(checkpoint)[:8]))}")
+        key = wanted[0]
+        if ema and model:
+            other = "model" if key in ema else "ema"
+            logger.info("%s: read the weights under %r (it also holds %r; weights=%r picks those)", path, key, (model if other == "model" else ema)[0], other)
+        elif key not in ("model", ""):
+            logger.info("%s: read the weights under %r", path, key)
+    else:
+        raise ValueError(f"{path}: expected a state dict, or a dict holding one under {', '.join(_MODEL_KEYS + _EMA_KEYS)}")
+    state = found[key]
+    if all(k.startswith("module.") for k in state):  # saved from a DDP- or EMA-wrapped model
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _read_official(path: str | os.PathLike, weights: str = "auto") -> dict[str, torch.Tensor]:
+    """The state dict of an authors' checkpoint (see :func:`_unwrap` for the wrappers and ``weights``)."""
     with torch.serialization.safe_globals([argparse.Namespace]):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if _training_checkpoint(checkpoint):
         raise ValueError(f"{path}: {TRAINING_CHECKPOINT_HINT}, not an original code base's checkpoint")
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a dict with the state dict under 'model'")
-    return state
+    return _unwrap(path, checkpoint, weights)
 
 
-def read_official_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
-    """The state dict of a checkpoint of an original code base (under its own names) and its layout.
+def read_official_state(path: str | os.PathLike, weights: str = "auto") -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict of a checkpoint of an original code base (under its own names) and its layout;
+    ``weights``: the EMA or the model weights where it holds both (:data:`WEIGHTS`).
 
     Raises:
         ConversionError: the checkpoint fits none of :data:`~litedetr.models.convert.LAYOUTS`.
     """
-    state = _read_official(path)
+    state = _read_official(path, weights)
     layout = detect_layout(state)
     if layout is None:
         shown = ", ".join(list(state)[:8])
@@ -162,18 +201,20 @@ def read_official_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     return state, layout
 
 
-def read_official_checkpoint(path: str | os.PathLike, preset: str, **overrides: Any) -> tuple[DetectorConfig, dict[str, torch.Tensor], str]:
+def read_official_checkpoint(
+    path: str | os.PathLike, preset: str, weights: str = "auto", **overrides: Any
+) -> tuple[DetectorConfig, dict[str, torch.Tensor], str]:
     """The config of ``preset`` (with ``overrides``), the checkpoint's state dict and its layout.
 
     The checkpoint may be the authors' Lite-DINO, IDEA-Research/DINO, fundamentalvision/Deformable-DETR
     (two-stage) or HDETR/H-Deformable-DETR (two-stage); its layout must be of the preset's family.
     A 91-row class head (the released COCO checkpoints) gets COCO's names and category ids, unless
-    ``overrides`` name the classes.
+    ``overrides`` name the classes. ``weights``: see :func:`read_official_state`.
 
     Raises:
         ConversionError: the checkpoint fits no known layout, is of another family, or has another class count.
     """
-    state, layout = read_official_state(path)
+    state, layout = read_official_state(path, weights)
     config = get_config(preset, **overrides)
     if LAYOUT_FAMILY[layout] != config.family:
         raise ConversionError(f"{path}: a {layout} checkpoint, but preset {preset!r} is of the {config.family} family")

@@ -59,7 +59,9 @@ class Detector(nn.Module):
         self.criterion = parts.criterion
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu", preset: str | None = None, **overrides: Any) -> Detector:
+    def from_checkpoint(
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu", preset: str | None = None, weights: str = "auto", **overrides: Any
+    ) -> Detector:
         """A detector in eval mode from a litedetr model file, or from an original ``.pth`` checkpoint with ``preset``.
 
         Args:
@@ -70,6 +72,7 @@ class Detector(nn.Module):
             preset: the preset the ``.pth`` was trained as (e.g. ``deformable-detr-r50``), or a Lite preset
                 of its family to initialise from a standard-encoder checkpoint; only for ``.pth`` files,
                 whose config is not stored in the file.
+            weights: of a ``.pth`` holding both, the EMA (``auto``, ``ema``) or the model weights (``model``).
             overrides: :class:`DetectorConfig` fields to change in ``preset`` (e.g. ``num_classes``).
         """
         if not Path(path).is_file():
@@ -77,7 +80,7 @@ class Detector(nn.Module):
         if Path(path).suffix in (".pth", ".pt") and is_training_checkpoint(path):
             raise ValueError(f"{path}: {TRAINING_CHECKPOINT_HINT}")
         if preset is not None:
-            return load_official_checkpoint(path, preset, device, **overrides)
+            return load_official_checkpoint(path, preset, device, weights, **overrides)
         if overrides:
             raise ValueError(f"config overrides {sorted(overrides)} apply to a .pth checkpoint with a preset, not to a litedetr model file")
         if Path(path).suffix in (".pth", ".pt"):
@@ -218,7 +221,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
     return model.to(device).eval()
 
 
-def load_official_checkpoint(path: str | os.PathLike, preset: str, device: str | torch.device = "cpu", **overrides: Any) -> Detector:
+def load_official_checkpoint(
+    path: str | os.PathLike, preset: str, device: str | torch.device = "cpu", weights: str = "auto", **overrides: Any
+) -> Detector:
     """Build ``preset`` and load a checkpoint of an original code base into it, names converted
     (see :func:`~litedetr.models.checkpoint.read_official_checkpoint`). A standard-encoder checkpoint
     also initialises its family's Lite presets (see :mod:`litedetr.models.convert`).
@@ -226,16 +231,16 @@ def load_official_checkpoint(path: str | os.PathLike, preset: str, device: str |
     Raises:
         ConversionError: the checkpoint fits no known layout, is of another family, or does not fit the preset (keys named).
     """
-    config, state, layout = read_official_checkpoint(path, preset, **overrides)
+    config, state, layout = read_official_checkpoint(path, preset, weights, **overrides)
     model = Detector(config)
     load_official_state_dict(model, state, layout=layout)
     logger.info("loaded %s (%s layout, %d tensors) as %s", path, layout, len(state), preset)
     return model.to(device).eval()
 
 
-def convert_official_checkpoint(path: str | os.PathLike, preset: str, out: str | os.PathLike, **overrides: Any) -> Detector:
+def convert_official_checkpoint(path: str | os.PathLike, preset: str, out: str | os.PathLike, weights: str = "auto", **overrides: Any) -> Detector:
     """Convert a checkpoint of an original code base (see :func:`load_official_checkpoint`) into a litedetr model file for ``preset``."""
-    model = load_official_checkpoint(path, preset, **overrides)
+    model = load_official_checkpoint(path, preset, weights=weights, **overrides)
     save_model(model, out)
     logger.info("wrote %s", out)
     return model

@@ -108,13 +108,13 @@ def checkpoint_family(path: str | os.PathLike) -> str:
     return LAYOUT_FAMILY[read_official_state(path)[1]]
 
 
-def _read_source(path: Path, config: DetectorConfig) -> tuple[dict[str, Tensor], str, tuple[str, ...], bool]:
+def _read_source(path: Path, config: DetectorConfig, weights: str) -> tuple[dict[str, Tensor], str, tuple[str, ...], bool]:
     """The checkpoint's state dict under our names, its kind, its class names and whether its encoder is standard."""
     if path.suffix == ".safetensors":
         source, state = read_model_file(path)
         family, kind, names, standard = source.family, "litedetr", source.class_names, source.encoder.kind == "standard"
     else:
-        official, kind = read_official_state(path)
+        official, kind = read_official_state(path, weights)
         family, standard = LAYOUT_FAMILY[kind], kind in STANDARD_LAYOUTS
         state = rename_official(official, official_rules(kind, config.decoder_layers))
         bias = state.get("heads.class_heads.0.bias")
@@ -138,12 +138,13 @@ def _adapt_class_tensor(key: str, ours: Tensor, theirs: Tensor, mapping: dict[in
     return adapted
 
 
-def init_from_checkpoint(model: nn.Module, path: str | os.PathLike) -> InitReport:
+def init_from_checkpoint(model: nn.Module, path: str | os.PathLike, weights: str = "auto") -> InitReport:
     """Copy a trained checkpoint into a freshly built detector, adapting the class-dependent tensors (see the module).
 
     Args:
         model: a :class:`~litedetr.models.Detector` as built (its classes named in ``model.config.class_names``).
         path: a litedetr model file (``.safetensors``) or an original code base's ``.pth``.
+        weights: of a ``.pth`` holding both, the EMA (``auto``, ``ema``) or the model weights (``model``).
 
     Raises:
         ConversionError: the checkpoint is of another family or architecture (the keys are named).
@@ -153,7 +154,7 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike) -> InitRepor
     if not path.is_file():
         raise ValueError(f"{path}: no such checkpoint file")
     config: DetectorConfig = model.config
-    state, kind, their_names, standard = _read_source(path, config)
+    state, kind, their_names, standard = _read_source(path, config, weights)
     report = InitReport(source=kind)
     mapping = match_classes(config.class_names, their_names)
     their_count = state["heads.class_heads.0.weight"].shape[0] if "heads.class_heads.0.weight" in state else None

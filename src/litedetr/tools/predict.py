@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from litedetr.models import Detector
+from litedetr.models.checkpoint import WEIGHTS
 from litedetr.models.inputs import load_image
 from litedetr.tools.args import float_in, int_at_least
 from litedetr.tools.draw import draw_detections
@@ -117,7 +118,7 @@ def predict_files(
 
 
 def run(args: argparse.Namespace) -> int:
-    model = Detector.from_checkpoint(args.checkpoint, args.device, args.preset)
+    model = Detector.from_checkpoint(args.checkpoint, args.device, args.preset, args.weights)
     paths = find_images(args.images)
     entries = predict_files(model, paths, Path(args.out), args.threshold, args.batch_size, args.strict)
     if not entries:
@@ -136,6 +137,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", help="image files and/or directories of images")
     p.add_argument("--checkpoint", required=True, help="a litedetr .safetensors model file (or an authors' .pth with --preset)")
     p.add_argument("--preset", help="the preset of an authors' .pth checkpoint, e.g. lite-dino-r50-h3l1-2x3")
+    p.add_argument("--weights", choices=WEIGHTS, default="auto", help="of a .pth holding a model and its EMA: the EMA (auto, ema) or the model")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--threshold", type=float_in(0, 1), default=0.3, help="keep detections scoring at least this (default 0.3)")
     p.add_argument("--batch-size", type=int_at_least(1), default=4, help="images per forward pass (default 4)")

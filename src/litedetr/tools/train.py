@@ -17,6 +17,7 @@ from litedetr.engine.state import read_train_config
 from litedetr.engine.trainer import CHECKPOINT
 from litedetr.models import get_config
 from litedetr.models.backbone import IMAGENET, backbone_weights_file
+from litedetr.models.checkpoint import WEIGHTS
 from litedetr.models.pretrained import checkpoint_family
 from litedetr.tools.args import float_in, int_at_least
 
@@ -101,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         model_overrides=dict(args.set),
         backbone_weights=args.backbone_weights,
         init=str(args.init) if args.init else None,
+        init_weights=args.init_weights,
         freeze_backbone=args.freeze_backbone,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -196,6 +198,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "Deformable DETR, H-DETR; a standard-encoder one also starts a Lite preset). Classes whose names match the checkpoint's "
         "(COCO's for .pth files) keep their rows; optimiser and schedule start fresh (unlike --resume)",
     )
+    p.add_argument(
+        "--init-weights", choices=WEIGHTS, default="auto",
+        help="of an --init checkpoint holding a model and its EMA: the EMA (auto, ema) or the model",
+    )  # fmt: skip
     p.add_argument("--freeze-backbone", action="store_true", help="keep the backbone's weights and batch-norm statistics fixed")
     p.add_argument(
         "--backbone-weights",
