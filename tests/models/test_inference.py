@@ -13,6 +13,7 @@ from conftest import FIXTURES
 from litedetr import build_model
 from litedetr.models import Detector, save_model
 from litedetr.models.convert import ConversionError, official_rules, rename_official
+from litedetr.models.inputs import to_image_tensor
 
 NAMES = ("cat", "dog", "bird")
 
@@ -54,6 +55,26 @@ def test_numpy_array(model, picture, expected):
 
 def test_pil_image(model, picture, expected):
     assert_same(model.predict(Image.fromarray(picture), threshold=0.0)[0], expected)
+
+
+def test_a_pil_image_and_its_file_give_the_same_detections(model, picture, tmp_path):
+    """EXIF orientation and 16-bit grayscale: one rule for paths and PIL images (issue 25 item 7)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    Image.fromarray(picture).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    gray = (np.linspace(0, 65535, 90 * 120).reshape(90, 120)).astype(np.uint16)
+    Image.fromarray(gray).save(tmp_path / "gray16.png")
+    for name in ("rotated.jpg", "gray16.png"):
+        with Image.open(tmp_path / name) as opened:
+            opened.load()
+            from_pil = model.predict(opened, threshold=0.0)[0]
+        from_path = model.predict(tmp_path / name, threshold=0.0)[0]
+        torch.testing.assert_close(from_pil["boxes"], from_path["boxes"])
+        torch.testing.assert_close(from_pil["scores"], from_path["scores"])
+    with Image.open(tmp_path / "rotated.jpg") as opened:
+        assert model.predict(opened, threshold=0.0)[0]["boxes"][:, 2].max() <= 90  # the displayed frame is 90 wide
+    with Image.open(tmp_path / "gray16.png") as opened:
+        assert np.array(opened).max() > 255 and to_image_tensor(opened).std() > 0.1  # not clipped to white
 
 
 def test_file_paths_str_and_path(model, picture, expected, tmp_path):

@@ -2,7 +2,8 @@
 
 Accepted, one or a list of them: image file paths, PIL images, numpy arrays ``(H, W, 3)`` uint8 (RGB)
 and tensors ``(3, H, W)`` (float in [0, 1] or uint8); a ``(B, 3, H, W)`` tensor counts as ``B``
-images. Files are read lazily, one batch at a time.
+images. Files are read lazily, one batch at a time. Files and PIL images go through one rule
+(:func:`rgb_image`: EXIF orientation, 16-bit grayscale), so a photo gives the same boxes either way.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-__all__ = ["ImageInput", "as_image_list", "load_image", "to_image_tensor", "batched"]
+__all__ = ["ImageInput", "as_image_list", "load_image", "rgb_image", "to_image_tensor", "batched"]
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
 """One image: a file path, a PIL image, an ``(H, W, 3)`` uint8 array or a ``(3, H, W)`` tensor."""
@@ -27,11 +28,8 @@ _WIDE_INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Read an image file as 8-bit RGB, the one rule for training, evaluation and prediction.
-
-    The EXIF orientation is applied (as detectron2 and Ultralytics do). Palette, CMYK, grayscale
-    and alpha modes are converted to RGB (alpha dropped); 16-bit grayscale is scaled to 8 bits
-    (``value / 257``); floating-point and wider-than-16-bit integer images are refused by name.
+    """Read an image file as 8-bit RGB, the one rule for training, evaluation and prediction
+    (:func:`rgb_image`: EXIF orientation, modes).
 
     Raises:
         ValueError: the file is missing, not a readable image, or of a mode that cannot be read
@@ -40,18 +38,28 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            image = ImageOps.exif_transpose(image)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such image file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise ValueError(f"{path}: not a readable image ({err})") from None
+    return rgb_image(image, str(path))
+
+
+def rgb_image(image: Image.Image, name: str = "image") -> Image.Image:
+    """A PIL image as the 8-bit RGB image a detector sees, whether it came from a file or from the caller.
+
+    The EXIF orientation is applied (as detectron2 and Ultralytics do). Palette, CMYK, grayscale
+    and alpha modes are converted to RGB (alpha dropped); 16-bit grayscale is scaled to 8 bits
+    (``value / 257``); floating-point and wider-than-16-bit integer images are refused by name.
+    """
+    image = ImageOps.exif_transpose(image)
     if image.mode in _WIDE_INTEGER_MODES:
         pixels = np.asarray(image).astype(np.int64)
         if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
-            raise ValueError(f"{path}: integer pixels outside 0..65535 (mode {image.mode}); save it as an 8- or 16-bit image")
+            raise ValueError(f"{name}: integer pixels outside 0..65535 (mode {image.mode}); save it as an 8- or 16-bit image")
         image = Image.fromarray(np.rint(pixels / 257).astype(np.uint8), "L")
     elif image.mode == "F":
-        raise ValueError(f"{path}: floating-point pixels (mode F) have no defined range; save it as an 8- or 16-bit image")
+        raise ValueError(f"{name}: floating-point pixels (mode F) have no defined range; save it as an 8- or 16-bit image")
     return image.convert("RGB")
 
 
@@ -60,7 +68,7 @@ def to_image_tensor(image: ImageInput) -> Tensor:
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image)
     if isinstance(image, Image.Image):
-        image = np.array(image.convert("RGB"))
+        image = np.array(rgb_image(image))
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"numpy images must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
