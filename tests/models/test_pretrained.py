@@ -202,3 +202,15 @@ def test_asking_for_missing_ema_weights_names_the_keys(tmp_path):
     torch.save({"model": state}, tmp_path / "plain.pth")
     with pytest.raises(ValueError, match="no EMA weights under any of ema_model, model_ema, ema, state_dict_ema; its keys: model"):
         Detector.from_checkpoint(tmp_path / "plain.pth", preset="dino-r50", weights="ema")
+
+
+@pytest.mark.parametrize("layout, preset, depth", [("deformable-detr", "deformable-detr-r50", 6), ("dino", "dino-r50", 6)])
+def test_a_decoder_depth_other_than_the_checkpoints_is_named(tmp_path, layout, preset, depth):
+    """The depth comes from the checkpoint's class heads, not from how the model maps them (issue 25 item 5)."""
+    state, _ = random_checkpoint(layout, torch.Generator().manual_seed(5))
+    torch.save({"model": state}, tmp_path / "released.pth")
+    message = f"the checkpoint's decoder has {depth} layers .* the model 3; set decoder_layers={depth}"
+    with pytest.raises(ConversionError, match=message):
+        Detector.from_checkpoint(tmp_path / "released.pth", preset=preset, decoder_layers=3)
+    with pytest.raises(ConversionError, match=message):
+        build_model(preset, init=str(tmp_path / "released.pth"), decoder_layers=3)

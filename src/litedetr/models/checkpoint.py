@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,7 @@ from litedetr.models.config import DetectorConfig, config_from_dict, get_config
 from litedetr.models.convert import LAYOUT_FAMILY, LAYOUTS, ConversionError, detect_layout, rename_official
 
 __all__ = [
-    "save_model", "atomic_write", "read_config", "read_model_file", "read_official_checkpoint", "read_official_state", "is_training_checkpoint",
+    "save_model", "atomic_write", "read_config", "read_model_file", "read_official_checkpoint", "read_official_state", "is_training_checkpoint", "check_decoder_depth",
     "WEIGHTS",
     "CONFIG_KEY",
 ]  # fmt: skip
@@ -201,6 +202,22 @@ def read_official_state(path: str | os.PathLike, weights: str = "auto") -> tuple
     return state, layout
 
 
+def check_decoder_depth(path: str | os.PathLike, state: dict[str, torch.Tensor], layout: str, decoder_layers: int) -> None:
+    """Refuse, by name, a model whose decoder depth differs from the checkpoint's.
+
+    The depth is read from the class heads: ``class_embed.0 .. N`` is one per decoder layer in DINO
+    and Lite-DINO, and one more (the proposals') in two-stage Deformable DETR and H-DETR.
+    """
+    heads = [int(m.group(1)) for key in state if (m := re.fullmatch(r"class_embed\.(\d+)\.weight", key))]
+    if not heads:
+        return
+    depth = max(heads) + (1 if LAYOUT_FAMILY[layout] == "dino" else 0)
+    if depth != decoder_layers:
+        raise ConversionError(
+            f"{path}: the checkpoint's decoder has {depth} layers (class_embed.0-{max(heads)}), the model {decoder_layers}; set decoder_layers={depth}"
+        )
+
+
 def read_official_checkpoint(
     path: str | os.PathLike, preset: str, weights: str = "auto", **overrides: Any
 ) -> tuple[DetectorConfig, dict[str, torch.Tensor], str]:
@@ -218,6 +235,7 @@ def read_official_checkpoint(
     config = get_config(preset, **overrides)
     if LAYOUT_FAMILY[layout] != config.family:
         raise ConversionError(f"{path}: a {layout} checkpoint, but preset {preset!r} is of the {config.family} family")
+    check_decoder_depth(path, state, layout, config.decoder_layers)
     class_weight = state.get("class_embed.0.weight")
     if class_weight is not None and class_weight.shape[0] != config.num_classes:
         raise ConversionError(

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from litedetr.models.checkpoint import read_config, read_model_file, read_official_state
+from litedetr.models.checkpoint import check_decoder_depth, read_config, read_model_file, read_official_state
 from litedetr.models.coco_classes import COCO_NUM_CLASSES, class_key, coco_class_names
 from litedetr.models.config import DetectorConfig
 from litedetr.models.convert import (
@@ -115,6 +115,8 @@ def _read_source(path: Path, config: DetectorConfig, weights: str) -> tuple[dict
         family, kind, names, standard = source.family, "litedetr", source.class_names, source.encoder.kind == "standard"
     else:
         official, kind = read_official_state(path, weights)
+        if LAYOUT_FAMILY[kind] == config.family:
+            check_decoder_depth(path, official, kind, config.decoder_layers)
         family, standard = LAYOUT_FAMILY[kind], kind in STANDARD_LAYOUTS
         state = rename_official(official, official_rules(kind, config.decoder_layers))
         bias = state.get("heads.class_heads.0.bias")
