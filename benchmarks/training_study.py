@@ -35,7 +35,7 @@ last one). Each run is a subprocess with ``--threads`` threads, ``--jobs`` at a 
 accuracies after a fixed number of steps, which other jobs on the machine do not change (only the
 wall time). Runs go to ``--runs``; a finished run is reused and an interrupted one resumed, so the
 study can be stopped and started again. Writes ``training_study_<steps>steps.md`` and ``.json`` to
-``--out`` (``training_study_<steps>steps_init_<file stem>.*`` with ``--init``).
+``--out`` (``..._seeds<seeds>`` for seeds other than 0 1 2, ``..._init_<file stem>`` with ``--init``).
 
     python benchmarks/training_study.py [--cells kda msda ...] [--seeds 0 1 2] [--steps-per-epoch 50]
         [--jobs 2] [--threads 1] [--runs training-study-runs] [--out benchmarks/results]
@@ -278,7 +278,8 @@ def main() -> None:
     table = markdown(results, meta)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"training_study_{meta['steps']}steps" + (f"_init_{args.init.stem}" if args.init else "")
+    seeds = "" if args.seeds == [0, 1, 2] else "_seeds" + "-".join(map(str, args.seeds))
+    name = f"training_study_{meta['steps']}steps{seeds}" + (f"_init_{args.init.stem}" if args.init else "")
     (args.out / f"{name}.md").write_text(table)
     (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "cells": results}, indent=2))
 
