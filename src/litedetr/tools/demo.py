@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"precision: {summary['precision_reason']}")
     print(f"{schedule['epochs']} epochs of {schedule['batches_per_epoch']} batches (of {schedule['full_batches_per_epoch']} in the training split)")
-    if schedule.get("cut"):  # a run started before 0.3 has no "cut"
+    if schedule.get("cut"):  # a run started by an older litedetr has no "cut"
         print(
             f"  cut from {schedule['planned_batches']} batches per epoch: this machine's {schedule['probe_step_s']:.2f} s per step would not fit"
             f" the {schedule['budget_minutes']:.0f}-min cap; lift the cap with --minutes 0"
