@@ -2,8 +2,8 @@
 
 Pretrains three small detectors on the shapes dataset with the demo's budget (the same runs as
 ``benchmarks/tradeoff.py``: DINO, and Lite-DINO H3L1-(2+1)x3 with KDA and with plain deformable
-attention (MSDA), ``*-r18-tiny`` backbone and widths, 1500 steps of 4 images). Then trains on the
-glyphs dataset (digits and letters: classes the shapes dataset does not have) for a quarter of that
+attention (MSDA), ``*-r18-tiny`` backbone and widths, the demo's 6 x 125 steps of 4 images). Then trains on the
+glyphs dataset (digits and letters: classes the shapes dataset does not have) for half of that
 (``--finetune-epochs`` 3 x 125 steps of 4 of its 500 images, learning rate 10x lower for the last
 epoch), with the same recipe in every run and only the starting weights differing:
 
