@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -37,6 +36,7 @@ from litedetr.engine import distributed
 from litedetr.engine.config import TrainConfig
 from litedetr.engine.ema import ModelEMA
 from litedetr.engine.evaluate import evaluate
+from litedetr.engine.optim import build_optimizer, warm_up
 from litedetr.engine.plots import plot_curves
 from litedetr.engine.precision import resolve_precision
 from litedetr.engine.sampler import ResumableSampler
@@ -95,18 +95,6 @@ def _datasets(config: TrainConfig) -> tuple[CocoDetection, CocoDetection | None]
     return train, val
 
 
-def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
-    """DINO's three groups: backbone, deformable sampling offsets, everything else."""
-    groups: dict[str, list[nn.Parameter]] = {"backbone": [], "sampling": [], "rest": []}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        key = "backbone" if name.startswith("backbone.") else "sampling" if "sampling_offsets" in name else "rest"
-        groups[key].append(param)
-    lrs = {"backbone": config.lr_backbone, "sampling": config.lr * config.lr_sampling_mult, "rest": config.lr}
-    return [{"params": params, "lr": lrs[key], "name": key} for key, params in groups.items() if params]
-
-
 class Trainer:
     """Trains ``config`` into ``out``; with ``resume`` it continues from ``out/checkpoint.pt``."""
 
@@ -134,8 +122,7 @@ class Trainer:
         ).to(self.device)
         if config.freeze_backbone:
             self.model.backbone.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, config), lr=config.lr, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=list(config.lr_drop), gamma=0.1)
+        self.optimizer, self.scheduler = build_optimizer(self.model, config)
         self.precision = resolve_precision(config.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.dtype == torch.float16)
         self.ema = ModelEMA(self.model, config.ema_decay) if config.ema_decay else None
@@ -265,21 +252,9 @@ class Trainer:
         self.scaler.scale(loss / self.config.accumulate).backward()
         return loss, losses
 
-    def _warm_up(self) -> None:
-        """During the first ``warmup_steps`` optimiser steps (and at the first one after), set each group's
-        learning rate to its scheduled value (``initial_lr`` dropped at every milestone passed) times
-        ``(step + 1) / warmup_steps``, at most 1."""
-        warmup = self.config.warmup_steps
-        if not warmup or self.step > warmup:
-            return
-        factor = min(1.0, (self.step + 1) / warmup)
-        drops = sum(1 for milestone in self.config.lr_drop if self.epoch >= milestone)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * self.scheduler.gamma**drops * factor
-
     def _optimizer_step(self) -> torch.Tensor:
         """Clip, step, clear the gradients and update the EMA; returns the gradient norm before clipping."""
-        self._warm_up()
+        warm_up(self.optimizer, self.scheduler, self.config, self.step, self.epoch)
         self.scaler.unscale_(self.optimizer)
         clip = self.config.clip_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip) if clip > 0 else torch.tensor(0.0)

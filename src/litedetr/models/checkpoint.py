@@ -160,7 +160,8 @@ def _unwrap(path: str | os.PathLike, checkpoint: Any, weights: str) -> dict[str,
         wanted = {"auto": ema + model, "ema": ema, "model": model}[weights]
         if not wanted:
             kind = {"ema": "EMA weights", "model": "model weights"}.get(weights, "state dict")
-            raise ValueError(f"{path}: no {kind} under any of {', '.join(_EMA_KEYS if weights == 'ema' else _MODEL_KEYS + _EMA_KEYS)}; its keys: {', '.join(map(str, list(checkpoint)[:8]))}")
+            searched = ", ".join(_EMA_KEYS if weights == "ema" else _MODEL_KEYS + _EMA_KEYS)
+            raise ValueError(f"{path}: no {kind} under any of {searched}; its keys: {', '.join(map(str, list(checkpoint)[:8]))}")
         key = wanted[0]
         if ema and model:
             other = "model" if key in ema else "ema"

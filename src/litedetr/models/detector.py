@@ -77,13 +77,13 @@ class Detector(nn.Module):
         """
         if not Path(path).is_file():
             raise ValueError(f"{path}: no such checkpoint file")
-        if Path(path).suffix in (".pth", ".pt") and is_training_checkpoint(path):
-            raise ValueError(f"{path}: {TRAINING_CHECKPOINT_HINT}")
-        if preset is not None:
+        if preset is not None:  # a run's checkpoint.pt is named when read (read_official_checkpoint)
             return load_official_checkpoint(path, preset, device, weights, **overrides)
         if overrides:
             raise ValueError(f"config overrides {sorted(overrides)} apply to a .pth checkpoint with a preset, not to a litedetr model file")
         if Path(path).suffix in (".pth", ".pt"):
+            if is_training_checkpoint(path):
+                raise ValueError(f"{path}: {TRAINING_CHECKPOINT_HINT}")
             raise ValueError(f"{path}: a .pth checkpoint does not store its architecture; pass its preset")
         return load_model(path, device)
 

@@ -29,7 +29,8 @@ def evaluate_model_file(
 
     A model whose config carries category ids covering the dataset's (e.g. a released COCO
     checkpoint's 91 rows, which are COCO's ids), under the same names where both name them, is
-    scored by category id, whatever the two class counts; otherwise labels pair with the dataset's categories in order, and the counts must match.
+    scored by category id, whatever the two class counts; otherwise labels pair with the dataset's
+    categories in order, and the counts must match.
 
     Raises:
         ValueError: the model's classes cannot be paired with the dataset's categories (named).
