@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,47 @@ def _empty_batch_worker(rank: int, world: int, init_file: str, out: str) -> None
 def test_dino_trains_under_ddp_when_one_rank_has_no_objects(tmp_path):
     mp.spawn(_empty_batch_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "done")), nprocs=2, join=True)
     assert (tmp_path / "done").read_text() == "trained"
+
+
+def _nan_worker(rank: int, world: int, init_file: str, data: str, out: str) -> None:
+    """Trains through the Trainer; on rank 1 the decoder's class heads give NaN from the first step."""
+    from litedetr.data import find_split
+    from litedetr.engine import TrainConfig, Trainer
+    from litedetr.engine.trainer import TrainingDiverged
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    train = find_split(Path(data), "train")
+    config = TrainConfig(
+        model=PRESET, model_overrides=dict(num_queries=10, num_select=10, one_to_many_queries=20), train_annotations=str(train.annotations),
+        train_images=str(train.images), epochs=1, batch_size=1, image_sizes=(64,), max_size=64, workers=0,
+    )  # fmt: skip
+    trainer = Trainer(config, Path(out) / "run")
+    if rank == 1:
+        for head in trainer.model.modules():
+            if isinstance(head, torch.nn.Linear) and head.out_features == trainer.train_set.num_classes:
+                head.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+    try:
+        trainer.fit()
+        message = "trained without stopping"
+    except TrainingDiverged as err:
+        message = str(err)
+    (Path(out) / f"rank{rank}.txt").write_text(message)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_every_rank_with_its_message(tiny_synthetic, tmp_path):
+    """The loss terms are checked once, after the all-reduce: a check that raised on rank 1 alone would
+    leave rank 0 waiting in the next collective for ever (the test would then time out)."""
+    context = mp.start_processes(_nan_worker, args=(2, str(tmp_path / "init"), str(tiny_synthetic), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 600  # about 10 s on a quiet machine
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("a rank is still waiting 600 s after the NaN")
+    messages = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+    assert messages[0] == messages[1], messages
+    assert messages[0].startswith("the loss became nan on rank 1 (not finite: loss_class"), messages[0]
+    assert "on rank 0" not in messages[0] and "at epoch 1, step 1" in messages[0]

@@ -173,19 +173,20 @@ def test_zero_targets_give_finite_losses(criterion):
     torch.testing.assert_close(losses["loss_class"], reference.mean(1).sum() * 5)  # num_boxes clamped to 1
 
 
-def test_non_finite_loss_raises_naming_key(criterion):
+def test_non_finite_predictions_give_non_finite_losses_without_raising(criterion):
+    """The criterion raises nothing, so that under DDP no rank leaves the step early: the trainer checks the
+    sum once, after its all-reduce. Only the terms that see the bad value are not finite."""
     g = torch.Generator().manual_seed(8)
     targets = make_targets([2], g)
     outputs = {**random_outputs(1, 4, g), "aux_outputs": [random_outputs(1, 4, g)]}
     outputs["aux_outputs"][0]["pred_logits"][0, 1, 2] = float("inf")
-    with pytest.raises(FloatingPointError, match="loss_class_0"):
-        criterion(outputs, targets)
+    losses = criterion(outputs, targets)
+    assert sorted(k for k, v in losses.items() if not torch.isfinite(v)) == ["loss_class_0"]
 
     outputs = {**random_outputs(1, 4, g), "dn_outputs": random_outputs(1, 4, g), "dn_meta": {"num_groups": 1, "group_size": 4}}
     outputs["dn_outputs"]["pred_boxes"][0, 0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="loss_bbox_dn") as info:
-        criterion(outputs, targets)
-    assert "loss_class_dn" not in str(info.value)
+    losses = criterion(outputs, targets)
+    assert sorted(k for k, v in losses.items() if not torch.isfinite(v)) == ["loss_bbox_dn", "loss_giou_dn"]
 
 
 def test_labels_out_of_range(criterion):

@@ -113,7 +113,8 @@ def test_giou_eps_reaches_the_cost():
 def test_giou_eps_matches_zero_area_predictions():
     outputs = {"pred_logits": torch.zeros(1, 2, 2), "pred_boxes": torch.tensor([[[0.5, 0.5, 0.0, 0.0], [0.2, 0.2, 0.0, 0.0]]])}
     targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.21, 0.2, 0.0, 0.0]])}]
-    with pytest.raises(FloatingPointError):
-        HungarianMatcher()(outputs, targets)
+    plain = HungarianMatcher()
+    assert not torch.isfinite(plain.cost_matrix(outputs["pred_logits"][0], outputs["pred_boxes"][0], targets[0]["labels"], targets[0]["boxes"])).all()
+    assert [idx.tolist() for idx in plain(outputs, targets)[0]] == [[0], [0]]  # NaN costs rank last, not raise: the loss shows it
     pred_idx, tgt_idx = HungarianMatcher(giou_eps=1e-6)(outputs, targets)[0]
     assert pred_idx.tolist() == [1] and tgt_idx.tolist() == [0]

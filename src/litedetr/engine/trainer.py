@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -224,13 +225,24 @@ class Trainer:
         return f"{what} at epoch {self.epoch + 1}, step {self.step + 1}; {kept}. {hint}."
 
     def _check_finite(self, loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
-        """Stop every rank with :class:`TrainingDiverged` when any rank's loss is NaN or infinite."""
-        bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=self.device)
+        """Stop every rank with :class:`TrainingDiverged` when any rank's loss is NaN or infinite.
+
+        One host sync per step, after the all-reduce, so that all ranks raise together, each with the same
+        message naming the ranks and loss terms that were not finite.
+        """
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         if distributed.is_distributed():
             torch.distributed.all_reduce(bad)
-        if bad.item():
-            terms = sorted(k for k, v in losses.items() if not torch.isfinite(v))
-            raise TrainingDiverged(self._diverged_message(f"the loss became {loss.item()} (non-finite terms on this rank: {terms or 'none'})"))
+        if not bad.item():
+            return
+        terms = sorted(key for key, value in losses.items() if not torch.isfinite(value).all())
+        found = distributed.all_gather_objects((loss.item(), terms))
+        where = "; ".join(
+            f"{value}" + (f" on rank {rank}" if len(found) > 1 else "") + f" (not finite: {', '.join(names) or 'the sum'})"
+            for rank, (value, names) in enumerate(found)
+            if not math.isfinite(value)
+        )
+        raise TrainingDiverged(self._diverged_message(f"the loss became {where}"))
 
     def _gradient_sync(self, stepping: bool) -> contextlib.AbstractContextManager:
         """DDP all-reduces gradients only on the backward before an optimiser step (``no_sync`` between)."""
@@ -242,11 +254,8 @@ class Trainer:
         """Losses of one batch (under autocast when asked), checked finite on every rank, and their backward."""
         images = [img.to(self.device) for img in images]
         targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        try:
-            with self._autocast():
-                losses = self.net(images, targets)
-        except FloatingPointError as err:
-            raise TrainingDiverged(self._diverged_message(str(err))) from None
+        with self._autocast():
+            losses = self.net(images, targets)
         loss = sum(losses.values())
         self._check_finite(loss, losses)
         self.scaler.scale(loss / self.config.accumulate).backward()

@@ -10,6 +10,9 @@ from litedetr.ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 __all__ = ["HungarianMatcher", "focal_class_cost"]
 
+_WORST = 1e12
+"""The matching cost given to NaN and infinite entries (finite costs are at most a few hundred)."""
+
 
 def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
     """Focal-loss classification cost: focal loss of calling a prediction positive minus negative.
@@ -87,9 +90,9 @@ class HungarianMatcher(nn.Module):
             torch.cat([t["labels"] for t in targets]),
             torch.cat([t["boxes"] for t in targets]).float(),
         )
-        cost = cost.view(bs, num_queries, -1).cpu()
-        if not torch.isfinite(cost).all():
-            raise FloatingPointError("matching cost is not finite (the predictions hold NaN or inf)")
+        # Predictions holding NaN or inf count as the worst match: the step completes on every rank, its loss is
+        # not finite, and the trainer stops all ranks together after its all-reduce (raising here would not).
+        cost = torch.nan_to_num(cost.view(bs, num_queries, -1).cpu(), nan=_WORST, posinf=_WORST, neginf=-_WORST)
         indices = []
         for b, block in enumerate(cost.split(sizes, -1)):
             pred_idx, tgt_idx = linear_sum_assignment(block[b].numpy())
