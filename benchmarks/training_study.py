@@ -23,6 +23,10 @@ Cells (``--cells``):
 - ``kda-dn20``: 20 denoising queries instead of 100 (the ``*-tiny`` presets' own count).
 - ``kda-dense`` / ``msda-dense``: every encoder token's proposal also matched one-to-many against the
   targets repeated ``DENSE_REPEAT`` times (``DetectorConfig.encoder_one_to_many``; the demo's recipe).
+- ``kda-dense-q200``: ``kda-dense`` with 200 decoder queries (100 detections kept) instead of 60.
+- ``kda-dense-o2m``: ``kda-dense`` with H-DETR's hybrid matching in the decoder
+  (``DECODER_ONE_TO_MANY`` extra queries matched to the targets repeated ``DENSE_REPEAT`` times)
+  instead of the denoising queries.
 
 Besides AP and the training losses, each run records what tells a stuck run from one that learns
 (:func:`diagnose`): the share of the selected proposals that come from the finest level, and the
@@ -46,6 +50,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -67,6 +72,7 @@ from litedetr.ops import level_shapes
 LOSS_TERMS = ("loss_class", "loss_bbox", "loss_giou")
 WARMUP_STEPS = 100
 DENSE_REPEAT = 6
+DECODER_ONE_TO_MANY = 180
 LAST_STEPS = 50
 
 
@@ -112,6 +118,13 @@ def cells() -> dict[str, Cell]:
         "msda-dense": Cell(
             f"MSDA, every token's proposal matched one-to-many ({DENSE_REPEAT}x)",
             {"encoder": msda_encoder, "decoder_key_aware": False, "encoder_one_to_many": DENSE_REPEAT},
+        ),
+        "kda-dense-q200": Cell(
+            "KDA, dense encoder matching, 200 queries (100 kept) instead of 60", {"encoder_one_to_many": DENSE_REPEAT, "num_queries": 200, "num_select": 100}
+        ),
+        "kda-dense-o2m": Cell(
+            f"KDA, dense encoder matching, {DECODER_ONE_TO_MANY} one-to-many decoder queries ({DENSE_REPEAT}x) instead of denoising",
+            {"encoder_one_to_many": DENSE_REPEAT, "dn_number": 0, "one_to_many_queries": DECODER_ONE_TO_MANY, "one_to_many_repeat": DENSE_REPEAT},
         ),
     }
 
@@ -191,7 +204,7 @@ def diagnose(model_file: Path, config: Any, images: int = 16) -> dict[str, Any]:
         "box_l1": {
             "encoder": float(losses["loss_bbox_enc"]),
             "decoder": [float(losses[f"loss_bbox_{i}"]) for i in range(layers - 1)] + [float(losses["loss_bbox"])],
-            "denoising": [float(losses[f"loss_bbox_dn_{i}"]) for i in range(layers - 1)] + [float(losses["loss_bbox_dn"])],
+            "denoising": [float(losses[f"loss_bbox_dn_{i}"]) for i in range(layers - 1)] + [float(losses["loss_bbox_dn"])] if "loss_bbox_dn" in losses else [],
         },
     }
 
@@ -218,7 +231,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             s = row[key]
             cells_.append(f"{scale * s['median']:.{digits}f} [{scale * s['min']:.{digits}f}-{scale * s['max']:.{digits}f}]")
         for first, last in (("enc", "last"), ("dn_first", "dn_last")):
-            cells_.append(f"{row[first]['median']:.2f} -> {row[last]['median']:.2f}")
+            cells_.append("-" if math.isnan(row[first]["median"]) else f"{row[first]['median']:.2f} -> {row[last]['median']:.2f}")
         lines.append("| " + " | ".join(cells_) + " |")
     return "\n".join(lines) + "\n"
 
@@ -226,7 +239,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 def _box_columns(run: dict[str, Any]) -> dict[str, float]:
     """The per-run box L1 figures the table shows (encoder, last decoder layer, denoising first and last)."""
     l1 = run["box_l1"]
-    return {"enc": l1["encoder"], "last": l1["decoder"][-1], "dn_first": l1["denoising"][0], "dn_last": l1["denoising"][-1]}
+    denoising = l1["denoising"] or [math.nan]  # no denoising queries: NaN, shown as "-"
+    return {"enc": l1["encoder"], "last": l1["decoder"][-1], "dn_first": denoising[0], "dn_last": denoising[-1]}
 
 
 def main() -> None:

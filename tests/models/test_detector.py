@@ -171,6 +171,71 @@ def test_predictions_do_not_depend_on_the_rest_of_the_batch():
     assert torch.equal(alone["labels"], batched["labels"])
 
 
+@pytest.mark.parametrize("name", ["deformable-detr-r18-tiny", "dino-r18-tiny", "h-detr-r18-tiny", "lite-dino-r18-tiny-h3l1-2x3"])
+def test_the_transformer_reads_only_an_images_own_tokens(name):
+    """Everything after the input stage (encoder, query selection, decoder, heads) ignores padding: an
+    image's tokens padded in a batch with a larger image, with junk in the padding, give the outputs of
+    the image alone. Sizes are multiples of the coarsest stride (64), so every level's padding mask
+    covers exactly the padded tokens. Three things see the padding by design, as in the original code
+    bases (see ``Detector.predict``), and the test takes each out: the input stage (the backbone's
+    border features, the group norm's statistics), whose output it replaces; the two-stage top-k, which
+    ranks padded tokens by the class head of their zeroed memory, so that they can take query slots
+    (the H-DETR fixture's padded batch selects some), and which it restricts to the image's tokens;
+    DINO's positional queries, which its decoder computes from boxes in the padded frame (scaled by the
+    finest level's valid ratio), and which it computes in the image's frame."""
+    model = small(name).eval()
+    g = torch.Generator().manual_seed(2)
+    alone_image, batch = torch.randn(1, 3, 128, 192, generator=g), torch.randn(2, 3, 256, 256, generator=g)
+    mask = torch.ones(2, 256, 256, dtype=torch.bool)
+    mask[0, :128, :192], mask[1] = False, False
+    seen = []
+
+    def put_alone_tokens_into_the_batch(module, inputs, tokens):
+        if not seen:
+            seen.append(tokens)
+            return tokens
+        alone, src = seen[0], 10 * torch.randn(tokens.src.shape, generator=g)
+        src[1] = tokens.src[1]
+        start, first = 0, 0
+        for (h, w), (height, width) in zip(alone.spatial_shapes, tokens.spatial_shapes):
+            own = slice(start, start + h * w)
+            src[0, first : first + height * width].view(height, width, -1)[:h, :w] = alone.src[0, own].view(h, w, -1)
+            padding = tokens.padding_mask[0, first : first + height * width].view(height, width)
+            assert not padding[:h, :w].any() and padding.sum() == height * width - h * w
+            pos = tokens.pos[0, first : first + height * width].view(height, width, -1)[:h, :w]
+            torch.testing.assert_close(pos, alone.pos[0, own].view(h, w, -1))
+            start, first = start + h * w, first + height * width
+        frame.append(tokens.valid_ratios[:, 0].repeat(1, 2)[:, None])  # (B, 1, 4) finest level's (w, h, w, h)
+        return dataclasses.replace(tokens, src=src)
+
+    frame, padding, select = [torch.ones(1, 1, 4)], [], model.query_selection.select
+    model.input_stage.register_forward_hook(put_alone_tokens_into_the_batch)
+    model.input_stage.register_forward_hook(lambda module, inputs, tokens: padding.append(tokens.padding_mask))
+    model.query_selection.select = lambda scores, k: select(scores.masked_fill(padding[-1], float("-inf")), k)
+    model.decoder.query_position.register_forward_pre_hook(lambda module, args: (args[0] / frame[-1], *args[1:]))
+    with torch.no_grad():
+        alone = model.forward_features(model.backbone(alone_image), torch.zeros(1, 128, 192, dtype=torch.bool))
+        batched = model.forward_features(model.backbone(batch), mask)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(batched[key][:1], alone[key], atol=1e-5, rtol=1e-4)
+
+
+def test_predict_batches_images_by_size_so_equal_sizes_predict_as_alone():
+    """Batched in input order, image 0 would be padded to image 1's size and its boxes would move; by size,
+    images 0 and 2 share a batch without padding."""
+    model = small("lite-dino-r18-tiny-h3l1-2x3").eval()
+    g = torch.Generator().manual_seed(3)
+    images = [torch.rand(3, 64, 128, generator=g), torch.rand(3, 96, 96, generator=g), torch.rand(3, 64, 128, generator=g)]
+    together = model.predict(images, threshold=0.0, batch_size=2)
+    for image, got in zip(images, together):
+        alone = model.predict(image, threshold=0.0)[0]
+        for key in ("boxes", "scores"):
+            torch.testing.assert_close(got[key], alone[key], atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        padded = model([images[0], images[1]])[0]
+    assert (padded["boxes"] - together[0]["boxes"]).abs().max() > 1e-2  # what batching by size avoids
+
+
 @pytest.mark.parametrize(
     "target,message",
     [

@@ -19,7 +19,7 @@ from litedetr.models.checkpoint import TRAINING_CHECKPOINT_HINT, is_training_che
 from litedetr.models.config import DetectorConfig
 from litedetr.models.convert import load_official_state_dict
 from litedetr.models.families import build_parts
-from litedetr.models.inputs import ImageInput, as_image_list, batched
+from litedetr.models.inputs import ImageInput, as_image_list, batches_by_size
 from litedetr.models.postprocess import postprocess
 from litedetr.models.state_dict import fit_problems
 from litedetr.models.transform import batch_images
@@ -91,6 +91,14 @@ class Detector(nn.Module):
     def predict(self, inputs: ImageInput | Sequence[ImageInput], threshold: float = 0.3, batch_size: int = 4) -> list[dict[str, Any]]:
         """Detections for one image or many, in batches of ``batch_size``, in eval mode (the mode is restored after).
 
+        Images are batched by size (:func:`~litedetr.models.inputs.batches_by_size`): equally sized
+        images share a batch and are predicted as alone. An image batched with a larger one is padded,
+        and, as in the original code bases, three things see the padding: the backbone's features near
+        the image's right and bottom borders and the input projection's group norm; the two-stage
+        top-k, where padded tokens (their memory zeroed) can take query slots; and DINO's positional
+        queries, computed from boxes in the padded frame. Everything else reads only the image's
+        own tokens.
+
         Args:
             inputs: file paths, PIL images, ``(H, W, 3)`` uint8 arrays or ``(3, H, W)`` tensors (float in
                 [0, 1] or uint8), one or a sequence (see :mod:`litedetr.models.inputs`).
@@ -102,10 +110,11 @@ class Detector(nn.Module):
         """
         device, was_training = self.input_stage.level_embed.device, self.training
         self.eval()
-        results = []
+        images = as_image_list(inputs)
+        results: list[dict[str, Any]] = [{} for _ in images]
         try:
-            for images in batched(as_image_list(inputs), batch_size):
-                for image, pred in zip(images, self([img.to(device) for img in images])):
+            for batch in batches_by_size(images, batch_size):
+                for (index, image), pred in zip(batch, self([img.to(device) for _, img in batch])):
                     keep = pred["scores"] >= threshold
                     h, w = image.shape[1:]
                     boxes = pred["boxes"][keep].cpu()
@@ -113,7 +122,7 @@ class Detector(nn.Module):
                     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
                     labels = pred["labels"][keep].cpu()
                     names = [self.config.class_name(int(c)) for c in labels]
-                    results.append({"boxes": boxes, "scores": pred["scores"][keep].cpu(), "labels": labels, "names": names})
+                    results[index] = {"boxes": boxes, "scores": pred["scores"][keep].cpu(), "labels": labels, "names": names}
         finally:
             self.train(was_training)
         return results

@@ -2,7 +2,7 @@
 
 Accepted, one or a list of them: image file paths, PIL images, numpy arrays ``(H, W, 3)`` uint8 (RGB)
 and tensors ``(3, H, W)`` (float in [0, 1] or uint8); a ``(B, 3, H, W)`` tensor counts as ``B``
-images. Files are read lazily, one batch at a time. Files and PIL images go through one rule
+images. Files are read lazily, a window of a few batches at a time. Files and PIL images go through one rule
 (:func:`rgb_image`: EXIF orientation, 16-bit grayscale), so a photo gives the same boxes either way.
 """
 
@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-__all__ = ["ImageInput", "as_image_list", "load_image", "rgb_image", "to_image_tensor", "batched"]
+__all__ = ["ImageInput", "as_image_list", "load_image", "rgb_image", "to_image_tensor", "batches_by_size", "SIZE_WINDOW_BATCHES"]
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
 """One image: a file path, a PIL image, an ``(H, W, 3)`` uint8 array or a ``(3, H, W)`` tensor."""
@@ -100,10 +100,23 @@ def as_image_list(inputs: ImageInput | Sequence[ImageInput]) -> list[ImageInput]
     return images
 
 
-def batched(images: list[ImageInput], batch_size: int) -> Iterator[list[Tensor]]:
-    """Consecutive batches of at most ``batch_size`` images, each converted (files read) only when reached."""
+SIZE_WINDOW_BATCHES = 8
+""":func:`batches_by_size` sorts this many batches' worth of consecutive images at a time."""
+
+
+def batches_by_size(images: list[ImageInput], batch_size: int, window: int | None = None) -> Iterator[list[tuple[int, Tensor]]]:
+    """Batches of at most ``batch_size`` ``(index into images, image)`` pairs, padded as little as possible.
+
+    Every ``window`` consecutive images (default ``SIZE_WINDOW_BATCHES * batch_size``) are converted
+    (files read) when reached and sorted by aspect ratio, then area, so that images of one size share
+    a batch: a batch of equally sized images needs no padding, and its predictions equal each image's
+    alone (what padding changes: :meth:`litedetr.models.Detector.predict`).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for start in range(0, len(images), batch_size):
-        yield [to_image_tensor(image) for image in images[start : start + batch_size]]
-
+    window = window or SIZE_WINDOW_BATCHES * batch_size
+    for start in range(0, len(images), window):
+        read = [(start + i, to_image_tensor(image)) for i, image in enumerate(images[start : start + window])]
+        read.sort(key=lambda item: (item[1].shape[1] / item[1].shape[2], item[1].shape[1] * item[1].shape[2], item[0]))
+        for first in range(0, len(read), batch_size):
+            yield read[first : first + batch_size]

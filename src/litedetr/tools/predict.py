@@ -26,7 +26,7 @@ from PIL import Image
 
 from litedetr.models import Detector
 from litedetr.models.checkpoint import WEIGHTS
-from litedetr.models.inputs import load_image
+from litedetr.models.inputs import SIZE_WINDOW_BATCHES, load_image
 from litedetr.tools.args import float_in, int_at_least
 from litedetr.tools.draw import draw_detections
 
@@ -92,8 +92,9 @@ def predict_files(
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     names = _unique_names(paths)
-    for start in range(0, len(paths), batch_size):
-        chunk = _readable(paths[start : start + batch_size], names[start : start + batch_size], strict)
+    window = SIZE_WINDOW_BATCHES * batch_size  # read a few batches at a time, so that predict can batch them by size
+    for start in range(0, len(paths), window):
+        chunk = _readable(paths[start : start + window], names[start : start + window], strict)
         if not chunk:
             continue
         images = [image for _, _, image in chunk]
