@@ -14,7 +14,7 @@ import torch
 
 from conftest import load_fixture, random_checkpoint
 from litedetr.models import Detector, build_model, get_config, load_model, save_model
-from litedetr.models.convert import ConversionError, detect_layout, load_official_state_dict
+from litedetr.models.convert import ConversionError, detect_layout, load_official_state_dict, official_rules, rename_official
 from litedetr.models.criterion import DEFAULT_WEIGHTS, DEFORMABLE_WEIGHTS
 from litedetr.models.detector import load_official_checkpoint
 from litedetr.models.postprocess import postprocess
@@ -209,6 +209,30 @@ def test_a_standard_checkpoint_initialises_its_lite_preset(tmp_path, caplog, lay
     (line,) = [r.getMessage() for r in caplog.records if "standard encoder into a Lite model" in r.getMessage()]
     all_token_layers = ",".join(str(i) for i, first in enumerate(model.encoder.query_levels) if first == 0)
     assert f"encoder.layers.{{{all_token_layers}}}.ffn_low.linear1," in line and "self_attn.attention_weights" in line
+
+
+def test_a_lite_detr_repository_checkpoint_with_the_standard_encoder_is_detected_by_its_structure(tmp_path):
+    """The authors' repository trains DINO's standard encoder too; its plain attention carries a
+    ``query_proj`` it never uses. The narrow low-level FFN, not ``query_proj``, tells a Lite encoder."""
+    state, ours = random_checkpoint("dino", torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    unused = {
+        key.replace(".attention_weights.", ".query_proj."): torch.randn((256, 256) if key.endswith("weight") else (256,), generator=g)
+        for key in state
+        if ".attention_weights." in key
+    }
+    state.update(unused)
+    assert detect_layout(state) == "dino"
+    path = tmp_path / "lite_detr_repo_standard.pth"
+    torch.save({"model": state}, path)
+    standard = Detector.from_checkpoint(path, preset="dino-r50").state_dict()
+    assert all(torch.equal(standard[k], v) for k, v in ours.items())
+    lite = load_official_checkpoint(path, "lite-dino-r50-h3l1-2x3").state_dict()
+    never_trained = rename_official(unused, official_rules("dino"))
+    assert len(never_trained) == 2 * (6 + 6) and set(never_trained) <= set(lite)
+    for key, value in never_trained.items():  # KDA's query_proj starts fresh
+        assert not torch.equal(lite[key], value), key
+    assert all(torch.equal(lite[k], v) for k, v in ours.items() if k in lite and ".attention_weights." not in k)
 
 
 def test_a_lite_checkpoint_does_not_load_into_a_standard_preset():

@@ -125,7 +125,9 @@ def detect_layout(state_dict: Mapping[str, Tensor]) -> str | None:
             )
         return "h-detr"
     if "transformer.enc_out_class_embed.weight" in keys or "transformer.tgt_embed.weight" in keys:
-        lite = any(".query_proj." in k or re.search(r"\.linear12\.", k) for k in keys if k.startswith("transformer.encoder."))
+        # the Lite encoder's narrow low-level FFN (linear12/linear22/norm22); not query_proj, which the authors'
+        # attention has in their repository's standard encoder too (plain attention leaves it unused)
+        lite = any(re.search(r"\.linear12\.", k) for k in keys if k.startswith("transformer.encoder."))
         return "lite-dino" if lite else "dino"
     if any(k.startswith("transformer.reference_points.") for k in keys):
         raise ConversionError("transformer.reference_points: a single-stage Deformable DETR; litedetr loads two-stage ones")
@@ -179,11 +181,18 @@ def _attention_parameters(model: nn.Module, key_aware: bool, names: tuple[str, .
 
 
 def _standard_into_lite(model: nn.Module, renamed: dict[str, Tensor]) -> tuple[set[str], set[str]]:
-    """For a standard-encoder checkpoint and a Lite model: the keys to start fresh and the keys to drop."""
+    """For a standard-encoder checkpoint and a Lite model: the keys to start fresh and the keys to drop.
+
+    Where the model's attention is key-aware and the checkpoint's is plain (it has ``attention_weights``),
+    ``attention_weights`` is dropped and ``query_proj`` starts fresh, also when the checkpoint holds one
+    (the Lite-DETR repository's plain attention carries an unused, untrained ``query_proj``).
+    """
     own = model.state_dict().keys()
     fresh = {k for k in own - renamed.keys() if re.fullmatch(r"encoder\.layers\.\d+\.ffn_low\..+", k)}
-    fresh |= _attention_parameters(model, True, ("query_proj",)) - renamed.keys()
-    dropped = {k.replace(".query_proj.", ".attention_weights.") for k in _attention_parameters(model, True, ("query_proj",))} & renamed.keys()
+    key_aware = _attention_parameters(model, True, ("query_proj",))
+    plain_source = {k for k in key_aware if k.replace(".query_proj.", ".attention_weights.") in renamed}
+    fresh |= (key_aware - renamed.keys()) | plain_source
+    dropped = {k.replace(".query_proj.", ".attention_weights.") for k in plain_source} | (plain_source & renamed.keys())
     return fresh, dropped
 
 
