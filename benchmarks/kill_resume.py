@@ -6,7 +6,8 @@ straight through, and once interrupted ``--kills`` times at random steps, each i
 ``litedetr train --resume``. The interruptions cycle through the three ways jobs die:
 
 - ``SIGKILL`` to the training process (out of memory, a pre-empted node): nothing is saved, the run
-  resumes from its last periodic checkpoint (``--checkpoint-every``) and redoes the steps after it;
+  resumes from its last periodic checkpoint (``--checkpoint-every``) and redoes the steps after it
+  (killed before its first checkpoint, it is started again without ``--resume``);
 - ``SIGTERM`` to the training process (``kill``): the run finishes its step, saves and exits;
 - ``SIGTERM`` to its whole process group, data-loader workers included (``timeout``, ``docker stop``,
   Slurm).
@@ -89,7 +90,8 @@ def interrupt(args: list[str], out: Path, kind: str, at_step: int) -> dict[str, 
     expected = -signal.SIGKILL if kind == "SIGKILL" else 130
     if process.returncode != expected or "Traceback" in stderr:
         raise SystemExit(f"{kind} at step {at_step}: exit code {process.returncode}, expected {expected}:\n{stderr[-3000:]}")
-    return {"kind": kind, "at_step": at_step, "resumes_from": load_state(out / "checkpoint.pt")["step"]}
+    checkpoint = out / "checkpoint.pt"  # none yet: killed before the first one, the run starts again
+    return {"kind": kind, "at_step": at_step, "resumes_from": load_state(checkpoint)["step"] if checkpoint.exists() else 0}
 
 
 def compare(straight: Path, resumed: Path) -> dict[str, Any]:
@@ -113,10 +115,11 @@ def trial(data: Path, runs: Path, workers: int, kills: int, checkpoint_every: in
     started = time.perf_counter()
     run_to_end(command(data, straight, workers, checkpoint_every, resume=False))
     at_steps = sorted(rng.sample(range(1, STEPS), kills))
-    interruptions = []
+    interruptions: list[dict[str, Any]] = []
     for index, at_step in enumerate(at_steps):
-        interruptions.append(interrupt(command(data, resumed, workers, checkpoint_every, resume=index > 0), resumed, KINDS[index % len(KINDS)], at_step))
-    run_to_end(command(data, resumed, workers, checkpoint_every, resume=True))
+        resume = bool(interruptions) and interruptions[-1]["resumes_from"] > 0
+        interruptions.append(interrupt(command(data, resumed, workers, checkpoint_every, resume), resumed, KINDS[index % len(KINDS)], at_step))
+    run_to_end(command(data, resumed, workers, checkpoint_every, resume=interruptions[-1]["resumes_from"] > 0))
     equal = compare(straight, resumed)
     return {"workers": workers, "interruptions": interruptions, "equal": equal, "identical": all(equal.values()), "seconds": round(time.perf_counter() - started, 1)}
 

@@ -110,3 +110,14 @@ def test_warm_up_ramps_every_group_and_resumes_exactly(tiny_synthetic, tmp_path)
 def test_warm_up_steps_cannot_be_negative(tiny_synthetic):
     with pytest.raises(ValueError, match="warmup_steps"):
         config(tiny_synthetic, warmup_steps=-1)
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_with_a_clean_log(tiny_synthetic, tmp_path):
+    """Nothing to resume from, so the folder is trained again from the start; the killed run's log lines
+    must not stay in front of the new ones."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"kind": "train", "epoch": 0, "step": 1, "loss": 1.0}\n')
+    Trainer(config(tiny_synthetic), out).fit()
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[0]["loss"] != 1.0

@@ -360,6 +360,10 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if distributed.is_main():
             (self.out / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+            stale = self.out / "log.jsonl"
+            if self.step == 0 and stale.exists():  # a run killed before its first checkpoint: its steps are trained again
+                logger.warning("%s: left by a run stopped before its first checkpoint; started again", stale)
+                stale.unlink()
         self._tensorboard = _tensorboard_writer(self.out) if distributed.is_main() else None
         if distributed.is_main():
             logger.info("precision: %s", self.precision.reason)
