@@ -42,7 +42,7 @@ from litedetr.engine.state import load_state
 
 MODEL = "lite-dino-r18-tiny-h3l1-2x3"
 DATA = SyntheticSpec(num_train=16, num_val=4, image_size=(64, 64), max_objects=3, seed=0)
-EPOCHS, BATCH = 3, 2
+EPOCHS, BATCH = 4, 1
 STEPS = EPOCHS * DATA.num_train // BATCH
 KINDS = ("SIGKILL", "SIGTERM", "SIGTERM to the group")
 TIMEOUT_S = 900
@@ -114,7 +114,9 @@ def trial(data: Path, runs: Path, workers: int, kills: int, checkpoint_every: in
         shutil.rmtree(folder, ignore_errors=True)
     started = time.perf_counter()
     run_to_end(command(data, straight, workers, checkpoint_every, resume=False))
-    at_steps = sorted(rng.sample(range(1, STEPS), kills))
+    # at least 2 steps apart: a stopped run has logged up to one step past its interruption, and the next
+    # interruption must fall on a step the resumed process logs itself
+    at_steps = [step + 2 * i for i, step in enumerate(sorted(rng.sample(range(1, STEPS - 2 * (kills - 1)), kills)))]
     interruptions: list[dict[str, Any]] = []
     for index, at_step in enumerate(at_steps):
         resume = bool(interruptions) and interruptions[-1]["resumes_from"] > 0
@@ -126,7 +128,7 @@ def trial(data: Path, runs: Path, workers: int, kills: int, checkpoint_every: in
 
 def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
-        f"`{MODEL}` (KDA, denoising), {STEPS} steps of {BATCH} images at 64x64 ({EPOCHS} epochs of {DATA.num_train} synthetic"
+        f"`{MODEL}` (KDA, denoising), {STEPS} steps of batch {BATCH} at 64x64 ({EPOCHS} epochs of {DATA.num_train} synthetic"
         f" images), `--deterministic`, a checkpoint every {meta['checkpoint_every']} steps; seed {meta['seed']}; {meta['cpu']}, torch {meta['torch']}."
         " Each interruption is followed by `litedetr train --resume`; the run then ends and is compared with an uninterrupted one.",
         "",
@@ -145,13 +147,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=10, help="interruptions per run, at distinct random steps")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="data-loader workers, one trial each")
-    parser.add_argument("--checkpoint-every", type=int, default=3, help="steps between periodic checkpoints (what SIGKILL falls back to)")
+    parser.add_argument("--checkpoint-every", type=int, default=5, help="steps between periodic checkpoints (what SIGKILL falls back to)")
     parser.add_argument("--seed", type=int, default=0, help="draws the steps at which the run is interrupted")
     parser.add_argument("--runs", type=Path, default=Path("kill-resume-runs"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    if not 1 <= args.kills < STEPS:
-        parser.error(f"--kills must lie in [1, {STEPS - 1}]: the run has {STEPS} steps")
+    if not 1 <= args.kills <= STEPS // 3:
+        parser.error(f"--kills must lie in [1, {STEPS // 3}]: the run has {STEPS} steps, and interruptions fall at least 2 apart")
     data = write_synthetic_dataset(args.runs / "data", DATA)
     rng = random.Random(args.seed)
     results = []
