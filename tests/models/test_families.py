@@ -383,3 +383,23 @@ def test_encoder_one_to_many_supervises_every_token_in_training_only(name):
     torch.testing.assert_close(eval_outputs[0], eval_outputs[1])
     with pytest.raises(ValueError, match="encoder_one_to_many"):
         get_config(name, encoder_one_to_many=-1)
+
+
+@pytest.mark.parametrize("name,family_weight", [("lite-dino-r18-tiny-h3l1-2x3", 1.0), ("h-detr-r18-tiny", 2.0)])
+def test_class_loss_weight_scales_every_classification_term_and_nothing_else(name, family_weight):
+    images = [torch.rand(3, 96, 96)]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0], [40.0, 30.0, 90.0, 90.0]]), "labels": torch.tensor([0, 2])}]
+    losses = {}
+    for weight in (None, 3.0):
+        torch.manual_seed(0)
+        model = build_model(name, num_classes=3, min_size=(96,), max_size=96, class_loss_weight=weight, encoder_one_to_many=2).train()
+        torch.manual_seed(1)
+        losses[weight] = model(images, targets)
+    assert losses[None].keys() == losses[3.0].keys()
+    classes = [key for key in losses[None] if key.startswith("loss_class")]
+    assert len(classes) > 5 and any(key.endswith("_enc_dense") for key in classes)
+    for key, value in losses[None].items():
+        scale = 3.0 / family_weight if key.startswith("loss_class") else 1.0
+        torch.testing.assert_close(losses[3.0][key], scale * value)
+    with pytest.raises(ValueError, match="class_loss_weight must be > 0"):
+        get_config(name, class_loss_weight=0.0)

@@ -67,6 +67,9 @@ class DetectorConfig:
     so from scratch its selection can lock onto one level whose proposals never learn to find the
     objects (``benchmarks/training_study.py``); a dense one-to-many target teaches every level's
     proposals at once. Weights and inference are unchanged."""
+    class_loss_weight: float | None = None
+    """The weight of every classification loss term (matched, auxiliary, encoder, denoising, ...); None:
+    the family's (DINO 1.0, Deformable DETR and H-DETR 2.0)."""
     min_size: tuple[int, ...] = (800,)
     max_size: int = 1333
     pe_temperature: float = 20.0
@@ -88,6 +91,8 @@ class DetectorConfig:
             raise ValueError(f"denoising queries (dn_number={self.dn_number}) exist in the dino family only, not {self.family!r}")
         if self.dn_number and self.one_to_many_queries:
             raise ValueError("a detector has one kind of training-only queries: set dn_number or one_to_many_queries, not both")
+        if self.class_loss_weight is not None and not self.class_loss_weight > 0:
+            raise ValueError(f"class_loss_weight must be > 0 (None: the family's), got {self.class_loss_weight}")
         if self.encoder_one_to_many < 0:
             raise ValueError(f"encoder_one_to_many must be >= 0 (0: off), got {self.encoder_one_to_many}")
         if self.class_names and len(self.class_names) != self.num_classes:
