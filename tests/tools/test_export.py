@@ -14,12 +14,15 @@ from litedetr.ops import custom_ops
 from litedetr.tools import export
 from litedetr.tools.export import (
     OnnxDetector,
+    QueryProbe,
     compare_with_onnxruntime,
     cpu_model,
     export_onnx,
     normalized_scene,
     onnx_session,
+    query_parity,
     require,
+    spread_class_logits,
 )
 
 SIZE = (128, 128)
@@ -46,15 +49,19 @@ def test_onnxruntime_reproduces_pytorch(name, tmp_path):
 
 def test_graph_equals_the_detectors_own_inference():
     model = tiny("lite-dino-r18-tiny-h3l1-2x3")
+    with torch.no_grad():
+        model.heads.box_heads[-1].layers[-1].bias[2:] += 3.0  # wide boxes, some reaching past the image
     images = normalized_scene(2, *SIZE, seed=5)
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     with torch.no_grad():
         boxes, scores, labels = OnnxDetector(model, SIZE)(images)
         expected = model(list(images * std + mean))
+    assert (boxes >= 0).all() and (boxes <= SIZE[0]).all()  # clipped to the image in the graph, as predict clips
     for i, pred in enumerate(expected):
         torch.testing.assert_close(scores[i], pred["scores"])
         assert torch.equal(labels[i], pred["labels"])
-        torch.testing.assert_close(boxes[i], pred["boxes"], atol=1e-3, rtol=0)
+        torch.testing.assert_close(boxes[i], pred["boxes"].clamp(0, SIZE[0]), atol=1e-3, rtol=0)
+    assert (expected[0]["boxes"] < 0).any() or (expected[0]["boxes"] > SIZE[0]).any(), "no box to clip: the clipping is untested"
 
 
 def test_dynamic_size_pads_onto_the_canvas(tmp_path):
@@ -120,3 +127,44 @@ def test_a_model_off_the_cpu_is_exported_from_a_cpu_copy(traced, tmp_path, monke
     assert traced["model"] is not model and traced["triton"] is False and traced["devices"] == {"cpu"}
     diff = compare_with_onnxruntime(model, path, normalized_scene(1, *SIZE, seed=1), SIZE)
     assert diff["boxes"] < 1e-3 and diff["scores"] < 1e-3 and diff["labels_equal"] == 1.0, diff
+
+
+@pytest.mark.parametrize("name", ["dino-r18-tiny", "lite-dino-r18-tiny-h3l1-2x3", "lite-h-detr-r18-tiny-h3l1-2x3", "deformable-detr-r18-tiny"])
+def test_every_query_matches_pytorch_given_the_same_ranking_on_several_sizes(name, tmp_path):
+    model = tiny(name)
+    spread_class_logits(model)
+    inputs = [normalized_scene(2, h, w, seed=h + w) for h, w in (SIZE, (96, 128), (128, 64))]
+    parity = query_parity(model, inputs, SIZE, tmp_path)
+    assert parity["logits"] < 1e-4 and parity["boxes_px"] < 1e-2, parity
+    assert parity["reordered_gap"] < 1e-4, parity  # only near-tied proposals may come out in another order
+
+
+def test_query_parity_catches_a_graph_that_computes_something_else(tmp_path, monkeypatch):
+    """As if the graph baked in a wrong constant: the exported model's last class head differs by 1e-3."""
+    model = tiny("lite-dino-r18-tiny-h3l1-2x3")
+    real_export = torch.onnx.export
+
+    def export_altered(module, *args, **kwargs):
+        with torch.no_grad():
+            module.model.heads.class_heads[-1].bias += 1e-3
+            real_export(module, *args, **kwargs)
+            module.model.heads.class_heads[-1].bias -= 1e-3
+
+    monkeypatch.setattr(torch.onnx, "export", export_altered)
+    parity = query_parity(model, normalized_scene(1, *SIZE), SIZE, tmp_path)
+    assert parity["logits"] > 5e-4 and parity["reordered"] == 0, parity
+
+
+def test_dino_queries_take_their_content_by_rank():
+    """Why a swap of two near-tied proposals changes outputs: the content embedding goes by rank, so
+    swapping the ranks of two tokens gives those queries other outputs (not the same outputs swapped)."""
+    model = tiny("dino-r18-tiny")
+    probe = QueryProbe(model, SIZE).eval()
+    images = normalized_scene(1, *SIZE)
+    with torch.no_grad():
+        logits, _, tokens = probe(images)
+        probe.ranking = tokens.clone()
+        probe.ranking[0, [0, 1]] = tokens[0, [1, 0]]
+        swapped, _, _ = probe(images)
+    others = (swapped[0, 2:] - logits[0, 2:]).abs().max()  # through self-attention, a little
+    assert (swapped[0, 0] - logits[0, 1]).abs().max() > 10 * others and (swapped[0, 1] - logits[0, 0]).abs().max() > 10 * others

@@ -2,8 +2,15 @@
 
 The graph (TorchScript-based exporter, opset 17 for ``GridSample``) takes ``images (B, 3, h, w)``
 float32, normalised with the ImageNet mean and std (see :mod:`litedetr.models.transform`), and
-returns the top ``num_select`` (query, class) pairs per image: ``boxes (B, N, 4)`` xyxy in pixels of
-the input, ``scores (B, N)`` descending, ``labels (B, N)`` int64. The batch size is free.
+returns the top ``num_select`` (query, class) pairs per image: ``boxes (B, N, 4)`` float32 xyxy in
+pixels of the input (origin at its top-left corner), clipped to it as ``Detector.predict`` clips,
+``scores (B, N)`` float32 sigmoid probabilities, descending, ``labels (B, N)`` int64 class indices
+(``config.class_names`` / ``config.category_ids`` name them). The batch size is free.
+
+Parity with PyTorch (:func:`query_parity`): every query's logits and box agree to float32 rounding
+given the same ranking of the encoder's proposals. The ranking itself can differ where two proposals'
+selection scores are nearer than that rounding (PyTorch reorders them too with another thread count),
+and DINO-style models take each query's content by rank, so such a swap changes the final top-k.
 
 The encoder's geometry (level offsets, reference points, proposals) is fixed by the map sizes, so
 the graph holds one canvas size ``H x W``: without ``dynamic_size`` the input must be exactly
@@ -23,6 +30,7 @@ import importlib
 import itertools
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -39,7 +47,7 @@ from litedetr.ops.custom_ops import triton_disabled
 from litedetr.tools.args import size_type
 from litedetr.tools.draw import synthetic_scene
 
-__all__ = ["OnnxDetector", "add_arguments", "compare_with_onnxruntime", "cpu_model", "export_onnx", "normalized_scene", "onnx_session"]
+__all__ = ["OnnxDetector", "QueryProbe", "add_arguments", "compare_with_onnxruntime", "cpu_model", "export_onnx", "normalized_scene", "onnx_session", "query_parity", "spread_class_logits"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +75,9 @@ class OnnxDetector(nn.Module):
         super().__init__()
         self.model, self.canvas = model, canvas
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(B, 3, h, w)`` normalised -> ``boxes (B, N, 4)`` xyxy pixels of the input, ``scores (B, N)``, ``labels (B, N)``."""
+    def raw_outputs(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """``(B, 3, h, w)`` normalised, padded onto the canvas -> the detector's raw outputs and ``(w, h, w, h)``
+        of the input in pixels (what the normalised boxes scale by)."""
         height, width = self.canvas
         h, w = images.shape[2], images.shape[3]
         canvas = F.pad(images, (0, width - w, 0, height - h))
@@ -76,13 +85,106 @@ class OnnxDetector(nn.Module):
         cols = torch.arange(width, device=images.device)[None, :] >= w
         mask = (rows | cols).expand(images.shape[0], -1, -1)
         outputs = self.model.forward_features(self.model.backbone(canvas), mask)
+        valid_w, valid_h = (~cols).sum().to(images.dtype), (~rows).sum().to(images.dtype)
+        return outputs, torch.stack([valid_w, valid_h, valid_w, valid_h])
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(B, 3, h, w)`` normalised -> ``boxes (B, N, 4)`` xyxy pixels of the input, clipped to it,
+        ``scores (B, N)`` descending, ``labels (B, N)``."""
+        outputs, scale = self.raw_outputs(images)
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         num_classes = logits.shape[-1]
         scores, index = logits.sigmoid().flatten(1).topk(self.model.config.num_select, dim=1)
         labels, query = index % num_classes, index // num_classes
-        picked = box_cxcywh_to_xyxy(boxes).gather(1, query[..., None].expand(-1, -1, 4))
-        valid_w, valid_h = (~cols).sum().to(boxes.dtype), (~rows).sum().to(boxes.dtype)
-        return picked * torch.stack([valid_w, valid_h, valid_w, valid_h]), scores, labels
+        picked = box_cxcywh_to_xyxy(boxes).gather(1, query[..., None].expand(-1, -1, 4)).clamp(0, 1)
+        return picked * scale, scores, labels
+
+
+class QueryProbe(OnnxDetector):
+    """Diagnostic graph for parity checks: normalised images -> per-query ``logits (B, Q, K)``, ``boxes
+    (B, Q, 4)`` normalised cxcywh (before any top-k) and ``tokens (B, Q)`` int64, the encoder token
+    each query was selected from, in the order the top-k ranked them.
+
+    In PyTorch, ``ranking`` (a ``tokens`` tensor) replaces the top-k's own choice, and ``scores`` keeps
+    the last run's selection scores ``(B, S)``.
+    """
+
+    def __init__(self, model: Detector, canvas: tuple[int, int], ranking: Tensor | None = None):
+        super().__init__(model, canvas)
+        self.ranking, self.scores = ranking, None
+
+    def _select(self, scores: Tensor, k: int) -> Tensor:
+        self.scores = scores
+        return self.ranking[:, :k] if self.ranking is not None else torch.topk(scores, k, dim=1).indices
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        selection, picked = self.model.query_selection, []
+        selection.select = lambda scores, k: picked.append(self._select(scores, k)) or picked[-1]
+        try:
+            outputs, _ = self.raw_outputs(images)
+        finally:
+            del selection.select  # back to the class's method
+        return outputs["pred_logits"], outputs["pred_boxes"], picked[0]
+
+
+def spread_class_logits(model: Detector, seed: int = 1) -> Detector:
+    """Redraw every class head as a trained model's spreads its logits (weights N(0, 0.1), biases
+    N(-3, 0.5)), in place, so that a randomly initialised model's scores are not all nearly equal and
+    parity checks do not hinge on ties; returns ``model``."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module.out_features == model.config.num_classes:
+                module.weight.copy_(0.1 * torch.randn(module.weight.shape, generator=generator))
+                module.bias.copy_(0.5 * torch.randn(module.bias.shape, generator=generator) - 3)
+    return model
+
+
+def query_parity(model: Detector, inputs: Tensor | list[Tensor], canvas: tuple[int, int], folder: str | os.PathLike) -> dict[str, float]:
+    """onnxruntime against PyTorch per query, before any top-k, on ``inputs``: one or several
+    ``(B, 3, h, w)`` normalised batches (sizes up to the canvas), through one graph; the worst of them.
+
+    The two rank the encoder's proposals by scores equal to float32 rounding, so proposals whose scores
+    are nearer than that can come out in another order; where the query content is a learned embedding
+    taken by rank (DINO's mixed query selection, H-DETR's), such a swap changes those queries' outputs
+    and then the final top-k. So the per-query outputs are compared with PyTorch run on onnxruntime's
+    ranking, and the ranking is compared apart.
+
+    Returns:
+        ``logits`` and ``boxes_px``: the largest differences per query given the same ranking (boxes
+        in pixels of the canvas); ``reordered``: how many query positions PyTorch's own top-k fills
+        with another token (over all inputs); ``reordered_gap``: the largest selection-score gap
+        between the two tokens at such a position (0 when none).
+    """
+    probe = QueryProbe(cpu_model(model), canvas).eval()
+    path = Path(folder) / "query_probe.onnx"
+    with warnings.catch_warnings(), torch.no_grad(), triton_disabled():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            probe, (torch.zeros(1, 3, *canvas),), str(path), dynamo=False, opset_version=OPSET, input_names=["images"],
+            output_names=["logits", "boxes", "tokens"], dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}},
+        )  # fmt: skip
+    session = onnx_session(path)
+    height, width = canvas
+    worst = {"logits": 0.0, "boxes_px": 0.0, "reordered": 0, "reordered_gap": 0.0}
+    for images in [inputs] if isinstance(inputs, Tensor) else inputs:
+        ort_logits, ort_boxes, ort_tokens = session.run(None, {"images": images.numpy()})
+        with torch.no_grad(), triton_disabled():
+            probe.ranking = None
+            _, _, tokens = probe(images)
+            scores = probe.scores
+            probe.ranking = torch.from_numpy(ort_tokens)
+            logits, boxes, _ = probe(images)
+        moved = tokens != probe.ranking
+        gaps = (scores.gather(1, tokens) - scores.gather(1, probe.ranking)).abs()[moved]
+        scale = torch.tensor([width, height, width, height], dtype=boxes.dtype)
+        worst = {
+            "logits": max(worst["logits"], float((torch.from_numpy(ort_logits) - logits).abs().max())),
+            "boxes_px": max(worst["boxes_px"], float(((torch.from_numpy(ort_boxes) - boxes).abs() * scale).max())),
+            "reordered": worst["reordered"] + int(moved.sum()),
+            "reordered_gap": max([worst["reordered_gap"], *gaps.tolist()]),
+        }
+    return worst
 
 
 def _on_cpu(model: nn.Module) -> bool:
@@ -155,11 +257,18 @@ def run(args: argparse.Namespace) -> int:
     path = export_onnx(model, args.out, args.size, args.dynamic_size)
     h, w = args.size
     check_size = (h * 3 // 4, w) if args.dynamic_size else (h, w)
-    diff = compare_with_onnxruntime(model, path, normalized_scene(1, *check_size), args.size)
+    scene = normalized_scene(1, *check_size)
+    diff = compare_with_onnxruntime(model, path, scene, args.size)
+    with tempfile.TemporaryDirectory() as scratch:
+        parity = query_parity(model, scene, args.size, scratch)
     inputs = f"images (B, 3, <={h}, <={w})" if args.dynamic_size else f"images (B, 3, {h}, {w})"
-    print(f"wrote {path}: {inputs} normalised -> boxes (B, {model.config.num_select}, 4), scores, labels")
+    print(f"wrote {path}: {inputs} normalised -> boxes (B, {model.config.num_select}, 4) xyxy px clipped, scores, labels")
     print(f"onnxruntime vs PyTorch on a {check_size[0]}x{check_size[1]} test scene: max |boxes| {diff['boxes']:.2e} px, "
           f"max |scores| {diff['scores']:.2e}, labels equal {diff['labels_equal']:.0%}")  # fmt: skip
+    print(f"per query before the top-k, given the same ranking of the proposals: max |logits| {parity['logits']:.1e}, "
+          f"max |boxes| {parity['boxes_px']:.1e} px; {parity['reordered']} query positions ranked otherwise by proposals "
+          f"whose scores differ by at most {parity['reordered_gap']:.1e} (below float32 rounding: PyTorch reorders them too "
+          "with another thread count)")  # fmt: skip
     return 0
 
 
