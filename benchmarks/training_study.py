@@ -24,7 +24,8 @@ Cells (``--cells``):
 - ``kda-dense`` / ``msda-dense``: every encoder token's proposal also matched one-to-many against the
   targets repeated ``DENSE_REPEAT`` times (``DetectorConfig.encoder_one_to_many``; the demo's recipe).
 - ``kda-dense-q200``: ``kda-dense`` with 200 decoder queries (100 detections kept) instead of 60.
-- ``kda-dense-class2``: ``kda-dense`` with every classification loss weighted 2 instead of DINO's 1.
+- ``kda-dense-class2``: ``kda-dense`` with every classification loss weighted 2 instead of DINO's 1;
+  ``kda-dense-q200-class2``: both changes.
 - ``kda-dense-o2m``: ``kda-dense`` with H-DETR's hybrid matching in the decoder
   (``DECODER_ONE_TO_MANY`` extra queries matched to the targets repeated ``DENSE_REPEAT`` times)
   instead of the denoising queries.
@@ -126,6 +127,10 @@ def cells() -> dict[str, Cell]:
         "kda-dense-class2": Cell(
             "KDA, dense encoder matching, class losses weighted 2 (Deformable DETR's) instead of 1",
             {"encoder_one_to_many": DENSE_REPEAT, "class_loss_weight": 2.0},
+        ),
+        "kda-dense-q200-class2": Cell(
+            "KDA, dense encoder matching, 200 queries (100 kept), class losses weighted 2",
+            {"encoder_one_to_many": DENSE_REPEAT, "num_queries": 200, "num_select": 100, "class_loss_weight": 2.0},
         ),
         "kda-dense-o2m": Cell(
             f"KDA, dense encoder matching, {DECODER_ONE_TO_MANY} one-to-many decoder queries ({DENSE_REPEAT}x) instead of denoising",
