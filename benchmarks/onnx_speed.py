@@ -30,7 +30,7 @@ from litedetr import build_model
 from litedetr.tools.export import (
     OUTPUT_NAMES,
     OnnxDetector,
-    compare_with_onnxruntime,
+    compare_with_runtime,
     export_onnx,
     normalized_scene,
     onnx_session,
@@ -83,7 +83,7 @@ def main() -> None:
             feed = {"images": images.numpy()}
             with torch.no_grad():
                 torch_ms, ort_ms = interleaved_medians([lambda: wrapper(images), lambda: session.run(list(OUTPUT_NAMES), feed)], args.repeats)
-            diff = compare_with_onnxruntime(model, path, images, size)
+            diff = compare_with_runtime(model, path, images, size)
             parity = query_parity(model, images, size, tmp)
             rows.append({"preset": name, "pytorch_ms": round(torch_ms, 1), "onnxruntime_ms": round(ort_ms, 1),
                          "speedup": round(torch_ms / ort_ms, 2), "max_abs_box_px": diff["boxes"], "max_abs_score": diff["scores"],

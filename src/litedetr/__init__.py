@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
 
-__all__ = ["build_model", "load_model", "save_model", "Detector", "DetectorConfig", "PRESETS", "__version__"]
+__all__ = ["build_model", "load_model", "save_model", "Detector", "DetectorConfig", "ExportedDetector", "PRESETS", "__version__"]
 
 if TYPE_CHECKING:
-    from litedetr.models import PRESETS, Detector, DetectorConfig, build_model, load_model, save_model
+    from litedetr.models import PRESETS, Detector, DetectorConfig, ExportedDetector, build_model, load_model, save_model
 
 
 def __getattr__(name: str) -> Any:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
 import torch
+from PIL import Image
 
-from litedetr import build_model, save_model
+from litedetr import ExportedDetector, build_model, save_model
 from litedetr.cli import main
 from litedetr.models.transform import IMAGENET_MEAN, IMAGENET_STD
 from litedetr.ops import custom_ops
@@ -15,9 +18,10 @@ from litedetr.tools import export
 from litedetr.tools.export import (
     OnnxDetector,
     QueryProbe,
-    compare_with_onnxruntime,
+    compare_with_runtime,
     cpu_model,
     export_onnx,
+    export_openvino,
     normalized_scene,
     onnx_session,
     query_parity,
@@ -43,7 +47,7 @@ def test_onnxruntime_reproduces_pytorch(name, tmp_path):
     graph = onnx.load(str(path))
     assert any(node.op_type == "GridSample" for node in graph.graph.node)
     assert [o.name for o in graph.graph.output] == ["boxes", "scores", "labels"]
-    diff = compare_with_onnxruntime(model, path, normalized_scene(2, *SIZE, seed=3), SIZE)
+    diff = compare_with_runtime(model, path, normalized_scene(2, *SIZE, seed=3), SIZE)
     assert diff["boxes"] < 1e-3 and diff["scores"] < 1e-3 and diff["labels_equal"] == 1.0, diff
 
 
@@ -68,7 +72,7 @@ def test_dynamic_size_pads_onto_the_canvas(tmp_path):
     model = tiny("lite-h-detr-r18-tiny-h3l1-2x3")
     path = export_onnx(model, tmp_path / "dynamic.onnx", SIZE, dynamic_size=True)
     for h, w in (SIZE, (96, 128), (128, 80)):
-        diff = compare_with_onnxruntime(model, path, normalized_scene(1, h, w, seed=h + w), SIZE)
+        diff = compare_with_runtime(model, path, normalized_scene(1, h, w, seed=h + w), SIZE)
         assert diff["boxes"] < 1e-3 and diff["scores"] < 1e-3 and diff["labels_equal"] == 1.0, (h, w, diff)
     boxes, _, _ = onnx_session(path).run(None, {"images": normalized_scene(1, 96, 80).numpy()})
     assert boxes.shape == (1, 20, 4)
@@ -125,7 +129,7 @@ def test_a_model_off_the_cpu_is_exported_from_a_cpu_copy(traced, tmp_path, monke
     assert all(torch.equal(a, b) for a, b in zip(copied.state_dict().values(), model.state_dict().values(), strict=True))
     path = export_onnx(model, tmp_path / "m.onnx", SIZE)
     assert traced["model"] is not model and traced["triton"] is False and traced["devices"] == {"cpu"}
-    diff = compare_with_onnxruntime(model, path, normalized_scene(1, *SIZE, seed=1), SIZE)
+    diff = compare_with_runtime(model, path, normalized_scene(1, *SIZE, seed=1), SIZE)
     assert diff["boxes"] < 1e-3 and diff["scores"] < 1e-3 and diff["labels_equal"] == 1.0, diff
 
 
@@ -168,3 +172,68 @@ def test_dino_queries_take_their_content_by_rank():
         swapped, _, _ = probe(images)
     others = (swapped[0, 2:] - logits[0, 2:]).abs().max()  # through self-attention, a little
     assert (swapped[0, 0] - logits[0, 1]).abs().max() > 10 * others and (swapped[0, 1] - logits[0, 0]).abs().max() > 10 * others
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    """A model with spread class logits, its PyTorch predictions on three images that all resize to
+    128x160, and its 128x160 graph as ONNX and as OpenVINO IR."""
+    pytest.importorskip("openvino")
+    folder = tmp_path_factory.mktemp("graphs")
+    torch.manual_seed(0)
+    model = build_model("lite-dino-r18-tiny-h3l1-2x3", num_classes=5, num_queries=20, num_select=20, min_size=(128,), max_size=160)
+    spread_class_logits(model.eval())
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 100, 125, generator=g), torch.rand(3, 200, 250, generator=g), torch.rand(3, 100, 125, generator=g)]
+    onnx_path = export_onnx(model, folder / "m.onnx", (128, 160))
+    xml_path = export_openvino(model, folder / "m.xml", (128, 160))
+    return model, images, model.predict(images, threshold=0.0), {"onnx": onnx_path, "xml": xml_path}
+
+
+@pytest.mark.parametrize("backend,graph", [("onnxruntime", "onnx"), ("openvino", "onnx"), ("openvino", "xml")])
+def test_an_exported_graph_predicts_as_the_model(graphs, backend, graph):
+    model, images, expected, paths = graphs
+    exported = ExportedDetector(paths[graph], backend)
+    assert exported.config == model.config and exported.canvas == (128, 160) and not exported.dynamic_size
+    for got, want in zip(exported.predict(images, threshold=0.0, batch_size=2), expected, strict=True):
+        torch.testing.assert_close(got["boxes"], want["boxes"], atol=1e-2, rtol=0)
+        torch.testing.assert_close(got["scores"], want["scores"], atol=1e-4, rtol=0)
+        assert torch.equal(got["labels"], want["labels"]) and got["names"] == want["names"]
+
+
+def test_an_exported_graph_refuses_what_it_cannot_run(graphs, tmp_path):
+    model, images, _, paths = graphs
+    fixed = ExportedDetector(paths["onnx"], "onnxruntime")
+    with pytest.raises(ValueError, match=r"resized to 160x120 does not fit the graph, which takes exactly 128x160 \(or export with --dynamic-size\)"):
+        fixed.predict(torch.rand(3, 200, 150))
+    with pytest.raises(ValueError, match="ONNX Runtime runs .onnx graphs"):
+        ExportedDetector(paths["xml"], "onnxruntime")
+    bare = onnx.load(str(paths["onnx"]))
+    del bare.metadata_props[:]
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    with pytest.raises(ValueError, match="has no litedetr metadata"):
+        ExportedDetector(tmp_path / "bare.onnx", "onnxruntime")
+
+
+def test_cli_exports_openvino_and_predicts_with_each_backend(tmp_path, capsys):
+    pytest.importorskip("openvino")
+    checkpoint = save_model(spread_class_logits(tiny("lite-dino-r18-tiny-h3l1-2x3")), tmp_path / "m.safetensors")
+    xml = tmp_path / "m.xml"
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "openvino", "--size", "96x128", "--out", str(xml)]) == 0
+    assert "openvino vs PyTorch" in capsys.readouterr().out and xml.with_suffix(".bin").exists()
+    image = tmp_path / "scene.png"
+    Image.fromarray((np.random.default_rng(0).random((96, 128, 3)) * 255).astype(np.uint8)).save(image)
+    found = {}
+    for backend, model_file in (("pytorch", checkpoint), ("openvino", xml)):
+        out = tmp_path / backend
+        assert main(["predict", str(image), "--checkpoint", str(model_file), "--backend", backend, "--threshold", "0", "--out", str(out)]) == 0
+        found[backend] = json.loads((out / "predictions.json").read_text())[0]["detections"]
+    assert len(found["pytorch"]) == len(found["openvino"]) == 20
+
+    def same(a: dict, b: dict) -> bool:
+        return a["label"] == b["label"] and abs(a["score"] - b["score"]) < 1e-3 and max(abs(x - y) for x, y in zip(a["box"], b["box"])) < 0.1
+
+    # as sets: two detections whose scores agree to rounding may come out in either order
+    assert all(any(same(a, b) for b in found["openvino"]) for a in found["pytorch"])
+    assert main(["predict", str(image), "--checkpoint", str(xml), "--backend", "openvino", "--preset", "dino-r50", "--out", str(tmp_path / "x")]) == 2
+    assert "--preset and --device apply to PyTorch checkpoints" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from typing import Any
 from litedetr.models.checkpoint import read_config, save_model
 from litedetr.models.config import PRESETS, DetectorConfig, EncoderConfig, get_config
 from litedetr.models.detector import Detector, convert_official_checkpoint, load_model
+from litedetr.models.exported import ExportedDetector
 from litedetr.models.pretrained import init_from_checkpoint
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "read_config",
     "convert_official_checkpoint",
     "init_from_checkpoint",
+    "ExportedDetector",
 ]
 
 

@@ -20,7 +20,7 @@ from litedetr.models.config import DetectorConfig
 from litedetr.models.convert import load_official_state_dict
 from litedetr.models.families import build_parts
 from litedetr.models.inputs import ImageInput, as_image_list, batches_by_size
-from litedetr.models.postprocess import postprocess
+from litedetr.models.postprocess import kept_detections, postprocess
 from litedetr.models.state_dict import fit_problems
 from litedetr.models.transform import batch_images
 from litedetr.ops import box_xyxy_to_cxcywh
@@ -115,14 +115,8 @@ class Detector(nn.Module):
         try:
             for batch in batches_by_size(images, batch_size):
                 for (index, image), pred in zip(batch, self([img.to(device) for _, img in batch])):
-                    keep = pred["scores"] >= threshold
-                    h, w = image.shape[1:]
-                    boxes = pred["boxes"][keep].cpu()
-                    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-                    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-                    labels = pred["labels"][keep].cpu()
-                    names = [self.config.class_name(int(c)) for c in labels]
-                    results[index] = {"boxes": boxes, "scores": pred["scores"][keep].cpu(), "labels": labels, "names": names}
+                    size = (image.shape[1], image.shape[2])
+                    results[index] = kept_detections(pred["boxes"], pred["scores"], pred["labels"], size, threshold, self.config.class_name)
         finally:
             self.train(was_training)
         return results

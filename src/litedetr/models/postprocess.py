@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from litedetr.ops import box_cxcywh_to_xyxy
 
-__all__ = ["postprocess"]
+__all__ = ["postprocess", "kept_detections"]
 
 
 @torch.no_grad()
@@ -39,3 +42,25 @@ def postprocess(
     height, width = image_sizes.to(boxes).unbind(1)
     boxes = boxes * torch.stack([width, height, width, height], 1)[:, None]
     return [{"scores": s, "labels": c, "boxes": b} for s, c, b in zip(scores, labels, boxes)]
+
+
+def kept_detections(
+    boxes: Tensor, scores: Tensor, labels: Tensor, size: tuple[int, int], threshold: float, class_name: Callable[[int], str]
+) -> dict[str, Any]:
+    """One image's detections scoring at least ``threshold``, as :meth:`Detector.predict` returns them.
+
+    Args:
+        boxes: ``(N, 4)`` xyxy pixels; ``scores (N,)`` descending; ``labels (N,)``.
+        size: the image's ``(H, W)``; boxes are clipped to it.
+        class_name: label -> display name.
+
+    Returns:
+        ``boxes``, ``scores``, ``labels`` on the CPU and ``names``.
+    """
+    keep = scores >= threshold
+    height, width = size
+    kept = boxes[keep].cpu()
+    kept[:, 0::2] = kept[:, 0::2].clamp(0, width)
+    kept[:, 1::2] = kept[:, 1::2].clamp(0, height)
+    kept_labels = labels[keep].cpu()
+    return {"boxes": kept, "scores": scores[keep].cpu(), "labels": kept_labels, "names": [class_name(int(c)) for c in kept_labels]}

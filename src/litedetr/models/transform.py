@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ImageBatch", "resized_size", "batch_images", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["ImageBatch", "resized_size", "resize_and_normalize", "batch_images", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,6 +33,17 @@ def resized_size(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
+def resize_and_normalize(image: Tensor, min_size: int, max_size: int) -> Tensor:
+    """``(3, H, W)`` in [0, 1] -> ``(3, h, w)`` resized (:func:`resized_size`; bilinear, antialiased) and
+    ImageNet-normalised."""
+    mean = torch.tensor(IMAGENET_MEAN, device=image.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=image.device)[:, None, None]
+    size = resized_size(image.shape[1], image.shape[2], min_size, max_size)
+    if size != tuple(image.shape[1:]):
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    return (image - mean) / std
+
+
 def batch_images(images: list[Tensor] | Tensor, min_sizes: tuple[int, ...], max_size: int, training: bool) -> ImageBatch:
     """Resize (random short side from ``min_sizes`` in training, the largest at eval), normalise, pad.
 
@@ -54,13 +65,7 @@ def batch_images(images: list[Tensor] | Tensor, min_sizes: tuple[int, ...], max_
         min_size = min_sizes[int(torch.randint(len(min_sizes), ()))]
     else:
         min_size = max(min_sizes)
-    mean = torch.tensor(IMAGENET_MEAN, device=images[0].device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, device=images[0].device)[:, None, None]
-    resized = []
-    for img in images:
-        size = resized_size(img.shape[1], img.shape[2], min_size, max_size)
-        img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0] if size != img.shape[1:] else img
-        resized.append((img - mean) / std)
+    resized = [resize_and_normalize(img, min_size, max_size) for img in images]
     h = max(img.shape[1] for img in resized)
     w = max(img.shape[2] for img in resized)
     tensors = resized[0].new_zeros(len(resized), 3, h, w)

@@ -26,14 +26,12 @@ the tracer records ``GridSample`` and never meets a Triton custom op.
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import logging
 import os
 import tempfile
 import warnings
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import torch
@@ -41,26 +39,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from litedetr.models import Detector
+from litedetr.models.exported import METADATA_KEY, OUTPUT_NAMES, Backend, graph_metadata, graph_runner, onnx_session, require
 from litedetr.models.transform import IMAGENET_MEAN, IMAGENET_STD
 from litedetr.ops import box_cxcywh_to_xyxy
 from litedetr.ops.custom_ops import triton_disabled
 from litedetr.tools.args import size_type
 from litedetr.tools.draw import synthetic_scene
 
-__all__ = ["OnnxDetector", "QueryProbe", "add_arguments", "compare_with_onnxruntime", "cpu_model", "export_onnx", "normalized_scene", "onnx_session", "query_parity", "spread_class_logits"]
+__all__ = ["OUTPUT_NAMES", "OnnxDetector", "QueryProbe", "add_arguments", "compare_with_runtime", "export_openvino", "cpu_model", "export_onnx", "normalized_scene", "onnx_session", "query_parity", "spread_class_logits"]
 
 logger = logging.getLogger(__name__)
 
 OPSET = 17
-OUTPUT_NAMES = ("boxes", "scores", "labels")
-
-
-def require(name: str) -> ModuleType:
-    """Import an optional export dependency, or fail with how to install it."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise ValueError(f"ONNX export needs {name}: pip install 'litedetr[export]'") from None
 
 
 class OnnxDetector(nn.Module):
@@ -218,18 +208,27 @@ def export_onnx(model: Detector, path: str | os.PathLike, size: tuple[int, int],
             wrapper, (example,), str(path), dynamo=False, opset_version=OPSET,
             input_names=["images"], output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic_axes,
         )  # fmt: skip
-    onnx.checker.check_model(onnx.load(str(path)))
+    graph = onnx.load(str(path))
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, graph_metadata(model.config, size, dynamic_size)
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(path))
     logger.info("exported %s (%dx%d%s)", path, *size, ", dynamic size" if dynamic_size else "")
     return path
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None):
-    """An onnxruntime CPU inference session for ``path`` (``threads``: intra-op threads, default all)."""
-    ort = require("onnxruntime")
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def export_openvino(model: Detector, path: str | os.PathLike, size: tuple[int, int], dynamic_size: bool = False) -> Path:
+    """Write ``model``'s graph as OpenVINO IR (``path``: the ``.xml``; its weights go beside it as ``.bin``),
+    converted from the ONNX graph of :func:`export_onnx`, with the same metadata."""
+    ov = require("openvino")
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as scratch:
+        converted = ov.convert_model(str(export_onnx(model, Path(scratch) / "model.onnx", size, dynamic_size)))
+    converted.set_rt_info(graph_metadata(model.config, size, dynamic_size), [METADATA_KEY])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(converted, str(path), compress_to_fp16=False)  # float32 weights, as exported
+    logger.info("converted to OpenVINO IR %s", path)
+    return path
 
 
 def normalized_scene(batch: int, height: int, width: int, seed: int = 0) -> Tensor:
@@ -239,31 +238,34 @@ def normalized_scene(batch: int, height: int, width: int, seed: int = 0) -> Tens
     return (torch.stack(images) - mean) / std
 
 
-def compare_with_onnxruntime(model: Detector, path: str | os.PathLike, images: Tensor, canvas: tuple[int, int]) -> dict[str, float]:
-    """Max abs differences between onnxruntime and PyTorch (on the CPU) on ``images (B, 3, h, w)`` (boxes in
-    pixels, scores) and the fraction of equal labels."""
+def compare_with_runtime(
+    model: Detector, path: str | os.PathLike, images: Tensor, canvas: tuple[int, int], backend: Backend = "onnxruntime"
+) -> dict[str, float]:
+    """Max abs differences between the graph at ``path`` run in ``backend`` and PyTorch (on the CPU) on
+    ``images (B, 3, h, w)`` (boxes in pixels, scores) and the fraction of equal labels."""
     with torch.no_grad():
         boxes, scores, labels = OnnxDetector(cpu_model(model), canvas)(images)
-    ort_boxes, ort_scores, ort_labels = onnx_session(path).run(list(OUTPUT_NAMES), {"images": images.numpy()})
+    got_boxes, got_scores, got_labels = graph_runner(path, backend)(images.numpy())
     return {
-        "boxes": float(np.abs(ort_boxes - boxes.numpy()).max()),
-        "scores": float(np.abs(ort_scores - scores.numpy()).max()),
-        "labels_equal": float((ort_labels == labels.numpy()).mean()),
+        "boxes": float(np.abs(got_boxes - boxes.numpy()).max()),
+        "scores": float(np.abs(got_scores - scores.numpy()).max()),
+        "labels_equal": float((got_labels == labels.numpy()).mean()),
     }
 
 
 def run(args: argparse.Namespace) -> int:
     model = Detector.from_checkpoint(args.checkpoint, "cpu", args.preset)
-    path = export_onnx(model, args.out, args.size, args.dynamic_size)
+    write, backend = (export_openvino, "openvino") if args.format == "openvino" else (export_onnx, "onnxruntime")
+    path = write(model, args.out, args.size, args.dynamic_size)
     h, w = args.size
     check_size = (h * 3 // 4, w) if args.dynamic_size else (h, w)
     scene = normalized_scene(1, *check_size)
-    diff = compare_with_onnxruntime(model, path, scene, args.size)
+    diff = compare_with_runtime(model, path, scene, args.size, backend)
     with tempfile.TemporaryDirectory() as scratch:
         parity = query_parity(model, scene, args.size, scratch)
     inputs = f"images (B, 3, <={h}, <={w})" if args.dynamic_size else f"images (B, 3, {h}, {w})"
     print(f"wrote {path}: {inputs} normalised -> boxes (B, {model.config.num_select}, 4) xyxy px clipped, scores, labels")
-    print(f"onnxruntime vs PyTorch on a {check_size[0]}x{check_size[1]} test scene: max |boxes| {diff['boxes']:.2e} px, "
+    print(f"{backend} vs PyTorch on a {check_size[0]}x{check_size[1]} test scene: max |boxes| {diff['boxes']:.2e} px, "
           f"max |scores| {diff['scores']:.2e}, labels equal {diff['labels_equal']:.0%}")  # fmt: skip
     print(f"per query before the top-k, given the same ranking of the proposals: max |logits| {parity['logits']:.1e}, "
           f"max |boxes| {parity['boxes_px']:.1e} px; {parity['reordered']} query positions ranked otherwise by proposals "
@@ -276,8 +278,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``litedetr export``; sets ``func``."""
     p.add_argument("--checkpoint", required=True, help="a litedetr .safetensors model file (or an authors' .pth with --preset)")
     p.add_argument("--preset", help="the preset of an authors' .pth checkpoint")
-    p.add_argument("--format", choices=["onnx"], default="onnx", help="output format (onnx)")
+    p.add_argument("--format", choices=["onnx", "openvino"], default="onnx", help="ONNX (.onnx) or OpenVINO IR (.xml + .bin); default onnx")
     p.add_argument("--size", type=size_type(32), required=True, help="input canvas HxW, e.g. 800x1333")
     p.add_argument("--dynamic-size", action="store_true", help="accept any input up to HxW (padded onto the canvas in the graph)")
-    p.add_argument("--out", required=True, help="output .onnx file")
+    p.add_argument("--out", required=True, help="output file: .onnx, or .xml for OpenVINO")
     p.set_defaults(func=run)

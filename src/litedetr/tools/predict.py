@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from litedetr.models import Detector
+from litedetr.models import Detector, ExportedDetector
 from litedetr.models.checkpoint import WEIGHTS
+from litedetr.models.exported import BACKENDS
 from litedetr.models.inputs import SIZE_WINDOW_BATCHES, load_image
 from litedetr.tools.args import float_in, int_at_least
 from litedetr.tools.draw import draw_detections
@@ -74,7 +75,7 @@ def _readable(paths: list[Path], names: list[str], strict: bool) -> list[tuple[P
 
 
 def predict_files(
-    model: Detector,
+    model: Detector | ExportedDetector,
     paths: list[Path],
     out: Path,
     threshold: float = 0.3,
@@ -119,7 +120,12 @@ def predict_files(
 
 
 def run(args: argparse.Namespace) -> int:
-    model = Detector.from_checkpoint(args.checkpoint, args.device, args.preset, args.weights)
+    if args.backend == "pytorch":
+        model: Detector | ExportedDetector = Detector.from_checkpoint(args.checkpoint, args.device, args.preset, args.weights)
+    elif args.preset or args.device != "cpu":
+        raise ValueError(f"--preset and --device apply to PyTorch checkpoints; --backend {args.backend} runs an exported graph on the CPU")
+    else:
+        model = ExportedDetector(args.checkpoint, args.backend)
     paths = find_images(args.images)
     entries = predict_files(model, paths, Path(args.out), args.threshold, args.batch_size, args.strict)
     if not entries:
@@ -136,7 +142,10 @@ def run(args: argparse.Namespace) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``litedetr predict``; sets ``func``."""
     p.add_argument("images", nargs="+", help="image files and/or directories of images")
-    p.add_argument("--checkpoint", required=True, help="a litedetr .safetensors model file (or an authors' .pth with --preset)")
+    p.add_argument(
+        "--checkpoint", required=True, help="a litedetr .safetensors model file (or an authors' .pth with --preset); with --backend, an exported graph"
+    )
+    p.add_argument("--backend", choices=BACKENDS, default="pytorch", help="pytorch (default), or onnxruntime / openvino for a graph from `litedetr export`")
     p.add_argument("--preset", help="the preset of an authors' .pth checkpoint, e.g. lite-dino-r50-h3l1-2x3")
     p.add_argument("--weights", choices=WEIGHTS, default="auto", help="of a .pth holding a model and its EMA: the EMA (auto, ema) or the model")
     p.add_argument("--out", required=True, help="output directory")

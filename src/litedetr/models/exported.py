@@ -1,0 +1,167 @@
+"""Run a graph written by ``litedetr export`` in ONNX Runtime or OpenVINO, with :meth:`Detector.predict`'s interface.
+
+The graph carries the model's config (class names, image sizes) and its canvas in its metadata
+(:data:`METADATA_KEY`), so :class:`ExportedDetector` resizes, normalises and names exactly as the
+PyTorch model does. Images that resize to the canvas's size predict as in PyTorch (to float32
+rounding); a dynamic-size graph pads smaller ones onto its canvas, which moves their detections as
+batching with a larger image does in PyTorch (see :meth:`Detector.predict`): export at the size your
+images resize to where that matters. Both runtimes are optional: ``pip install 'litedetr[export]'``
+(ONNX Runtime) or ``'litedetr[openvino]'``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from litedetr.models.config import DetectorConfig, config_from_dict
+from litedetr.models.inputs import ImageInput, as_image_list, batches_by_size
+from litedetr.models.postprocess import kept_detections
+from litedetr.models.transform import resize_and_normalize
+
+__all__ = ["BACKENDS", "Backend", "METADATA_KEY", "ExportedDetector", "OUTPUT_NAMES", "graph_metadata", "graph_runner", "onnx_session", "require"]
+
+Backend = Literal["pytorch", "onnxruntime", "openvino"]
+BACKENDS: tuple[str, ...] = ("pytorch", "onnxruntime", "openvino")
+"""Where a model runs: PyTorch (a litedetr model file), or an exported graph in ONNX Runtime or OpenVINO."""
+
+METADATA_KEY = "litedetr"
+"""The graph metadata entry holding ``{"config": ..., "canvas": [H, W], "dynamic_size": bool}`` (JSON)."""
+
+OUTPUT_NAMES = ("boxes", "scores", "labels")
+"""The graph's outputs, in order."""
+
+_EXTRAS = {"onnx": "export", "onnxruntime": "export", "openvino": "openvino"}
+
+
+def require(module: str) -> Any:
+    """Import an optional runtime dependency, or fail with how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"{module} is not installed: pip install 'litedetr[{_EXTRAS.get(module, 'export')}]'") from None
+
+
+def graph_metadata(config: DetectorConfig, canvas: tuple[int, int], dynamic_size: bool) -> str:
+    """The value stored under :data:`METADATA_KEY` in an exported graph."""
+    return json.dumps({"config": config.to_dict(), "canvas": list(canvas), "dynamic_size": dynamic_size})
+
+
+def _onnx_metadata(path: Path) -> str | None:
+    onnx = require("onnx")
+    model = onnx.load(str(path), load_external_data=False)
+    return next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU inference session for ``path`` (``threads``: intra-op threads, default all)."""
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _onnxruntime(path: Path, threads: int | None) -> Callable[[np.ndarray], list[np.ndarray]]:
+    session = onnx_session(path, threads)
+    return lambda images: session.run(list(OUTPUT_NAMES), {"images": images})
+
+
+def _openvino(path: Path, threads: int | None) -> tuple[Callable[[np.ndarray], list[np.ndarray]], str | None]:
+    ov = require("openvino")
+    core = ov.Core()
+    model = core.read_model(str(path))
+    metadata = model.get_rt_info([METADATA_KEY]).astype(str) if model.has_rt_info([METADATA_KEY]) else None
+    compiled = core.compile_model(model, "CPU", {} if threads is None else {"INFERENCE_NUM_THREADS": threads})
+    request = compiled.create_infer_request()
+
+    def run(images: np.ndarray) -> list[np.ndarray]:
+        outputs = request.infer({"images": images})
+        return [outputs[compiled.output(name)] for name in OUTPUT_NAMES]
+
+    return run, metadata
+
+
+def graph_runner(path: str | os.PathLike, backend: Backend, threads: int | None = None) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """``images (B, 3, h, w)`` float32 normalised -> the graph's ``[boxes, scores, labels]`` in ``backend``."""
+    if backend == "onnxruntime":
+        return _onnxruntime(Path(path), threads)
+    if backend == "openvino":
+        return _openvino(Path(path), threads)[0]
+    raise ValueError(f"backend must be onnxruntime or openvino for an exported graph, got {backend!r}")
+
+
+class ExportedDetector:
+    """An exported graph (``.onnx`` for ONNX Runtime or OpenVINO, ``.xml`` for OpenVINO) as a detector.
+
+    Args:
+        path: the graph, written by ``litedetr export`` (which stores the model's config in it).
+        backend: ``"onnxruntime"`` or ``"openvino"``.
+        threads: intra-op threads (default: the runtime's).
+
+    Attributes:
+        config: the exported model's :class:`DetectorConfig`; ``canvas``: the graph's ``(H, W)``;
+        ``dynamic_size``: whether it takes any size up to the canvas.
+    """
+
+    def __init__(self, path: str | os.PathLike, backend: Backend = "onnxruntime", threads: int | None = None):
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"{path}: no such exported graph")
+        if backend == "onnxruntime":
+            if path.suffix != ".onnx":
+                raise ValueError(f"{path}: ONNX Runtime runs .onnx graphs (an OpenVINO .xml runs with --backend openvino)")
+            self._run, metadata = _onnxruntime(path, threads), _onnx_metadata(path)
+        elif backend == "openvino":
+            self._run, metadata = _openvino(path, threads)
+            if metadata is None and path.suffix == ".onnx":
+                metadata = _onnx_metadata(path)
+        else:
+            raise ValueError(f"backend must be onnxruntime or openvino for an exported graph, got {backend!r}")
+        if metadata is None:
+            raise ValueError(f"{path}: the graph has no litedetr metadata; export it again with this version's `litedetr export`")
+        meta = json.loads(metadata)
+        self.config = config_from_dict(meta["config"])
+        self.canvas: tuple[int, int] = tuple(meta["canvas"])
+        self.dynamic_size: bool = meta["dynamic_size"]
+        self.backend = backend
+
+    def _input(self, image: Tensor) -> Tensor:
+        """``(3, H, W)`` in [0, 1] -> the graph's ``(3, h, w)`` normalised input, resized as the model resizes."""
+        resized = resize_and_normalize(image, max(self.config.min_size), self.config.max_size)
+        (h, w), (height, width) = resized.shape[1:], self.canvas
+        if (h, w) != (height, width) and not (self.dynamic_size and h <= height and w <= width):
+            fits = f"at most {height}x{width}" if self.dynamic_size else f"exactly {height}x{width} (or export with --dynamic-size)"
+            raise ValueError(f"an image resized to {h}x{w} does not fit the graph, which takes {fits}")
+        return resized
+
+    def predict(self, inputs: ImageInput | Sequence[ImageInput], threshold: float = 0.3, batch_size: int = 4) -> list[dict[str, Any]]:
+        """As :meth:`litedetr.models.Detector.predict`: per image, in input order, ``boxes (N, 4)`` xyxy
+        pixels of the original image (clipped to it), ``scores (N,)`` descending, ``labels (N,)`` and ``names``.
+
+        Images of one resized size share a run of the graph (it pads a batch onto its canvas as one size).
+        """
+        images = as_image_list(inputs)
+        results: list[dict[str, Any]] = [{} for _ in images]
+        for batch in batches_by_size(images, batch_size):
+            prepared = [(index, image, self._input(image)) for index, image in batch]
+            while prepared:
+                size = prepared[0][2].shape[1:]
+                run = [item for item in prepared if item[2].shape[1:] == size]
+                prepared = [item for item in prepared if item[2].shape[1:] != size]
+                boxes, scores, labels = self._run(torch.stack([x for _, _, x in run]).numpy())
+                for (index, image, resized), b, s, c in zip(run, boxes, scores, labels):
+                    (h, w), (height, width) = image.shape[1:], resized.shape[1:]
+                    scale = torch.tensor([w / width, h / height, w / width, h / height])
+                    results[index] = kept_detections(
+                        torch.from_numpy(b) * scale, torch.from_numpy(s), torch.from_numpy(c), (h, w), threshold, self.config.class_name
+                    )
+        return results
