@@ -11,7 +11,12 @@ from litedetr.data import SyntheticSpec
 from litedetr.models import Detector
 from litedetr.tools.demo import DemoRecipe, run_demo
 
-TINY = DemoRecipe(data=SyntheticSpec(num_train=4, num_val=2, image_size=(80, 80), max_objects=4), image_size=64, epochs=1, lr_drop=(1,), workers=0, predicted_images=2)
+SMALL_IMAGE_QUERIES = tuple({**dict(DemoRecipe.model_overrides), "num_queries": 40, "num_select": 40}.items())
+"""The demo's model with fewer queries than a 64-px image's 85 encoder tokens."""
+TINY = DemoRecipe(
+    model_overrides=SMALL_IMAGE_QUERIES, data=SyntheticSpec(num_train=4, num_val=2, image_size=(80, 80), max_objects=4), image_size=64, epochs=1,
+    lr_drop=(1,), workers=0, predicted_images=2,
+)  # fmt: skip
 
 
 def test_demo_writes_summary_predictions_and_resumes_as_a_report(tmp_path):
