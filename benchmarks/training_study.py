@@ -65,11 +65,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from litedetr.data import CocoDetection, collate, write_synthetic_dataset
+from litedetr.data import CocoDetection, collate, find_split, write_synthetic_dataset
 from litedetr.engine.recipes import DemoRecipe, demo_train_config, train_or_reuse
 from litedetr.engine.trainer import Trainer
 from litedetr.models import Detector, get_config, load_model
-from litedetr.ops import level_shapes
+from litedetr.ops import box_iou, level_shapes
 
 LOSS_TERMS = ("loss_class", "loss_bbox", "loss_giou")
 WARMUP_STEPS = 100
@@ -179,6 +179,7 @@ def train_one(cell_name: str, seed: int, steps_per_epoch: int, runs: Path, init:
         **{term: statistics.mean(r[term] for r in train) for term in LOSS_TERMS},
         "seconds": round(time.perf_counter() - started, 1),
         **diagnose(out / "model.safetensors", config),
+        "errors": error_breakdown(out / "detections_val.json", config.val_annotations),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
@@ -219,6 +220,42 @@ def diagnose(model_file: Path, config: Any, images: int = 16) -> dict[str, Any]:
     }
 
 
+ERROR_KINDS = ("correct", "wrong_class", "duplicate", "background")
+
+
+def error_breakdown(detections_file: Path, annotations_file: str | Path) -> dict[str, float]:
+    """What a run's best detections are, on the validation split: for each image, its ``N`` highest-scoring
+    detections (``N``: its number of objects), each counted as ``correct`` (IoU >= 0.5 with an object of
+    its class not yet found), ``wrong_class`` (IoU >= 0.5 with an object of another class),
+    ``duplicate`` (an object of its class already found) or ``background``; shares of all of them."""
+    truth = json.loads(Path(annotations_file).read_text())
+    objects: dict[int, list[dict[str, Any]]] = {}
+    for annotation in truth["annotations"]:
+        objects.setdefault(annotation["image_id"], []).append(annotation)
+    found: dict[int, list[dict[str, Any]]] = {}
+    for detection in json.loads(detections_file.read_text()):
+        found.setdefault(detection["image_id"], []).append(detection)
+    xyxy = lambda box: [box[0], box[1], box[0] + box[2], box[1] + box[3]]  # noqa: E731
+    counts = dict.fromkeys(ERROR_KINDS, 0)
+    for image, annotations in objects.items():
+        boxes = torch.tensor([xyxy(a["bbox"]) for a in annotations])
+        hit: set[int] = set()
+        for detection in sorted(found.get(image, []), key=lambda d: -d["score"])[: len(annotations)]:
+            iou, _ = box_iou(torch.tensor([xyxy(detection["bbox"])]), boxes)
+            best = int(iou[0].argmax())
+            if iou[0, best] < 0.5:
+                counts["background"] += 1
+            elif annotations[best]["category_id"] != detection["category_id"]:
+                counts["wrong_class"] += 1
+            elif best in hit:
+                counts["duplicate"] += 1
+            else:
+                counts["correct"] += 1
+                hit.add(best)
+    total = max(1, sum(counts.values()))
+    return {kind: count / total for kind, count in counts.items()}
+
+
 def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -230,10 +267,13 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "Median [min-max] over the seeds; AP in %; losses: the last decoder layer's, mean of the last 50 steps."
         " Finest share: the share of the decoder's anchors selected from the stride-8 level; box L1 (16 validation"
         " images): the encoder's proposals -> the last decoder layer, and the denoising queries' first -> last layer."
+        " Best detections: of each validation image's N highest-scoring detections (N: its objects), the % correct,"
+        " of the wrong class, duplicates and background (medians)."
         + (f" Every run starts from the initial weights in `{Path(meta['init']).name}`; the seed orders the batches." if meta.get("init") else ""),
         "",
-        "| cell | AP50 | AP | class loss | L1 loss | GIoU loss | finest share | box L1 enc -> last | denoising L1 first -> last |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| cell | AP50 | AP | class loss | L1 loss | GIoU loss | finest share | box L1 enc -> last | denoising L1 first -> last"
+        " | best detections: correct / wrong class / duplicate / background |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         cells_ = [row["label"]]
@@ -242,6 +282,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             cells_.append(f"{scale * s['median']:.{digits}f} [{scale * s['min']:.{digits}f}-{scale * s['max']:.{digits}f}]")
         for first, last in (("enc", "last"), ("dn_first", "dn_last")):
             cells_.append("-" if math.isnan(row[first]["median"]) else f"{row[first]['median']:.2f} -> {row[last]['median']:.2f}")
+        cells_.append(" / ".join(f"{100 * row[kind]['median']:.0f}" for kind in ERROR_KINDS))
         lines.append("| " + " | ".join(cells_) + " |")
     return "\n".join(lines) + "\n"
 
@@ -291,9 +332,13 @@ def main() -> None:
         if missing:
             raise SystemExit(f"runs did not finish (see their .log files): {', '.join(missing)}")
         per_seed = [json.loads(p.read_text()) for p in found]
+        for path, run in zip(found, per_seed):  # runs recorded before the breakdown existed
+            if "errors" not in run:
+                run["errors"] = error_breakdown(path.parent / "detections_val.json", find_split(args.runs / "data", "val").annotations)
         row = {"cell": cell_name, "label": cells()[cell_name].label, "runs": per_seed}
         row.update({key: _summary([r[key] for r in per_seed]) for key in ("AP", "AP50", *LOSS_TERMS, "finest_share")})
         row.update({key: _summary([_box_columns(r)[key] for r in per_seed]) for key in ("enc", "last", "dn_first", "dn_last")})
+        row.update({kind: _summary([r["errors"][kind] for r in per_seed]) for kind in ERROR_KINDS})
         results.append(row)
     recipe = DemoRecipe()
     steps_per_epoch = args.steps_per_epoch or -(-recipe.data.num_train // recipe.batch_size)

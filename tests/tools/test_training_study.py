@@ -64,10 +64,12 @@ def test_summary_and_table(study):
     runs = [{"box_l1": {"encoder": e, "decoder": [1.0, d], "denoising": [f, 1.0, g]}} for e, d, f, g in ((0.9, 0.5, 1.2, 1.1), (1.0, 0.7, 1.3, 1.2), (0.8, 0.6, 1.4, 1.0))]
     columns = {key: study._summary([study._box_columns(r)[key] for r in runs]) for key in ("enc", "last", "dn_first", "dn_last")}
     row = {"label": "x", **columns, **{k: study._summary(v) for k, v in {"AP50": [0.5, 0.6, 0.4], "AP": [0.2, 0.3, 0.1], "loss_class": [0.4] * 3,
-                                                                "loss_bbox": [0.5] * 3, "loss_giou": [0.9, 1.0, 1.1], "finest_share": [1.0, 0.0, 0.5]}.items()}}  # fmt: skip
+                                                                "loss_bbox": [0.5] * 3, "loss_giou": [0.9, 1.0, 1.1], "finest_share": [1.0, 0.0, 0.5],
+                                                                "correct": [0.2, 0.3, 0.25], "wrong_class": [0.5] * 3, "duplicate": [0.2] * 3,
+                                                                "background": [0.1, 0.05, 0.0]}.items()}}  # fmt: skip
     table = study.markdown([row], {"steps": 300, "batch_size": 4, "steps_per_epoch": 50, "seeds": [0, 1, 2]})
     assert ("| x | 50.0 [40.0-60.0] | 20.0 [10.0-30.0] | 0.400 [0.400-0.400] | 0.500 [0.500-0.500] | 1.000 [0.900-1.100] | 0.50 [0.00-1.00]"
-            " | 0.90 -> 0.60 | 1.30 -> 1.10 |") in table
+            " | 0.90 -> 0.60 | 1.30 -> 1.10 | 25 / 50 / 20 / 5 |") in table
 
 
 def test_runs_from_a_model_file_go_to_their_own_folders(study, tmp_path):
@@ -100,3 +102,27 @@ def test_diagnose_counts_the_finest_level_and_every_layer(study, tiny_synthetic,
     l1 = result["box_l1"]
     assert len(l1["decoder"]) == len(l1["denoising"]) == model.config.decoder_layers
     assert all(v > 0 for v in [l1["encoder"], *l1["decoder"], *l1["denoising"]])
+
+
+def test_error_breakdown_sorts_each_images_best_detections(study, tmp_path):
+    """Image 1 has two objects: its two best detections are one correct and one duplicate (a third, lower,
+    is not counted). Image 2 has one: its best is of the wrong class."""
+    import json
+
+    annotations = {"annotations": [
+        {"image_id": 1, "bbox": [0, 0, 10, 10], "category_id": 1}, {"image_id": 1, "bbox": [50, 50, 10, 10], "category_id": 2},
+        {"image_id": 2, "bbox": [0, 0, 20, 20], "category_id": 1},
+    ]}  # fmt: skip
+    detections = [
+        {"image_id": 1, "bbox": [0, 0, 10, 10], "category_id": 1, "score": 0.9},
+        {"image_id": 1, "bbox": [1, 0, 10, 10], "category_id": 1, "score": 0.8},
+        {"image_id": 1, "bbox": [50, 50, 10, 10], "category_id": 2, "score": 0.1},
+        {"image_id": 2, "bbox": [0, 0, 20, 19], "category_id": 3, "score": 0.5},
+    ]
+    (tmp_path / "a.json").write_text(json.dumps(annotations))
+    (tmp_path / "d.json").write_text(json.dumps(detections))
+    shares = study.error_breakdown(tmp_path / "d.json", tmp_path / "a.json")
+    assert shares == pytest.approx({"correct": 1 / 3, "wrong_class": 1 / 3, "duplicate": 1 / 3, "background": 0.0})
+    detections[3]["bbox"] = [100, 100, 5, 5]
+    (tmp_path / "d.json").write_text(json.dumps(detections))
+    assert study.error_breakdown(tmp_path / "d.json", tmp_path / "a.json")["background"] == pytest.approx(1 / 3)
