@@ -316,7 +316,7 @@ def main() -> None:
     running: list[subprocess.Popen] = []
     for cell_name, seed in todo:
         while len(running) >= args.jobs:
-            running = [p for p in running if p.poll() is None] or running
+            running = [p for p in running if p.poll() is None]
             time.sleep(5)
         command = [sys.executable, __file__, "--run", cell_name, str(seed), "--steps-per-epoch", str(args.steps_per_epoch),
                    "--threads", str(args.threads), "--runs", str(args.runs)] + (["--init", str(args.init)] if args.init else [])  # fmt: skip
