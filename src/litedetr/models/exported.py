@@ -70,33 +70,36 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def _openvino_metadata(path: Path) -> str | None:
+    model = require("openvino").Core().read_model(str(path))
+    return model.get_rt_info([METADATA_KEY]).astype(str) if model.has_rt_info([METADATA_KEY]) else None
+
+
 def _onnxruntime(path: Path, threads: int | None) -> Callable[[np.ndarray], list[np.ndarray]]:
+    if path.suffix != ".onnx":
+        raise ValueError(f"{path}: ONNX Runtime runs .onnx graphs (an OpenVINO .xml runs with --backend openvino)")
     session = onnx_session(path, threads)
     return lambda images: session.run(list(OUTPUT_NAMES), {"images": images})
 
 
-def _openvino(path: Path, threads: int | None) -> tuple[Callable[[np.ndarray], list[np.ndarray]], str | None]:
+def _openvino(path: Path, threads: int | None) -> Callable[[np.ndarray], list[np.ndarray]]:
     ov = require("openvino")
-    core = ov.Core()
-    model = core.read_model(str(path))
-    metadata = model.get_rt_info([METADATA_KEY]).astype(str) if model.has_rt_info([METADATA_KEY]) else None
-    compiled = core.compile_model(model, "CPU", {} if threads is None else {"INFERENCE_NUM_THREADS": threads})
+    compiled = ov.Core().compile_model(str(path), "CPU", {} if threads is None else {"INFERENCE_NUM_THREADS": threads})
     request = compiled.create_infer_request()
 
     def run(images: np.ndarray) -> list[np.ndarray]:
         outputs = request.infer({"images": images})
         return [outputs[compiled.output(name)] for name in OUTPUT_NAMES]
 
-    return run, metadata
+    return run
 
 
 def graph_runner(path: str | os.PathLike, backend: Backend, threads: int | None = None) -> Callable[[np.ndarray], list[np.ndarray]]:
     """``images (B, 3, h, w)`` float32 normalised -> the graph's ``[boxes, scores, labels]`` in ``backend``."""
-    if backend == "onnxruntime":
-        return _onnxruntime(Path(path), threads)
-    if backend == "openvino":
-        return _openvino(Path(path), threads)[0]
-    raise ValueError(f"backend must be onnxruntime or openvino for an exported graph, got {backend!r}")
+    runners = {"onnxruntime": _onnxruntime, "openvino": _openvino}
+    if backend not in runners:
+        raise ValueError(f"backend must be onnxruntime or openvino for an exported graph, got {backend!r}")
+    return runners[backend](Path(path), threads)
 
 
 class ExportedDetector:
@@ -116,16 +119,8 @@ class ExportedDetector:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"{path}: no such exported graph")
-        if backend == "onnxruntime":
-            if path.suffix != ".onnx":
-                raise ValueError(f"{path}: ONNX Runtime runs .onnx graphs (an OpenVINO .xml runs with --backend openvino)")
-            self._run, metadata = _onnxruntime(path, threads), _onnx_metadata(path)
-        elif backend == "openvino":
-            self._run, metadata = _openvino(path, threads)
-            if metadata is None and path.suffix == ".onnx":
-                metadata = _onnx_metadata(path)
-        else:
-            raise ValueError(f"backend must be onnxruntime or openvino for an exported graph, got {backend!r}")
+        self._run = graph_runner(path, backend, threads)
+        metadata = _onnx_metadata(path) if path.suffix == ".onnx" else _openvino_metadata(path)
         if metadata is None:
             raise ValueError(f"{path}: the graph has no litedetr metadata; export it again with this version's `litedetr export`")
         meta = json.loads(metadata)

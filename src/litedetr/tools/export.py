@@ -147,13 +147,7 @@ def query_parity(model: Detector, inputs: Tensor | list[Tensor], canvas: tuple[i
         between the two tokens at such a position (0 when none).
     """
     probe = QueryProbe(cpu_model(model), canvas).eval()
-    path = Path(folder) / "query_probe.onnx"
-    with warnings.catch_warnings(), torch.no_grad(), triton_disabled():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            probe, (torch.zeros(1, 3, *canvas),), str(path), dynamo=False, opset_version=OPSET, input_names=["images"],
-            output_names=["logits", "boxes", "tokens"], dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}},
-        )  # fmt: skip
+    path = _trace(probe, Path(folder) / "query_probe.onnx", canvas, ("logits", "boxes", "tokens"), dynamic_size=True)
     session = onnx_session(path)
     height, width = canvas
     worst = {"logits": 0.0, "boxes_px": 0.0, "reordered": 0, "reordered_gap": 0.0}
@@ -191,6 +185,20 @@ def cpu_model(model: Detector) -> Detector:
     return copied.eval()
 
 
+def _trace(wrapper: OnnxDetector, path: Path, size: tuple[int, int], output_names: tuple[str, ...], dynamic_size: bool) -> Path:
+    """Trace ``wrapper`` (in eval mode, on the CPU) to an ONNX file at ``path`` for ``size = (H, W)`` canvases,
+    with the Triton kernels off; the batch is free, and with ``dynamic_size`` the height and width too."""
+    axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
+    dynamic_axes = {"images": axes, **{name: {0: "batch"} for name in output_names}}
+    with warnings.catch_warnings(), torch.no_grad(), triton_disabled():
+        warnings.simplefilter("ignore")  # tracer warnings: the map sizes become constants, by design
+        torch.onnx.export(
+            wrapper, (torch.zeros(1, 3, *size),), str(path), dynamo=False, opset_version=OPSET,
+            input_names=["images"], output_names=list(output_names), dynamic_axes=dynamic_axes,
+        )  # fmt: skip
+    return path
+
+
 def export_onnx(model: Detector, path: str | os.PathLike, size: tuple[int, int], dynamic_size: bool = False) -> Path:
     """Write ``model``'s inference graph for ``size = (H, W)`` canvases to ``path`` and check it with ``onnx.checker``.
 
@@ -198,16 +206,7 @@ def export_onnx(model: Detector, path: str | os.PathLike, size: tuple[int, int],
     onnx = require("onnx")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = OnnxDetector(cpu_model(model), size).eval()
-    axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
-    dynamic_axes = {"images": axes, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
-    example = torch.zeros(1, 3, *size)
-    with warnings.catch_warnings(), torch.no_grad(), triton_disabled():
-        warnings.simplefilter("ignore")  # tracer warnings: the map sizes become constants, by design
-        torch.onnx.export(
-            wrapper, (example,), str(path), dynamo=False, opset_version=OPSET,
-            input_names=["images"], output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic_axes,
-        )  # fmt: skip
+    _trace(OnnxDetector(cpu_model(model), size).eval(), path, size, OUTPUT_NAMES, dynamic_size)
     graph = onnx.load(str(path))
     entry = graph.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, graph_metadata(model.config, size, dynamic_size)
