@@ -100,9 +100,14 @@ AUTHORS_OVERRIDES = {"backbone_trainable_norm": True, "dn_number": 100}
 backbone and denoising; every cell starts from these, not from :class:`DemoRecipe`'s own overrides."""
 
 
+RECIPE_OVERRIDES = {"encoder_one_to_many": DENSE_REPEAT, "num_queries": 200, "num_select": 100, "class_loss_weight": 2.0}
+"""What the demo's recipe adds to :data:`AUTHORS_OVERRIDES` (``recipe-*`` cells change one thing more)."""
+
+
 def cells() -> dict[str, Cell]:
     base = get_config(DemoRecipe.model)
     msda_encoder = dataclasses.replace(base.encoder, key_aware=False)
+    msda = {"encoder": msda_encoder, "decoder_key_aware": False}
     return {
         "kda": Cell("KDA in encoder and decoder (the authors' Lite-DINO)"),
         "kda-zero-query": Cell("KDA, query_proj zero-initialised (uniform start)", prepare=_zero_query_proj),
@@ -128,10 +133,14 @@ def cells() -> dict[str, Cell]:
             "KDA, dense encoder matching, class losses weighted 2 (Deformable DETR's) instead of 1",
             {"encoder_one_to_many": DENSE_REPEAT, "class_loss_weight": 2.0},
         ),
-        "kda-dense-q200-class2": Cell(
-            "KDA, dense encoder matching, 200 queries (100 kept), class losses weighted 2",
-            {"encoder_one_to_many": DENSE_REPEAT, "num_queries": 200, "num_select": 100, "class_loss_weight": 2.0},
+        "kda-dense-q200-class2": Cell("KDA, dense encoder matching, 200 queries (100 kept), class losses weighted 2", RECIPE_OVERRIDES),
+        "recipe-msda": Cell("MSDA, dense encoder matching, 200 queries (100 kept), class losses weighted 2", {**RECIPE_OVERRIDES, **msda}),
+        "recipe-lr1e-3": Cell("KDA, dense, 200 queries, class 2, lr 1e-3 (backbone too)", RECIPE_OVERRIDES, {"lr": 1e-3, "lr_backbone": 1e-3}),
+        "recipe-encoder-content": Cell(
+            "KDA, dense, 200 queries, class 2, content = the selected encoder features (DINO's pure query selection)",
+            {**RECIPE_OVERRIDES, "learned_query_content": False},
         ),
+        "recipe-lr2e-3": Cell("KDA, dense, 200 queries, class 2, lr 2e-3 (backbone too)", RECIPE_OVERRIDES, {"lr": 2e-3, "lr_backbone": 2e-3}),
         "kda-dense-o2m": Cell(
             f"KDA, dense encoder matching, {DECODER_ONE_TO_MANY} one-to-many decoder queries ({DENSE_REPEAT}x) instead of denoising",
             {"encoder_one_to_many": DENSE_REPEAT, "dn_number": 0, "one_to_many_queries": DECODER_ONE_TO_MANY, "one_to_many_repeat": DENSE_REPEAT},

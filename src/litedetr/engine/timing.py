@@ -3,7 +3,8 @@
 Used by ``litedetr bench`` and by the scripts in ``benchmarks/``: :func:`measure` (median and
 90th-percentile latency, peak memory beyond what was allocated before), and callables that run a
 whole detector (:func:`model_run`), its encoder alone on real input-stage tokens (:func:`encoder_run`)
-or one training step with the optimiser (:func:`train_step_run`).
+or one training step with the optimiser (:func:`train_step_run`), and where an inference call's time
+goes, part by part (:func:`part_seconds`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ __all__ = [
     "model_run",
     "encoder_run",
     "train_step_run",
+    "PARTS",
+    "part_seconds",
 ]
 
 
@@ -179,3 +182,46 @@ def encoder_run(model: Detector, images: Tensor, train: bool, autocast: torch.dt
         model.encoder.zero_grad(set_to_none=True)
 
     return run
+
+
+PARTS = ("backbone", "input_stage", "encoder", "query_selection", "decoder", "heads")
+"""The detector's parts in the order inference runs them (:meth:`Detector.forward_features`)."""
+
+
+def part_seconds(model: Detector, images: Tensor, repeats: int, warmup: int = 1) -> list[dict[str, float]]:
+    """Seconds of each of :data:`PARTS` and of the rest (``other``: resizing, batching and
+    post-processing) in each of ``repeats`` inference calls of ``model`` on ``images`` after
+    ``warmup`` untimed ones, and the whole call (``total``); CPU only (no device synchronisation).
+
+    Forward hooks read the clock as each part starts and ends; a part that runs more than once in
+    a call (none of ours) adds up.
+    """
+    if images.device.type != "cpu":
+        raise ValueError(f"part_seconds times CPU calls only, got images on {images.device}")
+    starts: dict[str, float] = {}
+    current: dict[str, float] = {}
+
+    def enter(name: str) -> Callable[..., None]:
+        return lambda module, args: starts.__setitem__(name, time.perf_counter())
+
+    def leave(name: str) -> Callable[..., None]:
+        return lambda module, args, output: current.__setitem__(name, current.get(name, 0.0) + time.perf_counter() - starts[name])
+
+    handles = []
+    for name in PARTS:
+        part = getattr(model, name)
+        handles += [part.register_forward_pre_hook(enter(name)), part.register_forward_hook(leave(name))]
+    run = model_run(model, images)
+    records = []
+    try:
+        for i in range(warmup + repeats):
+            current.clear()
+            start = time.perf_counter()
+            run()
+            total = time.perf_counter() - start
+            if i >= warmup:
+                records.append({**{name: current.get(name, 0.0) for name in PARTS}, "other": total - sum(current.values()), "total": total})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return records
