@@ -29,6 +29,11 @@ Cells (``--cells``):
 - ``kda-dense-o2m``: ``kda-dense`` with H-DETR's hybrid matching in the decoder
   (``DECODER_ONE_TO_MANY`` extra queries matched to the targets repeated ``DENSE_REPEAT`` times)
   instead of the denoising queries.
+- ``recipe-*``: the demo's recipe (``kda-dense-q200-class2``) with one change more: ``recipe-msda``
+  plain deformable attention in the encoder and decoder; ``recipe-lr1e-3`` / ``recipe-lr2e-3`` a
+  higher learning rate (backbone too); ``recipe-encoder-content`` the decoder's content queries taken
+  from the selected encoder features (DINO's "pure" query selection, no learned content embedding);
+  ``recipe-batch2`` batches of 2, twice the steps per epoch (the same images).
 
 Besides AP and the training losses, each run records what tells a stuck run from one that learns
 (:func:`diagnose`): the share of the selected proposals that come from the finest level, and the
@@ -140,6 +145,7 @@ def cells() -> dict[str, Cell]:
             "KDA, dense, 200 queries, class 2, content = the selected encoder features (DINO's pure query selection)",
             {**RECIPE_OVERRIDES, "learned_query_content": False},
         ),
+        "recipe-batch2": Cell("KDA, dense, 200 queries, class 2, batches of 2 (twice the steps, the same images)", RECIPE_OVERRIDES, {"batch_size": 2}),
         "recipe-lr2e-3": Cell("KDA, dense, 200 queries, class 2, lr 2e-3 (backbone too)", RECIPE_OVERRIDES, {"lr": 2e-3, "lr_backbone": 2e-3}),
         "kda-dense-o2m": Cell(
             f"KDA, dense encoder matching, {DECODER_ONE_TO_MANY} one-to-many decoder queries ({DENSE_REPEAT}x) instead of denoising",
@@ -168,6 +174,8 @@ def train_one(cell_name: str, seed: int, steps_per_epoch: int, runs: Path, init:
         init=str(init) if init else None,
         **cell.train_overrides,
     )
+    if config.batch_size != recipe.batch_size:  # the same images per epoch in more, smaller steps
+        config = dataclasses.replace(config, epoch_batches=steps_per_epoch * recipe.batch_size // config.batch_size)
     out = run_dir(runs, cell_name, seed, steps_per_epoch, init)
     started = time.perf_counter()
     if cell.prepare is not None and not (out / "checkpoint.pt").exists():
