@@ -24,7 +24,6 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -197,22 +196,6 @@ int64_t query_chunks(const Geometry& g) {
   return std::min({(threads + slices - 1) / slices, kMaxQueryChunks, g.queries});
 }
 
-// Calls f(std::integral_constant<int64_t, D>{}) with D = channels where the kernels are compiled for it
-// (16: the *-tiny presets' heads, 32: the others'; unrolled, vectorised row loops), else D = 0 (read at run time).
-template <typename F>
-void dispatch_channels(int64_t channels, F&& f) {
-  switch (channels) {
-    case 16:
-      f(std::integral_constant<int64_t, 16>{});
-      break;
-    case 32:
-      f(std::integral_constant<int64_t, 32>{});
-      break;
-    default:
-      f(std::integral_constant<int64_t, 0>{});
-  }
-}
-
 // One work unit of the backward: the queries [query_begin, query_end) of one image and head.
 struct Unit {
   int64_t image, head, chunk, query_begin, query_end;
@@ -293,7 +276,11 @@ at::Tensor ms_deform_attn_forward(const at::Tensor& value_in, const at::Tensor& 
     const scalar_t* loc = locations.data_ptr<scalar_t>();
     const scalar_t* att = attention.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    dispatch_channels(g.channels, [&](auto channels) { msda_kernel<scalar_t, decltype(channels)::value>(g, v, loc, att, o); });
+    if (g.channels == 32) {
+      msda_kernel<scalar_t, 32>(g, v, loc, att, o);
+    } else {
+      msda_kernel<scalar_t, 0>(g, v, loc, att, o);
+    }
   });
   return out.view({g.batch, g.queries, g.heads * g.channels});
 }
@@ -383,7 +370,11 @@ at::Tensor ms_deform_attn_key_aware_forward(const at::Tensor& query_in, const at
     const scalar_t* q = query.data_ptr<scalar_t>();
     const scalar_t* loc = locations.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    dispatch_channels(g.channels, [&](auto channels) { kda_kernel<scalar_t, decltype(channels)::value>(g, q, k, v, loc, o, shared); });
+    if (g.channels == 32) {
+      kda_kernel<scalar_t, 32>(g, q, k, v, loc, o, shared);
+    } else {
+      kda_kernel<scalar_t, 0>(g, q, k, v, loc, o, shared);
+    }
   });
   return out.view({g.batch, g.queries, g.heads * g.channels});
 }
@@ -446,7 +437,11 @@ std::vector<at::Tensor> ms_deform_attn_backward(const at::Tensor& grad_out_in, c
     scalar_t* grad_v = grad_value.data_ptr<scalar_t>();
     scalar_t* grad_loc = grad_locations.data_ptr<scalar_t>();
     scalar_t* grad_att = grad_attention.data_ptr<scalar_t>();
-    dispatch_channels(g.channels, [&](auto channels) { msda_backward_kernel<scalar_t, decltype(channels)::value>(g, chunks, grad, v, loc, att, grad_v, grad_loc, grad_att); });
+    if (g.channels == 32) {
+      msda_backward_kernel<scalar_t, 32>(g, chunks, grad, v, loc, att, grad_v, grad_loc, grad_att);
+    } else {
+      msda_backward_kernel<scalar_t, 0>(g, chunks, grad, v, loc, att, grad_v, grad_loc, grad_att);
+    }
   });
   return {sum_chunks(grad_value), grad_locations, grad_attention};
 }
@@ -598,7 +593,11 @@ std::vector<at::Tensor> ms_deform_attn_key_aware_backward(const at::Tensor& grad
                                   in.locations.data_ptr<scalar_t>(),   grad_query.data_ptr<scalar_t>(),
                                   shared ? nullptr : grad_key.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(),
                                   grad_locations.data_ptr<scalar_t>(), shared};
-    dispatch_channels(g.channels, [&](auto channels) { kda_backward_kernel<scalar_t, decltype(channels)::value>(g, chunks, a); });
+    if (g.channels == 32) {
+      kda_backward_kernel<scalar_t, 32>(g, chunks, a);
+    } else {
+      kda_backward_kernel<scalar_t, 0>(g, chunks, a);
+    }
   });
   std::vector<at::Tensor> grads{grad_query, sum_chunks(grad_value), grad_locations};
   if (!shared) grads.push_back(sum_chunks(grad_key));
