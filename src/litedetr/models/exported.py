@@ -39,7 +39,7 @@ METADATA_KEY = "litedetr"
 OUTPUT_NAMES = ("boxes", "scores", "labels")
 """The graph's outputs, in order."""
 
-_EXTRAS = {"onnx": "export", "onnxruntime": "export", "openvino": "openvino"}
+_EXTRAS = {"onnx": "export", "onnxruntime": "export", "openvino": "openvino", "transformers": "peers"}
 
 
 def require(module: str) -> Any:

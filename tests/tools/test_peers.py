@@ -1,0 +1,59 @@
+"""benchmarks/peers.py: every (model, backend) call runs the same detector, and what cannot run is reported, not raised."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import benchmark_script
+
+
+@pytest.fixture(scope="module")
+def peers():
+    with benchmark_script("peers") as module:
+        yield module
+
+
+def test_each_backend_runs_our_detector_and_agrees(peers, tmp_path):
+    calls = peers.build_calls("lite-dino-r18-tiny-h3l1-2x3", ("pytorch", "onnxruntime", "openvino"), (64, 64), 1, tmp_path)
+    assert all(callable(call) for call in calls.values()), calls
+    ort_boxes, ort_scores, _ = calls["onnxruntime"]()
+    ov = calls["openvino"]()
+    ov_boxes, ov_scores = ov[peers_output(ov, "boxes")], ov[peers_output(ov, "scores")]
+    np.testing.assert_allclose(ov_scores, ort_scores, atol=1e-4)
+    np.testing.assert_allclose(ov_boxes, ort_boxes, atol=1e-2)
+    (found,) = calls["pytorch"]()  # the same image, given in [0, 1]
+    torch.testing.assert_close(found["scores"], torch.from_numpy(ort_scores[0][: len(found["scores"])]), atol=1e-4, rtol=0)
+
+
+def peers_output(outputs, name: str):
+    return next(key for key in outputs if name in key.get_names())
+
+
+def test_a_model_that_cannot_be_built_is_reported_with_its_reason(peers, tmp_path, monkeypatch):
+    real_import = importlib.import_module
+
+    def without_transformers(name, *args):
+        if name == "transformers":
+            raise ImportError("No module named 'transformers'")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_transformers)
+    calls = peers.build_calls("rtdetr-r50vd", ("pytorch", "onnxruntime"), (64, 64), 1, tmp_path)
+    assert set(calls) == {"pytorch", "onnxruntime"}
+    assert all(isinstance(reason, str) and "litedetr[peers]" in reason for reason in calls.values())
+
+
+def test_the_table_and_json_carry_every_pair(peers, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["peers", "--models", "lite-dino-r18-tiny-h3l1-2x3", "--backends", "pytorch", "onnxruntime",
+                                      "--size", "64", "64", "--repeats", "2", "--threads", "1", "--out", str(tmp_path)])
+    peers.main()
+    result = json.loads((tmp_path / "peers.json").read_text())
+    row = result["models"]["lite-dino-r18-tiny-h3l1-2x3"]
+    assert row["pytorch"] > 0 and row["onnxruntime"] > 0
+    assert row["best_over_reference"] is None  # RT-DETR was not asked for
+    assert "| lite-dino-r18-tiny-h3l1-2x3 |" in (tmp_path / "peers.md").read_text()
