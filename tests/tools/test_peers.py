@@ -49,11 +49,14 @@ def test_a_model_that_cannot_be_built_is_reported_with_its_reason(peers, tmp_pat
 
 
 def test_the_table_and_json_carry_every_pair(peers, tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["peers", "--models", "lite-dino-r18-tiny-h3l1-2x3", "--backends", "pytorch", "onnxruntime",
+    monkeypatch.setattr(sys, "argv", ["peers", "--models", "lite-dino-r18-tiny-h3l1-2x3", "rtdetr-r50vd", "--backends", "pytorch",
                                       "--size", "64", "64", "--repeats", "2", "--threads", "1", "--out", str(tmp_path)])
+    monkeypatch.setattr(peers, "hf_model", lambda name: (_ for _ in ()).throw(ValueError("transformers is not installed")))
     peers.main()
     result = json.loads((tmp_path / "peers.json").read_text())
     row = result["models"]["lite-dino-r18-tiny-h3l1-2x3"]
-    assert row["pytorch"] > 0 and row["onnxruntime"] > 0
-    assert row["best_over_reference"] is None  # RT-DETR was not asked for
-    assert "| lite-dino-r18-tiny-h3l1-2x3 |" in (tmp_path / "peers.md").read_text()
+    assert row["pytorch"] > 0
+    assert row["best_over_reference"] is None  # RT-DETR did not run
+    assert result["models"]["rtdetr-r50vd"]["pytorch"] == "does not build: transformers is not installed"
+    table = (tmp_path / "peers.md").read_text()
+    assert "| lite-dino-r18-tiny-h3l1-2x3 |" in table and "- (does not build: transformers is not installed)" in table
