@@ -14,7 +14,6 @@ picks (the same amount of work whichever they are). Prints a table and writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from litedetr.engine.timing import PARTS, bench_images, bench_model, part_seconds
+from litedetr.engine.timing import PARTS, bench_images, bench_model, part_seconds, write_results
 from litedetr.models.flops import count_flops
 
 COLUMNS = (*PARTS, "other", "total")
@@ -93,10 +92,7 @@ def main() -> None:
         }
     table = markdown(result)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "inference_profile.json").write_text(json.dumps(result, indent=2))
-    (args.out / "inference_profile.md").write_text(table)
-    print(f"wrote {args.out / 'inference_profile.md'}")
+    print(f"wrote {write_results(args.out, 'inference_profile', result, table)}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ ONNX Runtime, OpenVINO).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from litedetr.engine.timing import bench_model
+from litedetr.engine.timing import bench_model, write_results
 from litedetr.models.exported import require
 from litedetr.models.transform import IMAGENET_MEAN, IMAGENET_STD
 from litedetr.tools.export import export_onnx, normalized_scene
@@ -190,10 +189,7 @@ def main() -> None:
         row["best_over_reference"] = best[name] / reference if best[name] is not None and reference else None
     table = markdown(result)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "peers.json").write_text(json.dumps(result, indent=2))
-    (args.out / "peers.md").write_text(table)
-    print(f"wrote {args.out / 'peers.md'}")
+    print(f"wrote {write_results(args.out, 'peers', result, table)}")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@ goes, part by part (:func:`part_seconds`).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +39,7 @@ __all__ = [
     "train_step_run",
     "PARTS",
     "part_seconds",
+    "write_results",
 ]
 
 
@@ -225,3 +228,12 @@ def part_seconds(model: Detector, images: Tensor, repeats: int, warmup: int = 1)
         for handle in handles:
             handle.remove()
     return records
+
+
+def write_results(folder: Path, stem: str, result: dict[str, Any], table: str) -> Path:
+    """Write a benchmark's ``result`` and Markdown ``table`` as ``<stem>.json`` and ``<stem>.md`` in ``folder``; returns the ``.md``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    path = folder / f"{stem}.md"
+    path.write_text(table)
+    return path
