@@ -13,7 +13,10 @@ backbone), nothing downloaded. What a call covers:
   scores and labels out: post-processing included), float32 weights;
 - transformers', ``pytorch``: ``model(pixel_values=...)`` (logits and boxes; their post-processing,
   a sigmoid and a top-k, is not timed); ``onnxruntime`` / ``openvino``: that call exported with the
-  TorchScript-based exporter at opset 17 (their deformable attention lowers to ``GridSample``).
+  TorchScript-based exporter at opset 17 (their deformable attention lowers to ``GridSample``);
+- everyone's ``onnxruntime-int8``: the same ONNX graph with INT8 linear layers
+  (:func:`litedetr.tools.export.quantize_onnx`, ONNX Runtime's dynamic quantisation) in ONNX Runtime.
+  What it costs in AP is measured on a trained model by ``benchmarks/quantization.py``.
 
 A pair that cannot be built, exported or run here is reported with its one-line reason instead of a
 time. Prints a table (ms, and each model's best backend against RT-DETR R50-vd's best) and writes
@@ -32,7 +35,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,15 +42,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from litedetr.engine.timing import bench_model, write_results
+from litedetr.engine.timing import bench_model, interleaved_ms, write_results
 from litedetr.models.exported import require
 from litedetr.models.transform import IMAGENET_MEAN, IMAGENET_STD
-from litedetr.tools.export import export_onnx, normalized_scene
+from litedetr.tools.export import export_onnx, normalized_scene, quantize_onnx
 
 # this folder's kernels.py would shadow the `kernels` package that transformers imports
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-BACKENDS = ("pytorch", "onnxruntime", "openvino")
+BACKENDS = ("pytorch", "onnxruntime", "openvino", "onnxruntime-int8")
 HF_MODELS = {"rtdetr-r50vd": ("RTDetrConfig", "RTDetrForObjectDetection"), "dfine": ("DFineConfig", "DFineForObjectDetection")}
 DEFAULT_MODELS = ("rtdetr-r50vd", "dfine", "lite-dino-r50-h3l1-2x3", "lite-dino-r50-h2l2-2x3", "dino-r50")
 REFERENCE = "rtdetr-r50vd"
@@ -106,7 +108,7 @@ def build_calls(name: str, backends: tuple[str, ...], size: tuple[int, int], thr
             pytorch_call = lambda: model(raw)  # noqa: E731
     except Exception as error:  # noqa: BLE001 - a model that does not build is reported, not fatal
         return dict.fromkeys(backends, f"does not build: {error}".splitlines()[0])
-    path = folder / f"{name}.onnx"
+    path, quantized = folder / f"{name}.onnx", folder / f"{name}-int8.onnx"
     for backend in backends:
         if backend == "pytorch":
             calls[backend] = torch.no_grad()(pytorch_call)
@@ -118,23 +120,14 @@ def build_calls(name: str, backends: tuple[str, ...], size: tuple[int, int], thr
                         torch.onnx.export(model, (images,), str(path), dynamo=False, opset_version=OPSET, input_names=["pixel_values"])
                 else:
                     export_onnx(model, path, size)
-            calls[backend] = _graph_call(path, backend, images.numpy(), threads)
+            if backend == "onnxruntime-int8":
+                graph, runtime = quantized if quantized.exists() else quantize_onnx(path, quantized), "onnxruntime"
+            else:
+                graph, runtime = path, backend
+            calls[backend] = _graph_call(graph, runtime, images.numpy(), threads)
         except Exception as error:  # noqa: BLE001 - an export or runtime failure is reported, not fatal
             calls[backend] = f"{backend}: {error}".splitlines()[0][:200]
     return calls
-
-
-def interleaved_ms(calls: dict[tuple[str, str], Call], repeats: int) -> dict[tuple[str, str], list[float]]:
-    """Milliseconds of each call in each of ``repeats`` rounds, the calls taking turns (one untimed call each first)."""
-    for call in calls.values():
-        call()
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
-    for _ in range(repeats):
-        for key, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[key].append(1e3 * (time.perf_counter() - start))
-    return times
 
 
 def markdown(result: dict) -> str:

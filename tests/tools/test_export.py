@@ -24,6 +24,7 @@ from litedetr.tools.export import (
     export_openvino,
     normalized_scene,
     onnx_session,
+    quantize_onnx,
     query_parity,
     require,
     spread_class_logits,
@@ -237,3 +238,35 @@ def test_cli_exports_openvino_and_predicts_with_each_backend(tmp_path, capsys):
     assert all(any(same(a, b) for b in found["openvino"]) for a in found["pytorch"])
     assert main(["predict", str(image), "--checkpoint", str(xml), "--backend", "openvino", "--preset", "dino-r50", "--out", str(tmp_path / "x")]) == 2
     assert "--preset and --device apply to PyTorch checkpoints" in capsys.readouterr().err
+
+
+def _constant_weight_matmuls(graph) -> int:
+    """MatMul/Gemm nodes of ``graph`` whose second input is a stored weight (the linear layers)."""
+    weights = {init.name for init in graph.graph.initializer}
+    weights |= {node.output[0] for node in graph.graph.node if node.op_type == "Constant"}
+    return sum(node.op_type in ("MatMul", "Gemm") and node.input[1] in weights for node in graph.graph.node)
+
+
+def test_int8_quantises_every_linear_layer_and_keeps_the_interface(tmp_path):
+    model = spread_class_logits(tiny("lite-dino-r18-tiny-h3l1-2x3"))
+    path = export_onnx(model, tmp_path / "m.onnx", SIZE)
+    quantized = quantize_onnx(path, tmp_path / "m8.onnx")
+    before, after = onnx.load(str(path)), onnx.load(str(quantized))
+    linear = _constant_weight_matmuls(before)
+    assert linear >= 40  # projections, FFNs and heads of the encoder and decoder
+    assert sum(node.op_type == "MatMulInteger" for node in after.graph.node) == linear and _constant_weight_matmuls(after) == 0
+    assert [o.name for o in after.graph.output] == ["boxes", "scores", "labels"]
+    assert ExportedDetector(quantized, "onnxruntime").config == model.config  # the metadata came along
+    images = normalized_scene(2, *SIZE, seed=4).numpy()
+    (_, scores, _), (boxes8, scores8, _) = onnx_session(path).run(None, {"images": images}), onnx_session(quantized).run(None, {"images": images})
+    # random weights: the proposal ranking moves with the weights, so compare the top-k score
+    # distributions (a wrong scale or a dropped layer moves them by far more), not query by query
+    moved = np.abs(np.sort(scores8, axis=1) - np.sort(scores, axis=1))
+    assert 0 < np.median(moved) < 0.03 and moved.max() < 0.2, moved
+    assert ((boxes8 >= 0) & (boxes8 <= SIZE[0])).all()
+
+
+def test_cli_int8_needs_onnx(tmp_path, capsys):
+    checkpoint = save_model(tiny("lite-dino-r18-tiny-h3l1-2x3"), tmp_path / "m.safetensors")
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "openvino", "--int8", "--size", "64x64", "--out", str(tmp_path / "m.xml")]) == 2
+    assert "--int8 quantises with ONNX Runtime: use it with --format onnx" in capsys.readouterr().err

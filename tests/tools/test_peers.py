@@ -19,9 +19,11 @@ def peers():
 
 
 def test_each_backend_runs_our_detector_and_agrees(peers, tmp_path):
-    calls = peers.build_calls("lite-dino-r18-tiny-h3l1-2x3", ("pytorch", "onnxruntime", "openvino"), (64, 64), 1, tmp_path)
+    calls = peers.build_calls("lite-dino-r18-tiny-h3l1-2x3", ("pytorch", "onnxruntime", "openvino", "onnxruntime-int8"), (64, 64), 1, tmp_path)
     assert all(callable(call) for call in calls.values()), calls
     ort_boxes, ort_scores, _ = calls["onnxruntime"]()
+    _, int8_scores, _ = calls["onnxruntime-int8"]()  # the INT8 graph: near the float32 one, not equal
+    assert 0 < np.median(np.abs(np.sort(int8_scores) - np.sort(ort_scores))) < 0.03
     ov = calls["openvino"]()
     ov_boxes, ov_scores = ov[peers_output(ov, "boxes")], ov[peers_output(ov, "scores")]
     np.testing.assert_allclose(ov_scores, ort_scores, atol=1e-4)

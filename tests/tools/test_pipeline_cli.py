@@ -46,6 +46,32 @@ def test_eval_and_predict_use_the_trained_model(trained, tiny_synthetic, tmp_pat
     assert all((tmp_path / "pred" / p["drawing"]).exists() for p in predictions)
 
 
+def test_eval_scores_an_exported_graph_as_the_model(trained, tiny_synthetic, tmp_path, capsys):
+    """``litedetr eval --backend``: the float32 graph scores what PyTorch scores; the INT8 one runs through the same path."""
+    pytest.importorskip("onnxruntime")
+    metrics = {}
+    for name, extra in (("float32", []), ("int8", ["--int8"])):
+        graph = tmp_path / f"{name}.onnx"
+        assert main(["export", "--checkpoint", str(trained / "model.safetensors"), "--size", "64x64", "--out", str(graph), *extra]) == 0
+        out = tmp_path / name
+        assert main(["eval", "--checkpoint", str(graph), "--backend", "onnxruntime", "--data", str(tiny_synthetic), "--out", str(out), "--workers", "0"]) == 0
+        metrics[name] = json.loads((out / "metrics.json").read_text())["metrics"]
+    out = tmp_path / "pytorch"
+    assert main(["eval", "--checkpoint", str(trained / "model.safetensors"), "--data", str(tiny_synthetic), "--out", str(out), "--workers", "0"]) == 0
+    expected = json.loads((out / "metrics.json").read_text())["metrics"]
+    graph_detections = json.loads((tmp_path / "float32" / "detections.json").read_text())
+    model_detections = json.loads((out / "detections.json").read_text())
+    assert len(graph_detections) == len(model_detections) > 0
+    for image_id in {d["image_id"] for d in model_detections}:  # the same detections, up to the order of near-ties
+        got, want = ([d["score"] for d in found if d["image_id"] == image_id] for found in (graph_detections, model_detections))
+        assert sorted(got) == pytest.approx(sorted(want), abs=1e-4)
+    assert metrics["float32"] == pytest.approx(expected, abs=1e-3)
+    assert set(metrics["int8"]) == set(expected) and all(v is None or 0 <= v <= 1 for v in metrics["int8"].values())
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "float32.onnx"), "--backend", "onnxruntime", "--device", "cuda", "--data", str(tiny_synthetic)]) == 2
+    assert "runs an exported graph on the CPU" in capsys.readouterr().err
+
+
 def test_resume_of_a_finished_run_changes_nothing_and_a_second_run_is_refused(trained, tiny_synthetic, capsys):
     before = (trained / "model.safetensors").read_bytes()
     assert main(["train", *TRAIN, "--data", str(tiny_synthetic), "--epochs", "2", "--out", str(trained), "--resume"]) == 0

@@ -30,6 +30,7 @@ from litedetr.models.transform import batch_images
 __all__ = [
     "Timing",
     "time_calls",
+    "interleaved_ms",
     "peak_memory",
     "measure",
     "bench_model",
@@ -69,6 +70,20 @@ def time_calls(run: Callable[[], object], device: torch.device, repeats: int, wa
         run()
         _synchronize(device)
         times.append(time.perf_counter() - start)
+    return times
+
+
+def interleaved_ms(calls: dict[Any, Callable[[], object]], repeats: int) -> dict[Any, list[float]]:
+    """Milliseconds of each CPU call in each of ``repeats`` rounds, the calls taking turns within every
+    round (one untimed call each first), so that load from other processes falls on all of them alike."""
+    for call in calls.values():
+        call()
+    times: dict[Any, list[float]] = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[key].append(1e3 * (time.perf_counter() - start))
     return times
 
 

@@ -1,4 +1,4 @@
-"""``litedetr eval``: COCO box metrics of a model file on a COCO-format dataset."""
+"""``litedetr eval``: COCO box metrics of a model file, or of a graph from ``litedetr export``, on a COCO-format dataset."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 
 from litedetr.data import CocoDetection, collate
 from litedetr.engine import evaluate
-from litedetr.models import load_model, read_config
+from litedetr.models import ExportedDetector, load_model, read_config
+from litedetr.models.exported import BACKENDS, Backend
 from litedetr.models.coco_classes import class_key
 from litedetr.tools.args import int_at_least
 from litedetr.tools.train import add_data_arguments, format_metrics, resolve_data
@@ -22,10 +23,39 @@ __all__ = ["add_arguments", "evaluate_model_file"]
 logger = logging.getLogger(__name__)
 
 
+class _GraphModel:
+    """An exported graph in :func:`~litedetr.engine.evaluate`'s model interface: a batch of images ->
+    every detection of the graph's top-k (no threshold), as a PyTorch detector in eval mode returns them."""
+
+    training = False
+
+    def __init__(self, detector: ExportedDetector):
+        self.detector = detector
+
+    def eval(self) -> _GraphModel:
+        return self
+
+    def train(self, mode: bool = True) -> _GraphModel:
+        return self
+
+    def __call__(self, images: list[torch.Tensor]) -> list[dict]:
+        return self.detector.predict(images, threshold=0.0, batch_size=len(images))
+
+
 def evaluate_model_file(
-    checkpoint: str | Path, annotations: str | Path, images: str | Path, out: Path | None = None, batch_size: int = 2, device: str = "cpu", workers: int = 2
+    checkpoint: str | Path,
+    annotations: str | Path,
+    images: str | Path,
+    out: Path | None = None,
+    batch_size: int = 2,
+    device: str = "cpu",
+    workers: int = 2,
+    backend: Backend = "pytorch",
 ) -> dict[str, float | None]:
     """COCO metrics of the model in ``checkpoint`` on a dataset; writes ``metrics.json`` and detections to ``out``.
+
+    ``backend``: ``pytorch`` for a litedetr model file; ``onnxruntime`` or ``openvino`` for a graph
+    written by ``litedetr export`` (float32 or ``--int8``), which runs on the CPU.
 
     A model whose config carries category ids covering the dataset's (e.g. a released COCO
     checkpoint's 91 rows, which are COCO's ids), under the same names where both name them, is
@@ -35,7 +65,12 @@ def evaluate_model_file(
     Raises:
         ValueError: the model's classes cannot be paired with the dataset's categories (named).
     """
-    config = read_config(checkpoint)
+    graph = None
+    if backend != "pytorch":
+        if device != "cpu":
+            raise ValueError(f"--backend {backend} runs an exported graph on the CPU; leave out --device")
+        graph = ExportedDetector(checkpoint, backend)
+    config = graph.config if graph is not None else read_config(checkpoint)
     dataset = CocoDetection(annotations, images)
     category_ids = None
     named = dict(zip(config.category_ids, config.class_names)) if config.class_names else {}
@@ -51,7 +86,7 @@ def evaluate_model_file(
         )
     elif config.class_names and config.class_names != dataset.class_names:
         logger.warning("%s: class names %s differ from the dataset's %s (labels are matched by order)", checkpoint, config.class_names, dataset.class_names)
-    model = load_model(checkpoint, device)
+    model = _GraphModel(graph) if graph is not None else load_model(checkpoint, device)
     loader = DataLoader(dataset, batch_size, num_workers=workers, collate_fn=collate)
     results = out / "detections.json" if out is not None else None
     if out is not None:
@@ -64,7 +99,7 @@ def evaluate_model_file(
 
 def run(args: argparse.Namespace) -> int:
     annotations, images = resolve_data(args, "val", args.out / "synthetic-data")
-    metrics = evaluate_model_file(args.checkpoint, annotations, images, args.out, args.batch_size, args.device, args.workers)
+    metrics = evaluate_model_file(args.checkpoint, annotations, images, args.out, args.batch_size, args.device, args.workers, args.backend)
     print(format_metrics(metrics))
     print(f"metrics and detections written to {args.out}")
     return 0
@@ -72,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``litedetr eval``; sets ``func``."""
-    p.add_argument("--checkpoint", required=True, help="a litedetr model file (.safetensors), e.g. RUN_DIR/model.safetensors")
+    p.add_argument("--checkpoint", required=True, help="a litedetr model file (.safetensors), e.g. RUN_DIR/model.safetensors; with --backend, an exported graph")
+    p.add_argument("--backend", choices=BACKENDS, default="pytorch", help="pytorch (default), or onnxruntime / openvino for a graph from `litedetr export`")
     add_data_arguments(p, ("val",))
     p.add_argument("--out", type=Path, default=Path("litedetr-eval"), help="where metrics.json and detections.json go")
     p.add_argument("--batch-size", type=int_at_least(1), default=2)

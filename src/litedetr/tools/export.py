@@ -46,7 +46,7 @@ from litedetr.ops.custom_ops import triton_disabled
 from litedetr.tools.args import size_type
 from litedetr.tools.draw import synthetic_scene
 
-__all__ = ["OUTPUT_NAMES", "OnnxDetector", "QueryProbe", "add_arguments", "compare_with_runtime", "export_openvino", "cpu_model", "export_onnx", "normalized_scene", "onnx_session", "query_parity", "spread_class_logits"]
+__all__ = ["OUTPUT_NAMES", "OnnxDetector", "QueryProbe", "add_arguments", "compare_with_runtime", "export_openvino", "cpu_model", "export_onnx", "normalized_scene", "onnx_session", "quantize_onnx", "query_parity", "spread_class_logits"]
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +230,34 @@ def export_openvino(model: Detector, path: str | os.PathLike, size: tuple[int, i
     return path
 
 
+def quantize_onnx(path: str | os.PathLike, out: str | os.PathLike, reduce_range: bool = True) -> Path:
+    """INT8 post-training dynamic quantisation (ONNX Runtime) of the graph at ``path``, written to ``out``.
+
+    Every ``MatMul``/``Gemm`` with a constant weight (the linear layers: projections, FFNs, heads) gets
+    INT8 weights, per output channel, and its input is quantised per call (``MatMulInteger``); the
+    convolutions, the deformable sampling and the post-processing stay float32. Inputs, outputs and
+    the metadata are those of the float32 graph, so :class:`~litedetr.models.exported.ExportedDetector`
+    runs it unchanged (ONNX Runtime and OpenVINO). ``reduce_range``: 7-bit weights, which CPUs without
+    VNNI need to multiply 8-bit values without saturating (a graph may run on another CPU than the one
+    that wrote it); ``False`` keeps the full 8 bits.
+    """
+    quantization = require("onnxruntime.quantization")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    quantizer_log = logging.getLogger()  # onnxruntime's quantiser advises pre-processing on the root logger
+    level = quantizer_log.level
+    quantizer_log.setLevel(logging.ERROR)
+    try:
+        quantization.quantize_dynamic(
+            str(path), str(out), op_types_to_quantize=["MatMul", "Gemm"], per_channel=True, reduce_range=reduce_range,
+            weight_type=quantization.QuantType.QInt8,
+        )  # fmt: skip
+    finally:
+        quantizer_log.setLevel(level)
+    logger.info("quantised %s to INT8 linear layers: %s", path, out)
+    return out
+
+
 def normalized_scene(batch: int, height: int, width: int, seed: int = 0) -> Tensor:
     """``(B, 3, H, W)`` ImageNet-normalised synthetic scenes (:func:`~litedetr.tools.draw.synthetic_scene`)."""
     images = [torch.from_numpy(np.array(synthetic_scene(height, width, seed + i))).permute(2, 0, 1).float() / 255 for i in range(batch)]
@@ -253,19 +281,29 @@ def compare_with_runtime(
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.int8 and args.format != "onnx":
+        raise ValueError("--int8 quantises with ONNX Runtime: use it with --format onnx")
     model = Detector.from_checkpoint(args.checkpoint, "cpu", args.preset)
     write, backend = (export_openvino, "openvino") if args.format == "openvino" else (export_onnx, "onnxruntime")
-    path = write(model, args.out, args.size, args.dynamic_size)
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.int8:
+            path = quantize_onnx(export_onnx(model, Path(scratch) / "float32.onnx", args.size, args.dynamic_size), args.out)
+        else:
+            path = write(model, args.out, args.size, args.dynamic_size)
     h, w = args.size
     check_size = (h * 3 // 4, w) if args.dynamic_size else (h, w)
     scene = normalized_scene(1, *check_size)
     diff = compare_with_runtime(model, path, scene, args.size, backend)
-    with tempfile.TemporaryDirectory() as scratch:
-        parity = query_parity(model, scene, args.size, scratch)
     inputs = f"images (B, 3, <={h}, <={w})" if args.dynamic_size else f"images (B, 3, {h}, {w})"
-    print(f"wrote {path}: {inputs} normalised -> boxes (B, {model.config.num_select}, 4) xyxy px clipped, scores, labels")
+    print(f"wrote {path}: {inputs} normalised -> boxes (B, {model.config.num_select}, 4) xyxy px clipped, scores, labels"
+          + (" (INT8 linear layers)" if args.int8 else ""))  # fmt: skip
     print(f"{backend} vs PyTorch on a {check_size[0]}x{check_size[1]} test scene: max |boxes| {diff['boxes']:.2e} px, "
           f"max |scores| {diff['scores']:.2e}, labels equal {diff['labels_equal']:.0%}")  # fmt: skip
+    if args.int8:
+        print("INT8 weights move scores and boxes by design: measure the AP change on your validation data (`litedetr eval`)")
+        return 0
+    with tempfile.TemporaryDirectory() as scratch:
+        parity = query_parity(model, scene, args.size, scratch)
     print(f"per query before the top-k, given the same ranking of the proposals: max |logits| {parity['logits']:.1e}, "
           f"max |boxes| {parity['boxes_px']:.1e} px; {parity['reordered']} query positions ranked otherwise by proposals "
           f"whose scores differ by at most {parity['reordered_gap']:.1e} (below float32 rounding: PyTorch reorders them too "
@@ -280,5 +318,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["onnx", "openvino"], default="onnx", help="ONNX (.onnx) or OpenVINO IR (.xml + .bin); default onnx")
     p.add_argument("--size", type=size_type(32), required=True, help="input canvas HxW, e.g. 800x1333")
     p.add_argument("--dynamic-size", action="store_true", help="accept any input up to HxW (padded onto the canvas in the graph)")
+    p.add_argument("--int8", action="store_true", help="INT8 linear layers (ONNX Runtime dynamic quantisation; --format onnx)")
     p.add_argument("--out", required=True, help="output file: .onnx, or .xml for OpenVINO")
     p.set_defaults(func=run)

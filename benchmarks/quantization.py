@@ -1,0 +1,139 @@
+"""INT8 against float32 on a trained detector: the AP each way of running it reaches on the demo's
+validation split, and its latency, in one table.
+
+The model (``--model``, a litedetr model file, e.g. ``litedetr-demo/model.safetensors`` after
+``litedetr demo``) is exported once at the size its validation images resize to, and run as:
+
+- ``pytorch``: the model file itself (float32);
+- ``onnxruntime`` / ``openvino``: the float32 graph of ``litedetr export``;
+- ``onnxruntime-int8``: that graph with INT8 linear layers (:func:`litedetr.tools.export.quantize_onnx`:
+  ONNX Runtime's dynamic quantisation, per-channel 7-bit weights, inputs quantised per call), and
+  ``onnxruntime-int8-full``: the same with full 8-bit weights (exact only on CPUs with VNNI);
+- ``openvino-int8``: the 7-bit INT8 graph in OpenVINO.
+
+AP and AP50 come from ``litedetr eval``'s path (:func:`litedetr.tools.evaluate.evaluate_model_file`,
+pycocotools) on every validation image; latency is one validation image per call, batch 1, the
+variants taking turns within every repeat (:func:`litedetr.engine.timing.interleaved_ms`), median.
+``--data``: the COCO-format folder the model was validated on (default: the demo's synthetic dataset,
+generated into ``--work``). Writes ``quantization.json`` and ``quantization.md`` to ``--out``. Needs
+``pip install -e ".[export,openvino]"``.
+
+    python benchmarks/quantization.py --model litedetr-demo/model.safetensors [--data DIR] [--repeats 20] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from litedetr.data import CocoDetection, find_split, write_synthetic_dataset
+from litedetr.engine.recipes import DemoRecipe
+from litedetr.engine.timing import interleaved_ms, write_results
+from litedetr.models import load_model
+from litedetr.models.exported import graph_runner
+from litedetr.models.transform import resize_and_normalize
+from litedetr.tools.evaluate import evaluate_model_file
+from litedetr.tools.export import export_onnx, quantize_onnx
+
+VARIANTS = {
+    # name: (graph: None for the model file, "float32", "int8" or "int8-full"; runtime)
+    "pytorch": (None, "pytorch"),
+    "onnxruntime": ("float32", "onnxruntime"),
+    "openvino": ("float32", "openvino"),
+    "onnxruntime-int8": ("int8", "onnxruntime"),
+    "onnxruntime-int8-full": ("int8-full", "onnxruntime"),
+    "openvino-int8": ("int8", "openvino"),
+}
+REFERENCE = "pytorch"
+
+
+def write_graphs(model_file: Path, size: tuple[int, int], folder: Path) -> dict[str, Path]:
+    """The float32 graph of the model at ``size`` and its two INT8 versions, in ``folder``."""
+    float32 = export_onnx(load_model(model_file), folder / "float32.onnx", size)
+    return {
+        "float32": float32,
+        "int8": quantize_onnx(float32, folder / "int8.onnx", reduce_range=True),
+        "int8-full": quantize_onnx(float32, folder / "int8-full.onnx", reduce_range=False),
+    }
+
+
+def markdown(result: dict) -> str:
+    h, w = result["size"]
+    lines = [
+        f"`{result['model']}` on {result['images']} validation images ({h}x{w} after resizing); latency: one image, batch 1, "
+        f"{result['threads']} threads ({result['cpu_capability']}), median of {result['repeats']} calls, the variants taking turns. "
+        "Load averages (1, 5, 15 min) after: " + ", ".join(f"{v:.1f}" for v in result["load_average_after"]) + ".",
+        "",
+        f"| variant | AP | AP50 | AP change vs {REFERENCE} | ms | speed-up vs {REFERENCE} |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    reference = result["variants"][REFERENCE]
+    for name, row in result["variants"].items():
+        lines.append(
+            f"| {name} | {100 * row['AP']:.1f} | {100 * row['AP50']:.1f} | {100 * (row['AP'] - reference['AP']):+.1f} | "
+            f"{row['ms']:.1f} | {reference['ms'] / row['ms']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="a trained litedetr model file (.safetensors)")
+    parser.add_argument("--data", type=Path, help="COCO-format dataset folder with a val split (default: the demo's)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=Path("quantization-work"), help="where the demo's dataset is generated")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    if not args.model.is_file():
+        raise SystemExit(f"{args.model}: no such model file (train one with `litedetr demo`)")
+    torch.set_num_threads(args.threads)
+    data = args.data or write_synthetic_dataset(args.work / "data", DemoRecipe().data)
+    val = find_split(data, "val")
+    dataset = CocoDetection(val.annotations, val.images)
+    config = load_model(args.model).config
+    image = dataset[0][0].float() / 255
+    sample = resize_and_normalize(image, max(config.min_size), config.max_size)
+    size = tuple(sample.shape[1:])
+    variants = [name for name in VARIANTS if name in args.variants or name == REFERENCE]
+    with tempfile.TemporaryDirectory() as tmp:
+        graphs = write_graphs(args.model, size, Path(tmp))
+        metrics, calls = {}, {}
+        model = load_model(args.model).eval()
+        for name in variants:
+            graph, runtime = VARIANTS[name]
+            checkpoint = args.model if graph is None else graphs[graph]
+            metrics[name] = evaluate_model_file(checkpoint, val.annotations, val.images, None, batch_size=4, workers=0, backend=runtime)
+            if graph is None:
+                calls[name] = torch.no_grad()(lambda: model([image]))
+            else:
+                run, feed = graph_runner(checkpoint, runtime, args.threads), sample[None].numpy()
+                calls[name] = lambda run=run, feed=feed: run(feed)
+        times = interleaved_ms(calls, args.repeats)
+    result = {
+        "model": str(args.model),
+        "data": str(data),
+        "images": len(dataset),
+        "size": list(size),
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "load_average_after": os.getloadavg(),
+        "variants": {name: {**metrics[name], "ms": statistics.median(times[name])} for name in variants},
+    }
+    table = markdown(result)
+    print(table)
+    print(f"wrote {write_results(args.out, 'quantization', result, table)}")
+
+
+if __name__ == "__main__":
+    main()
