@@ -81,7 +81,7 @@ def test_tiny_preset_overfits_four_images(preset):
     steps = settings.pop("steps")
     model = build_model(preset, num_classes=2, min_size=(SIZE,), max_size=SIZE, num_queries=20, num_select=20, **settings)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=1e-4, fused=True)
     history = []
     for step in range(steps):
         if step == int(0.8 * steps):
