@@ -4,6 +4,7 @@ order, with the learning-rate schedule still counted in epochs, and an exact res
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -121,3 +122,13 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_with_a_clean_log(
     Trainer(config(tiny_synthetic), out).fit()
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4] and records[0]["loss"] != 1.0
+
+
+def test_cosine_schedule_runs_over_every_step_of_the_run(tiny_synthetic, tmp_path):
+    trainer = Trainer(config(tiny_synthetic, epochs=2, epoch_batches=3, lr=4e-4, lr_backbone=2e-4, lr_drop=(1,), lr_schedule="cosine"), tmp_path / "run")
+    assert trainer.total_steps == 6
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"train"' in line]
+    expected = [0.01 + 0.99 * (1 + math.cos(math.pi * step / 5)) / 2 for step in range(6)]  # no 10x drop at epoch 1
+    assert [r["lr"] for r in records] == pytest.approx([4e-4 * f for f in expected])
+    assert [r["lr_groups"]["backbone"] for r in records] == pytest.approx([2e-4 * f for f in expected])

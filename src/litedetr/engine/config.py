@@ -43,6 +43,9 @@ class TrainConfig:
         epoch_batches: batches per epoch and process (0: the whole dataset). Each epoch draws them
             from its own shuffled order, so a shorter epoch still sees different images each time;
             a way to fit a schedule of ``epochs`` and ``lr_drop`` into a time budget.
+        lr_schedule: ``"step"``: a 10x drop at each epoch of ``lr_drop`` (DINO's); ``"cosine"``: every
+            group's rate decays along half a cosine from its value to 1% of it over all the run's
+            optimiser steps (``lr_drop`` unused).
         warmup_steps: the learning rate of every group rises linearly over the first this many
             optimiser steps, from ``1/warmup_steps`` of its scheduled value to all of it (0: no warm-up).
         eval_every: evaluate every this many epochs (and after the last).
@@ -72,6 +75,7 @@ class TrainConfig:
     lr_sampling_mult: float = 0.1
     weight_decay: float = 1e-4
     lr_drop: tuple[int, ...] = (11,)
+    lr_schedule: Literal["step", "cosine"] = "step"
     warmup_steps: int = 0
     clip_norm: float = 0.1
     image_sizes: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
@@ -96,6 +100,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "accumulate", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr_schedule not in ("step", "cosine"):
+            raise ValueError(f"lr_schedule must be 'step' or 'cosine', got {self.lr_schedule!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.epoch_batches < 0 or self.epoch_batches % self.accumulate:

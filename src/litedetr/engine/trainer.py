@@ -37,7 +37,7 @@ from litedetr.engine import distributed
 from litedetr.engine.config import TrainConfig
 from litedetr.engine.ema import ModelEMA
 from litedetr.engine.evaluate import evaluate
-from litedetr.engine.optim import build_optimizer, warm_up
+from litedetr.engine.optim import build_optimizer, set_learning_rates
 from litedetr.engine.plots import plot_curves
 from litedetr.engine.precision import resolve_precision
 from litedetr.engine.sampler import ResumableSampler
@@ -123,7 +123,11 @@ class Trainer:
         ).to(self.device)
         if config.freeze_backbone:
             self.model.backbone.requires_grad_(False)
-        self.optimizer, self.scheduler = build_optimizer(self.model, config)
+        self.optimizer = build_optimizer(self.model, config)
+        loader_batches = len(self._loader(self.train_set, True, 0, 0))
+        epoch_batches = min(loader_batches, config.epoch_batches) if config.epoch_batches else loader_batches
+        self.total_steps = config.epochs * math.ceil(epoch_batches / config.accumulate)
+        """Optimiser steps of the whole run (the learning-rate schedule's length)."""
         self.precision = resolve_precision(config.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.dtype == torch.float16)
         self.ema = ModelEMA(self.model, config.ema_decay) if config.ema_decay else None
@@ -143,7 +147,6 @@ class Trainer:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "epoch": self.epoch,
@@ -176,7 +179,6 @@ class Trainer:
             raise ValueError(f"{path}: the checkpoint's weights do not fit the model\n" + "\n".join(problems))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema and state["ema"]:
             self.ema.load_state_dict(state["ema"])
@@ -263,7 +265,7 @@ class Trainer:
 
     def _optimizer_step(self) -> torch.Tensor:
         """Clip, step, clear the gradients and update the EMA; returns the gradient norm before clipping."""
-        warm_up(self.optimizer, self.scheduler, self.config, self.step, self.epoch)
+        set_learning_rates(self.optimizer, self.config, self.step, self.epoch, self.total_steps)
         self.scaler.unscale_(self.optimizer)
         clip = self.config.clip_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip) if clip > 0 else torch.tensor(0.0)
@@ -335,7 +337,6 @@ class Trainer:
                 break
         bar.close()
         self.epoch, self.batches_done = self.epoch + 1, 0
-        self.scheduler.step()
 
     def _stop_requested(self) -> bool:
         """Whether any rank got SIGTERM/SIGINT (all ranks stop at the same step)."""

@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         lr_backbone=args.lr_backbone,
         weight_decay=args.weight_decay,
         clip_norm=args.clip_norm,
+        lr_schedule=args.lr_schedule,
         warmup_steps=args.warmup_steps,
         lr_drop=tuple(args.lr_drop) if args.lr_drop is not None else _default_lr_drop(args),
         image_sizes=sizes,
@@ -175,6 +176,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-backbone", type=float_in(0), default=1e-5)
     p.add_argument("--weight-decay", type=float_in(0), default=1e-4)
     p.add_argument("--clip-norm", type=float_in(0), default=0.1, help="gradient-norm clipping (0: off)")
+    p.add_argument("--lr-schedule", choices=["step", "cosine"], default="step",
+                   help="step: 10x drops at --lr-drop epochs (default, DINO's); cosine: decay to 1%% over every optimiser step")  # fmt: skip
     p.add_argument("--warmup-steps", type=int_at_least(0), default=0, help="linear learning-rate warm-up over the first N optimiser steps (default 0: none)")
     p.add_argument("--lr-drop", type=int_at_least(1), nargs="+", help="epochs after which the learning rate drops 10x (default: 11/12 of the run)")
     p.add_argument("--image-sizes", type=_sizes, help="training short sides, e.g. 480,512,544 (default: DETR's, scaled to the preset)")
