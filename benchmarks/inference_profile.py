@@ -14,14 +14,12 @@ picks (the same amount of work whichever they are). Prints a table and writes
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 from pathlib import Path
 
 import torch
 
-from litedetr.engine.timing import PARTS, bench_images, bench_model, part_seconds, write_results
+from litedetr.engine.timing import PARTS, bench_images, bench_model, part_seconds, run_environment, write_results
 from litedetr.models.flops import count_flops
 
 COLUMNS = (*PARTS, "other", "total")
@@ -77,10 +75,7 @@ def main() -> None:
         "size": list(size),
         "threads": args.threads,
         "repeats": args.repeats,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "processor": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "load_average_after": os.getloadavg(),
+        **run_environment(),
         "models": {},
     }
     for name, model in models.items():

@@ -30,8 +30,6 @@ ONNX Runtime, OpenVINO).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from litedetr.engine.timing import bench_model, interleaved_ms, write_results
+from litedetr.engine.timing import bench_model, interleaved_ms, run_environment, write_results
 from litedetr.models.exported import require
 from litedetr.models.transform import IMAGENET_MEAN, IMAGENET_STD
 from litedetr.tools.export import export_onnx, normalized_scene, quantize_onnx
@@ -168,10 +166,7 @@ def main() -> None:
         "threads": args.threads,
         "repeats": args.repeats,
         "backends": list(backends),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "processor": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "load_average_after": os.getloadavg(),
+        **run_environment(),
         "models": {},
     }
     for name, calls in built.items():

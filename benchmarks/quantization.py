@@ -24,8 +24,6 @@ generated into ``--work``). Writes ``quantization.json`` and ``quantization.md``
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import tempfile
 from pathlib import Path
@@ -34,7 +32,7 @@ import torch
 
 from litedetr.data import CocoDetection, find_split, write_synthetic_dataset
 from litedetr.engine.recipes import DemoRecipe
-from litedetr.engine.timing import interleaved_ms, write_results
+from litedetr.engine.timing import interleaved_ms, run_environment, write_results
 from litedetr.models import load_model
 from litedetr.models.exported import graph_runner
 from litedetr.models.transform import resize_and_normalize
@@ -124,10 +122,7 @@ def main() -> None:
         "size": list(size),
         "threads": args.threads,
         "repeats": args.repeats,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "processor": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "load_average_after": os.getloadavg(),
+        **run_environment(),
         "variants": {name: {**metrics[name], "ms": statistics.median(times[name])} for name in variants},
     }
     table = markdown(result)

@@ -33,7 +33,9 @@ Cells (``--cells``):
   plain deformable attention in the encoder and decoder; ``recipe-lr1e-3`` / ``recipe-lr2e-3`` a
   higher learning rate (backbone too); ``recipe-encoder-content`` the decoder's content queries taken
   from the selected encoder features (DINO's "pure" query selection, no learned content embedding),
-  and ``recipe-encoder-content-class4`` / ``-class8`` that with the classification losses weighted 4 / 8;
+  and ``recipe-encoder-content-class4`` / ``-class8`` that with the classification losses weighted 4 / 8,
+  ``-cosine`` with a cosine learning-rate decay over all steps instead of the 10x drop,
+  ``-backbone-lr1e-3`` with the backbone at lr 1e-3, ``-msda`` with plain deformable attention;
   ``recipe-batch2`` batches of 2, twice the steps per epoch (the same images).
 
 Besides AP and the training losses, each run records what tells a stuck run from one that learns
@@ -153,6 +155,20 @@ def cells() -> dict[str, Cell]:
         "recipe-encoder-content-class8": Cell(
             "KDA, dense, 200 queries, content from the encoder, class losses weighted 8",
             {**RECIPE_OVERRIDES, "learned_query_content": False, "class_loss_weight": 8.0},
+        ),
+        "recipe-encoder-content-cosine": Cell(
+            "KDA, dense, 200 queries, class 2, content from the encoder, cosine learning-rate decay over all steps (no 10x drop)",
+            {**RECIPE_OVERRIDES, "learned_query_content": False},
+            {"lr_schedule": "cosine"},
+        ),
+        "recipe-encoder-content-backbone-lr1e-3": Cell(
+            "KDA, dense, 200 queries, class 2, content from the encoder, backbone lr 1e-3 (the rest 4e-4)",
+            {**RECIPE_OVERRIDES, "learned_query_content": False},
+            {"lr_backbone": 1e-3},
+        ),
+        "recipe-encoder-content-msda": Cell(
+            "MSDA, dense, 200 queries, class 2, content from the encoder",
+            {**RECIPE_OVERRIDES, "learned_query_content": False, **msda},
         ),
         "recipe-batch2": Cell("KDA, dense, 200 queries, class 2, batches of 2 (twice the steps, the same images)", RECIPE_OVERRIDES, {"batch_size": 2}),
         "recipe-lr2e-3": Cell("KDA, dense, 200 queries, class 2, lr 2e-3 (backbone too)", RECIPE_OVERRIDES, {"lr": 2e-3, "lr_backbone": 2e-3}),

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -40,6 +42,7 @@ __all__ = [
     "train_step_run",
     "PARTS",
     "part_seconds",
+    "run_environment",
     "write_results",
 ]
 
@@ -243,6 +246,17 @@ def part_seconds(model: Detector, images: Tensor, repeats: int, warmup: int = 1)
         for handle in handles:
             handle.remove()
     return records
+
+
+def run_environment() -> dict[str, Any]:
+    """What a benchmark's figures depend on, taken when its timing ends: the CPU's capability
+    (AVX2, AVX512, ...) and name, the torch version and the load averages (1, 5, 15 min)."""
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "load_average_after": os.getloadavg(),
+    }
 
 
 def write_results(folder: Path, stem: str, result: dict[str, Any], table: str) -> Path:
