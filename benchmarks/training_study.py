@@ -33,7 +33,8 @@ Cells (``--cells``):
   plain deformable attention in the encoder and decoder; ``recipe-lr1e-3`` / ``recipe-lr2e-3`` a
   higher learning rate (backbone too); ``recipe-encoder-content`` the decoder's content queries taken
   from the selected encoder features (DINO's "pure" query selection, no learned content embedding),
-  and ``recipe-encoder-content-class4`` / ``-class8`` that with the classification losses weighted 4 / 8,
+  and ``recipe-encoder-content-class4`` / ``-class8`` / ``-class16`` that with the classification losses
+  weighted 4 / 8 / 16 (``-class8-cosine`` also with the cosine decay),
   ``-cosine`` with a cosine learning-rate decay over all steps instead of the 10x drop,
   ``-backbone-lr1e-3`` with the backbone at lr 1e-3, ``-msda`` with plain deformable attention;
   ``recipe-batch2`` batches of 2, twice the steps per epoch (the same images).
@@ -155,6 +156,15 @@ def cells() -> dict[str, Cell]:
         "recipe-encoder-content-class8": Cell(
             "KDA, dense, 200 queries, content from the encoder, class losses weighted 8",
             {**RECIPE_OVERRIDES, "learned_query_content": False, "class_loss_weight": 8.0},
+        ),
+        "recipe-encoder-content-class16": Cell(
+            "KDA, dense, 200 queries, content from the encoder, class losses weighted 16",
+            {**RECIPE_OVERRIDES, "learned_query_content": False, "class_loss_weight": 16.0},
+        ),
+        "recipe-encoder-content-class8-cosine": Cell(
+            "KDA, dense, 200 queries, content from the encoder, class losses weighted 8, cosine learning-rate decay",
+            {**RECIPE_OVERRIDES, "learned_query_content": False, "class_loss_weight": 8.0},
+            {"lr_schedule": "cosine"},
         ),
         "recipe-encoder-content-cosine": Cell(
             "KDA, dense, 200 queries, class 2, content from the encoder, cosine learning-rate decay over all steps (no 10x drop)",
