@@ -119,7 +119,7 @@ def build_calls(name: str, backends: tuple[str, ...], size: tuple[int, int], thr
                 else:
                     export_onnx(model, path, size)
             if backend == "onnxruntime-int8":
-                graph, runtime = quantized if quantized.exists() else quantize_onnx(path, quantized), "onnxruntime"
+                graph, runtime = quantize_onnx(path, quantized), "onnxruntime"
             else:
                 graph, runtime = path, backend
             calls[backend] = _graph_call(graph, runtime, images.numpy(), threads)

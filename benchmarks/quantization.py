@@ -33,7 +33,7 @@ import torch
 from litedetr.data import CocoDetection, find_split, write_synthetic_dataset
 from litedetr.engine.recipes import DemoRecipe
 from litedetr.engine.timing import interleaved_ms, run_environment, write_results
-from litedetr.models import load_model
+from litedetr.models import Detector, load_model
 from litedetr.models.exported import graph_runner
 from litedetr.models.transform import resize_and_normalize
 from litedetr.tools.evaluate import evaluate_model_file
@@ -51,9 +51,9 @@ VARIANTS = {
 REFERENCE = "pytorch"
 
 
-def write_graphs(model_file: Path, size: tuple[int, int], folder: Path) -> dict[str, Path]:
-    """The float32 graph of the model at ``size`` and its two INT8 versions, in ``folder``."""
-    float32 = export_onnx(load_model(model_file), folder / "float32.onnx", size)
+def write_graphs(model: Detector, size: tuple[int, int], folder: Path) -> dict[str, Path]:
+    """The float32 graph of ``model`` at ``size`` and its two INT8 versions, in ``folder``."""
+    float32 = export_onnx(model, folder / "float32.onnx", size)
     return {
         "float32": float32,
         "int8": quantize_onnx(float32, folder / "int8.onnx", reduce_range=True),
@@ -96,15 +96,14 @@ def main() -> None:
     data = args.data or write_synthetic_dataset(args.work / "data", DemoRecipe().data)
     val = find_split(data, "val")
     dataset = CocoDetection(val.annotations, val.images)
-    config = load_model(args.model).config
+    model = load_model(args.model).eval()
     image = dataset[0][0].float() / 255
-    sample = resize_and_normalize(image, max(config.min_size), config.max_size)
+    sample = resize_and_normalize(image, max(model.config.min_size), model.config.max_size)
     size = tuple(sample.shape[1:])
     variants = [name for name in VARIANTS if name in args.variants or name == REFERENCE]
     with tempfile.TemporaryDirectory() as tmp:
-        graphs = write_graphs(args.model, size, Path(tmp))
+        graphs = write_graphs(model, size, Path(tmp))
         metrics, calls = {}, {}
-        model = load_model(args.model).eval()
         for name in variants:
             graph, runtime = VARIANTS[name]
             checkpoint = args.model if graph is None else graphs[graph]

@@ -113,6 +113,11 @@ RECIPE_OVERRIDES = {"encoder_one_to_many": DENSE_REPEAT, "num_queries": 200, "nu
 """What the demo's recipe adds to :data:`AUTHORS_OVERRIDES` (``recipe-*`` cells change one thing more)."""
 
 
+ENCODER_CONTENT = {**RECIPE_OVERRIDES, "learned_query_content": False}
+""":data:`RECIPE_OVERRIDES` with the decoder's content queries taken from the selected encoder features
+(``recipe-encoder-content*`` cells; with class weight 8 it is :class:`DemoRecipe`'s model)."""
+
+
 def cells() -> dict[str, Cell]:
     base = get_config(DemoRecipe.model)
     msda_encoder = dataclasses.replace(base.encoder, key_aware=False)
@@ -146,40 +151,28 @@ def cells() -> dict[str, Cell]:
         "recipe-msda": Cell("MSDA, dense encoder matching, 200 queries (100 kept), class losses weighted 2", {**RECIPE_OVERRIDES, **msda}),
         "recipe-lr1e-3": Cell("KDA, dense, 200 queries, class 2, lr 1e-3 (backbone too)", RECIPE_OVERRIDES, {"lr": 1e-3, "lr_backbone": 1e-3}),
         "recipe-encoder-content": Cell(
-            "KDA, dense, 200 queries, class 2, content = the selected encoder features (DINO's pure query selection)",
-            {**RECIPE_OVERRIDES, "learned_query_content": False},
+            "KDA, dense, 200 queries, class 2, content = the selected encoder features (DINO's pure query selection)", ENCODER_CONTENT
         ),
-        "recipe-encoder-content-class4": Cell(
-            "KDA, dense, 200 queries, content from the encoder, class losses weighted 4",
-            {**RECIPE_OVERRIDES, "learned_query_content": False, "class_loss_weight": 4.0},
-        ),
-        "recipe-encoder-content-class8": Cell(
-            "KDA, dense, 200 queries, content from the encoder, class losses weighted 8",
-            {**RECIPE_OVERRIDES, "learned_query_content": False, "class_loss_weight": 8.0},
-        ),
-        "recipe-encoder-content-class16": Cell(
-            "KDA, dense, 200 queries, content from the encoder, class losses weighted 16",
-            {**RECIPE_OVERRIDES, "learned_query_content": False, "class_loss_weight": 16.0},
-        ),
+        **{
+            f"recipe-encoder-content-class{weight}": Cell(
+                f"KDA, dense, 200 queries, content from the encoder, class losses weighted {weight}", {**ENCODER_CONTENT, "class_loss_weight": float(weight)}
+            )
+            for weight in (4, 8, 16)
+        },
         "recipe-encoder-content-class8-cosine": Cell(
             "KDA, dense, 200 queries, content from the encoder, class losses weighted 8, cosine learning-rate decay",
-            {**RECIPE_OVERRIDES, "learned_query_content": False, "class_loss_weight": 8.0},
+            {**ENCODER_CONTENT, "class_loss_weight": 8.0},
             {"lr_schedule": "cosine"},
         ),
         "recipe-encoder-content-cosine": Cell(
             "KDA, dense, 200 queries, class 2, content from the encoder, cosine learning-rate decay over all steps (no 10x drop)",
-            {**RECIPE_OVERRIDES, "learned_query_content": False},
+            ENCODER_CONTENT,
             {"lr_schedule": "cosine"},
         ),
         "recipe-encoder-content-backbone-lr1e-3": Cell(
-            "KDA, dense, 200 queries, class 2, content from the encoder, backbone lr 1e-3 (the rest 4e-4)",
-            {**RECIPE_OVERRIDES, "learned_query_content": False},
-            {"lr_backbone": 1e-3},
+            "KDA, dense, 200 queries, class 2, content from the encoder, backbone lr 1e-3 (the rest 4e-4)", ENCODER_CONTENT, {"lr_backbone": 1e-3}
         ),
-        "recipe-encoder-content-msda": Cell(
-            "MSDA, dense, 200 queries, class 2, content from the encoder",
-            {**RECIPE_OVERRIDES, "learned_query_content": False, **msda},
-        ),
+        "recipe-encoder-content-msda": Cell("MSDA, dense, 200 queries, class 2, content from the encoder", {**ENCODER_CONTENT, **msda}),
         "recipe-batch2": Cell("KDA, dense, 200 queries, class 2, batches of 2 (twice the steps, the same images)", RECIPE_OVERRIDES, {"batch_size": 2}),
         "recipe-lr2e-3": Cell("KDA, dense, 200 queries, class 2, lr 2e-3 (backbone too)", RECIPE_OVERRIDES, {"lr": 2e-3, "lr_backbone": 2e-3}),
         "kda-dense-o2m": Cell(
