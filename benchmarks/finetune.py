@@ -1,11 +1,12 @@
 """Fine-tuning from pretrained weights vs training from scratch, on the two built-in synthetic datasets.
 
-Pretrains three small detectors on the shapes dataset with the demo's budget (the same runs as
-``benchmarks/tradeoff.py``: DINO, and Lite-DINO H3L1-(2+1)x3 with KDA and with plain deformable
-attention (MSDA), ``*-r18-tiny`` backbone and widths, the demo's 6 x 125 steps of 4 images). Then trains on the
-glyphs dataset (digits and letters: classes the shapes dataset does not have) for half of that
-(``--finetune-epochs`` 3 x 125 steps of 4 of its 500 images, learning rate 10x lower for the last
-epoch), with the same recipe in every run and only the starting weights differing:
+Pretrains three small detectors on the shapes dataset with the demo's recipe and budget
+(:class:`litedetr.engine.recipes.DemoRecipe`, the same runs as ``benchmarks/tradeoff.py``: DINO, and
+Lite-DINO H3L1-(2+1)x3 with KDA and with plain deformable attention (MSDA), ``*-r18-tiny`` backbone
+and widths, the demo's model changes, 6 x 150 steps of 4 images). Then trains on the glyphs dataset
+(digits and letters: classes the shapes dataset does not have) for ``--finetune-epochs`` 3 x 125
+steps of 4 of its 500 images (learning rate 10x lower for the last epoch), with the same recipe in
+every run and only the starting weights differing:
 
 - ``scratch``: random weights (the demo's initialisation);
 - ``pretrained``: the same model pretrained on shapes (``init``: every tensor but the class rows,
@@ -13,13 +14,17 @@ epoch), with the same recipe in every run and only the starting weights differin
 - ``from DINO``: a Lite-DINO initialised from the pretrained DINO (standard -> Lite: encoder layer
   ``i`` takes DINO's layer ``i``; the narrow low-level FFN and KDA's ``query_proj`` start fresh).
 
-Reports COCO AP, AP50, APs, APm, APl on the glyphs validation split, and each pretrained model's AP on
-the shapes validation split. Writes ``finetune.md`` and ``finetune.json`` to ``--out``; datasets and
-runs go to ``--out/finetune-runs/`` (finished runs are reused, interrupted ones resumed).
+Every run is repeated for each training seed of ``--seeds`` (the seed draws the initial weights and
+orders the batches; the datasets stay the same); each seed's runs are one subprocess, ``--jobs`` of
+them at a time. Reports COCO AP, AP50, APs, APm, APl on the glyphs validation split as the median and
+range over the seeds, in how many seeds each start beat the same model from scratch, and each
+pretrained model's AP on the shapes validation split. Writes ``finetune.md`` and ``finetune.json`` to
+``--out``; datasets and runs go to ``--out/finetune-runs/`` (``seed<N>/`` per seed; finished runs are
+reused, interrupted ones resumed).
 
-    python benchmarks/finetune.py [--threads 2] [--models dino h3l1-2x3 h3l1-2x3-msda] [--out benchmarks/results]
+    python benchmarks/finetune.py [--seeds 0 1 2] [--jobs 3 --threads 1] [--models dino h3l1-2x3 h3l1-2x3-msda] [--out benchmarks/results]
     # smoke run: python benchmarks/finetune.py --pretrain-epochs 1 --finetune-epochs 1 --train-images 8 --val-images 4 \\
-    #     --finetune-images 8 --image-size 64 --out /tmp/finetune
+    #     --finetune-images 8 --image-size 128 --out /tmp/finetune
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import argparse
 import dataclasses
 import json
 import platform
+import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +44,17 @@ import torch
 
 from litedetr.data import write_synthetic_dataset
 from litedetr.engine import MODEL_FILE, TrainConfig
-from litedetr.engine.recipes import DemoRecipe, Variant, dataset_dir, demo_train_config, lite_dino_variants, scaled_recipe, train_or_reuse, variant_recipe
+from litedetr.engine.recipes import (
+    DemoRecipe,
+    Variant,
+    dataset_dir,
+    demo_train_config,
+    lite_dino_variants,
+    run_in_parallel,
+    scaled_recipe,
+    train_or_reuse,
+    variant_recipe,
+)
 
 MODELS = ("h3l1-2x3", "dino", "h3l1-2x3-msda")
 TABLE_METRICS = ("AP", "AP50", "APs", "APm", "APl")
@@ -87,58 +104,27 @@ def finetune_config(recipe: DemoRecipe, variant: Variant, data: Path, init: Path
 
 
 def _steps(recipe: DemoRecipe) -> int:
-    """Optimiser steps of ``recipe``: whole epochs of its training images."""
-    return recipe.epochs * (recipe.data.num_train // recipe.batch_size)
+    """Optimiser steps of ``recipe``: its epochs of ``epoch_batches`` batches (at most the whole dataset)."""
+    batches = recipe.data.num_train // recipe.batch_size
+    return recipe.epochs * (min(batches, recipe.epoch_batches) if recipe.epoch_batches else batches)
 
 
 def _cell(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def markdown(rows: list[dict[str, Any]], pretrained: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = [
-        (
-            f"Pretrained on shapes ({meta['pretrain_images']} images, {meta['pretrain_steps']} steps of {meta['batch_size']}); "
-            f"trained on glyphs ({meta['finetune_images']} images, {meta['finetune_steps']} steps of {meta['batch_size']}); "
-            f"{meta['image_size']}x{meta['image_size']} images, lr {meta['lr']} (10x lower in the last epoch), AP in % on glyphs val."
-        ),
-        "",
-        "| model | start | " + " | ".join(TABLE_METRICS) + " | train s |",
-        "|---|---|" + "---:|" * (len(TABLE_METRICS) + 1),
-    ]
-    for row in rows:
-        metrics = " | ".join(_cell(row["metrics"][k]) for k in TABLE_METRICS)
-        seconds = "reused" if row["train_seconds"] is None else f"{row['train_seconds']:.0f}"
-        lines.append(f"| {row['model_label']} | {row['start']} | {metrics} | {seconds} |")
-    lines += ["", "Pretrained models on the shapes validation split (AP / AP50 in %):", ""]
-    lines += [f"- {p['label']}: {_cell(p['metrics']['AP'])} / {_cell(p['metrics']['AP50'])}" for p in pretrained.values()]
-    return "\n".join(lines) + "\n"
+def _spread(values: list[float | None]) -> str:
+    """``median [min-max]`` in %, ``-`` when any seed has no value."""
+    if any(v is None for v in values):
+        return "-"
+    return f"{_cell(statistics.median(values))} [{_cell(min(values))}-{_cell(max(values))}]"
 
 
-def main() -> None:
-    default = DemoRecipe()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), metavar="NAME", help=f"subset of {', '.join(MODELS)}")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="results folder; runs go to OUT/finetune-runs")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default torch's)")
-    parser.add_argument("--pretrain-epochs", type=int, help=f"pretraining epochs (default the demo's {default.epochs})")
-    parser.add_argument("--finetune-epochs", type=int, default=3, help="epochs on glyphs (default 3)")
-    parser.add_argument("--train-images", type=int, help=f"shapes training images (default {default.data.num_train})")
-    parser.add_argument("--val-images", type=int, help=f"validation images of each dataset (default {default.data.num_val})")
-    parser.add_argument("--finetune-images", type=int, default=500, help="glyphs training images (default 500)")
-    parser.add_argument("--image-size", type=int, help=f"image side in pixels (default {default.image_size})")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
+def seed_runs(pretrain: DemoRecipe, finetune: DemoRecipe, models: tuple[str, ...], runs: Path) -> dict[str, Any]:
+    """Every run of one training seed (``pretrain.seed``) in ``runs``: the pretraining on shapes, then
+    the fine-tuning runs of :func:`plan` on glyphs; the datasets are already written."""
     variants = lite_dino_variants()
-    models = tuple(m for m in MODELS if m in args.models)
-    runs = args.out / RUNS_DIR
-    pretrain = scaled_recipe(args.pretrain_epochs, args.train_images, args.val_images, args.image_size)
-    finetune = finetune_recipe(pretrain, args.finetune_epochs, args.finetune_images)
-    shapes = write_synthetic_dataset(dataset_dir(runs, pretrain.data), pretrain.data)
-    glyphs = write_synthetic_dataset(dataset_dir(runs, finetune.data), finetune.data)
-
+    shapes, glyphs = dataset_dir(runs.parent, pretrain.data), dataset_dir(runs.parent, finetune.data)
     pretrained: dict[str, dict[str, Any]] = {}
 
     def pretrained_file(model: str) -> Path:
@@ -156,8 +142,104 @@ def main() -> None:
         start = time.perf_counter()
         metrics, reused = train_or_reuse(finetune_config(finetune, variants[run.model], glyphs, init), runs / run.name)
         seconds = None if reused else round(time.perf_counter() - start, 1)
-        rows.append({"run": run.name, "model": run.model, "model_label": variants[run.model].label, "start": run.label, "init": None if init is None else str(init), "metrics": metrics, "train_seconds": seconds})
+        rows.append({"run": run.name, "model": run.model, "model_label": variants[run.model].label, "start": run.label, "metrics": metrics, "train_seconds": seconds})
         print(f"{run.name}: AP {_cell(metrics['AP'])} on glyphs ({'reused' if reused else f'trained in {seconds:.0f} s'})", flush=True)
+    return {"seed": pretrain.seed, "pretrained": pretrained, "rows": rows}
+
+
+def summarize(per_seed: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Per fine-tuning run (and per pretrained model): each metric over the seeds, and for every start
+    but scratch, in how many seeds its AP beat the same model's from scratch."""
+    rows = []
+    for first in per_seed[0]["rows"]:
+        runs = [next(r for r in seed["rows"] if r["run"] == first["run"]) for seed in per_seed]
+        scratch = [next(r for r in seed["rows"] if r["model"] == first["model"] and r["start"] == "scratch") for seed in per_seed]
+        beats = None if first["start"] == "scratch" else sum(r["metrics"]["AP"] > s["metrics"]["AP"] for r, s in zip(runs, scratch))
+        rows.append({
+            **{k: first[k] for k in ("run", "model", "model_label", "start")},
+            "metrics": {k: [r["metrics"][k] for r in runs] for k in first["metrics"]},
+            "beats_scratch": beats,
+        })  # fmt: skip
+    pretrained = {
+        model: {"label": first["label"], "metrics": {k: [seed["pretrained"][model]["metrics"][k] for seed in per_seed] for k in first["metrics"]}}
+        for model, first in per_seed[0]["pretrained"].items()
+    }
+    return rows, pretrained
+
+
+def markdown(rows: list[dict[str, Any]], pretrained: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
+    seeds = len(meta["seeds"])
+    lines = [
+        (
+            f"Pretrained on shapes ({meta['pretrain_images']} images, {meta['pretrain_steps']} steps of {meta['batch_size']}); "
+            f"trained on glyphs ({meta['finetune_images']} images, {meta['finetune_steps']} steps of {meta['batch_size']}); "
+            f"{meta['image_size']}x{meta['image_size']} images, lr {meta['lr']} (10x lower in the last epoch), the demo's model "
+            f"changes; training seeds {', '.join(map(str, meta['seeds']))}. AP in % on glyphs val, median [min-max] over the seeds; "
+            f"beats scratch: in how many seeds the start's AP is above the same model's from scratch."
+        ),
+        "",
+        "| model | start | " + " | ".join(TABLE_METRICS) + " | beats scratch |",
+        "|---|---|" + "---:|" * (len(TABLE_METRICS) + 1),
+    ]
+    for row in rows:
+        metrics = " | ".join(_spread(row["metrics"][k]) for k in TABLE_METRICS)
+        beats = "-" if row["beats_scratch"] is None else f"{row['beats_scratch']} of {seeds}"
+        lines.append(f"| {row['model_label']} | {row['start']} | {metrics} | {beats} |")
+    lines += ["", "Pretrained models on the shapes validation split (AP / AP50 in %, median [min-max]):", ""]
+    lines += [f"- {p['label']}: {_spread(p['metrics']['AP'])} / {_spread(p['metrics']['AP50'])}" for p in pretrained.values()]
+    return "\n".join(lines) + "\n"
+
+
+WORKER_OPTIONS = ("out", "threads", "pretrain_epochs", "finetune_epochs", "train_images", "val_images", "finetune_images", "image_size")
+"""The options a seed's worker process takes over from the command line (besides ``--models``)."""
+
+
+def _worker_arguments(args: argparse.Namespace) -> list[str]:
+    forwarded = ["--models", *args.models]
+    for name in WORKER_OPTIONS:
+        value = getattr(args, name)
+        if value is not None:
+            forwarded += [f"--{name.replace('_', '-')}", str(value)]
+    return forwarded
+
+
+def main() -> None:
+    default = DemoRecipe()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), metavar="NAME", help=f"subset of {', '.join(MODELS)}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds trained at a time, each in a subprocess (default 1)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="results folder; runs go to OUT/finetune-runs")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads of each seed's process (default torch's)")
+    parser.add_argument("--pretrain-epochs", type=int, help=f"pretraining epochs (default the demo's {default.epochs})")
+    parser.add_argument("--finetune-epochs", type=int, default=3, help="epochs on glyphs (default 3)")
+    parser.add_argument("--train-images", type=int, help=f"shapes training images (default {default.data.num_train})")
+    parser.add_argument("--val-images", type=int, help=f"validation images of each dataset (default {default.data.num_val})")
+    parser.add_argument("--finetune-images", type=int, default=500, help="glyphs training images (default 500)")
+    parser.add_argument("--image-size", type=int, help=f"image side in pixels (default {default.image_size})")
+    parser.add_argument("--seed-run", type=int, help=argparse.SUPPRESS)  # one seed's runs, in a worker process
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    models = tuple(m for m in MODELS if m in args.models)
+    runs = args.out / RUNS_DIR
+    pretrain = scaled_recipe(args.pretrain_epochs, args.train_images, args.val_images, args.image_size)
+    finetune = finetune_recipe(pretrain, args.finetune_epochs, args.finetune_images)
+    if args.seed_run is not None:
+        seed = args.seed_run
+        result = seed_runs(dataclasses.replace(pretrain, seed=seed), dataclasses.replace(finetune, seed=seed), models, runs / f"seed{seed}")
+        (runs / f"seed{seed}" / "result.json").write_text(json.dumps(result, indent=2))
+        return
+
+    write_synthetic_dataset(dataset_dir(runs, pretrain.data), pretrain.data)  # once, before the workers
+    write_synthetic_dataset(dataset_dir(runs, finetune.data), finetune.data)
+    commands = [([sys.executable, __file__, *_worker_arguments(args), "--seed-run", str(seed)], runs / f"seed{seed}.log") for seed in args.seeds]
+    print(f"training seeds {args.seeds}, {args.jobs} at a time; logs in {runs}/seed*.log", flush=True)
+    failed = [seed for seed, code in zip(args.seeds, run_in_parallel(commands, args.jobs)) if code]
+    if failed:
+        raise SystemExit(f"the runs of seeds {failed} failed or stopped (see {runs}/seed*.log); run the same command again to resume")
+    rows, pretrained = summarize([json.loads((runs / f"seed{seed}" / "result.json").read_text()) for seed in args.seeds])
 
     meta = {
         "pretrain_images": pretrain.data.num_train,
@@ -170,8 +252,10 @@ def main() -> None:
         "lr": pretrain.lr,
         "pretrain_lr_drop": list(pretrain.lr_drop),
         "finetune_lr_drop": list(finetune.lr_drop),
-        "seed": pretrain.seed,
-        "threads": torch.get_num_threads(),
+        "model_overrides": dict(pretrain.model_overrides),
+        "seeds": args.seeds,
+        "jobs": args.jobs,
+        "threads": args.threads or torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),

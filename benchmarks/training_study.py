@@ -63,7 +63,6 @@ import dataclasses
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -75,7 +74,7 @@ import torch
 from torch import Tensor, nn
 
 from litedetr.data import CocoDetection, collate, find_split, write_synthetic_dataset
-from litedetr.engine.recipes import DemoRecipe, demo_train_config, train_or_reuse
+from litedetr.engine.recipes import DemoRecipe, demo_train_config, run_in_parallel, train_or_reuse
 from litedetr.engine.trainer import Trainer
 from litedetr.models import Detector, get_config, load_model
 from litedetr.ops import box_iou, level_shapes
@@ -116,6 +115,10 @@ RECIPE_OVERRIDES = {"encoder_one_to_many": DENSE_REPEAT, "num_queries": 200, "nu
 ENCODER_CONTENT = {**RECIPE_OVERRIDES, "learned_query_content": False}
 """:data:`RECIPE_OVERRIDES` with the decoder's content queries taken from the selected encoder features
 (``recipe-encoder-content*`` cells; with class weight 8 it is :class:`DemoRecipe`'s model)."""
+
+
+CLASS8 = {**ENCODER_CONTENT, "class_loss_weight": 8.0}
+""":data:`ENCODER_CONTENT` with class losses weighted 8: :class:`DemoRecipe`'s model (``recipe-encoder-content-class8*`` cells)."""
 
 
 def cells() -> dict[str, Cell]:
@@ -159,9 +162,23 @@ def cells() -> dict[str, Cell]:
             )
             for weight in (4, 8, 16)
         },
+        **{
+            f"recipe-encoder-content-class8-drop{epoch}": Cell(
+                f"KDA, dense, 200 queries, content from the encoder, class 8, the 10x drop after epoch {epoch} of 6 (not 5)",
+                CLASS8,
+                {"lr_drop": (epoch,)},
+            )
+            for epoch in (3, 4)
+        },
+        "recipe-encoder-content-class8-drops45": Cell(
+            "KDA, dense, 200 queries, content from the encoder, class 8, a 10x drop after epochs 4 and 5 (lr/100 in the last)",
+            CLASS8,
+            {"lr_drop": (4, 5)},
+        ),
+        "recipe-encoder-content-class8-msda": Cell("MSDA, dense, 200 queries, content from the encoder, class 8 (the demo's recipe with MSDA)", {**CLASS8, **msda}),
         "recipe-encoder-content-class8-cosine": Cell(
             "KDA, dense, 200 queries, content from the encoder, class losses weighted 8, cosine learning-rate decay",
-            {**ENCODER_CONTENT, "class_loss_weight": 8.0},
+            CLASS8,
             {"lr_schedule": "cosine"},
         ),
         "recipe-encoder-content-cosine": Cell(
@@ -358,17 +375,13 @@ def main() -> None:
 
     write_synthetic_dataset(args.runs / "data", DemoRecipe().data)  # once, before the workers
     todo = [(c, s) for c in args.cells for s in args.seeds if not (run_dir(args.runs, c, s, args.steps_per_epoch, args.init) / "result.json").exists()]
-    running: list[subprocess.Popen] = []
-    for cell_name, seed in todo:
-        while len(running) >= args.jobs:
-            running = [p for p in running if p.poll() is None]
-            time.sleep(5)
-        command = [sys.executable, __file__, "--run", cell_name, str(seed), "--steps-per-epoch", str(args.steps_per_epoch),
-                   "--threads", str(args.threads), "--runs", str(args.runs)] + (["--init", str(args.init)] if args.init else [])  # fmt: skip
-        log = open(run_dir(args.runs, cell_name, seed, args.steps_per_epoch, args.init).with_suffix(".log"), "w")
-        running.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
-    for process in running:
-        process.wait()
+    commands = [
+        ([sys.executable, __file__, "--run", cell_name, str(seed), "--steps-per-epoch", str(args.steps_per_epoch), "--threads", str(args.threads),
+          "--runs", str(args.runs)] + (["--init", str(args.init)] if args.init else []),
+         run_dir(args.runs, cell_name, seed, args.steps_per_epoch, args.init).with_suffix(".log"))
+        for cell_name, seed in todo
+    ]  # fmt: skip
+    run_in_parallel(commands, args.jobs)
 
     results = []
     for cell_name in args.cells:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import pytest
 from conftest import benchmark_script
 
@@ -27,16 +30,45 @@ def test_every_model_pretrained_and_from_scratch_and_lite_from_dino(finetune):
     assert [run.name for run in finetune.plan(("h3l1-2x3",))] == ["h3l1-2x3-from-h3l1-2x3", "h3l1-2x3-scratch"]
 
 
-def test_fine_tuning_gets_a_quarter_of_the_pretraining_steps_on_new_classes(finetune, tmp_path, tiny_synthetic):
+def test_fine_tuning_trains_new_classes_on_the_demo_recipe(finetune, tmp_path, tiny_synthetic):
     pretrain = scaled_recipe()
     assert pretrain == DemoRecipe()
     recipe = finetune.finetune_recipe(pretrain, epochs=3, images=500)
-    steps = lambda r: r.epochs * r.data.num_train // r.batch_size  # noqa: E731
-    assert steps(recipe) * 4 == steps(pretrain) == 1500
+    assert finetune._steps(pretrain) == 6 * 150  # the demo's epochs of 150 batches
+    assert finetune._steps(recipe) == 3 * 125  # 500 images make epochs of 125 batches, fewer than 150
     assert recipe.data.kind == "glyphs" and recipe.lr_drop == (2,) and (recipe.lr, recipe.image_size) == (pretrain.lr, pretrain.image_size)
+    assert recipe.model_overrides == pretrain.model_overrides
     assert not match_classes(KINDS["glyphs"].classes, KINDS["shapes"].classes)  # every class row starts fresh
     variant = lite_dino_variants()["h3l1-2x3"]
     scratch = finetune.finetune_config(recipe, variant, tiny_synthetic, None)
     started = finetune.finetune_config(recipe, variant, tiny_synthetic, tmp_path / "model.safetensors")
     assert scratch.init is None and started.init == str(tmp_path / "model.safetensors")
     assert started.changed_fields(scratch.to_dict()) == ["init"]
+
+
+def _seed(seed, aps):
+    """One seed's result with the given AP per run of ``plan(("h3l1-2x3",))`` (pretrained, scratch)."""
+    rows = [
+        {"run": name, "model": "h3l1-2x3", "model_label": "Lite", "start": start, "metrics": {"AP": ap, "AP50": 2 * ap, "APs": None, "APm": None, "APl": None}, "train_seconds": 1.0}
+        for (name, start), ap in zip((("h3l1-2x3-from-h3l1-2x3", "pretrained"), ("h3l1-2x3-scratch", "scratch")), aps)
+    ]
+    return {"seed": seed, "pretrained": {"h3l1-2x3": {"label": "Lite", "metrics": {"AP": 0.3 + seed / 100, "AP50": 0.5}}}, "rows": rows}
+
+
+def test_seeds_are_summarised_per_run_with_wins_over_scratch(finetune):
+    rows, pretrained = finetune.summarize([_seed(0, (0.20, 0.10)), _seed(1, (0.05, 0.08)), _seed(2, (0.30, 0.12))])
+    assert [(r["run"], r["beats_scratch"]) for r in rows] == [("h3l1-2x3-from-h3l1-2x3", 2), ("h3l1-2x3-scratch", None)]
+    assert rows[0]["metrics"]["AP"] == [0.20, 0.05, 0.30] and rows[1]["metrics"]["AP50"] == [0.20, 0.16, 0.24]
+    assert pretrained["h3l1-2x3"]["metrics"]["AP"] == [0.30, 0.31, 0.32]
+    meta = {"pretrain_images": 8, "pretrain_steps": 2, "finetune_images": 8, "finetune_steps": 2, "batch_size": 4, "image_size": 128, "lr": 4e-4, "seeds": [0, 1, 2]}
+    table = finetune.markdown(rows, pretrained, meta)
+    assert "| Lite | pretrained | 20.0 [5.0-30.0] | 40.0 [10.0-60.0] | - | - | - | 2 of 3 |" in table
+    assert "| Lite | scratch | 10.0 [8.0-12.0] |" in table and "- Lite: 31.0 [30.0-32.0] / 50.0 [50.0-50.0]" in table
+
+
+def test_each_seed_worker_gets_the_budget_options_but_not_the_seeds(finetune):
+    args = argparse.Namespace(models=["dino"], out=Path("o"), threads=1, pretrain_epochs=None, finetune_epochs=3, train_images=8,
+                              val_images=None, finetune_images=500, image_size=128, seeds=[0, 1], jobs=2)  # fmt: skip
+    assert finetune._worker_arguments(args) == [
+        "--models", "dino", "--out", "o", "--threads", "1", "--finetune-epochs", "3", "--train-images", "8", "--finetune-images", "500", "--image-size", "128",
+    ]  # fmt: skip

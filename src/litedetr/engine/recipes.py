@@ -6,12 +6,16 @@
   KDA and with plain deformable attention, on the ``*-r18-tiny`` backbone and widths.
 - :func:`train_or_reuse`: train a run, or reuse a finished run with the same settings (resume an
   unfinished one), so that a benchmark can be stopped and started again.
+- :func:`run_in_parallel`: independent runs as subprocesses, a few at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +35,7 @@ __all__ = [
     "variant_recipe",
     "dataset_dir",
     "train_or_reuse",
+    "run_in_parallel",
     "COCO_METRICS",
 ]
 
@@ -205,3 +210,18 @@ def train_or_reuse(config: TrainConfig, run_dir: Path) -> tuple[dict[str, float 
     return {k: metrics.get(k) for k in COCO_METRICS}, False
 
 
+def run_in_parallel(commands: Sequence[tuple[list[str], Path]], jobs: int) -> list[int]:
+    """Run each ``(command, log file)`` as a subprocess, at most ``jobs`` at a time, its output to its
+    log file; returns the exit codes in the order of ``commands``."""
+    running: dict[int, subprocess.Popen] = {}
+    codes: dict[int, int] = {}
+    for index, (command, log) in enumerate(commands):
+        while len(running) >= jobs:
+            time.sleep(2)
+            codes.update({i: p.returncode for i, p in running.items() if p.poll() is not None})
+            running = {i: p for i, p in running.items() if i not in codes}
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as out:
+            running[index] = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    codes.update({i: p.wait() for i, p in running.items()})
+    return [codes[i] for i in range(len(commands))]
