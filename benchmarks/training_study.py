@@ -34,7 +34,11 @@ Cells (``--cells``):
   higher learning rate (backbone too); ``recipe-encoder-content`` the decoder's content queries taken
   from the selected encoder features (DINO's "pure" query selection, no learned content embedding),
   and ``recipe-encoder-content-class4`` / ``-class8`` / ``-class16`` that with the classification losses
-  weighted 4 / 8 / 16 (``-class8-cosine`` also with the cosine decay),
+  weighted 4 / 8 / 16; at class weight 8 (the demo's model), ``-class8-cosine`` the cosine decay,
+  ``-class8-drop3`` / ``-class8-drop4`` the 10x drop after epoch 3 / 4 instead of 5,
+  ``-class8-drops45`` a 10x drop after epoch 4 and another after 5, ``-class8-backbone-lr1e-3`` the
+  backbone at lr 1e-3 and ``-class8-msda`` plain deformable attention (MSDA) in the encoder and decoder;
+  at class weight 2,
   ``-cosine`` with a cosine learning-rate decay over all steps instead of the 10x drop,
   ``-backbone-lr1e-3`` with the backbone at lr 1e-3, ``-msda`` with plain deformable attention;
   ``recipe-batch2`` batches of 2, twice the steps per epoch (the same images).
@@ -174,6 +178,9 @@ def cells() -> dict[str, Cell]:
             "KDA, dense, 200 queries, content from the encoder, class 8, a 10x drop after epochs 4 and 5 (lr/100 in the last)",
             CLASS8,
             {"lr_drop": (4, 5)},
+        ),
+        "recipe-encoder-content-class8-backbone-lr1e-3": Cell(
+            "KDA, dense, 200 queries, content from the encoder, class 8, backbone lr 1e-3 (the rest 4e-4)", CLASS8, {"lr_backbone": 1e-3}
         ),
         "recipe-encoder-content-class8-msda": Cell("MSDA, dense, 200 queries, content from the encoder, class 8 (the demo's recipe with MSDA)", {**CLASS8, **msda}),
         "recipe-encoder-content-class8-cosine": Cell(
