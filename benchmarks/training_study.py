@@ -36,7 +36,9 @@ Cells (``--cells``):
   and ``recipe-encoder-content-class4`` / ``-class8`` / ``-class16`` that with the classification losses
   weighted 4 / 8 / 16; at class weight 8 (the demo's model), ``-class8-cosine`` the cosine decay,
   ``-class8-drop3`` / ``-class8-drop4`` the 10x drop after epoch 3 / 4 instead of 5,
-  ``-class8-drops45`` a 10x drop after epoch 4 and another after 5, ``-class8-backbone-lr1e-3`` the
+  ``-class8-drops45`` a 10x drop after epoch 4 and another after 5, ``-class8-late-drop`` the same
+  steps in 12 epochs of half the batches with the drop after the 11th (only the last twelfth of
+  the steps at the low rate), ``-class8-backbone-lr1e-3`` the
   backbone at lr 1e-3 and ``-class8-msda`` plain deformable attention (MSDA) in the encoder and decoder;
   at class weight 2,
   ``-cosine`` with a cosine learning-rate decay over all steps instead of the 10x drop,
@@ -179,6 +181,11 @@ def cells() -> dict[str, Cell]:
             CLASS8,
             {"lr_drop": (4, 5)},
         ),
+        "recipe-encoder-content-class8-late-drop": Cell(
+            "KDA, dense, 200 queries, content from the encoder, class 8, the 10x drop for the last twelfth of the steps (not the last sixth)",
+            CLASS8,
+            {"epochs": 12, "lr_drop": (11,)},
+        ),
         "recipe-encoder-content-class8-backbone-lr1e-3": Cell(
             "KDA, dense, 200 queries, content from the encoder, class 8, backbone lr 1e-3 (the rest 4e-4)", CLASS8, {"lr_backbone": 1e-3}
         ),
@@ -228,6 +235,8 @@ def train_one(cell_name: str, seed: int, steps_per_epoch: int, runs: Path, init:
     )
     if config.batch_size != recipe.batch_size:  # the same images per epoch in more, smaller steps
         config = dataclasses.replace(config, epoch_batches=steps_per_epoch * recipe.batch_size // config.batch_size)
+    if config.epochs != recipe.epochs:  # the same steps in more, shorter epochs
+        config = dataclasses.replace(config, epoch_batches=steps_per_epoch * recipe.epochs // config.epochs)
     out = run_dir(runs, cell_name, seed, steps_per_epoch, init)
     started = time.perf_counter()
     if cell.prepare is not None and not (out / "checkpoint.pt").exists():
