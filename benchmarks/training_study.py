@@ -38,7 +38,8 @@ Cells (``--cells``):
   ``-class8-drop3`` / ``-class8-drop4`` the 10x drop after epoch 3 / 4 instead of 5,
   ``-class8-drops45`` a 10x drop after epoch 4 and another after 5, ``-class8-late-drop`` the same
   steps in 12 epochs of half the batches with the drop after the 11th (only the last twelfth of
-  the steps at the low rate), ``-class8-backbone-lr1e-3`` the
+  the steps at the low rate), ``-class8-match-class8`` the Hungarian matcher's class cost 8 instead of
+  2 (``DetectorConfig.match_class_cost``), ``-class8-backbone-lr1e-3`` the
   backbone at lr 1e-3 and ``-class8-msda`` plain deformable attention (MSDA) in the encoder and decoder;
   at class weight 2,
   ``-cosine`` with a cosine learning-rate decay over all steps instead of the 10x drop,
@@ -185,6 +186,9 @@ def cells() -> dict[str, Cell]:
             "KDA, dense, 200 queries, content from the encoder, class 8, the 10x drop for the last twelfth of the steps (not the last sixth)",
             CLASS8,
             {"epochs": 12, "lr_drop": (11,)},
+        ),
+        "recipe-encoder-content-class8-match-class8": Cell(
+            "KDA, dense, 200 queries, content from the encoder, class 8, the matcher's class cost 8 (not 2)", {**CLASS8, "match_class_cost": 8.0}
         ),
         "recipe-encoder-content-class8-backbone-lr1e-3": Cell(
             "KDA, dense, 200 queries, content from the encoder, class 8, backbone lr 1e-3 (the rest 4e-4)", CLASS8, {"lr_backbone": 1e-3}

@@ -14,6 +14,7 @@ import torch
 
 from conftest import load_fixture, random_checkpoint
 from litedetr.models import Detector, build_model, get_config, load_model, save_model
+from litedetr.models.matcher import HungarianMatcher
 from litedetr.models.convert import ConversionError, detect_layout, load_official_state_dict, official_rules, rename_official
 from litedetr.models.criterion import DEFAULT_WEIGHTS, DEFORMABLE_WEIGHTS
 from litedetr.models.detector import load_official_checkpoint
@@ -403,3 +404,20 @@ def test_class_loss_weight_scales_every_classification_term_and_nothing_else(nam
         torch.testing.assert_close(losses[3.0][key], scale * value)
     with pytest.raises(ValueError, match="class_loss_weight must be > 0"):
         get_config(name, class_loss_weight=0.0)
+
+
+def test_match_class_cost_sets_the_matchers_class_weight_and_can_change_the_assignment():
+    default = build_model("lite-dino-r18-tiny-h3l1-2x3", num_classes=3)
+    weighted = build_model("lite-dino-r18-tiny-h3l1-2x3", num_classes=3, match_class_cost=8.0)
+    assert (default.criterion.matcher.cost_class, weighted.criterion.matcher.cost_class) == (2.0, 8.0)
+    assert (weighted.criterion.matcher.cost_bbox, weighted.criterion.matcher.cost_giou) == (5.0, 2.0)
+    # query 0 has the better box but the wrong class; query 1 a slightly worse box and the right class
+    outputs = {
+        "pred_logits": torch.tensor([[[4.0, -4.0, -4.0], [-4.0, 4.0, -4.0]]]),
+        "pred_boxes": torch.tensor([[[0.50, 0.50, 0.20, 0.20], [0.52, 0.50, 0.20, 0.20]]]),
+    }
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.50, 0.50, 0.20, 0.20]])}]
+    chosen = {cost: int(HungarianMatcher(cost_class=cost)(outputs, targets)[0][0]) for cost in (0.0, 2.0, 8.0)}
+    assert chosen == {0.0: 0, 2.0: 1, 8.0: 1}
+    with pytest.raises(ValueError, match="match_class_cost must be >= 0"):
+        get_config("lite-dino-r18-tiny-h3l1-2x3", match_class_cost=-1.0)
