@@ -40,7 +40,8 @@ Cells (``--cells``):
   steps in 12 epochs of half the batches with the drop after the 11th (only the last twelfth of
   the steps at the low rate), ``-class8-match-class8`` the Hungarian matcher's class cost 8 instead of
   2 (``DetectorConfig.match_class_cost``), ``-class8-backbone-lr1e-3`` the
-  backbone at lr 1e-3 and ``-class8-msda`` plain deformable attention (MSDA) in the encoder and decoder;
+  backbone at lr 1e-3, ``-class8-kda-encoder`` KDA in the encoder only (MSDA in the decoder) and
+  ``-class8-msda`` plain deformable attention (MSDA) in the encoder and decoder;
   at class weight 2,
   ``-cosine`` with a cosine learning-rate decay over all steps instead of the 10x drop,
   ``-backbone-lr1e-3`` with the backbone at lr 1e-3, ``-msda`` with plain deformable attention;
@@ -192,6 +193,9 @@ def cells() -> dict[str, Cell]:
         ),
         "recipe-encoder-content-class8-backbone-lr1e-3": Cell(
             "KDA, dense, 200 queries, content from the encoder, class 8, backbone lr 1e-3 (the rest 4e-4)", CLASS8, {"lr_backbone": 1e-3}
+        ),
+        "recipe-encoder-content-class8-kda-encoder": Cell(
+            "KDA in the encoder, MSDA in the decoder, dense, 200 queries, content from the encoder, class 8", {**CLASS8, "decoder_key_aware": False}
         ),
         "recipe-encoder-content-class8-msda": Cell("MSDA, dense, 200 queries, content from the encoder, class 8 (the demo's recipe with MSDA)", {**CLASS8, **msda}),
         "recipe-encoder-content-class8-cosine": Cell(
