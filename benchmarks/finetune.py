@@ -120,11 +120,11 @@ def _spread(values: list[float | None]) -> str:
     return f"{_cell(statistics.median(values))} [{_cell(min(values))}-{_cell(max(values))}]"
 
 
-def seed_runs(pretrain: DemoRecipe, finetune: DemoRecipe, models: tuple[str, ...], runs: Path) -> dict[str, Any]:
+def seed_runs(pretrain: DemoRecipe, finetune: DemoRecipe, models: tuple[str, ...], data_root: Path, runs: Path) -> dict[str, Any]:
     """Every run of one training seed (``pretrain.seed``) in ``runs``: the pretraining on shapes, then
-    the fine-tuning runs of :func:`plan` on glyphs; the datasets are already written."""
+    the fine-tuning runs of :func:`plan` on glyphs; both datasets are already written under ``data_root``."""
     variants = lite_dino_variants()
-    shapes, glyphs = dataset_dir(runs.parent, pretrain.data), dataset_dir(runs.parent, finetune.data)
+    shapes, glyphs = dataset_dir(data_root, pretrain.data), dataset_dir(data_root, finetune.data)
     pretrained: dict[str, dict[str, Any]] = {}
 
     def pretrained_file(model: str) -> Path:
@@ -228,7 +228,7 @@ def main() -> None:
     finetune = finetune_recipe(pretrain, args.finetune_epochs, args.finetune_images)
     if args.seed_run is not None:
         seed = args.seed_run
-        result = seed_runs(dataclasses.replace(pretrain, seed=seed), dataclasses.replace(finetune, seed=seed), models, runs / f"seed{seed}")
+        result = seed_runs(dataclasses.replace(pretrain, seed=seed), dataclasses.replace(finetune, seed=seed), models, runs, runs / f"seed{seed}")
         (runs / f"seed{seed}" / "result.json").write_text(json.dumps(result, indent=2))
         return
 

@@ -70,9 +70,9 @@ class DetectorConfig:
     class_loss_weight: float | None = None
     """The weight of every classification loss term (matched, auxiliary, encoder, denoising, ...); None:
     the family's (DINO 1.0, Deformable DETR and H-DETR 2.0)."""
-    match_class_cost: float | None = None
-    """The Hungarian matcher's weight of the class cost against the box costs (None: 2.0, every code
-    base's; the box costs stay 5 for L1 and 2 for GIoU). Training only."""
+    match_class_cost: float = 2.0
+    """The Hungarian matcher's weight of the class cost against the box costs (2.0: every code base's;
+    the box costs stay 5 for L1 and 2 for GIoU). Training only."""
     min_size: tuple[int, ...] = (800,)
     max_size: int = 1333
     pe_temperature: float = 20.0
@@ -96,8 +96,8 @@ class DetectorConfig:
             raise ValueError("a detector has one kind of training-only queries: set dn_number or one_to_many_queries, not both")
         if self.class_loss_weight is not None and not self.class_loss_weight > 0:
             raise ValueError(f"class_loss_weight must be > 0 (None: the family's), got {self.class_loss_weight}")
-        if self.match_class_cost is not None and self.match_class_cost < 0:
-            raise ValueError(f"match_class_cost must be >= 0 (None: 2.0), got {self.match_class_cost}")
+        if self.match_class_cost < 0:
+            raise ValueError(f"match_class_cost must be >= 0, got {self.match_class_cost}")
         if self.encoder_one_to_many < 0:
             raise ValueError(f"encoder_one_to_many must be >= 0 (0: off), got {self.encoder_one_to_many}")
         if self.class_names and len(self.class_names) != self.num_classes:

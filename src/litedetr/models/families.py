@@ -151,7 +151,7 @@ def build_parts(config: DetectorConfig, backbone_weights: str | None = None) -> 
     _init_transformer(encoder, decoder)
     criterion = SetCriterion(
         config.num_classes,
-        HungarianMatcher(**({} if config.match_class_cost is None else {"cost_class": config.match_class_cost}), giou_eps=design.giou_eps),
+        HungarianMatcher(cost_class=config.match_class_cost, giou_eps=design.giou_eps),
         weight_dict={**design.loss_weights, **({} if config.class_loss_weight is None else {"loss_class": config.class_loss_weight})},
         one_to_many_repeat=config.one_to_many_repeat,
         one_to_many_weight=config.one_to_many_weight,
