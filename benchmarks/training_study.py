@@ -39,8 +39,9 @@ Cells (``--cells``):
   ``-class8-drops45`` a 10x drop after epoch 4 and another after 5, ``-class8-late-drop`` the same
   steps in 12 epochs of half the batches with the drop after the 11th (only the last twelfth of
   the steps at the low rate), ``-class8-match-class8`` the Hungarian matcher's class cost 8 instead of
-  2 (``DetectorConfig.match_class_cost``), ``-class8-backbone-lr1e-3`` the
-  backbone at lr 1e-3, ``-class8-kda-encoder`` KDA in the encoder only (MSDA in the decoder) and
+  2 (``DetectorConfig.match_class_cost``), ``-class8-backbone-lr1e-3`` / ``-lr2e-3`` the
+  backbone at lr 1e-3 / 2e-3, ``-class8-backbone-lr1e-3-late-drop`` both changes,
+  ``-class8-msda-backbone-lr1e-3`` the backbone at 1e-3 with MSDA, ``-class8-kda-encoder`` KDA in the encoder only (MSDA in the decoder) and
   ``-class8-msda`` plain deformable attention (MSDA) in the encoder and decoder;
   at class weight 2,
   ``-cosine`` with a cosine learning-rate decay over all steps instead of the 10x drop,
@@ -193,6 +194,17 @@ def cells() -> dict[str, Cell]:
         ),
         "recipe-encoder-content-class8-backbone-lr1e-3": Cell(
             "KDA, dense, 200 queries, content from the encoder, class 8, backbone lr 1e-3 (the rest 4e-4)", CLASS8, {"lr_backbone": 1e-3}
+        ),
+        "recipe-encoder-content-class8-backbone-lr2e-3": Cell(
+            "KDA, dense, 200 queries, content from the encoder, class 8, backbone lr 2e-3 (the rest 4e-4)", CLASS8, {"lr_backbone": 2e-3}
+        ),
+        "recipe-encoder-content-class8-backbone-lr1e-3-late-drop": Cell(
+            "KDA, dense, 200 queries, content from the encoder, class 8, backbone lr 1e-3, the 10x drop for the last twelfth of the steps",
+            CLASS8,
+            {"lr_backbone": 1e-3, "epochs": 12, "lr_drop": (11,)},
+        ),
+        "recipe-encoder-content-class8-msda-backbone-lr1e-3": Cell(
+            "MSDA, dense, 200 queries, content from the encoder, class 8, backbone lr 1e-3 (the rest 4e-4)", {**CLASS8, **msda}, {"lr_backbone": 1e-3}
         ),
         "recipe-encoder-content-class8-kda-encoder": Cell(
             "KDA in the encoder, MSDA in the decoder, dense, 200 queries, content from the encoder, class 8", {**CLASS8, "decoder_key_aware": False}
