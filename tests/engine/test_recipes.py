@@ -1,10 +1,12 @@
-"""engine.recipes: independent runs as subprocesses, a few at a time."""
+"""engine.recipes: the small-data recipe, and independent runs as subprocesses, a few at a time."""
 
 from __future__ import annotations
 
 import sys
 
-from litedetr.engine.recipes import run_in_parallel
+import pytest
+
+from litedetr.engine.recipes import SMALL_DATA, DemoRecipe, SmallDataRecipe, run_in_parallel
 
 
 def test_runs_in_parallel_return_each_exit_code_and_log_each_output(tmp_path):
@@ -20,3 +22,14 @@ def test_runs_in_parallel_return_each_exit_code_and_log_each_output(tmp_path):
     logs = [(tmp_path / "logs" / f"{i}.log").read_text().split("\n") for i in range(4)]
     assert [log[1] for log in logs] == [f"run {i}" for i in range(4)]
     assert max(int(log[0].split()[1]) for log in logs) <= 2  # never more than two at a time
+
+
+def test_small_data_recipe_changes_weights_only_for_a_model_without_a_trained_start():
+    recipe = SmallDataRecipe(lr=3e-4, imagenet_backbone_ratio=0.2)
+    training = {"dn_number": 100, "encoder_one_to_many": 6, "class_loss_weight": 8.0}
+    scratch = {"num_queries": 200, "num_select": 100, "learned_query_content": False}
+    assert recipe.model_overrides(init=True) == recipe.model_overrides(init=True, backbone_weights=True) == training
+    assert recipe.model_overrides(backbone_weights=True) == {**training, **scratch}
+    assert recipe.model_overrides() == {**training, **scratch, "backbone_trainable_norm": True}
+    assert recipe.lr_backbone() == 3e-4 and recipe.lr_backbone(backbone_weights=True) == pytest.approx(6e-5)
+    assert dict(DemoRecipe.model_overrides) == SMALL_DATA.model_overrides() and DemoRecipe.lr == SMALL_DATA.lr  # the demo trains with it

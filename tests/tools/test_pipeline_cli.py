@@ -11,6 +11,7 @@ import pytest
 from conftest import coco_box, coco_image, write_coco
 from litedetr import load_model
 from litedetr.cli import main
+from litedetr.engine.recipes import SMALL_DATA
 
 TRAIN = ["--model", "lite-dino-r18-tiny-h3l1-2x3", "--batch-size", "2", "--image-sizes", "64", "--max-size", "64", "--workers", "0"]
 
@@ -211,3 +212,24 @@ def test_eval_scores_a_coco_model_by_category_id(tmp_path, capsys):
     annotations, images = write_coco(tmp_path / "other", [coco_image(1)], boxes, renamed)
     assert main(["eval", "--checkpoint", str(tmp_path / "coco.safetensors"), "--val-json", str(annotations), "--val-images", str(images), "--out", str(out)]) == 2
     assert "the model has 91 classes" in capsys.readouterr().err
+
+
+def test_small_data_applies_the_demos_recipe_under_explicit_flags(trained, tiny_synthetic, tmp_path, capsys):
+    args = ["train", *TRAIN, "--data", str(tiny_synthetic), "--epochs", "1", "--small-data"]
+    # from scratch: every change of SMALL_DATA; --set and --lr-backbone win (64-px images have fewer than 200 tokens)
+    assert main([*args, "--out", str(tmp_path / "scratch"), "--set", "num_queries=40", "num_select=40", "--lr-backbone", "1e-4"]) == 0
+    config = json.loads((tmp_path / "scratch" / "train_config.json").read_text())
+    assert config["model_overrides"] == {**SMALL_DATA.model_overrides(), "num_queries": 40, "num_select": 40}
+    assert config["model_overrides"]["learned_query_content"] is False and config["model_overrides"]["backbone_trainable_norm"] is True
+    assert (config["lr"], config["lr_backbone"]) == (4e-4, 1e-4)
+    model = load_model(tmp_path / "scratch" / "model.safetensors")
+    assert (model.config.dn_number, model.config.class_loss_weight, model.config.num_queries, model.config.learned_query_content) == (100, 8.0, 40, False)
+    # from a trained detector: only the losses' and training queries' changes, so its weights still load
+    assert main([*args, "--out", str(tmp_path / "init"), "--init", str(trained / "model.safetensors")]) == 0
+    config = json.loads((tmp_path / "init" / "train_config.json").read_text())
+    assert config["model_overrides"] == {"dn_number": 100, "encoder_one_to_many": 6, "class_loss_weight": 8.0}
+    assert (config["lr"], config["lr_backbone"]) == (4e-4, 4e-4)
+    # without the flag: DINO's learning rates and the preset as it is
+    assert main(["train", *TRAIN, "--data", str(tiny_synthetic), "--epochs", "1", "--out", str(tmp_path / "plain")]) == 0
+    config = json.loads((tmp_path / "plain" / "train_config.json").read_text())
+    assert (config["model_overrides"], config["lr"], config["lr_backbone"]) == ({}, 1e-4, 1e-5)

@@ -1,5 +1,7 @@
 """Training recipes shared by the demo and the benchmarks, and runs that are reused once finished.
 
+- :class:`SmallDataRecipe` (:data:`SMALL_DATA`): ``litedetr train --small-data``, the demo's model
+  changes and learning rates for a user's small dataset.
 - :class:`DemoRecipe` and :func:`demo_train_config`: ``litedetr demo``'s budget on the synthetic
   dataset, also the trade-off and fine-tuning benchmarks' (:func:`scaled_recipe` shrinks it).
 - :class:`Variant` and :func:`lite_dino_variants`: DINO and the Lite-DINO shapes of the paper, each with
@@ -27,6 +29,8 @@ from litedetr.engine.trainer import CHECKPOINT, Trainer
 from litedetr.models import get_config
 
 __all__ = [
+    "SmallDataRecipe",
+    "SMALL_DATA",
     "DemoRecipe",
     "demo_train_config",
     "scaled_recipe",
@@ -44,6 +48,47 @@ LITE_PRESET = "lite-dino-r18-tiny-h3l1-2x3"
 LITE_SHAPES = {"h3l1-2x3": (3, 2, 3), "h3l1-6x1": (3, 6, 1), "h2l2-2x3": (2, 2, 3)}
 """Short name -> (high-level scales H, high-level updates per block A, blocks B) of HL-(A+1)xB."""
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+@dataclass(frozen=True)
+class SmallDataRecipe:
+    """``litedetr train --small-data``: the demo's recipe for a user's dataset of a few hundred or thousand images.
+
+    What ``benchmarks/training_study.py`` found trains a DETR on such data (and the demo trains with):
+
+    - ``training``: changes of the losses and training queries only, so every released checkpoint
+      still loads: 100 denoising queries (``dn_number``), every encoder token's proposal matched
+      one-to-many (``encoder_one_to_many``), classification losses weighted 8 (``class_loss_weight``);
+    - ``scratch``: for a model that does not start from a trained detector (no ``--init``), whose
+      weights these change: 200 queries (100 detections kept) and content queries taken from the
+      selected encoder features (``learned_query_content=False``);
+    - ``random_backbone``: for a backbone without ImageNet weights (nor ``--init``): batch norm trains
+      (``backbone_trainable_norm``);
+    - ``lr`` for every part; the backbone at ``lr`` too, except one with ImageNet weights, which takes
+      ``lr x imagenet_backbone_ratio`` (DETR's 1/10; not measured here: no ImageNet weights offline).
+    """
+
+    training: tuple[tuple[str, Any], ...] = (("dn_number", 100), ("encoder_one_to_many", 6), ("class_loss_weight", 8.0))
+    scratch: tuple[tuple[str, Any], ...] = (("num_queries", 200), ("num_select", 100), ("learned_query_content", False))
+    random_backbone: tuple[tuple[str, Any], ...] = (("backbone_trainable_norm", True),)
+    lr: float = 4e-4
+    imagenet_backbone_ratio: float = 0.1
+
+    def model_overrides(self, init: bool = False, backbone_weights: bool = False) -> dict[str, Any]:
+        """The :class:`DetectorConfig` changes for a run that starts from a trained detector (``init``), from
+        ImageNet backbone weights (``backbone_weights``) or from random weights (neither)."""
+        overrides = dict(self.training)
+        if not init:
+            overrides.update(self.scratch)
+            if not backbone_weights:
+                overrides.update(self.random_backbone)
+        return overrides
+
+    def lr_backbone(self, backbone_weights: bool = False) -> float:
+        return self.lr * self.imagenet_backbone_ratio if backbone_weights else self.lr
+
+
+SMALL_DATA = SmallDataRecipe()
 
 
 @dataclass(frozen=True)
@@ -71,21 +116,13 @@ class DemoRecipe:
     """
 
     model: str = "lite-dino-r18-tiny-h3l1-2x3"
-    model_overrides: tuple[tuple[str, Any], ...] = (
-        ("backbone_trainable_norm", True),
-        ("dn_number", 100),
-        ("encoder_one_to_many", 6),
-        ("num_queries", 200),
-        ("num_select", 100),
-        ("class_loss_weight", 8.0),
-        ("learned_query_content", False),
-    )
+    model_overrides: tuple[tuple[str, Any], ...] = tuple(SMALL_DATA.model_overrides().items())
     data: SyntheticSpec = SyntheticSpec(num_train=1000, num_val=100, image_size=(160, 160), seed=0)
     image_size: int = 160
     epochs: int = 6
     epoch_batches: int = 150
     batch_size: int = 4
-    lr: float = 4e-4
+    lr: float = SMALL_DATA.lr
     lr_drop: tuple[int, ...] = (5,)
     amp: bool | Literal["auto"] = "auto"
     workers: int = 1

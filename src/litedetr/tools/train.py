@@ -13,6 +13,7 @@ import torch
 from litedetr.data import KINDS, AugmentConfig, SyntheticSpec, find_split, write_synthetic_dataset
 from litedetr.engine import TrainConfig, Trainer
 from litedetr.engine import distributed
+from litedetr.engine.recipes import SMALL_DATA
 from litedetr.engine.state import read_train_config
 from litedetr.engine.trainer import CHECKPOINT
 from litedetr.models import get_config
@@ -24,6 +25,11 @@ from litedetr.tools.args import float_in, int_at_least
 __all__ = ["add_arguments", "add_data_arguments", "resolve_data", "default_image_sizes"]
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_LR, DEFAULT_LR_BACKBONE = TrainConfig.lr, TrainConfig.lr_backbone
+"""DINO's learning rates (for ``--lr`` / ``--lr-backbone`` without ``--small-data``)."""
+
+_SMALL = SMALL_DATA.model_overrides()
 
 DETR_SCALES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
 """DETR's training short sides for 800 px evaluation; other sizes scale them."""
@@ -93,13 +99,20 @@ def run(args: argparse.Namespace) -> int:
     distributed.init_from_env(torch.device(args.device))
     # every argument is checked before any work (the synthetic dataset takes minutes to write)
     sizes, max_size = default_image_sizes(args.model)
-    preset = get_config(args.model, **{k: v for k, v in args.set if k not in TrainConfig.DATASET_FIELDS})
+    overrides = dict(args.set)
+    lr, lr_backbone = DEFAULT_LR, DEFAULT_LR_BACKBONE
+    if args.small_data:
+        overrides = {**SMALL_DATA.model_overrides(init=args.init is not None, backbone_weights=args.backbone_weights is not None), **overrides}
+        lr, lr_backbone = SMALL_DATA.lr, SMALL_DATA.lr_backbone(backbone_weights=args.backbone_weights is not None)
+    lr = args.lr if args.lr is not None else lr
+    lr_backbone = args.lr_backbone if args.lr_backbone is not None else lr_backbone
+    preset = get_config(args.model, **{k: v for k, v in overrides.items() if k not in TrainConfig.DATASET_FIELDS})
     sizes = args.image_sizes or sizes
     config = TrainConfig(
         model=args.model,
         train_annotations="",
         train_images="",
-        model_overrides=dict(args.set),
+        model_overrides=overrides,
         backbone_weights=args.backbone_weights,
         init=str(args.init) if args.init else None,
         init_weights=args.init_weights,
@@ -107,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         accumulate=args.accumulate,
-        lr=args.lr,
-        lr_backbone=args.lr_backbone,
+        lr=lr,
+        lr_backbone=lr_backbone,
         weight_decay=args.weight_decay,
         clip_norm=args.clip_norm,
         lr_schedule=args.lr_schedule,
@@ -172,8 +185,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int_at_least(1), default=2, help="images per step and process (default 2)")
     p.add_argument("--accumulate", type=int_at_least(1), default=1, help="gradient accumulation steps")
-    p.add_argument("--lr", type=float_in(0, low_open=True), default=1e-4)
-    p.add_argument("--lr-backbone", type=float_in(0), default=1e-5)
+    p.add_argument(
+        "--small-data",
+        action="store_true",
+        help=f"the demo's recipe for a few hundred to a few thousand images (SmallDataRecipe): {_SMALL['dn_number']} denoising queries, "
+        f"every encoder proposal matched one-to-many, classification losses weighted {_SMALL['class_loss_weight']:g}, lr {SMALL_DATA.lr:g} "
+        f"(the backbone too; {SMALL_DATA.imagenet_backbone_ratio:g}x with --backbone-weights); without --init also "
+        f"{_SMALL['num_queries']} queries with content from the encoder, and without --backbone-weights a trainable backbone "
+        "batch norm. --set, --lr and --lr-backbone still override it",
+    )
+    p.add_argument("--lr", type=float_in(0, low_open=True), help=f"(default {DEFAULT_LR:g}; {SMALL_DATA.lr:g} with --small-data)")
+    p.add_argument("--lr-backbone", type=float_in(0), help=f"(default {DEFAULT_LR_BACKBONE:g}; see --small-data)")
     p.add_argument("--weight-decay", type=float_in(0), default=1e-4)
     p.add_argument("--clip-norm", type=float_in(0), default=0.1, help="gradient-norm clipping (0: off)")
     p.add_argument("--lr-schedule", choices=["step", "cosine"], default="step",
