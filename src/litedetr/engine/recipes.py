@@ -64,7 +64,7 @@ class SmallDataRecipe:
       selected encoder features (``learned_query_content=False``);
     - ``random_backbone``: for a backbone without ImageNet weights (nor ``--init``): batch norm trains
       (``backbone_trainable_norm``);
-    - ``lr`` for every part; the backbone at ``lr`` too, except one with ImageNet weights, which takes
+    - ``lr`` for every part but the backbone, which takes ``backbone_lr``, or with ImageNet weights
       ``lr x imagenet_backbone_ratio`` (DETR's 1/10; not measured here: no ImageNet weights offline).
     """
 
@@ -72,6 +72,7 @@ class SmallDataRecipe:
     scratch: tuple[tuple[str, Any], ...] = (("num_queries", 200), ("num_select", 100), ("learned_query_content", False))
     random_backbone: tuple[tuple[str, Any], ...] = (("backbone_trainable_norm", True),)
     lr: float = 4e-4
+    backbone_lr: float = 4e-4
     imagenet_backbone_ratio: float = 0.1
 
     def model_overrides(self, init: bool = False, backbone_weights: bool = False) -> dict[str, Any]:
@@ -85,7 +86,7 @@ class SmallDataRecipe:
         return overrides
 
     def lr_backbone(self, backbone_weights: bool = False) -> float:
-        return self.lr * self.imagenet_backbone_ratio if backbone_weights else self.lr
+        return self.lr * self.imagenet_backbone_ratio if backbone_weights else self.backbone_lr
 
 
 SMALL_DATA = SmallDataRecipe()
@@ -95,8 +96,8 @@ SMALL_DATA = SmallDataRecipe()
 class DemoRecipe:
     """What the demo trains: the same fixed schedule on every machine, about ten minutes on two CPU cores.
 
-    The backbone starts from random weights, so it trains with batch norm and at the full learning
-    rate (``backbone_trainable_norm``); 100 denoising queries (up to 5 groups) speed up learning, and
+    The backbone starts from random weights, so it trains with batch norm (``backbone_trainable_norm``)
+    and at ``lr_backbone``; 100 denoising queries (up to 5 groups) speed up learning, and
     every encoder token's proposal is matched one-to-many (``encoder_one_to_many``), which keeps the
     query selection from locking onto one level; 200 queries (100 detections kept) instead of the
     tiny presets' 60 find more of the up to 20 objects per image, classification losses weighted 8
@@ -123,6 +124,7 @@ class DemoRecipe:
     epoch_batches: int = 150
     batch_size: int = 4
     lr: float = SMALL_DATA.lr
+    lr_backbone: float = SMALL_DATA.backbone_lr
     lr_drop: tuple[int, ...] = (5,)
     amp: bool | Literal["auto"] = "auto"
     workers: int = 1
@@ -147,7 +149,7 @@ def demo_train_config(recipe: DemoRecipe, data: Path, device: str) -> TrainConfi
         epoch_batches=recipe.epoch_batches,
         batch_size=recipe.batch_size,
         lr=recipe.lr,
-        lr_backbone=recipe.lr,
+        lr_backbone=recipe.lr_backbone,
         lr_drop=recipe.lr_drop,
         image_sizes=(recipe.image_size,),
         max_size=recipe.image_size,

@@ -190,7 +190,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help=f"the demo's recipe for a few hundred to a few thousand images (SmallDataRecipe): {_SMALL['dn_number']} denoising queries, "
         f"every encoder proposal matched one-to-many, classification losses weighted {_SMALL['class_loss_weight']:g}, lr {SMALL_DATA.lr:g} "
-        f"(the backbone too; {SMALL_DATA.imagenet_backbone_ratio:g}x with --backbone-weights); without --init also "
+        f"(the backbone {SMALL_DATA.backbone_lr:g}, or {SMALL_DATA.imagenet_backbone_ratio:g}x lr with --backbone-weights); without --init also "
         f"{_SMALL['num_queries']} queries with content from the encoder, and without --backbone-weights a trainable backbone "
         "batch norm. --set, --lr and --lr-backbone still override it",
     )
