@@ -83,6 +83,7 @@ import torch
 from torch import Tensor, nn
 
 from litedetr.data import CocoDetection, collate, find_split, write_synthetic_dataset
+from litedetr.engine import TrainConfig
 from litedetr.engine.recipes import DemoRecipe, demo_train_config, run_in_parallel, train_or_reuse
 from litedetr.engine.trainer import Trainer
 from litedetr.models import Detector, get_config, load_model
@@ -238,18 +239,15 @@ def run_dir(runs: Path, cell: str, seed: int, steps_per_epoch: int, init: Path |
     return runs / f"{cell}{start}-seed{seed}-steps{steps_per_epoch or 'full'}"
 
 
-def train_one(cell_name: str, seed: int, steps_per_epoch: int, runs: Path, init: Path | None = None) -> dict[str, Any]:
-    """Train (or reuse) one run and return its result (also written to ``result.json`` in its folder).
-
-    ``init``: a model file to start from (``TrainConfig.init``) instead of the seed's draw of initial
-    weights; the seed still orders the batches."""
+def cell_config(cell_name: str, seed: int, steps_per_epoch: int, data: Path, init: Path | None = None) -> TrainConfig:
+    """The training run of one cell and seed on the dataset at ``data``: :class:`DemoRecipe`'s, with
+    :data:`AUTHORS_OVERRIDES` and the cell's changes, ``steps_per_epoch`` x the recipe's epochs steps
+    whatever the cell's batch size or epoch count, evaluated after the last epoch only."""
     cell = cells()[cell_name]
     recipe = DemoRecipe()
-    data = write_synthetic_dataset(runs / "data", recipe.data)
-    config = demo_train_config(recipe, data, "cpu")
     config = dataclasses.replace(
-        config, model_overrides={**AUTHORS_OVERRIDES, **cell.model_overrides}, seed=seed, epoch_batches=steps_per_epoch, workers=1,
-        eval_every=recipe.epochs,
+        demo_train_config(recipe, data, "cpu"),
+        model_overrides={**AUTHORS_OVERRIDES, **cell.model_overrides}, seed=seed, epoch_batches=steps_per_epoch, workers=1,
         init=str(init) if init else None,
         **cell.train_overrides,
     )
@@ -257,6 +255,16 @@ def train_one(cell_name: str, seed: int, steps_per_epoch: int, runs: Path, init:
         config = dataclasses.replace(config, epoch_batches=steps_per_epoch * recipe.batch_size // config.batch_size)
     if config.epochs != recipe.epochs:  # the same steps in more, shorter epochs
         config = dataclasses.replace(config, epoch_batches=steps_per_epoch * recipe.epochs // config.epochs)
+    return dataclasses.replace(config, eval_every=config.epochs)
+
+
+def train_one(cell_name: str, seed: int, steps_per_epoch: int, runs: Path, init: Path | None = None) -> dict[str, Any]:
+    """Train (or reuse) one run and return its result (also written to ``result.json`` in its folder).
+
+    ``init``: a model file to start from (``TrainConfig.init``) instead of the seed's draw of initial
+    weights; the seed still orders the batches."""
+    cell = cells()[cell_name]
+    config = cell_config(cell_name, seed, steps_per_epoch, write_synthetic_dataset(runs / "data", DemoRecipe().data), init)
     out = run_dir(runs, cell_name, seed, steps_per_epoch, init)
     started = time.perf_counter()
     if cell.prepare is not None and not (out / "checkpoint.pt").exists():

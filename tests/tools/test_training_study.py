@@ -43,6 +43,21 @@ def test_cells_differ_only_where_named(study):
             assert config == dataclasses.replace(configs["msda"], **{k: v for k, v in study.cells()[name].model_overrides.items() if k not in ("encoder", "decoder_key_aware")})
 
 
+def test_every_cell_trains_the_same_steps_and_evaluates_after_its_last_epoch(study, tiny_synthetic):
+    schedules = {}
+    for name in study.cells():
+        config = study.cell_config(name, seed=3, steps_per_epoch=150, data=tiny_synthetic)
+        assert config.epochs * config.epoch_batches * config.batch_size == 6 * 150 * 4, name  # the same images
+        assert (config.seed, config.eval_every) == (3, config.epochs), name
+        schedules[name] = (config.epochs, config.epoch_batches, config.batch_size, config.lr_drop, config.lr, config.lr_backbone)
+    recipe = DemoRecipe()
+    assert schedules["recipe-encoder-content-class8"] == (6, 150, 4, (5,), recipe.lr, recipe.lr_backbone)
+    assert schedules["recipe-encoder-content-class8-late-drop"] == (12, 75, 4, (11,), recipe.lr, recipe.lr_backbone)
+    assert schedules["recipe-encoder-content-class8-backbone-lr1e-3-late-drop"] == (12, 75, 4, (11,), recipe.lr, 1e-3)
+    assert schedules["recipe-batch2"] == (6, 300, 2, (5,), recipe.lr, recipe.lr_backbone)
+    assert schedules["recipe-encoder-content-class8-drops45"][3] == (4, 5)
+
+
 def test_zero_query_start_weighs_every_sampled_point_alike(study):
     torch.manual_seed(0)
     model = build_model(DemoRecipe.model, num_classes=3, min_size=(64,), max_size=64, num_queries=10, num_select=10)
