@@ -118,6 +118,11 @@ AUTHORS_OVERRIDES = {"backbone_trainable_norm": True, "dn_number": 100}
 backbone and denoising; every cell starts from these, not from :class:`DemoRecipe`'s own overrides."""
 
 
+STUDY_TRAINING = {"lr": 4e-4, "lr_backbone": 4e-4, "epochs": 6, "lr_drop": (5,)}
+"""The schedule every cell starts from (the demo's when the study began), fixed here so that a change of
+:class:`DemoRecipe` leaves every cell's runs as they were."""
+
+
 RECIPE_OVERRIDES = {"encoder_one_to_many": DENSE_REPEAT, "num_queries": 200, "num_select": 100, "class_loss_weight": 2.0}
 """What the demo's recipe adds to :data:`AUTHORS_OVERRIDES` (``recipe-*`` cells change one thing more)."""
 
@@ -241,7 +246,7 @@ def run_dir(runs: Path, cell: str, seed: int, steps_per_epoch: int, init: Path |
 
 def cell_config(cell_name: str, seed: int, steps_per_epoch: int, data: Path, init: Path | None = None) -> TrainConfig:
     """The training run of one cell and seed on the dataset at ``data``: :class:`DemoRecipe`'s, with
-    :data:`AUTHORS_OVERRIDES` and the cell's changes, ``steps_per_epoch`` x the recipe's epochs steps
+    :data:`AUTHORS_OVERRIDES`, :data:`STUDY_TRAINING` and the cell's changes, ``steps_per_epoch`` x 6 steps
     whatever the cell's batch size or epoch count, evaluated after the last epoch only."""
     cell = cells()[cell_name]
     recipe = DemoRecipe()
@@ -249,12 +254,12 @@ def cell_config(cell_name: str, seed: int, steps_per_epoch: int, data: Path, ini
         demo_train_config(recipe, data, "cpu"),
         model_overrides={**AUTHORS_OVERRIDES, **cell.model_overrides}, seed=seed, epoch_batches=steps_per_epoch, workers=1,
         init=str(init) if init else None,
-        **cell.train_overrides,
+        **{**STUDY_TRAINING, **cell.train_overrides},
     )
     if config.batch_size != recipe.batch_size:  # the same images per epoch in more, smaller steps
         config = dataclasses.replace(config, epoch_batches=steps_per_epoch * recipe.batch_size // config.batch_size)
-    if config.epochs != recipe.epochs:  # the same steps in more, shorter epochs
-        config = dataclasses.replace(config, epoch_batches=steps_per_epoch * recipe.epochs // config.epochs)
+    if config.epochs != STUDY_TRAINING["epochs"]:  # the same steps in more, shorter epochs
+        config = dataclasses.replace(config, epoch_batches=steps_per_epoch * STUDY_TRAINING["epochs"] // config.epochs)
     return dataclasses.replace(config, eval_every=config.epochs)
 
 
@@ -444,7 +449,7 @@ def main() -> None:
         results.append(row)
     recipe = DemoRecipe()
     steps_per_epoch = args.steps_per_epoch or -(-recipe.data.num_train // recipe.batch_size)
-    meta = {"steps_per_epoch": steps_per_epoch, "steps": steps_per_epoch * recipe.epochs, "batch_size": recipe.batch_size,
+    meta = {"steps_per_epoch": steps_per_epoch, "steps": steps_per_epoch * STUDY_TRAINING["epochs"], "batch_size": recipe.batch_size,
             "seeds": args.seeds, "init": str(args.init) if args.init else None, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
     table = markdown(results, meta)
     print(table)
