@@ -94,9 +94,9 @@ def plan(models: tuple[str, ...]) -> list[Start]:
 
 def finetune_recipe(pretrain: DemoRecipe, epochs: int, images: int) -> DemoRecipe:
     """``pretrain``'s recipe on the glyphs dataset (``images`` training images, its validation size and image
-    size), for ``epochs`` epochs with the learning rate 10x lower for the last."""
+    size), for ``epochs`` whole epochs with the learning rate 10x lower for the last."""
     data = dataclasses.replace(pretrain.data, kind="glyphs", num_train=images, seed=FINETUNE_SEED)
-    return dataclasses.replace(pretrain, data=data, epochs=epochs, lr_drop=(max(1, epochs - 1),))
+    return dataclasses.replace(pretrain, data=data, epochs=epochs, epoch_batches=0, lr_drop=(max(1, epochs - 1),))
 
 
 def finetune_config(recipe: DemoRecipe, variant: Variant, data: Path, init: Path | None) -> TrainConfig:
@@ -173,7 +173,7 @@ def markdown(rows: list[dict[str, Any]], pretrained: dict[str, dict[str, Any]], 
         (
             f"Pretrained on shapes ({meta['pretrain_images']} images, {meta['pretrain_steps']} steps of {meta['batch_size']}); "
             f"trained on glyphs ({meta['finetune_images']} images, {meta['finetune_steps']} steps of {meta['batch_size']}); "
-            f"{meta['image_size']}x{meta['image_size']} images, lr {meta['lr']} (10x lower in the last epoch), the demo's model "
+            f"{meta['image_size']}x{meta['image_size']} images, lr {meta['lr']} (backbone {meta.get('lr_backbone', meta['lr'])}; 10x lower in the last epoch), the demo's model "
             f"changes; training seeds {', '.join(map(str, meta['seeds']))}. AP in % on glyphs val, median [min-max] over the seeds; "
             f"beats scratch: in how many seeds the start's AP is above the same model's from scratch."
         ),
@@ -250,6 +250,7 @@ def main() -> None:
         "image_size": pretrain.image_size,
         "batch_size": pretrain.batch_size,
         "lr": pretrain.lr,
+        "lr_backbone": pretrain.lr_backbone,
         "pretrain_lr_drop": list(pretrain.lr_drop),
         "finetune_lr_drop": list(finetune.lr_drop),
         "model_overrides": dict(pretrain.model_overrides),

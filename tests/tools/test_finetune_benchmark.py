@@ -34,8 +34,8 @@ def test_fine_tuning_trains_new_classes_on_the_demo_recipe(finetune, tmp_path, t
     pretrain = scaled_recipe()
     assert pretrain == DemoRecipe()
     recipe = finetune.finetune_recipe(pretrain, epochs=3, images=500)
-    assert finetune._steps(pretrain) == 6 * 150  # the demo's epochs of 150 batches
-    assert finetune._steps(recipe) == 3 * 125  # 500 images make epochs of 125 batches, fewer than 150
+    assert finetune._steps(pretrain) == 12 * 75  # the demo's epochs of 75 batches
+    assert finetune._steps(recipe) == 3 * 125  # whole epochs: 500 images make 125 batches
     assert recipe.data.kind == "glyphs" and recipe.lr_drop == (2,) and (recipe.lr, recipe.image_size) == (pretrain.lr, pretrain.image_size)
     assert recipe.model_overrides == pretrain.model_overrides
     assert not match_classes(KINDS["glyphs"].classes, KINDS["shapes"].classes)  # every class row starts fresh
