@@ -173,7 +173,7 @@ def markdown(rows: list[dict[str, Any]], pretrained: dict[str, dict[str, Any]], 
         (
             f"Pretrained on shapes ({meta['pretrain_images']} images, {meta['pretrain_steps']} steps of {meta['batch_size']}); "
             f"trained on glyphs ({meta['finetune_images']} images, {meta['finetune_steps']} steps of {meta['batch_size']}); "
-            f"{meta['image_size']}x{meta['image_size']} images, lr {meta['lr']} (backbone {meta.get('lr_backbone', meta['lr'])}; 10x lower in the last epoch), the demo's model "
+            f"{meta['image_size']}x{meta['image_size']} images, lr {meta['lr']} (backbone {meta['lr_backbone']}; 10x lower in the last epoch), the demo's model "
             f"changes; training seeds {', '.join(map(str, meta['seeds']))}. AP in % on glyphs val, median [min-max] over the seeds; "
             f"beats scratch: in how many seeds the start's AP is above the same model's from scratch."
         ),

@@ -60,8 +60,9 @@ def test_seeds_are_summarised_per_run_with_wins_over_scratch(finetune):
     assert [(r["run"], r["beats_scratch"]) for r in rows] == [("h3l1-2x3-from-h3l1-2x3", 2), ("h3l1-2x3-scratch", None)]
     assert rows[0]["metrics"]["AP"] == [0.20, 0.05, 0.30] and rows[1]["metrics"]["AP50"] == [0.20, 0.16, 0.24]
     assert pretrained["h3l1-2x3"]["metrics"]["AP"] == [0.30, 0.31, 0.32]
-    meta = {"pretrain_images": 8, "pretrain_steps": 2, "finetune_images": 8, "finetune_steps": 2, "batch_size": 4, "image_size": 128, "lr": 4e-4, "seeds": [0, 1, 2]}
+    meta = {"pretrain_images": 8, "pretrain_steps": 2, "finetune_images": 8, "finetune_steps": 2, "batch_size": 4, "image_size": 128, "lr": 4e-4, "lr_backbone": 1e-3, "seeds": [0, 1, 2]}
     table = finetune.markdown(rows, pretrained, meta)
+    assert "lr 0.0004 (backbone 0.001; 10x lower in the last epoch)" in table
     assert "| Lite | pretrained | 20.0 [5.0-30.0] | 40.0 [10.0-60.0] | - | - | - | 2 of 3 |" in table
     assert "| Lite | scratch | 10.0 [8.0-12.0] |" in table and "- Lite: 31.0 [30.0-32.0] / 50.0 [50.0-50.0]" in table
 

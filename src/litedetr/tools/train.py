@@ -29,8 +29,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_LR, DEFAULT_LR_BACKBONE = TrainConfig.lr, TrainConfig.lr_backbone
 """DINO's learning rates (for ``--lr`` / ``--lr-backbone`` without ``--small-data``)."""
 
-_SMALL = SMALL_DATA.model_overrides()
-
 DETR_SCALES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
 """DETR's training short sides for 800 px evaluation; other sizes scale them."""
 
@@ -185,13 +183,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int_at_least(1), default=2, help="images per step and process (default 2)")
     p.add_argument("--accumulate", type=int_at_least(1), default=1, help="gradient accumulation steps")
+    small = SMALL_DATA.model_overrides()
     p.add_argument(
         "--small-data",
         action="store_true",
-        help=f"the demo's recipe for a few hundred to a few thousand images (SmallDataRecipe): {_SMALL['dn_number']} denoising queries, "
-        f"every encoder proposal matched one-to-many, classification losses weighted {_SMALL['class_loss_weight']:g}, lr {SMALL_DATA.lr:g} "
+        help=f"the demo's recipe for a few hundred to a few thousand images (SmallDataRecipe): {small['dn_number']} denoising queries, "
+        f"every encoder proposal matched one-to-many, classification losses weighted {small['class_loss_weight']:g}, lr {SMALL_DATA.lr:g} "
         f"(the backbone {SMALL_DATA.backbone_lr:g}, or {SMALL_DATA.imagenet_backbone_ratio:g}x lr with --backbone-weights); without --init also "
-        f"{_SMALL['num_queries']} queries with content from the encoder, and without --backbone-weights a trainable backbone "
+        f"{small['num_queries']} queries with content from the encoder, and without --backbone-weights a trainable backbone "
         "batch norm. --set, --lr and --lr-backbone still override it",
     )
     p.add_argument("--lr", type=float_in(0, low_open=True), help=f"(default {DEFAULT_LR:g}; {SMALL_DATA.lr:g} with --small-data)")
