@@ -74,19 +74,17 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from litedetr.data import CocoDetection, collate, find_split, write_synthetic_dataset
 from litedetr.engine import TrainConfig
 from litedetr.engine.recipes import DemoRecipe, demo_train_config, run_in_parallel, train_or_reuse
-from litedetr.engine.trainer import Trainer
-from litedetr.models import Detector, get_config, load_model
+from litedetr.models import get_config, load_model
 from litedetr.ops import box_iou, level_shapes
 
 LOSS_TERMS = ("loss_class", "loss_bbox", "loss_giou")
@@ -96,21 +94,13 @@ DECODER_ONE_TO_MANY = 180
 LAST_STEPS = 50
 
 
-def _zero_query_proj(model: Detector) -> None:
-    for module in model.modules():
-        if getattr(module, "key_aware", False):
-            nn.init.zeros_(module.query_proj.weight)
-
-
 @dataclass(frozen=True)
 class Cell:
-    """One configuration of the study: :class:`DetectorConfig` changes, :class:`TrainConfig` changes and
-    an optional change to the freshly built model (applied before training starts)."""
+    """One configuration of the study: :class:`DetectorConfig` changes and :class:`TrainConfig` changes."""
 
     label: str
     model_overrides: dict[str, Any] = field(default_factory=dict)
     train_overrides: dict[str, Any] = field(default_factory=dict)
-    prepare: Callable[[Detector], None] | None = None
 
 
 AUTHORS_OVERRIDES = {"backbone_trainable_norm": True, "dn_number": 100}
@@ -136,13 +126,18 @@ CLASS8 = {**ENCODER_CONTENT, "class_loss_weight": 8.0}
 """:data:`ENCODER_CONTENT` with class losses weighted 8: :class:`DemoRecipe`'s model (``recipe-encoder-content-class8*`` cells)."""
 
 
+DEMO_TRAINING = {"lr_backbone": 1e-3, "epochs": 12, "lr_drop": (11,)}
+"""What :class:`DemoRecipe`'s schedule changes in :data:`STUDY_TRAINING` (``demo-*`` cells: the demo's
+model and training, with one change)."""
+
+
 def cells() -> dict[str, Cell]:
     base = get_config(DemoRecipe.model)
     msda_encoder = dataclasses.replace(base.encoder, key_aware=False)
     msda = {"encoder": msda_encoder, "decoder_key_aware": False}
     return {
         "kda": Cell("KDA in encoder and decoder (the authors' Lite-DINO)"),
-        "kda-zero-query": Cell("KDA, query_proj zero-initialised (uniform start)", prepare=_zero_query_proj),
+        "kda-zero-query": Cell("KDA, query_proj zero-initialised (uniform start)", {"kda_zero_query": True}),
         "kda-encoder": Cell("KDA in the encoder, MSDA in the decoder", {"decoder_key_aware": False}),
         "msda": Cell("MSDA in encoder and decoder", {"encoder": msda_encoder, "decoder_key_aware": False}),
         "kda-warmup": Cell(f"KDA, lr warm-up over {WARMUP_STEPS} steps", train_overrides={"warmup_steps": WARMUP_STEPS}),
@@ -207,7 +202,16 @@ def cells() -> dict[str, Cell]:
         "recipe-encoder-content-class8-backbone-lr1e-3-late-drop": Cell(
             "KDA, dense, 200 queries, content from the encoder, class 8, backbone lr 1e-3, the 10x drop for the last twelfth of the steps",
             CLASS8,
-            {"lr_backbone": 1e-3, "epochs": 12, "lr_drop": (11,)},
+            DEMO_TRAINING,
+        ),
+        "demo-msda": Cell("the demo's recipe with MSDA in encoder and decoder", {**CLASS8, **msda}, DEMO_TRAINING),
+        "demo-kda-encoder": Cell("the demo's recipe with KDA in the encoder, MSDA in the decoder", {**CLASS8, "decoder_key_aware": False}, DEMO_TRAINING),
+        "demo-kda-zero-query": Cell("the demo's recipe, KDA's query_proj zero-initialised (uniform start)", {**CLASS8, "kda_zero_query": True}, DEMO_TRAINING),
+        "demo-kda-key-proj": Cell("the demo's recipe, KDA keys from a projection of their own", {**CLASS8, "kda_key_proj": True}, DEMO_TRAINING),
+        "demo-kda-key-proj-zero-query": Cell(
+            "the demo's recipe, KDA keys from a projection of their own, query_proj zero-initialised",
+            {**CLASS8, "kda_key_proj": True, "kda_zero_query": True},
+            DEMO_TRAINING,
         ),
         "recipe-encoder-content-class8-msda-backbone-lr1e-3": Cell(
             "MSDA, dense, 200 queries, content from the encoder, class 8, backbone lr 1e-3 (the rest 4e-4)", {**CLASS8, **msda}, {"lr_backbone": 1e-3}
@@ -268,16 +272,10 @@ def train_one(cell_name: str, seed: int, steps_per_epoch: int, runs: Path, init:
 
     ``init``: a model file to start from (``TrainConfig.init``) instead of the seed's draw of initial
     weights; the seed still orders the batches."""
-    cell = cells()[cell_name]
     config = cell_config(cell_name, seed, steps_per_epoch, write_synthetic_dataset(runs / "data", DemoRecipe().data), init)
     out = run_dir(runs, cell_name, seed, steps_per_epoch, init)
     started = time.perf_counter()
-    if cell.prepare is not None and not (out / "checkpoint.pt").exists():
-        trainer = Trainer(config, out)  # a fresh run: change the model before its first step
-        cell.prepare(trainer.model)
-        metrics = trainer.fit().metrics
-    else:
-        metrics, _ = train_or_reuse(config, out)
+    metrics, _ = train_or_reuse(config, out)
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"][-LAST_STEPS:]
     result = {

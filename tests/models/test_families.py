@@ -421,3 +421,21 @@ def test_match_class_cost_sets_the_matchers_class_weight_and_can_change_the_assi
     assert chosen == {0.0: 0, 2.0: 1, 8.0: 1}
     with pytest.raises(ValueError, match="match_class_cost must be >= 0"):
         get_config("lite-dino-r18-tiny-h3l1-2x3", match_class_cost=-1.0)
+
+
+def test_key_aware_options_reach_every_kda_layer_and_survive_a_model_file(tmp_path):
+    authors = build_model("lite-dino-r18-tiny-h3l1-2x3", num_classes=3)
+    model = build_model("lite-dino-r18-tiny-h3l1-2x3", num_classes=3, kda_key_proj=True, kda_zero_query=True)
+    layers = [m for m in model.modules() if getattr(m, "key_aware", False)]
+    assert len(layers) == len(model.encoder.layers) + model.config.decoder_layers  # every encoder and decoder layer
+    assert all(m.query_proj.weight.abs().sum() == 0 for m in layers)
+    added = set(model.state_dict()) - set(authors.state_dict())
+    assert added == {f"{m}.key_proj.{p}" for m, mod in model.named_modules() if getattr(mod, "key_aware", False) for p in ("weight", "bias")}
+    assert set(authors.state_dict()) <= set(model.state_dict())
+    with torch.no_grad():
+        for m in layers:
+            m.query_proj.weight.normal_()  # trained weights, not the start
+    loaded = load_model(save_model(model, tmp_path / "kda.safetensors"))
+    assert (loaded.config.kda_key_proj, loaded.config.kda_zero_query) == (True, True)
+    for name, tensor in model.state_dict().items():  # the file's weights win over the zero start
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, msg=name)

@@ -140,3 +140,17 @@ def test_the_readme_example_is_what_the_command_prints():
     assert command in readme
     block = readme.split(command, 1)[1].split("```", 1)[0].rstrip("\n")
     assert block == format_report(count_flops("lite-dino-r50-h3l1-2x3"))
+
+
+def test_a_key_projection_adds_its_linear_layer_and_the_key_samples():
+    """Per KDA layer, ``key_proj`` over its S input tokens (S x C x C) and one more bilinear sample (4 D) per query, head, level and point."""
+    shared, own = (count_flops(build_model(TINY, kda_key_proj=flag).eval(), SIZE) for flag in (False, True))
+    tokens = sum(h * w for h, w in shared.spatial_shapes)
+    model = build_model(TINY)
+    attn = next(m for m in model.encoder.modules() if isinstance(m, MultiScaleDeformableAttention))
+    d, per_point = attn.d_model, attn.n_heads * attn.n_levels * attn.n_points * 4 * (attn.d_model // attn.n_heads)
+    queries = sum(s.num_queries for s in shared.schedule)
+    encoder = len(shared.schedule) * tokens * d * d + queries * per_point
+    decoder = model.config.decoder_layers * (tokens * d * d + model.config.num_queries * per_point)
+    assert (own.components["encoder"] - shared.components["encoder"]) * 1e9 == pytest.approx(encoder, rel=1e-9)
+    assert (own.components["decoder"] - shared.components["decoder"]) * 1e9 == pytest.approx(decoder, rel=1e-9)

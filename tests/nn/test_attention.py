@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import load_fixture
-from litedetr.nn import MultiScaleDeformableAttention
+from litedetr.nn import KeyAwareOptions, MultiScaleDeformableAttention
 from litedetr.models.convert import load_official_state_dict
 
 
@@ -76,3 +76,63 @@ def test_padded_image_gives_the_same_output_as_alone(key_aware):
         batched = attn(torch.cat([query, torch.randn(1, 5, d)]), ref_batch, batch_value, big, batch_mask)
     torch.testing.assert_close(batched[:1], alone, atol=1e-5, rtol=1e-5)
     assert not math.isclose(batched[1].abs().sum().item(), 0.0)
+
+
+def _attention_inputs(d: int = 32, levels: int = 2, queries: int = 6) -> tuple:
+    shapes = torch.tensor([[6, 5], [3, 3]])[:levels]
+    value = torch.randn(2, int(shapes.prod(1).sum()), d, dtype=torch.float64)
+    return torch.randn(2, queries, d, dtype=torch.float64), torch.rand(2, queries, levels, 4, dtype=torch.float64), value, shapes
+
+
+def _captured_weights(attn: MultiScaleDeformableAttention, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    captured = []
+    attn.capture = lambda locations, weights: captured.append(weights)
+    with torch.no_grad():
+        out = attn(*inputs)
+    return out, captured[0]
+
+
+def test_zero_query_start_weighs_every_sampled_point_alike():
+    """``zero_query``: q = 0, so the softmax of q.k is 1 / (L*P), exactly plain deformable attention's start."""
+    kda = MultiScaleDeformableAttention(32, 2, 4, 3, key_aware=True, kda=KeyAwareOptions(zero_query=True)).double()
+    msda = MultiScaleDeformableAttention(32, 2, 4, 3).double()
+    assert kda.query_proj.weight.abs().sum() == 0 and kda.query_proj.bias.abs().sum() == 0
+    for name in ("sampling_offsets", "value_proj", "output_proj"):
+        getattr(msda, name).load_state_dict(getattr(kda, name).state_dict())
+    inputs = _attention_inputs()
+    out, weights = _captured_weights(kda, *inputs)
+    torch.testing.assert_close(weights, torch.full_like(weights, 1 / 6))
+    torch.testing.assert_close(out, msda(*inputs).detach())
+    # the default (the authors') start is random: the weights differ between points
+    _, authors = _captured_weights(MultiScaleDeformableAttention(32, 2, 4, 3, key_aware=True).double(), *inputs)
+    assert authors.flatten(-2).std(-1).min() > 1e-3
+
+
+def test_key_proj_weighs_by_its_own_keys_and_sums_the_values():
+    """``key_proj``: the weights come from the key projection alone, the values from ``value_proj`` alone."""
+    torch.manual_seed(1)
+    kda = MultiScaleDeformableAttention(32, 2, 4, 3, key_aware=True, kda=KeyAwareOptions(key_proj=True)).double()
+    shared = MultiScaleDeformableAttention(32, 2, 4, 3, key_aware=True).double()
+    assert set(kda.state_dict()) - set(shared.state_dict()) == {"key_proj.weight", "key_proj.bias"}
+    shared.load_state_dict({k: v for k, v in kda.state_dict().items() if not k.startswith("key_proj")})
+    inputs = _attention_inputs()
+    # keys projected like the values: the authors' shared layout, to rounding
+    kda.key_proj.load_state_dict(kda.value_proj.state_dict())
+    torch.testing.assert_close(kda(*inputs).detach(), shared(*inputs).detach())
+    # zero keys: q.k = 0 for every point, so uniform weights whatever the query; the values are unchanged
+    torch.nn.init.zeros_(kda.key_proj.weight)
+    out, weights = _captured_weights(kda, *inputs)
+    torch.testing.assert_close(weights, torch.full_like(weights, 1 / 6))
+    msda = MultiScaleDeformableAttention(32, 2, 4, 3).double()
+    for name in ("sampling_offsets", "value_proj", "output_proj"):
+        getattr(msda, name).load_state_dict(getattr(kda, name).state_dict())
+    torch.testing.assert_close(out, msda(*inputs).detach())
+    # another key projection changes the weights, not only the scale of the output
+    torch.nn.init.normal_(kda.key_proj.weight)
+    _, other = _captured_weights(kda, *inputs)
+    assert (other - 1 / 6).abs().max() > 0.05
+
+
+def test_key_aware_options_are_ignored_by_plain_attention():
+    msda = MultiScaleDeformableAttention(32, 2, 4, 3, kda=KeyAwareOptions(key_proj=True, zero_query=True))
+    assert msda.kda == KeyAwareOptions() and not hasattr(msda, "key_proj")

@@ -10,7 +10,6 @@ from conftest import benchmark_script
 
 from litedetr.engine.recipes import DemoRecipe
 from litedetr.models import build_model, get_config
-from litedetr.nn.attention import MultiScaleDeformableAttention
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +24,8 @@ def _config(study, name):
 
 def test_cells_differ_only_where_named(study):
     configs = {name: _config(study, name) for name in study.cells()}
-    assert configs["kda"] == configs["kda-zero-query"] == get_config(DemoRecipe.model, backbone_trainable_norm=True, dn_number=100)
+    assert configs["kda"] == get_config(DemoRecipe.model, backbone_trainable_norm=True, dn_number=100)
+    assert configs["kda-zero-query"] == dataclasses.replace(configs["kda"], kda_zero_query=True)
     assert configs["kda"].encoder.key_aware and configs["kda"].decoder_key_aware
     assert configs["recipe-encoder-content-class8"] == get_config(DemoRecipe.model, **dict(DemoRecipe.model_overrides))  # the demo's model
     assert configs["kda-encoder"].encoder.key_aware and not configs["kda-encoder"].decoder_key_aware
@@ -39,6 +39,7 @@ def test_cells_differ_only_where_named(study):
         changed = {key for key, value in config.to_dict().items() if value != authors[key]}
         assert changed == named - {key for key in named if study.cells()[name].model_overrides[key] == authors[key]}, name
         assert ("msda" in name) == ("encoder" in changed and "decoder_key_aware" in changed), name
+        assert ("key-proj" in name, "zero-query" in name) == (config.kda_key_proj, config.kda_zero_query), name
         if name.startswith("msda"):
             assert config == dataclasses.replace(configs["msda"], **{k: v for k, v in study.cells()[name].model_overrides.items() if k not in ("encoder", "decoder_key_aware")})
 
@@ -53,25 +54,10 @@ def test_every_cell_trains_the_same_steps_and_evaluates_after_its_last_epoch(stu
     assert schedules["recipe-encoder-content-class8"] == (6, 150, 4, (5,), 4e-4, 4e-4)  # fixed, whatever DemoRecipe becomes
     assert schedules["recipe-encoder-content-class8-late-drop"] == (12, 75, 4, (11,), 4e-4, 4e-4)
     assert schedules["recipe-encoder-content-class8-backbone-lr1e-3-late-drop"] == (12, 75, 4, (11,), 4e-4, 1e-3)
+    for name in (n for n in schedules if n.startswith("demo-")):  # the demo's schedule and model, one change
+        assert schedules[name] == schedules["recipe-encoder-content-class8-backbone-lr1e-3-late-drop"], name
     assert schedules["recipe-batch2"] == (6, 300, 2, (5,), 4e-4, 4e-4)
     assert schedules["recipe-encoder-content-class8-drops45"][3] == (4, 5)
-
-
-def test_zero_query_start_weighs_every_sampled_point_alike(study):
-    torch.manual_seed(0)
-    model = build_model(DemoRecipe.model, num_classes=3, min_size=(64,), max_size=64, num_queries=10, num_select=10)
-    study.cells()["kda-zero-query"].prepare(model)
-    captured = []
-    attentions = [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
-    assert attentions and all(m.key_aware for m in attentions)
-    for module in attentions:
-        module.capture = lambda locations, weights: captured.append(weights)
-    model.eval()
-    with torch.no_grad():
-        model([torch.rand(3, 64, 64)])
-    assert len(captured) == len(attentions)
-    for weights in captured:  # softmax of q.k with q = 0: 1 / (levels x points) everywhere
-        torch.testing.assert_close(weights, torch.full_like(weights, 1 / weights[0, 0, 0].numel()))
 
 
 def test_summary_and_table(study):

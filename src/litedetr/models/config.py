@@ -48,6 +48,14 @@ class DetectorConfig:
     decoder_layers: int = 6
     decoder_ffn: int = 2048
     decoder_key_aware: bool = False
+    kda_key_proj: bool = False
+    """Every KDA layer samples its keys from a projection of their own (the authors' ``proj_key=True``,
+    a ``key_proj`` per layer) instead of the projected values (``proj_key=False``, every released
+    checkpoint's layout)."""
+    kda_zero_query: bool = False
+    """Every KDA layer's ``query_proj`` starts at zero, so its first attention is uniform over the
+    sampled points, as plain deformable attention's; the authors start it Xavier-uniform (random
+    attention). Initialisation only: the weights' layout is the same."""
     dropout: float = 0.0
     num_queries: int = 900
     num_select: int = 300

@@ -21,7 +21,7 @@ from litedetr.models.heads import PredictionHeads
 from litedetr.models.matcher import HungarianMatcher
 from litedetr.models.query_selection import MixedQuerySelection, PosTransQuerySelection, QuerySelection
 from litedetr.models.training_queries import Denoising, OneToManyGroup, TrainingQueries
-from litedetr.nn import DeformableEncoder, EncoderInput, LiteEncoder, MultiScaleDeformableAttention
+from litedetr.nn import DeformableEncoder, EncoderInput, KeyAwareOptions, LiteEncoder, MultiScaleDeformableAttention
 from litedetr.nn.decoder import AnchorQueryPosition, DeformableDecoder, StaticQueryPosition
 
 __all__ = ["FamilyDesign", "FAMILY_DESIGNS", "DetectorParts", "build_parts"]
@@ -99,13 +99,18 @@ class DetectorParts(NamedTuple):
     criterion: SetCriterion
 
 
+def _kda(config: DetectorConfig) -> KeyAwareOptions:
+    return KeyAwareOptions(key_proj=config.kda_key_proj, zero_query=config.kda_zero_query)
+
+
 def _encoder(config: DetectorConfig) -> DeformableEncoder:
     enc = config.encoder
     common = dict(d_model=config.d_model, n_levels=config.n_levels, n_heads=config.n_heads, n_points=config.n_points)
+    attention = dict(dropout=config.dropout, key_aware=enc.key_aware, kda=_kda(config))
     if enc.kind == "lite":
         schedule = dict(n_high=enc.n_high, high_updates=enc.high_updates, blocks=enc.blocks, d_ffn_low=enc.d_ffn_low)
-        return LiteEncoder(d_ffn=enc.d_ffn, dropout=config.dropout, key_aware=enc.key_aware, **schedule, **common)
-    return DeformableEncoder(enc.num_layers, d_ffn=enc.d_ffn, dropout=config.dropout, key_aware=enc.key_aware, **common)
+        return LiteEncoder(d_ffn=enc.d_ffn, **attention, **schedule, **common)
+    return DeformableEncoder(enc.num_layers, d_ffn=enc.d_ffn, **attention, **common)
 
 
 def _init_transformer(*modules: nn.Module) -> None:
@@ -142,6 +147,7 @@ def build_parts(config: DetectorConfig, backbone_weights: str | None = None) -> 
         config.decoder_ffn,
         config.dropout,
         config.decoder_key_aware,
+        _kda(config),
         query_position=AnchorQueryPosition(d) if design.anchor_query_position else StaticQueryPosition(),
         norm=nn.LayerNorm(d) if design.decoder_norm else nn.Identity(),
         look_forward_twice=config.look_forward_twice,

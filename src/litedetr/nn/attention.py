@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 from litedetr.ops import key_aware_attention_weights, ms_deform_attn, ms_deform_attn_key_aware
 from litedetr.ops.geometry import SpatialShapes, shapes_tensor
 
-__all__ = ["MultiScaleDeformableAttention", "sampling_locations", "AttentionCapture"]
+__all__ = ["MultiScaleDeformableAttention", "KeyAwareOptions", "sampling_locations", "AttentionCapture"]
 
 AttentionCapture = Callable[[Tensor, Tensor], None]
 """``capture(locations (B, Lq, M, L, P, 2), weights (B, Lq, M, L, P))``, see :attr:`MultiScaleDeformableAttention.capture`."""
@@ -40,6 +41,21 @@ def sampling_locations(reference_points: Tensor, offsets: Tensor, spatial_shapes
     raise ValueError(f"reference points must end in 2 (points) or 4 (boxes), got shape {tuple(reference_points.shape)}")
 
 
+@dataclass(frozen=True)
+class KeyAwareOptions:
+    """How KDA layers are built and start; the defaults are the authors' Lite DETR.
+
+    Attributes:
+        key_proj: keys from their own linear projection of the maps (``key_proj``, the authors'
+            ``proj_key=True``) instead of the projected values, which then serve only as values.
+        zero_query: ``query_proj`` starts at zero, so every query's first attention is uniform over
+            its ``L*P`` samples (where plain deformable attention starts) instead of random.
+    """
+
+    key_proj: bool = False
+    zero_query: bool = False
+
+
 class MultiScaleDeformableAttention(nn.Module):
     """Each query attends to ``n_points`` sampled locations per head and level around its reference.
 
@@ -54,6 +70,7 @@ class MultiScaleDeformableAttention(nn.Module):
         n_heads: heads ``M`` (``C`` must be divisible by it).
         n_points: sampling points ``P`` per head and level.
         key_aware: KDA instead of plain deformable attention.
+        kda: :class:`KeyAwareOptions` of a KDA layer (ignored without ``key_aware``).
 
     Attributes:
         capture: an optional :data:`AttentionCapture` callback (None by default), called by ``forward``
@@ -61,15 +78,26 @@ class MultiScaleDeformableAttention(nn.Module):
             ``q.k``, computed again for the callback). For inspection tools (``litedetr explain``).
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, key_aware: bool = False):
+    def __init__(
+        self,
+        d_model: int = 256,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+        key_aware: bool = False,
+        kda: KeyAwareOptions = KeyAwareOptions(),
+    ):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
         self.key_aware = key_aware
+        self.kda = kda if key_aware else KeyAwareOptions()
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         if key_aware:
             self.query_proj = nn.Linear(d_model, d_model)
+            if self.kda.key_proj:
+                self.key_proj = nn.Linear(d_model, d_model)
         else:
             self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -87,12 +115,12 @@ class MultiScaleDeformableAttention(nn.Module):
         with torch.no_grad():
             self.sampling_offsets.bias.copy_(grid.expand(-1, self.n_levels, -1, -1).reshape(-1))
         if self.key_aware:
-            nn.init.xavier_uniform_(self.query_proj.weight)
+            (nn.init.zeros_ if self.kda.zero_query else nn.init.xavier_uniform_)(self.query_proj.weight)
             nn.init.zeros_(self.query_proj.bias)
         else:
             nn.init.zeros_(self.attention_weights.weight)
             nn.init.zeros_(self.attention_weights.bias)
-        for proj in (self.value_proj, self.output_proj):
+        for proj in (self.value_proj, self.output_proj, *([self.key_proj] if self.kda.key_proj else [])):
             nn.init.xavier_uniform_(proj.weight)
             nn.init.zeros_(proj.bias)
 
@@ -123,19 +151,16 @@ class MultiScaleDeformableAttention(nn.Module):
             ``(B, Lq, C)``.
         """
         b, lq, _ = query.shape
-        s = value.shape[1]
         if reference_points.shape[:3] != (b, lq, self.n_levels):
             raise ValueError(f"reference points {tuple(reference_points.shape)} do not fit {b} x {lq} queries, {self.n_levels} levels")
-        v = self.value_proj(value)
-        if padding_mask is not None:
-            v = v.masked_fill(padding_mask[..., None], 0.0)
-        v = v.view(b, s, self.n_heads, -1)
+        v = self._project(self.value_proj, value, padding_mask)
         locations = self.sampling(query, reference_points, spatial_shapes)
         if self.key_aware:
             q = self.query_proj(query).view(b, lq, self.n_heads, -1)
-            out = ms_deform_attn_key_aware(q, v, v, spatial_shapes, locations)
+            k = self._project(self.key_proj, value, padding_mask) if self.kda.key_proj else v
+            out = ms_deform_attn_key_aware(q, k, v, spatial_shapes, locations)
             if self.capture is not None:
-                self.capture(locations, key_aware_attention_weights(q, v, spatial_shapes, locations))
+                self.capture(locations, key_aware_attention_weights(q, k, spatial_shapes, locations))
         else:
             weights = self.attention_weights(query).view(b, lq, self.n_heads, self.n_levels * self.n_points)
             weights = weights.softmax(-1).view(b, lq, self.n_heads, self.n_levels, self.n_points)
@@ -143,3 +168,10 @@ class MultiScaleDeformableAttention(nn.Module):
             if self.capture is not None:
                 self.capture(locations, weights)
         return self.output_proj(out)
+
+    def _project(self, proj: nn.Linear, value: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """``(B, S, C)`` maps -> ``(B, S, M, D)`` projected per head, zero at padding."""
+        x = proj(value)
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask[..., None], 0.0)
+        return x.view(*value.shape[:2], self.n_heads, -1)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from litedetr.nn.attention import MultiScaleDeformableAttention
+from litedetr.nn.attention import KeyAwareOptions, MultiScaleDeformableAttention
 from litedetr.nn.encoder import FFN
 from litedetr.ops import box_sine_embedding, inverse_sigmoid
 from litedetr.ops.geometry import SpatialShapes
@@ -45,11 +45,12 @@ class DecoderLayer(nn.Module):
         d_ffn: int = 2048,
         dropout: float = 0.0,
         key_aware: bool = False,
+        kda: KeyAwareOptions = KeyAwareOptions(),
     ):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
         self.norm_self = nn.LayerNorm(d_model)
-        self.cross_attn = MultiScaleDeformableAttention(d_model, n_levels, n_heads, n_points, key_aware)
+        self.cross_attn = MultiScaleDeformableAttention(d_model, n_levels, n_heads, n_points, key_aware, kda)
         self.norm_cross = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
         self.ffn = FFN(d_model, d_ffn, dropout)
@@ -130,6 +131,7 @@ class DeformableDecoder(nn.Module):
         d_ffn: int = 2048,
         dropout: float = 0.0,
         key_aware: bool = False,
+        kda: KeyAwareOptions = KeyAwareOptions(),
         *,
         query_position: nn.Module,
         norm: nn.Module,
@@ -138,7 +140,7 @@ class DeformableDecoder(nn.Module):
     ):
         super().__init__()
         self.layers = nn.ModuleList(
-            DecoderLayer(d_model, n_levels, n_heads, n_points, d_ffn, dropout, key_aware) for _ in range(num_layers)
+            DecoderLayer(d_model, n_levels, n_heads, n_points, d_ffn, dropout, key_aware, kda) for _ in range(num_layers)
         )
         self.query_position = query_position
         self.norm = norm

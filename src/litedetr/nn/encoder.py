@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from litedetr.nn.attention import MultiScaleDeformableAttention
+from litedetr.nn.attention import KeyAwareOptions, MultiScaleDeformableAttention
 from litedetr.ops import encoder_reference_points
 from litedetr.ops.geometry import SpatialShapes, level_shapes, level_starts
 
@@ -52,9 +52,10 @@ class EncoderLayer(nn.Module):
         dropout: float = 0.0,
         key_aware: bool = False,
         d_ffn_low: int | None = None,
+        kda: KeyAwareOptions = KeyAwareOptions(),
     ):
         super().__init__()
-        self.self_attn = MultiScaleDeformableAttention(d_model, n_levels, n_heads, n_points, key_aware)
+        self.self_attn = MultiScaleDeformableAttention(d_model, n_levels, n_heads, n_points, key_aware, kda)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
         self.ffn = FFN(d_model, d_ffn, dropout)
@@ -111,6 +112,7 @@ class DeformableEncoder(nn.Module):
         d_ffn: FFN width.
         dropout: dropout in attention residual and FFN.
         key_aware: KDA instead of plain deformable attention.
+        kda: :class:`~litedetr.nn.attention.KeyAwareOptions` of the KDA layers.
     """
 
     def __init__(
@@ -123,11 +125,12 @@ class DeformableEncoder(nn.Module):
         d_ffn: int = 1024,
         dropout: float = 0.0,
         key_aware: bool = False,
+        kda: KeyAwareOptions = KeyAwareOptions(),
     ):
         super().__init__()
         self.n_levels = n_levels
         self.layers = nn.ModuleList(
-            EncoderLayer(d_model, n_levels, n_heads, n_points, d_ffn, dropout, key_aware) for _ in range(num_layers)
+            EncoderLayer(d_model, n_levels, n_heads, n_points, d_ffn, dropout, key_aware, kda=kda) for _ in range(num_layers)
         )
         self.query_levels: list[int] = [0] * num_layers
         self.low_ffn_levels = 0
@@ -192,17 +195,18 @@ class LiteEncoder(DeformableEncoder):
         d_ffn_low: int | None = 256,
         dropout: float = 0.0,
         key_aware: bool = True,
+        kda: KeyAwareOptions = KeyAwareOptions(),
     ):
         if not 0 < n_high < n_levels:
             raise ValueError(f"n_high must be in 1..{n_levels - 1}, got {n_high}")
         if high_updates < 1 or blocks < 1:
             raise ValueError(f"A (high_updates) and B (blocks) must be >= 1, got A={high_updates}, B={blocks}")
-        super().__init__(0, d_model, n_levels, n_heads, n_points, d_ffn, dropout, key_aware)
+        super().__init__(0, d_model, n_levels, n_heads, n_points, d_ffn, dropout, key_aware, kda)
         self.n_high, self.high_updates, self.blocks = n_high, high_updates, blocks
         self.low_ffn_levels = n_levels - n_high
         for _ in range(blocks):
             for _ in range(high_updates - 1):
-                self.layers.append(EncoderLayer(d_model, n_levels, n_heads, n_points, d_ffn, dropout, key_aware))
+                self.layers.append(EncoderLayer(d_model, n_levels, n_heads, n_points, d_ffn, dropout, key_aware, kda=kda))
                 self.query_levels.append(self.low_ffn_levels)
-            self.layers.append(EncoderLayer(d_model, n_levels, n_heads, n_points, d_ffn, dropout, key_aware, d_ffn_low))
+            self.layers.append(EncoderLayer(d_model, n_levels, n_heads, n_points, d_ffn, dropout, key_aware, d_ffn_low, kda))
             self.query_levels.append(0)
