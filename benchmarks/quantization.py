@@ -9,14 +9,17 @@ The model (``--model``, a litedetr model file, e.g. ``litedetr-demo/model.safete
 - ``onnxruntime-int8``: that graph with INT8 linear layers (:func:`litedetr.tools.export.quantize_onnx`:
   ONNX Runtime's dynamic quantisation, per-channel 7-bit weights, inputs quantised per call), and
   ``onnxruntime-int8-full``: the same with full 8-bit weights (exact only on CPUs with VNNI);
-- ``openvino-int8``: the 7-bit INT8 graph in OpenVINO.
+- ``openvino-int8``: the 7-bit INT8 graph in OpenVINO;
+- ``openvino-int8-nncf``: the float32 OpenVINO IR quantised by NNCF (:func:`litedetr.tools.export.quantize_openvino`:
+  static INT8 of convolutions and matrix products, weights and activations), calibrated on the first 100
+  training images (``litedetr export --format openvino --int8 --calibration``).
 
 AP and AP50 come from ``litedetr eval``'s path (:func:`litedetr.tools.evaluate.evaluate_model_file`,
 pycocotools) on every validation image; latency is one validation image per call, batch 1, the
 variants taking turns within every repeat (:func:`litedetr.engine.timing.interleaved_ms`), median.
 ``--data``: the COCO-format folder the model was validated on (default: the demo's synthetic dataset,
 generated into ``--work``). Writes ``quantization.json`` and ``quantization.md`` to ``--out``. Needs
-``pip install -e ".[export,openvino]"``.
+``pip install -e ".[export,openvino]"`` (NNCF comes with ``openvino``).
 
     python benchmarks/quantization.py --model litedetr-demo/model.safetensors [--data DIR] [--repeats 20] [--threads 2]
 """
@@ -37,7 +40,7 @@ from litedetr.models import Detector, load_model
 from litedetr.models.exported import graph_runner
 from litedetr.models.transform import resize_and_normalize
 from litedetr.tools.evaluate import evaluate_model_file
-from litedetr.tools.export import export_onnx, quantize_onnx
+from litedetr.tools.export import calibration_inputs, export_onnx, export_openvino, quantize_onnx, quantize_openvino
 
 VARIANTS = {
     # name: (graph: None for the model file, "float32", "int8" or "int8-full"; runtime)
@@ -47,18 +50,24 @@ VARIANTS = {
     "onnxruntime-int8": ("int8", "onnxruntime"),
     "onnxruntime-int8-full": ("int8-full", "onnxruntime"),
     "openvino-int8": ("int8", "openvino"),
+    "openvino-int8-nncf": ("int8-nncf", "openvino"),
 }
 REFERENCE = "pytorch"
 
 
-def write_graphs(model: Detector, size: tuple[int, int], folder: Path) -> dict[str, Path]:
-    """The float32 graph of ``model`` at ``size`` and its two INT8 versions, in ``folder``."""
+def write_graphs(model: Detector, size: tuple[int, int], folder: Path, graphs: set[str], data: Path) -> dict[str, Path]:
+    """The ``graphs`` (of ``float32``, ``int8``, ``int8-full``, ``int8-nncf``) of ``model`` at ``size``, in ``folder``;
+    NNCF calibrates on the training images of the dataset at ``data``."""
     float32 = export_onnx(model, folder / "float32.onnx", size)
-    return {
-        "float32": float32,
-        "int8": quantize_onnx(float32, folder / "int8.onnx", reduce_range=True),
-        "int8-full": quantize_onnx(float32, folder / "int8-full.onnx", reduce_range=False),
-    }
+    written = {"float32": float32}
+    if "int8" in graphs:
+        written["int8"] = quantize_onnx(float32, folder / "int8.onnx", reduce_range=True)
+    if "int8-full" in graphs:
+        written["int8-full"] = quantize_onnx(float32, folder / "int8-full.onnx", reduce_range=False)
+    if "int8-nncf" in graphs:
+        inputs = calibration_inputs(find_split(data, "train").images, model.config, size, dynamic_size=False)
+        written["int8-nncf"] = quantize_openvino(export_openvino(model, folder / "float32.xml", size), folder / "int8-nncf.xml", inputs)
+    return written
 
 
 def markdown(result: dict) -> str:
@@ -102,7 +111,7 @@ def main() -> None:
     size = tuple(sample.shape[1:])
     variants = [name for name in VARIANTS if name in args.variants or name == REFERENCE]
     with tempfile.TemporaryDirectory() as tmp:
-        graphs = write_graphs(model, size, Path(tmp))
+        graphs = write_graphs(model, size, Path(tmp), {VARIANTS[name][0] for name in variants}, data)
         metrics, calls = {}, {}
         for name in variants:
             graph, runtime = VARIANTS[name]

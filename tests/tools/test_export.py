@@ -12,12 +12,15 @@ from PIL import Image
 
 from litedetr import ExportedDetector, build_model, save_model
 from litedetr.cli import main
+from litedetr.models.exported import graph_runner
 from litedetr.models.transform import IMAGENET_MEAN, IMAGENET_STD
 from litedetr.ops import custom_ops
 from litedetr.tools import export
+from litedetr.tools.draw import synthetic_scene
 from litedetr.tools.export import (
     OnnxDetector,
     QueryProbe,
+    calibration_inputs,
     compare_with_runtime,
     cpu_model,
     export_onnx,
@@ -266,7 +269,58 @@ def test_int8_quantises_every_linear_layer_and_keeps_the_interface(tmp_path):
     assert ((boxes8 >= 0) & (boxes8 <= SIZE[0])).all()
 
 
-def test_cli_int8_needs_onnx(tmp_path, capsys):
+def test_cli_calibration_goes_with_openvino_int8(tmp_path, capsys):
     checkpoint = save_model(tiny("lite-dino-r18-tiny-h3l1-2x3"), tmp_path / "m.safetensors")
-    assert main(["export", "--checkpoint", str(checkpoint), "--format", "openvino", "--int8", "--size", "64x64", "--out", str(tmp_path / "m.xml")]) == 2
-    assert "--int8 quantises with ONNX Runtime: use it with --format onnx" in capsys.readouterr().err
+    export = ["export", "--checkpoint", str(checkpoint), "--size", "64x64"]
+    assert main([*export, "--format", "openvino", "--int8", "--out", str(tmp_path / "m.xml")]) == 2
+    assert "--format openvino --int8 calibrates on images: give --calibration FOLDER" in capsys.readouterr().err
+    assert main([*export, "--int8", "--calibration", str(tmp_path), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "--calibration is for OpenVINO's static INT8" in capsys.readouterr().err
+
+
+def test_calibration_inputs_are_the_graphs_inputs_and_skip_what_does_not_fit(tmp_path, caplog):
+    config = tiny("lite-dino-r18-tiny-h3l1-2x3").config  # resizes to 128 on the short side, at most 128
+    rng = np.random.default_rng(0)
+    for name, (h, w) in {"a": (64, 64), "b": (100, 100), "c": (64, 128), "d": (32, 32)}.items():
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{name}.png")
+    (tmp_path / "e.png").write_text("not an image")
+    with caplog.at_level("WARNING"):
+        inputs = calibration_inputs(tmp_path, config, SIZE, dynamic_size=False)
+    assert [x.shape for x in inputs] == [(1, 3, 128, 128)] * 3 and "skipped 2 image(s)" in caplog.text  # c: 64x128, e: unreadable
+    image = torch.from_numpy(np.array(Image.open(tmp_path / "a.png"))).permute(2, 0, 1).float() / 255
+    expected = torch.nn.functional.interpolate(image[None], size=SIZE, mode="bilinear", antialias=True)[0]
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    np.testing.assert_allclose(inputs[0][0], ((expected - mean) / std).numpy(), atol=1e-5)
+    assert len(calibration_inputs(tmp_path, config, SIZE, dynamic_size=False, count=2)) == 2
+    assert len(calibration_inputs(tmp_path, config, (128, 256), dynamic_size=True)) == 4
+    with pytest.raises(ValueError, match="no image to calibrate on"):
+        calibration_inputs(tmp_path, config, (64, 64), dynamic_size=False)
+
+
+def test_openvino_int8_quantises_convolutions_and_matrix_products_and_keeps_the_interface(tmp_path, capsys):
+    ov = pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    torch.manual_seed(0)  # one decoder layer and 64x64: NNCF's time grows with the graph
+    size = (64, 64)
+    model = build_model("lite-dino-r18-tiny-h3l1-2x3", num_classes=5, num_queries=20, num_select=20, min_size=(64,), max_size=64, decoder_layers=1)
+    model = spread_class_logits(model.eval())
+    checkpoint = save_model(model, tmp_path / "m.safetensors")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(np.array(synthetic_scene(*size, seed=10 + i))).save(images / f"{i}.png")
+    xml = tmp_path / "m8.xml"
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "openvino", "--int8", "--calibration", str(images),
+                 "--size", "64x64", "--out", str(xml)]) == 0  # fmt: skip
+    assert "(INT8, NNCF)" in capsys.readouterr().out
+    graph = ov.Core().read_model(str(xml))
+    quantizers = [op for op in graph.get_ops() if op.get_type_name() == "FakeQuantize"]
+    products = [op for op in graph.get_ops() if op.get_type_name() in ("MatMul", "Convolution")]
+    assert len(quantizers) >= len(products) // 2 > 20
+    assert ExportedDetector(xml, "openvino").config == model.config  # the metadata came along
+    float32 = export_openvino(model, tmp_path / "m.xml", size)
+    scene = normalized_scene(2, *size, seed=4).numpy()
+    (_, scores, _), (boxes8, scores8, _) = (graph_runner(path, "openvino")(scene) for path in (float32, xml))
+    moved = np.abs(np.sort(scores8, axis=1) - np.sort(scores, axis=1))  # as for ONNX Runtime's INT8 above
+    assert 0 < np.median(moved) < 0.05 and moved.max() < 0.3, moved
+    assert ((boxes8 >= 0) & (boxes8 <= size[0])).all()

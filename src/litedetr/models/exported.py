@@ -27,7 +27,7 @@ from litedetr.models.inputs import ImageInput, as_image_list, batches_by_size
 from litedetr.models.postprocess import kept_detections
 from litedetr.models.transform import resize_and_normalize
 
-__all__ = ["BACKENDS", "Backend", "METADATA_KEY", "ExportedDetector", "OUTPUT_NAMES", "graph_metadata", "graph_runner", "onnx_session", "require"]
+__all__ = ["BACKENDS", "Backend", "METADATA_KEY", "ExportedDetector", "OUTPUT_NAMES", "graph_input", "graph_metadata", "graph_runner", "onnx_session", "require"]
 
 Backend = Literal["pytorch", "onnxruntime", "openvino"]
 BACKENDS: tuple[str, ...] = ("pytorch", "onnxruntime", "openvino")
@@ -39,7 +39,7 @@ METADATA_KEY = "litedetr"
 OUTPUT_NAMES = ("boxes", "scores", "labels")
 """The graph's outputs, in order."""
 
-_EXTRAS = {"onnx": "export", "onnxruntime": "export", "openvino": "openvino", "transformers": "peers"}
+_EXTRAS = {"onnx": "export", "onnxruntime": "export", "openvino": "openvino", "nncf": "openvino", "transformers": "peers"}
 
 
 def require(module: str) -> Any:
@@ -102,6 +102,17 @@ def graph_runner(path: str | os.PathLike, backend: Backend, threads: int | None 
     return runners[backend](Path(path), threads)
 
 
+def graph_input(image: Tensor, config: DetectorConfig, canvas: tuple[int, int], dynamic_size: bool) -> Tensor:
+    """``(3, H, W)`` in [0, 1] -> an exported graph's ``(3, h, w)`` normalised input, resized as ``config``'s
+    model resizes; a ValueError when it does not fit the graph's ``canvas`` (``dynamic_size``: any size up to it)."""
+    resized = resize_and_normalize(image, max(config.min_size), config.max_size)
+    (h, w), (height, width) = resized.shape[1:], canvas
+    if (h, w) != (height, width) and not (dynamic_size and h <= height and w <= width):
+        fits = f"at most {height}x{width}" if dynamic_size else f"exactly {height}x{width} (or export with --dynamic-size)"
+        raise ValueError(f"an image resized to {h}x{w} does not fit the graph, which takes {fits}")
+    return resized
+
+
 class ExportedDetector:
     """An exported graph (``.onnx`` for ONNX Runtime or OpenVINO, ``.xml`` for OpenVINO) as a detector.
 
@@ -130,13 +141,7 @@ class ExportedDetector:
         self.backend = backend
 
     def _input(self, image: Tensor) -> Tensor:
-        """``(3, H, W)`` in [0, 1] -> the graph's ``(3, h, w)`` normalised input, resized as the model resizes."""
-        resized = resize_and_normalize(image, max(self.config.min_size), self.config.max_size)
-        (h, w), (height, width) = resized.shape[1:], self.canvas
-        if (h, w) != (height, width) and not (self.dynamic_size and h <= height and w <= width):
-            fits = f"at most {height}x{width}" if self.dynamic_size else f"exactly {height}x{width} (or export with --dynamic-size)"
-            raise ValueError(f"an image resized to {h}x{w} does not fit the graph, which takes {fits}")
-        return resized
+        return graph_input(image, self.config, self.canvas, self.dynamic_size)
 
     def predict(self, inputs: ImageInput | Sequence[ImageInput], threshold: float = 0.3, batch_size: int = 4) -> list[dict[str, Any]]:
         """As :meth:`litedetr.models.Detector.predict`: per image, in input order, ``boxes (N, 4)`` xyxy

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Union
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-__all__ = ["ImageInput", "as_image_list", "load_image", "rgb_image", "to_image_tensor", "batches_by_size", "SIZE_WINDOW_BATCHES"]
+__all__ = ["ImageInput", "IMAGE_SUFFIXES", "as_image_list", "find_images", "load_image", "rgb_image", "to_image_tensor", "batches_by_size", "SIZE_WINDOW_BATCHES"]
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
 """One image: a file path, a PIL image, an ``(H, W, 3)`` uint8 array or a ``(3, H, W)`` tensor."""
@@ -25,6 +26,24 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
 
 _WIDE_INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 """Pillow's modes of 16-bit (and 32-bit integer) grayscale, which ``convert("RGB")`` would clip to white."""
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files as given, directories expanded to their image files (sorted, not recursive)."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+        elif path.exists():
+            found.append(path)
+        else:
+            raise ValueError(f"{path}: no such image file or directory")
+    if not found:
+        raise ValueError(f"no image files in {', '.join(map(str, paths))}")
+    return found
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:

@@ -39,18 +39,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from litedetr.models import Detector
-from litedetr.models.exported import METADATA_KEY, OUTPUT_NAMES, Backend, graph_metadata, graph_runner, onnx_session, require
+from litedetr.models.config import DetectorConfig
+from litedetr.models.exported import METADATA_KEY, OUTPUT_NAMES, Backend, graph_input, graph_metadata, graph_runner, onnx_session, require
+from litedetr.models.inputs import find_images, to_image_tensor
 from litedetr.models.transform import IMAGENET_MEAN, IMAGENET_STD
 from litedetr.ops import box_cxcywh_to_xyxy
 from litedetr.ops.custom_ops import triton_disabled
-from litedetr.tools.args import size_type
+from litedetr.tools.args import int_at_least, size_type
 from litedetr.tools.draw import synthetic_scene
 
-__all__ = ["OUTPUT_NAMES", "OnnxDetector", "QueryProbe", "add_arguments", "compare_with_runtime", "export_openvino", "cpu_model", "export_onnx", "normalized_scene", "onnx_session", "quantize_onnx", "query_parity", "spread_class_logits"]
+__all__ = ["OUTPUT_NAMES", "OnnxDetector", "QueryProbe", "add_arguments", "calibration_inputs", "compare_with_runtime", "export_openvino", "cpu_model", "export_onnx", "normalized_scene", "onnx_session", "quantize_onnx", "quantize_openvino", "query_parity", "spread_class_logits"]
 
 logger = logging.getLogger(__name__)
 
 OPSET = 17
+CALIBRATION_IMAGES = 100
+"""How many images OpenVINO's static INT8 quantisation calibrates on by default (NNCF's advice: ~300; 100 keep a small model's export quick)."""
 
 
 class OnnxDetector(nn.Module):
@@ -258,6 +262,45 @@ def quantize_onnx(path: str | os.PathLike, out: str | os.PathLike, reduce_range:
     return out
 
 
+def calibration_inputs(folder: str | os.PathLike, config: DetectorConfig, canvas: tuple[int, int], dynamic_size: bool, count: int = CALIBRATION_IMAGES) -> list[np.ndarray]:
+    """The first ``count`` images of ``folder`` (sorted) as ``(1, 3, h, w)`` inputs of a graph exported from a
+    ``config`` model at ``canvas``: resized and normalised as the model does (:func:`~litedetr.models.exported.graph_input`).
+    Unreadable images and images that do not fit the canvas are skipped, with a count logged; none left is an error."""
+    inputs, skipped = [], []
+    for path in find_images([folder]):
+        if len(inputs) == count:
+            break
+        try:
+            inputs.append(graph_input(to_image_tensor(path), config, canvas, dynamic_size)[None].numpy())
+        except ValueError as err:
+            skipped.append(str(err))
+    if skipped:
+        logger.warning("calibration: skipped %d image(s) of %s, e.g. %s", len(skipped), folder, skipped[0])
+    if not inputs:
+        raise ValueError(f"{folder}: no image to calibrate on ({len(skipped)} skipped: {skipped[0] if skipped else 'none found'})")
+    return inputs
+
+
+def quantize_openvino(path: str | os.PathLike, out: str | os.PathLike, calibration: list[np.ndarray]) -> Path:
+    """INT8 post-training static quantisation (OpenVINO's NNCF) of the OpenVINO IR at ``path``, written to ``out`` (``.xml``).
+
+    NNCF measures every activation's range on the ``calibration`` inputs (:func:`calibration_inputs`) and
+    inserts INT8 quantisation before the convolutions and matrix products (the backbone, the projections,
+    FFNs and heads; transformer preset: softmax and the attention's sums stay float32), so OpenVINO runs
+    them as INT8 arithmetic. Inputs, outputs and the metadata are those of the float32 graph
+    (:class:`~litedetr.models.exported.ExportedDetector` runs it unchanged).
+    """
+    ov, nncf = require("openvino"), require("nncf")
+    model = ov.Core().read_model(str(path))
+    quantized = nncf.quantize(model, nncf.Dataset(calibration), subset_size=len(calibration), model_type=nncf.ModelType.TRANSFORMER)
+    quantized.set_rt_info(model.get_rt_info([METADATA_KEY]).astype(str), [METADATA_KEY])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(quantized, str(out), compress_to_fp16=False)
+    logger.info("quantised %s to INT8 (NNCF, %d calibration images): %s", path, len(calibration), out)
+    return out
+
+
 def normalized_scene(batch: int, height: int, width: int, seed: int = 0) -> Tensor:
     """``(B, 3, H, W)`` ImageNet-normalised synthetic scenes (:func:`~litedetr.tools.draw.synthetic_scene`)."""
     images = [torch.from_numpy(np.array(synthetic_scene(height, width, seed + i))).permute(2, 0, 1).float() / 255 for i in range(batch)]
@@ -281,12 +324,17 @@ def compare_with_runtime(
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.int8 and args.format != "onnx":
-        raise ValueError("--int8 quantises with ONNX Runtime: use it with --format onnx")
+    if args.calibration and not (args.int8 and args.format == "openvino"):
+        raise ValueError("--calibration is for OpenVINO's static INT8: use it with --format openvino --int8")
+    if args.int8 and args.format == "openvino" and not args.calibration:
+        raise ValueError("--format openvino --int8 calibrates on images: give --calibration FOLDER (e.g. your training images)")
     model = Detector.from_checkpoint(args.checkpoint, "cpu", args.preset)
     write, backend = (export_openvino, "openvino") if args.format == "openvino" else (export_onnx, "onnxruntime")
     with tempfile.TemporaryDirectory() as scratch:
-        if args.int8:
+        if args.int8 and args.format == "openvino":
+            calibration = calibration_inputs(args.calibration, model.config, args.size, args.dynamic_size, args.calibration_images)
+            path = quantize_openvino(export_openvino(model, Path(scratch) / "float32.xml", args.size, args.dynamic_size), args.out, calibration)
+        elif args.int8:
             path = quantize_onnx(export_onnx(model, Path(scratch) / "float32.onnx", args.size, args.dynamic_size), args.out)
         else:
             path = write(model, args.out, args.size, args.dynamic_size)
@@ -296,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
     diff = compare_with_runtime(model, path, scene, args.size, backend)
     inputs = f"images (B, 3, <={h}, <={w})" if args.dynamic_size else f"images (B, 3, {h}, {w})"
     print(f"wrote {path}: {inputs} normalised -> boxes (B, {model.config.num_select}, 4) xyxy px clipped, scores, labels"
-          + (" (INT8 linear layers)" if args.int8 else ""))  # fmt: skip
+          + ((" (INT8, NNCF)" if args.format == "openvino" else " (INT8 linear layers)") if args.int8 else ""))  # fmt: skip
     print(f"{backend} vs PyTorch on a {check_size[0]}x{check_size[1]} test scene: max |boxes| {diff['boxes']:.2e} px, "
           f"max |scores| {diff['scores']:.2e}, labels equal {diff['labels_equal']:.0%}")  # fmt: skip
     if args.int8:
@@ -318,6 +366,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["onnx", "openvino"], default="onnx", help="ONNX (.onnx) or OpenVINO IR (.xml + .bin); default onnx")
     p.add_argument("--size", type=size_type(32), required=True, help="input canvas HxW, e.g. 800x1333")
     p.add_argument("--dynamic-size", action="store_true", help="accept any input up to HxW (padded onto the canvas in the graph)")
-    p.add_argument("--int8", action="store_true", help="INT8 linear layers (ONNX Runtime dynamic quantisation; --format onnx)")
+    p.add_argument("--int8", action="store_true",
+                   help="INT8: with --format onnx the linear layers (ONNX Runtime dynamic quantisation); with --format openvino "
+                   "convolutions and linear layers, weights and activations (NNCF static quantisation, needs --calibration)")  # fmt: skip
+    p.add_argument("--calibration", help="a folder of images like those the model will see, for --format openvino --int8")
+    p.add_argument("--calibration-images", type=int_at_least(1), default=CALIBRATION_IMAGES,
+                   help=f"how many of them to calibrate on (default {CALIBRATION_IMAGES})")  # fmt: skip
     p.add_argument("--out", required=True, help="output file: .onnx, or .xml for OpenVINO")
     p.set_defaults(func=run)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,31 +25,13 @@ from PIL import Image
 from litedetr.models import Detector, ExportedDetector
 from litedetr.models.checkpoint import WEIGHTS
 from litedetr.models.exported import BACKENDS
-from litedetr.models.inputs import SIZE_WINDOW_BATCHES, load_image
+from litedetr.models.inputs import SIZE_WINDOW_BATCHES, find_images, load_image
 from litedetr.tools.args import float_in, int_at_least
 from litedetr.tools.draw import draw_detections
 
-__all__ = ["IMAGE_SUFFIXES", "find_images", "predict_files", "add_arguments"]
+__all__ = ["predict_files", "add_arguments"]
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files as given, directories expanded to their image files (sorted, not recursive)."""
-    found = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
-        elif path.exists():
-            found.append(path)
-        else:
-            raise ValueError(f"{path}: no such image file or directory")
-    if not found:
-        raise ValueError(f"no image files in {', '.join(map(str, paths))}")
-    return found
-
 
 def _unique_names(paths: list[Path]) -> list[str]:
     names, seen = [], {}
