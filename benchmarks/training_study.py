@@ -123,12 +123,13 @@ ENCODER_CONTENT = {**RECIPE_OVERRIDES, "learned_query_content": False}
 
 
 CLASS8 = {**ENCODER_CONTENT, "class_loss_weight": 8.0}
-""":data:`ENCODER_CONTENT` with class losses weighted 8: :class:`DemoRecipe`'s model (``recipe-encoder-content-class8*`` cells)."""
+""":data:`ENCODER_CONTENT` with class losses weighted 8: :class:`DemoRecipe`'s model but for KDA's start (``recipe-encoder-content-class8*`` cells)."""
 
 
 DEMO_TRAINING = {"lr_backbone": 1e-3, "epochs": 12, "lr_drop": (11,)}
-"""What :class:`DemoRecipe`'s schedule changes in :data:`STUDY_TRAINING` (``demo-*`` cells: the demo's
-model and training, with one change)."""
+"""What :class:`DemoRecipe`'s schedule changes in :data:`STUDY_TRAINING`: a backbone at lr 1e-3 and the
+drop for the last twelfth of the steps (``demo-*`` cells: :data:`CLASS8`'s model with the demo's schedule and one
+change; ``demo-kda-zero-query`` is :class:`DemoRecipe` itself)."""
 
 
 def cells() -> dict[str, Cell]:
@@ -204,12 +205,14 @@ def cells() -> dict[str, Cell]:
             CLASS8,
             DEMO_TRAINING,
         ),
-        "demo-msda": Cell("the demo's recipe with MSDA in encoder and decoder", {**CLASS8, **msda}, DEMO_TRAINING),
-        "demo-kda-encoder": Cell("the demo's recipe with KDA in the encoder, MSDA in the decoder", {**CLASS8, "decoder_key_aware": False}, DEMO_TRAINING),
-        "demo-kda-zero-query": Cell("the demo's recipe, KDA's query_proj zero-initialised (uniform start)", {**CLASS8, "kda_zero_query": True}, DEMO_TRAINING),
-        "demo-kda-key-proj": Cell("the demo's recipe, KDA keys from a projection of their own", {**CLASS8, "kda_key_proj": True}, DEMO_TRAINING),
+        "demo-msda": Cell("MSDA in encoder and decoder, the demo's schedule", {**CLASS8, **msda}, DEMO_TRAINING),
+        "demo-kda-encoder": Cell("KDA in the encoder, MSDA in the decoder, the demo's schedule", {**CLASS8, "decoder_key_aware": False}, DEMO_TRAINING),
+        "demo-kda-zero-query": Cell(
+            "KDA, query_proj zero-initialised (uniform start), the demo's schedule: the demo's recipe now", {**CLASS8, "kda_zero_query": True}, DEMO_TRAINING
+        ),
+        "demo-kda-key-proj": Cell("KDA, keys from a projection of their own (random query_proj), the demo's schedule", {**CLASS8, "kda_key_proj": True}, DEMO_TRAINING),
         "demo-kda-key-proj-zero-query": Cell(
-            "the demo's recipe, KDA keys from a projection of their own, query_proj zero-initialised",
+            "KDA, keys from a projection of their own, query_proj zero-initialised, the demo's schedule",
             {**CLASS8, "kda_key_proj": True, "kda_zero_query": True},
             DEMO_TRAINING,
         ),

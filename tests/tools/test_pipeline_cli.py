@@ -11,7 +11,7 @@ import pytest
 from conftest import coco_box, coco_image, write_coco
 from litedetr import load_model
 from litedetr.cli import main
-from litedetr.engine.recipes import SMALL_DATA
+from litedetr.engine.recipes import FROM_SCRATCH, SMALL_DATA
 
 TRAIN = ["--model", "lite-dino-r18-tiny-h3l1-2x3", "--batch-size", "2", "--image-sizes", "64", "--max-size", "64", "--workers", "0"]
 
@@ -229,6 +229,17 @@ def test_small_data_applies_the_demos_recipe_under_explicit_flags(trained, tiny_
     config = json.loads((tmp_path / "init" / "train_config.json").read_text())
     assert config["model_overrides"] == {"dn_number": 100, "encoder_one_to_many": 6, "class_loss_weight": 8.0}
     assert (config["lr"], config["lr_backbone"]) == (SMALL_DATA.lr, SMALL_DATA.backbone_lr) == (4e-4, 1e-3)
-    # without the flag (the module's run): DINO's learning rates and the preset as it is
+    # without the flag (the module's run): DINO's learning rates and the preset, KDA starting uniform
     config = json.loads((trained / "train_config.json").read_text())
-    assert (config["model_overrides"], config["lr"], config["lr_backbone"]) == ({}, 1e-4, 1e-5)
+    assert (config["model_overrides"], config["lr"], config["lr_backbone"]) == (dict(FROM_SCRATCH), 1e-4, 1e-5) == ({"kda_zero_query": True}, 1e-4, 1e-5)
+
+
+def test_kda_starts_uniform_from_scratch_unless_set_and_a_resume_keeps_the_runs_start(trained, tiny_synthetic, tmp_path):
+    assert load_model(trained / "model.safetensors").config.kda_zero_query  # the module's run, from scratch
+    args = ["train", *TRAIN, "--data", str(tiny_synthetic), "--epochs", "1", "--out", str(tmp_path / "authors")]
+    assert main([*args, "--set", "kda_zero_query=false"]) == 0
+    assert json.loads((tmp_path / "authors" / "train_config.json").read_text())["model_overrides"] == {"kda_zero_query": False}
+    # resumed without the --set: the run's own start, not today's default (which would refuse the resume)
+    assert main([*args[:-4], "--epochs", "2", "--out", str(tmp_path / "authors"), "--resume"]) == 0
+    assert load_model(tmp_path / "authors" / "model.safetensors").config.kda_zero_query is False
+

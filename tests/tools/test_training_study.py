@@ -27,7 +27,8 @@ def test_cells_differ_only_where_named(study):
     assert configs["kda"] == get_config(DemoRecipe.model, backbone_trainable_norm=True, dn_number=100)
     assert configs["kda-zero-query"] == dataclasses.replace(configs["kda"], kda_zero_query=True)
     assert configs["kda"].encoder.key_aware and configs["kda"].decoder_key_aware
-    assert configs["recipe-encoder-content-class8"] == get_config(DemoRecipe.model, **dict(DemoRecipe.model_overrides))  # the demo's model
+    assert configs["demo-kda-zero-query"] == get_config(DemoRecipe.model, **dict(DemoRecipe.model_overrides))  # the demo's model
+    assert configs["recipe-encoder-content-class8"] == dataclasses.replace(configs["demo-kda-zero-query"], kda_zero_query=False)
     assert configs["kda-encoder"].encoder.key_aware and not configs["kda-encoder"].decoder_key_aware
     assert not configs["msda"].encoder.key_aware and not configs["msda"].decoder_key_aware
     assert configs["kda-dense"].encoder_one_to_many == configs["msda-dense"].encoder_one_to_many == study.DENSE_REPEAT > 0

@@ -7,13 +7,14 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from litedetr.data import KINDS, AugmentConfig, SyntheticSpec, find_split, write_synthetic_dataset
 from litedetr.engine import TrainConfig, Trainer
 from litedetr.engine import distributed
-from litedetr.engine.recipes import SMALL_DATA
+from litedetr.engine.recipes import FROM_SCRATCH, SMALL_DATA
 from litedetr.engine.state import read_train_config
 from litedetr.engine.trainer import CHECKPOINT
 from litedetr.models import get_config
@@ -93,11 +94,20 @@ def _default_lr_drop(args: argparse.Namespace) -> tuple[int, ...]:
     return (max(1, args.epochs * 11 // 12),)
 
 
+def _from_scratch(args: argparse.Namespace) -> dict[str, Any]:
+    """:data:`FROM_SCRATCH` for a run from random weights; on resume, the run's own (it may predate them)."""
+    checkpoint = args.out / CHECKPOINT
+    if args.resume and checkpoint.exists():
+        saved = read_train_config(checkpoint)["model_overrides"]
+        return {key: saved[key] for key, _ in FROM_SCRATCH if key in saved}
+    return dict(FROM_SCRATCH) if args.init is None else {}
+
+
 def run(args: argparse.Namespace) -> int:
     distributed.init_from_env(torch.device(args.device))
     # every argument is checked before any work (the synthetic dataset takes minutes to write)
     sizes, max_size = default_image_sizes(args.model)
-    overrides = dict(args.set)
+    overrides = {**_from_scratch(args), **dict(args.set)}
     lr, lr_backbone = DEFAULT_LR, DEFAULT_LR_BACKBONE
     if args.small_data:
         overrides = {**SMALL_DATA.model_overrides(init=args.init is not None, backbone_weights=args.backbone_weights is not None), **overrides}
@@ -171,7 +181,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``litedetr train``; sets ``func``."""
     p.add_argument("--model", required=True, help="preset name (see `litedetr models`)")
     p.add_argument("--set", type=_override, nargs="+", default=[], metavar="KEY=VALUE",
-                   help="change preset fields, e.g. backbone_trainable_norm=true dn_number=100 (DetectorConfig)")  # fmt: skip
+                   help="change preset fields, e.g. backbone_trainable_norm=true dn_number=100 (DetectorConfig). Without --init, "
+                   "KDA starts with uniform attention (kda_zero_query=true; =false for the authors' random start)")  # fmt: skip
     add_data_arguments(p, ("train", "val"))
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, logs, model file)")
     p.add_argument("--epochs", type=int_at_least(1), default=12)
