@@ -83,6 +83,7 @@ from torch import Tensor
 
 from litedetr.data import CocoDetection, collate, find_split, write_synthetic_dataset
 from litedetr.engine import TrainConfig
+from litedetr.engine.precision import resolve_precision
 from litedetr.engine.recipes import DemoRecipe, demo_train_config, run_in_parallel, train_or_reuse
 from litedetr.models import get_config, load_model
 from litedetr.ops import box_iou, level_shapes
@@ -286,6 +287,7 @@ def train_one(cell_name: str, seed: int, steps_per_epoch: int, runs: Path, init:
         "seed": seed,
         "init": str(init) if init else None,
         "steps": max(r["step"] for r in records),
+        "precision": "bf16" if resolve_precision(config.amp, config.device).autocast else "float32",
         "AP": metrics["AP"],
         "AP50": metrics["AP50"],
         **{term: statistics.mean(r[term] for r in train) for term in LOSS_TERMS},
@@ -381,7 +383,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         " images): the encoder's proposals -> the last decoder layer, and the denoising queries' first -> last layer."
         " Best detections: of each validation image's N highest-scoring detections (N: its objects), the % correct,"
         " of the wrong class, duplicates and background (medians)."
-        + (f" Every run starts from the initial weights in `{Path(meta['init']).name}`; the seed orders the batches." if meta.get("init") else ""),
+        + (f" Every run starts from the initial weights in `{Path(meta['init']).name}`; the seed orders the batches." if meta.get("init") else "")
+        + f" Training precision: {', '.join(meta['precisions'])} (`amp='auto'`: bf16 autocast where the CPU computes bf16 natively);"
+        f" summarised on a CPU of capability {meta['cpu_capability']}.",
         "",
         "| cell | AP50 | AP | class loss | L1 loss | GIoU loss | finest share | box L1 enc -> last | denoising L1 first -> last"
         " | best detections: correct / wrong class / duplicate / background |",
@@ -451,7 +455,8 @@ def main() -> None:
     recipe = DemoRecipe()
     steps_per_epoch = args.steps_per_epoch or -(-recipe.data.num_train // recipe.batch_size)
     meta = {"steps_per_epoch": steps_per_epoch, "steps": steps_per_epoch * STUDY_TRAINING["epochs"], "batch_size": recipe.batch_size,
-            "seeds": args.seeds, "init": str(args.init) if args.init else None, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
+            "seeds": args.seeds, "init": str(args.init) if args.init else None, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "precisions": sorted({run.get("precision", "not recorded") for row in results for run in row["runs"]})}  # fmt: skip
     table = markdown(results, meta)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

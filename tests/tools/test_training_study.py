@@ -69,7 +69,9 @@ def test_summary_and_table(study):
                                                                 "loss_bbox": [0.5] * 3, "loss_giou": [0.9, 1.0, 1.1], "finest_share": [1.0, 0.0, 0.5],
                                                                 "correct": [0.2, 0.3, 0.25], "wrong_class": [0.5] * 3, "duplicate": [0.2] * 3,
                                                                 "background": [0.1, 0.05, 0.0]}.items()}}  # fmt: skip
-    table = study.markdown([row], {"steps": 300, "batch_size": 4, "steps_per_epoch": 50, "seeds": [0, 1, 2]})
+    meta = {"steps": 300, "batch_size": 4, "steps_per_epoch": 50, "seeds": [0, 1, 2], "precisions": ["bf16"], "cpu_capability": "AVX512"}
+    table = study.markdown([row], meta)
+    assert "Training precision: bf16 (" in table and "summarised on a CPU of capability AVX512." in table
     assert ("| x | 50.0 [40.0-60.0] | 20.0 [10.0-30.0] | 0.400 [0.400-0.400] | 0.500 [0.500-0.500] | 1.000 [0.900-1.100] | 0.50 [0.00-1.00]"
             " | 0.90 -> 0.60 | 1.30 -> 1.10 | 25 / 50 / 20 / 5 |") in table
 
