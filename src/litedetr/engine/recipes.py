@@ -54,8 +54,8 @@ COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 FROM_SCRATCH: tuple[tuple[str, Any], ...] = (("kda_zero_query", True),)
 """The :class:`DetectorConfig` changes of every training run from random weights (``litedetr train``
 without ``--init``; the demo): KDA's ``query_proj`` starts at zero, so its first attention is uniform, as
-plain deformable attention's. The authors' random (Xavier) start trained 2.8 AP50 worse on the
-demo's seed 0 and left KDA behind MSDA (``benchmarks/training_study.py``). Initialisation only: a
+plain deformable attention's, instead of the authors' random (Xavier) one. On the demo it brought
+KDA level with MSDA over seeds 0-2 (``benchmarks/training_study.py``). Initialisation only: a
 checkpoint's weights replace it."""
 
 
