@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from litedetr.engine.timing import bench_model, interleaved_ms, run_environment, write_results
-from litedetr.models.exported import require
+from litedetr.models.exported import openvino_cpu_config, require
 from litedetr.models.transform import IMAGENET_MEAN, IMAGENET_STD
 from litedetr.tools.export import export_onnx, normalized_scene, quantize_onnx
 
@@ -87,7 +87,7 @@ def _graph_call(path: Path, backend: str, images: np.ndarray, threads: int) -> C
         feed = {session.get_inputs()[0].name: images}
         return lambda: session.run(None, feed)
     ov = require("openvino")
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads})
+    compiled = ov.Core().compile_model(str(path), "CPU", openvino_cpu_config(threads))
     request = compiled.create_infer_request()
     return lambda: request.infer({0: images})
 

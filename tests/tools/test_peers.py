@@ -27,7 +27,9 @@ def test_each_backend_runs_our_detector_and_agrees(peers, tmp_path):
     ov = calls["openvino"]()
     ov_boxes, ov_scores = ov[peers_output(ov, "boxes")], ov[peers_output(ov, "scores")]
     np.testing.assert_allclose(ov_scores, ort_scores, atol=1e-4)
-    np.testing.assert_allclose(ov_boxes, ort_boxes, atol=1e-2)
+    for box, score in zip(ov_boxes[0], ov_scores[0]):  # detections of (near-)equal scores may come in either order
+        same_score = np.abs(ort_scores[0] - score) < 1e-4
+        assert np.abs(ort_boxes[0][same_score] - box).max(-1).min() < 1e-2, (box, score)
     (found,) = calls["pytorch"]()  # the same image, given in [0, 1]
     torch.testing.assert_close(found["scores"], torch.from_numpy(ort_scores[0][: len(found["scores"])]), atol=1e-4, rtol=0)
 
