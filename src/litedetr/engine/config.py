@@ -51,7 +51,7 @@ class TrainConfig:
         eval_every: evaluate every this many epochs (and after the last).
         checkpoint_every: also write the resume checkpoint every this many optimiser steps (0: only
             at the end of each epoch).
-        deterministic: ``torch.use_deterministic_algorithms``. CPU: bit-exact reruns. CUDA: every op
+        deterministic: ``torch.use_deterministic_algorithms``. CPU: bit-exact reruns on AVX2 (an AVX-512 AMX Xeon differed by ~3e-7). CUDA: every op
             deterministic or refused by torch (``CUBLAS_WORKSPACE_CONFIG=:4096:8`` is set unless set),
             the Triton attention kernels untuned and without float atomics in their backward.
     """
