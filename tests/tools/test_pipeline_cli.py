@@ -114,7 +114,8 @@ def test_preset_fields_are_set_from_the_command_line(tiny_synthetic, tmp_path, c
     args = ["train", *TRAIN, "--data", str(tiny_synthetic), "--epochs", "1", "--out", str(out)]
     assert main([*args, "--set", "backbone_trainable_norm=true", "dn_number=4", 'encoder={"d_ffn_low": 32}']) == 0
     config = json.loads((out / "train_config.json").read_text())["model_overrides"]
-    assert config == {"backbone_trainable_norm": True, "dn_number": 4, "encoder": {"d_ffn_low": 32}}
+    # a run from random weights also records the from-scratch defaults, so that a resume keeps them
+    assert config == {**dict(FROM_SCRATCH), "backbone_trainable_norm": True, "dn_number": 4, "encoder": {"d_ffn_low": 32}}
     model = load_model(out / "model.safetensors")
     assert model.config.backbone_trainable_norm and model.config.dn_number == 4 and model.config.encoder.d_ffn_low == 32
     capsys.readouterr()
