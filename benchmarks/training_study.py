@@ -133,6 +133,11 @@ drop for the last twelfth of the steps (``demo-*`` cells: :data:`CLASS8`'s model
 change; ``demo-kda-zero-query`` is :class:`DemoRecipe` itself)."""
 
 
+DEMO_MODEL = {**CLASS8, "kda_zero_query": True}
+""":class:`DemoRecipe`'s model (with :data:`DEMO_TRAINING`, ``demo-kda-zero-query`` is the demo itself; the
+other ``demo-*`` cells after it change one thing more)."""
+
+
 def cells() -> dict[str, Cell]:
     base = get_config(DemoRecipe.model)
     msda_encoder = dataclasses.replace(base.encoder, key_aware=False)
@@ -208,15 +213,21 @@ def cells() -> dict[str, Cell]:
         ),
         "demo-msda": Cell("MSDA in encoder and decoder, the demo's schedule", {**CLASS8, **msda}, DEMO_TRAINING),
         "demo-kda-encoder": Cell("KDA in the encoder, MSDA in the decoder, the demo's schedule", {**CLASS8, "decoder_key_aware": False}, DEMO_TRAINING),
-        "demo-kda-zero-query": Cell(
-            "KDA, query_proj zero-initialised (uniform start), the demo's schedule: the demo's recipe now", {**CLASS8, "kda_zero_query": True}, DEMO_TRAINING
-        ),
+        "demo-kda-zero-query": Cell("KDA, query_proj zero-initialised (uniform start), the demo's schedule: the demo's recipe now", DEMO_MODEL, DEMO_TRAINING),
         "demo-kda-key-proj": Cell("KDA, keys from a projection of their own (random query_proj), the demo's schedule", {**CLASS8, "kda_key_proj": True}, DEMO_TRAINING),
         "demo-kda-key-proj-zero-query": Cell(
             "KDA, keys from a projection of their own, query_proj zero-initialised, the demo's schedule",
             {**CLASS8, "kda_key_proj": True, "kda_zero_query": True},
             DEMO_TRAINING,
         ),
+        "demo-batch2": Cell("the demo's recipe in batches of 2 (twice the steps, the same images)", DEMO_MODEL, {**DEMO_TRAINING, "batch_size": 2}),
+        "demo-lr6e-4": Cell("the demo's recipe at lr 6e-4 (the backbone at 1e-3)", DEMO_MODEL, {**DEMO_TRAINING, "lr": 6e-4}),
+        "demo-query-nms": Cell(
+            "the demo's recipe, queries selected among distinct proposals (query_nms 0.7: a proposal overlapped above IoU 0.7 by a higher-scoring one is passed over)",
+            {**DEMO_MODEL, "query_nms": 0.7},
+            DEMO_TRAINING,
+        ),
+        "demo-clip1": Cell("the demo's recipe with gradient clipping at norm 1 (not 0.1)", DEMO_MODEL, {**DEMO_TRAINING, "clip_norm": 1.0}),
         "recipe-encoder-content-class8-msda-backbone-lr1e-3": Cell(
             "MSDA, dense, 200 queries, content from the encoder, class 8, backbone lr 1e-3 (the rest 4e-4)", {**CLASS8, **msda}, {"lr_backbone": 1e-3}
         ),
@@ -264,11 +275,9 @@ def cell_config(cell_name: str, seed: int, steps_per_epoch: int, data: Path, ini
         init=str(init) if init else None,
         **{**STUDY_TRAINING, **cell.train_overrides},
     )
-    if config.batch_size != recipe.batch_size:  # the same images per epoch in more, smaller steps
-        config = dataclasses.replace(config, epoch_batches=steps_per_epoch * recipe.batch_size // config.batch_size)
-    if config.epochs != STUDY_TRAINING["epochs"]:  # the same steps in more, shorter epochs
-        config = dataclasses.replace(config, epoch_batches=steps_per_epoch * STUDY_TRAINING["epochs"] // config.epochs)
-    return dataclasses.replace(config, eval_every=config.epochs)
+    # the same images in all: more, shorter epochs for more epochs; more, smaller steps for smaller batches
+    images = steps_per_epoch * STUDY_TRAINING["epochs"] * recipe.batch_size
+    return dataclasses.replace(config, epoch_batches=images // (config.epochs * config.batch_size), eval_every=config.epochs)
 
 
 def train_one(cell_name: str, seed: int, steps_per_epoch: int, runs: Path, init: Path | None = None) -> dict[str, Any]:

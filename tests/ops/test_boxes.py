@@ -2,7 +2,7 @@ import pytest
 import torch
 import torchvision.ops as tvops
 
-from litedetr.ops import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou, inverse_sigmoid
+from litedetr.ops import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, distinct_topk, generalized_box_iou, inverse_sigmoid
 
 
 def random_xyxy(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -31,6 +31,49 @@ def test_box_iou_matches_torchvision():
     iou, union = box_iou(a, b)
     assert iou.shape == union.shape == (5, 8)
     torch.testing.assert_close(iou, tvops.box_iou(a, b))
+
+
+def test_box_iou_of_batches_is_each_pairs():
+    g = torch.Generator().manual_seed(2)
+    a, b = random_xyxy(6, g).view(2, 3, 4), random_xyxy(10, g).view(2, 5, 4)
+    iou, _ = box_iou(a, b)
+    assert iou.shape == (2, 3, 5)
+    for i in range(2):
+        torch.testing.assert_close(iou[i], tvops.box_iou(a[i], b[i]))
+
+
+def fast_nms_reference(scores: torch.Tensor, boxes: torch.Tensor, k: int, threshold: float, candidates: int) -> list[int]:
+    """One image, loop by loop: a candidate is suppressed when any higher-scoring candidate overlaps it."""
+    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))[:candidates]
+    iou = tvops.box_iou(boxes, boxes)
+    suppressed = [any(iou[order[i], order[j]] > threshold for i in range(j)) for j in range(len(order))]
+    kept = [index for index, off in zip(order, suppressed) if not off]
+    return (kept + [index for index, off in zip(order, suppressed) if off])[:k]
+
+
+@pytest.mark.parametrize("threshold, candidates", [(0.5, 40), (0.3, 25), (0.8, 12)])
+def test_distinct_topk_matches_a_loop_reference(threshold, candidates):
+    g = torch.Generator().manual_seed(3)
+    scores, boxes = torch.rand(3, 40, generator=g), random_xyxy(120, g).view(3, 40, 4)
+    picked = distinct_topk(scores, boxes, 10, threshold, candidates)
+    assert picked.shape == (3, 10)
+    for i in range(3):
+        assert picked[i].tolist() == fast_nms_reference(scores[i], boxes[i], 10, threshold, candidates)
+
+
+def test_distinct_topk_keeps_one_box_per_cluster_as_greedy_nms_then_fills_in_by_score():
+    # three far-apart clusters of near-copies: greedy NMS (torchvision) keeps each cluster's best
+    g = torch.Generator().manual_seed(4)
+    centres = torch.tensor([[0.1, 0.1], [0.5, 0.5], [0.8, 0.2]]).repeat_interleave(4, 0)
+    jitter = torch.rand(12, 2, generator=g) * 0.004
+    boxes = torch.cat([centres + jitter, centres + jitter + 0.1], 1)
+    scores = torch.rand(12, generator=g)
+    picked = distinct_topk(scores[None], boxes[None], 5, 0.7, 12)[0]
+    assert sorted(picked[:3].tolist()) == sorted(tvops.nms(boxes, scores, 0.7).tolist())
+    assert scores[picked[:3]].tolist() == sorted(scores[picked[:3]].tolist(), reverse=True)
+    rest = [i for i in scores.argsort(descending=True).tolist() if i not in picked[:3].tolist()]
+    assert picked[3:].tolist() == rest[:2]
+    assert torch.equal(distinct_topk(scores[None], boxes[None], 5, 0.99, 12)[0], scores.topk(5).indices)
 
 
 def test_box_iou_and_giou_by_hand():

@@ -12,6 +12,8 @@ from conftest import coco_box, coco_image, write_coco
 from litedetr import load_model
 from litedetr.cli import main
 from litedetr.engine.recipes import FROM_SCRATCH, SMALL_DATA
+from litedetr.engine.state import load_state, save_state
+from litedetr.engine.trainer import CHECKPOINT
 
 TRAIN = ["--model", "lite-dino-r18-tiny-h3l1-2x3", "--batch-size", "2", "--image-sizes", "64", "--max-size", "64", "--workers", "0"]
 
@@ -243,4 +245,16 @@ def test_kda_starts_uniform_from_scratch_unless_set_and_a_resume_keeps_the_runs_
     # resumed without the --set: the run's own start, not today's default (which would refuse the resume)
     assert main([*args[:-4], "--epochs", "2", "--out", str(tmp_path / "authors"), "--resume"]) == 0
     assert load_model(tmp_path / "authors" / "model.safetensors").config.kda_zero_query is False
+
+
+def test_a_small_data_run_from_before_kda_zero_query_resumes_with_its_own_start(tiny_synthetic, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", *TRAIN, "--data", str(tiny_synthetic), "--small-data", "--out", str(out), "--set", "num_queries=40", "num_select=40"]
+    assert main([*args, "kda_zero_query=false", "--epochs", "1"]) == 0
+    state = load_state(out / CHECKPOINT)  # as a run written before the option existed: no such field
+    config = json.loads(state["train_config"])
+    del config["model_overrides"]["kda_zero_query"]
+    save_state(out / CHECKPOINT, {**state, "train_config": json.dumps(config)})
+    assert main([*args, "--epochs", "2", "--resume"]) == 0
+    assert load_model(out / "model.safetensors").config.kda_zero_query is False
 

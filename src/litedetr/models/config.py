@@ -75,6 +75,13 @@ class DetectorConfig:
     so from scratch its selection can lock onto one level whose proposals never learn to find the
     objects (``benchmarks/training_study.py``); a dense one-to-many target teaches every level's
     proposals at once. Weights and inference are unchanged."""
+    query_nms: float | None = None
+    """In none of the code bases (None: off, plain top-k, as the authors). Before the top-k query selection,
+    an encoder proposal is passed over when a higher-scoring one overlaps it with IoU above this value
+    (class-agnostic, as DDQ-DETR's distinct queries), so the decoder's queries start on distinct boxes
+    rather than on copies of the few best; passed-over proposals fill in only where too few remain.
+    Weights are unchanged, so it applies to any checkpoint; see
+    :meth:`~litedetr.models.query_selection.QuerySelection.select`."""
     class_loss_weight: float | None = None
     """The weight of every classification loss term (matched, auxiliary, encoder, denoising, ...); None:
     the family's (DINO 1.0, Deformable DETR and H-DETR 2.0)."""
@@ -106,6 +113,8 @@ class DetectorConfig:
             raise ValueError(f"class_loss_weight must be > 0 (None: the family's), got {self.class_loss_weight}")
         if self.match_class_cost < 0:
             raise ValueError(f"match_class_cost must be >= 0, got {self.match_class_cost}")
+        if self.query_nms is not None and not 0 < self.query_nms < 1:
+            raise ValueError(f"query_nms must be an IoU in (0, 1) (None: off), got {self.query_nms}")
         if self.encoder_one_to_many < 0:
             raise ValueError(f"encoder_one_to_many must be >= 0 (0: off), got {self.encoder_one_to_many}")
         if self.class_names and len(self.class_names) != self.num_classes:

@@ -169,7 +169,7 @@ def build_parts(config: DetectorConfig, backbone_weights: str | None = None) -> 
         backbone=backbone,
         input_stage=input_stage,
         encoder=encoder,
-        query_selection=design.selection(d, config.num_classes, num_content, dense=config.encoder_one_to_many > 0),
+        query_selection=design.selection(d, config.num_classes, num_content, dense=config.encoder_one_to_many > 0, query_nms=config.query_nms),
         training_queries=_training_queries(config),
         decoder=decoder,
         heads=PredictionHeads(d, config.num_classes, config.decoder_layers, design.shared_heads, design.inverse_sigmoid_eps),

@@ -14,7 +14,9 @@ then ``enc_output`` + LayerNorm, a class head and a box head). They then differ:
 
 With ``dense`` (training from scratch, not in any of the code bases) ``enc_outputs`` also carries
 ``dense``: every token's class logits and box, which the criterion supervises one-to-many
-(:attr:`~litedetr.models.config.DetectorConfig.encoder_one_to_many`).
+(:attr:`~litedetr.models.config.DetectorConfig.encoder_one_to_many`). With ``query_nms`` (neither) the
+top-k passes over proposals that a higher-scoring one overlaps
+(:attr:`~litedetr.models.config.DetectorConfig.query_nms`).
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from torch import Tensor, nn
 from litedetr.models.heads import init_box_head, init_class_head
 from litedetr.nn import MultiScaleTokens
 from litedetr.nn.decoder import MLP
-from litedetr.ops import box_sine_embedding, encoder_proposals
+from litedetr.ops import box_cxcywh_to_xyxy, box_sine_embedding, distinct_topk, encoder_proposals
 
-__all__ = ["DecoderQueries", "QuerySelection", "MixedQuerySelection", "PosTransQuerySelection"]
+__all__ = ["DecoderQueries", "QuerySelection", "MixedQuerySelection", "PosTransQuerySelection", "QUERY_NMS_CANDIDATES"]
+
+QUERY_NMS_CANDIDATES = 4
+"""With ``query_nms``, the ``4 x Q`` highest-scoring proposals are compared pairwise for the ``Q`` queries."""
 
 
 @dataclass(frozen=True)
@@ -69,11 +74,14 @@ class QuerySelection(nn.Module):
         num_content: rows of the learned content embedding (the one-to-one queries plus any
             training-only ones), or None when the content does not come from an embedding.
         dense: in training, also return every token's proposal (``enc_outputs["dense"]``).
+        query_nms: IoU above which :meth:`select` passes over a proposal that a higher-scoring one
+            overlaps; None: plain top-k.
     """
 
-    def __init__(self, d_model: int, num_classes: int, num_content: int | None, dense: bool = False):
+    def __init__(self, d_model: int, num_classes: int, num_content: int | None, dense: bool = False, query_nms: float | None = None):
         super().__init__()
         self.dense = dense
+        self.query_nms = query_nms
         self.enc_output = nn.Linear(d_model, d_model)
         self.enc_output_norm = nn.LayerNorm(d_model)
         self.class_head = nn.Linear(d_model, num_classes)
@@ -92,9 +100,19 @@ class QuerySelection(nn.Module):
         proposal_memory, proposals = encoder_proposals(memory, tokens.padding_mask, tokens.spatial_shapes)
         return self.enc_output_norm(self.enc_output(proposal_memory)), proposals
 
-    def select(self, scores: Tensor, num_queries: int) -> Tensor:
-        """``(B, S)`` token scores -> ``(B, Q)`` indices of the ``Q`` highest, highest first."""
-        return torch.topk(scores, num_queries, dim=1).indices
+    def select(self, scores: Tensor, num_queries: int, boxes: Tensor | None = None) -> Tensor:
+        """``(B, S)`` token scores -> ``(B, Q)`` indices of the ``Q`` highest, highest first.
+
+        With ``query_nms``, ``boxes`` (``(B, S, 4)`` inverse-sigmoid ``cxcywh``) are needed: among the
+        ``QUERY_NMS_CANDIDATES x Q`` highest, those that a higher-scoring proposal overlaps with IoU
+        above ``query_nms`` come last (:func:`~litedetr.ops.distinct_topk`).
+        """
+        if self.query_nms is None:
+            return torch.topk(scores, num_queries, dim=1).indices
+        if boxes is None:
+            raise ValueError("query_nms selects by the proposals' boxes; none were given")
+        xyxy = box_cxcywh_to_xyxy(boxes.detach().sigmoid())
+        return distinct_topk(scores.detach(), xyxy, num_queries, self.query_nms, QUERY_NMS_CANDIDATES * num_queries)
 
     def learned_content(self, batch: int, num_queries: int) -> Tensor:
         """The first ``num_queries`` rows of the content embedding, ``(B, Q, C)``."""
@@ -122,14 +140,15 @@ class MixedQuerySelection(QuerySelection):
         """
         proposal_memory, proposals = self.proposals(memory, tokens, num_queries)
         logits = self.class_head(proposal_memory)
-        topk = self.select(logits.max(-1).values, num_queries)
+        every_box = self.box_head(proposal_memory) + proposals if self.query_nms is not None or (self.dense and self.training) else None
+        topk = self.select(logits.max(-1).values, num_queries, every_box)
         selected = _gather(proposal_memory, topk)
         anchors = self.box_head(selected) + _gather(proposals, topk)
         content = self.learned_content(memory.shape[0], num_queries) if self.content is not None else selected.detach()
         queries = DecoderQueries(content, anchors.detach(), None, groups={"one_to_one": slice(0, num_queries)})
         enc_outputs: dict[str, Any] = {"pred_logits": self.class_head(selected), "pred_boxes": anchors.sigmoid()}
         if self.dense and self.training:
-            enc_outputs["dense"] = {"pred_logits": logits, "pred_boxes": (self.box_head(proposal_memory) + proposals).sigmoid()}
+            enc_outputs["dense"] = {"pred_logits": logits, "pred_boxes": every_box.sigmoid()}
         return queries, enc_outputs
 
 
@@ -137,13 +156,13 @@ class PosTransQuerySelection(QuerySelection):
     """Two-stage Deformable DETR and H-DETR: top-k by the class-0 logit, positions from ``pos_trans``.
 
     Args:
-        d_model, num_classes: as :class:`QuerySelection`.
+        d_model, num_classes, dense, query_nms: as :class:`QuerySelection`.
         num_content: None: the content is the second half of ``pos_trans`` (Deformable DETR); else the
             rows of a learned content embedding (H-DETR's mixed selection).
     """
 
-    def __init__(self, d_model: int, num_classes: int, num_content: int | None, dense: bool = False):
-        super().__init__(d_model, num_classes, num_content, dense)
+    def __init__(self, d_model: int, num_classes: int, num_content: int | None, dense: bool = False, query_nms: float | None = None):
+        super().__init__(d_model, num_classes, num_content, dense, query_nms)
         self.pos_trans = nn.Linear(2 * d_model, 2 * d_model)
         self.pos_trans_norm = nn.LayerNorm(2 * d_model)
         nn.init.xavier_uniform_(self.pos_trans.weight)
@@ -162,7 +181,7 @@ class PosTransQuerySelection(QuerySelection):
         proposal_memory, proposals = self.proposals(memory, tokens, num_queries)
         logits = self.class_head(proposal_memory)
         boxes = self.box_head(proposal_memory) + proposals
-        topk = self.select(logits[..., 0], num_queries)
+        topk = self.select(logits[..., 0], num_queries, boxes)
         reference = _gather(boxes, topk).detach()
         d_model = memory.shape[-1]
         embedding = box_sine_embedding(reference.sigmoid(), d_model // 2, y_first=False)

@@ -1,6 +1,6 @@
 """Pure tensor functions: no parameters, no modules."""
 
-from litedetr.ops.boxes import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou, inverse_sigmoid
+from litedetr.ops.boxes import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, distinct_topk, generalized_box_iou, inverse_sigmoid
 from litedetr.ops.deform_attn import attention_backend, key_aware_attention_weights, ms_deform_attn, ms_deform_attn_key_aware
 from litedetr.ops.geometry import (
     LevelShapes,
@@ -33,6 +33,7 @@ __all__ = [
     "box_cxcywh_to_xyxy",
     "box_xyxy_to_cxcywh",
     "box_iou",
+    "distinct_topk",
     "generalized_box_iou",
     "inverse_sigmoid",
 ]

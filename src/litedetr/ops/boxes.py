@@ -1,11 +1,11 @@
-"""Box formats, pairwise IoU / generalised IoU, and the clamped inverse sigmoid."""
+"""Box formats, pairwise IoU / generalised IoU, a top-k of distinct boxes, and the clamped inverse sigmoid."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-__all__ = ["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "box_iou", "generalized_box_iou", "inverse_sigmoid"]
+__all__ = ["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "box_iou", "distinct_topk", "generalized_box_iou", "inverse_sigmoid"]
 
 
 def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
@@ -21,29 +21,57 @@ def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
 
 
 def _area(boxes: Tensor) -> Tensor:
-    """``(N, 4)`` xyxy -> ``(N,)``."""
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    """``(..., N, 4)`` xyxy -> ``(..., N)``."""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 0.0) -> tuple[Tensor, Tensor]:
     """Pairwise IoU of two sets of xyxy boxes, ``inter / (union + eps)``.
 
     Args:
-        boxes1: ``(N, 4)`` xyxy.
-        boxes2: ``(M, 4)`` xyxy.
+        boxes1: ``(..., N, 4)`` xyxy (leading batch dimensions optional).
+        boxes2: ``(..., M, 4)`` xyxy, the same leading dimensions.
         eps: added to the union in the denominator only; 0 as Deformable DETR and H-DETR, 1e-6 as
             DINO and Lite-DETR (which makes boxes of zero area give IoU 0 instead of NaN).
 
     Returns:
-        ``(iou, union)``, both ``(N, M)``; ``union`` is without ``eps``.
+        ``(iou, union)``, both ``(..., N, M)``; ``union`` is without ``eps``.
     """
     area1, area2 = _area(boxes1), _area(boxes2)
-    top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
-    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    top_left = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+    bottom_right = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
     wh = (bottom_right - top_left).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
-    union = area1[:, None] + area2[None, :] - inter
+    union = area1[..., :, None] + area2[..., None, :] - inter
     return inter / (union + eps), union
+
+
+def distinct_topk(scores: Tensor, boxes: Tensor, k: int, iou_threshold: float, candidates: int) -> Tensor:
+    """The ``k`` highest-scoring boxes, passing over any box that a higher-scoring one overlaps.
+
+    Among the ``candidates`` highest-scoring boxes, a box is suppressed when a higher-scoring candidate
+    has IoU above ``iou_threshold`` with it (Fast NMS, Bolya et al. 2019: a suppressed box still
+    suppresses, so it drops at least what greedy NMS drops). The kept candidates come first, by score,
+    then the suppressed ones by score where fewer than ``k`` are kept, so the output always has ``k``
+    indices and fixed shapes (exportable, no data-dependent sizes).
+
+    Args:
+        scores: ``(B, S)``.
+        boxes: ``(B, S, 4)`` xyxy.
+        k: how many to return, ``k <= min(S, candidates)``.
+        iou_threshold: suppress above this IoU.
+        candidates: how many of the highest-scoring boxes are compared pairwise (``(B, M, M)`` IoUs).
+
+    Returns:
+        ``(B, k)`` indices into ``S``.
+    """
+    order = torch.topk(scores, min(candidates, scores.shape[1]), dim=1).indices
+    ranked = torch.gather(boxes, 1, order[..., None].expand(-1, -1, 4))
+    iou, _ = box_iou(ranked, ranked)
+    suppressed = (iou.triu(1) > iou_threshold).any(1)
+    # the kept candidates before the suppressed, each group in score order (the order is by score already)
+    rank = torch.arange(order.shape[1], device=order.device) + suppressed * order.shape[1]
+    return torch.gather(order, 1, torch.topk(rank, k, dim=1, largest=False).indices)
 
 
 def _check_not_degenerate(boxes: Tensor, name: str) -> None:

@@ -86,20 +86,21 @@ def _override(text: str) -> tuple[str, object]:
         return key, value
 
 
-def _default_lr_drop(args: argparse.Namespace) -> tuple[int, ...]:
+def _resumed_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The training config of the run ``--resume`` continues, or None (a new run)."""
+    checkpoint = args.out / CHECKPOINT
+    return read_train_config(checkpoint) if args.resume and checkpoint.exists() else None
+
+
+def _default_lr_drop(args: argparse.Namespace, resumed: dict[str, Any] | None) -> tuple[int, ...]:
     """11/12 of the run; on resume, the run's own (so that ``--epochs`` can extend a run)."""
-    checkpoint = args.out / CHECKPOINT
-    if args.resume and checkpoint.exists():
-        return tuple(read_train_config(checkpoint)["lr_drop"])
-    return (max(1, args.epochs * 11 // 12),)
+    return tuple(resumed["lr_drop"]) if resumed is not None else (max(1, args.epochs * 11 // 12),)
 
 
-def _from_scratch(args: argparse.Namespace) -> dict[str, Any]:
+def _from_scratch(args: argparse.Namespace, resumed: dict[str, Any] | None) -> dict[str, Any]:
     """:data:`FROM_SCRATCH` for a run from random weights; on resume, the run's own (it may predate them)."""
-    checkpoint = args.out / CHECKPOINT
-    if args.resume and checkpoint.exists():
-        saved = read_train_config(checkpoint)["model_overrides"]
-        return {key: saved[key] for key, _ in FROM_SCRATCH if key in saved}
+    if resumed is not None:
+        return {key: resumed["model_overrides"][key] for key, _ in FROM_SCRATCH if key in resumed["model_overrides"]}
     return dict(FROM_SCRATCH) if args.init is None else {}
 
 
@@ -107,10 +108,14 @@ def run(args: argparse.Namespace) -> int:
     distributed.init_from_env(torch.device(args.device))
     # every argument is checked before any work (the synthetic dataset takes minutes to write)
     sizes, max_size = default_image_sizes(args.model)
-    overrides = {**_from_scratch(args), **dict(args.set)}
+    resumed = _resumed_config(args)
+    overrides = {**_from_scratch(args, resumed), **dict(args.set)}
     lr, lr_backbone = DEFAULT_LR, DEFAULT_LR_BACKBONE
     if args.small_data:
-        overrides = {**SMALL_DATA.model_overrides(init=args.init is not None, backbone_weights=args.backbone_weights is not None), **overrides}
+        recipe = SMALL_DATA.model_overrides(init=args.init is not None, backbone_weights=args.backbone_weights is not None)
+        if resumed is not None:  # the run's own start (_from_scratch), also where it predates FROM_SCRATCH
+            recipe = {key: value for key, value in recipe.items() if key not in dict(FROM_SCRATCH)}
+        overrides = {**recipe, **overrides}
         lr, lr_backbone = SMALL_DATA.lr, SMALL_DATA.lr_backbone(backbone_weights=args.backbone_weights is not None)
     lr = args.lr if args.lr is not None else lr
     lr_backbone = args.lr_backbone if args.lr_backbone is not None else lr_backbone
@@ -134,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         clip_norm=args.clip_norm,
         lr_schedule=args.lr_schedule,
         warmup_steps=args.warmup_steps,
-        lr_drop=tuple(args.lr_drop) if args.lr_drop is not None else _default_lr_drop(args),
+        lr_drop=tuple(args.lr_drop) if args.lr_drop is not None else _default_lr_drop(args, resumed),
         image_sizes=sizes,
         max_size=args.max_size or max_size,
         augment=AugmentConfig().scaled(max(sizes) / 800),
@@ -150,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     if args.backbone_weights is not None and distributed.is_main():  # finds (or downloads) ImageNet weights once, before any data work
         backbone_weights_file(preset.backbone, args.backbone_weights)
     distributed.barrier()
-    if config.init is not None and not (args.resume and (args.out / CHECKPOINT).exists()):
+    if config.init is not None and resumed is None:
         family = checkpoint_family(config.init)
         if family != preset.family:
             raise ValueError(f"--init {config.init} is a {family} checkpoint; --model {args.model} is of the {preset.family} family")
