@@ -78,18 +78,20 @@ def test_shapes_as_a_tensor_still_work_and_are_what_breaks_graphs():
     torch.testing.assert_close(compiled, eager, rtol=0, atol=TOLERANCE)
 
 
-def detector_inputs(preset: str, training: bool = False) -> tuple[torch.nn.Module, list[torch.Tensor], torch.Tensor]:
+def detector_inputs(preset: str, training: bool = False, **overrides: Any) -> tuple[torch.nn.Module, list[torch.Tensor], torch.Tensor]:
     """A tiny preset with random weights, and backbone maps and padding mask of two images (64x96 and 48x80)."""
-    model = build_model(preset).train(training)
+    model = build_model(preset, **overrides).train(training)
     images = [torch.rand(3, 64, 96), torch.rand(3, 48, 80)]
     batch = batch_images(images, (64,), 96, training=False)
     with torch.no_grad():
         return model, model.backbone(batch.tensors), batch.mask
 
 
-@pytest.mark.parametrize("preset", FORWARD_FEATURES_PRESETS)
-def test_eval_forward_features_compiles_to_one_graph_with_the_eager_result(preset):
-    model, features, mask = detector_inputs(preset)
+@pytest.mark.parametrize(
+    "preset, overrides", [*((preset, {}) for preset in FORWARD_FEATURES_PRESETS), ("lite-dino-r18-tiny-h3l1-2x3", {"query_nms": 0.3})], ids=str
+)
+def test_eval_forward_features_compiles_to_one_graph_with_the_eager_result(preset, overrides):
+    model, features, mask = detector_inputs(preset, **overrides)
     with torch.no_grad():
         compiled, breaks, graphs = compile_and_run(model.forward_features, features, mask)
         # eager on the path the graph runs: near-tied proposal scores (random weights) could otherwise
