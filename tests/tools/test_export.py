@@ -36,9 +36,9 @@ from litedetr.tools.export import (
 SIZE = (128, 128)
 
 
-def tiny(name: str):
+def tiny(name: str, **overrides):
     torch.manual_seed(0)
-    return build_model(name, num_classes=5, num_queries=20, num_select=20, min_size=(SIZE[0],), max_size=SIZE[1]).eval()
+    return build_model(name, num_classes=5, num_queries=20, num_select=20, min_size=(SIZE[0],), max_size=SIZE[1], **overrides).eval()
 
 
 @pytest.mark.parametrize(
@@ -145,6 +145,13 @@ def test_every_query_matches_pytorch_given_the_same_ranking_on_several_sizes(nam
     parity = query_parity(model, inputs, SIZE, tmp_path)
     assert parity["logits"] < 1e-4 and parity["boxes_px"] < 1e-2, parity
     assert parity["reordered_gap"] < 1e-4, parity  # only near-tied proposals may come out in another order
+
+
+def test_queries_selected_among_distinct_proposals_export_as_pytorch_selects_them(tmp_path):
+    model = tiny("lite-dino-r18-tiny-h3l1-2x3", query_nms=0.3)
+    spread_class_logits(model)
+    parity = query_parity(model, [normalized_scene(2, *SIZE, seed=5), normalized_scene(1, 96, 128, seed=6)], SIZE, tmp_path)
+    assert parity["logits"] < 1e-4 and parity["boxes_px"] < 1e-2 and parity["reordered_gap"] < 1e-4, parity
 
 
 def test_query_parity_catches_a_graph_that_computes_something_else(tmp_path, monkeypatch):

@@ -107,13 +107,16 @@ class QueryProbe(OnnxDetector):
         super().__init__(model, canvas)
         self.ranking, self.scores = ranking, None
 
-    def _select(self, scores: Tensor, k: int) -> Tensor:
+    def _select(self, scores: Tensor, k: int, boxes: Tensor | None) -> Tensor:
         self.scores = scores
-        return self.ranking[:, :k] if self.ranking is not None else torch.topk(scores, k, dim=1).indices
+        if self.ranking is not None:
+            return self.ranking[:, :k]
+        selection = self.model.query_selection
+        return type(selection).select(selection, scores, k, boxes)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         selection, picked = self.model.query_selection, []
-        selection.select = lambda scores, k: picked.append(self._select(scores, k)) or picked[-1]
+        selection.select = lambda scores, k, boxes=None: picked.append(self._select(scores, k, boxes)) or picked[-1]
         try:
             outputs, _ = self.raw_outputs(images)
         finally:
