@@ -227,6 +227,11 @@ def cells() -> dict[str, Cell]:
             {**DEMO_MODEL, "query_nms": 0.7},
             DEMO_TRAINING,
         ),
+        "demo-msda-query-nms": Cell(
+            "MSDA in encoder and decoder, queries selected among distinct proposals (query_nms 0.7), the demo's schedule",
+            {**DEMO_MODEL, **msda, "query_nms": 0.7},
+            DEMO_TRAINING,
+        ),
         "demo-clip1": Cell("the demo's recipe with gradient clipping at norm 1 (not 0.1)", DEMO_MODEL, {**DEMO_TRAINING, "clip_norm": 1.0}),
         "recipe-encoder-content-class8-msda-backbone-lr1e-3": Cell(
             "MSDA, dense, 200 queries, content from the encoder, class 8, backbone lr 1e-3 (the rest 4e-4)", {**CLASS8, **msda}, {"lr_backbone": 1e-3}
@@ -321,7 +326,7 @@ def diagnose(model_file: Path, config: Any, images: int = 16) -> dict[str, Any]:
     batch, targets = collate([dataset[i] for i in range(images)])
     picked: list[Tensor] = []
     select = model.query_selection.select
-    model.query_selection.select = lambda scores, k: picked.append(select(scores, k)) or picked[-1]
+    model.query_selection.select = lambda scores, k, boxes=None: picked.append(select(scores, k, boxes)) or picked[-1]
     shapes: list[Any] = []
     model.input_stage.register_forward_hook(lambda module, inputs, tokens: shapes.append(level_shapes(tokens.spatial_shapes)))
     torch.manual_seed(0)

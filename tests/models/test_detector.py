@@ -211,7 +211,7 @@ def test_the_transformer_reads_only_an_images_own_tokens(name):
     frame, padding, select = [torch.ones(1, 1, 4)], [], model.query_selection.select
     model.input_stage.register_forward_hook(put_alone_tokens_into_the_batch)
     model.input_stage.register_forward_hook(lambda module, inputs, tokens: padding.append(tokens.padding_mask))
-    model.query_selection.select = lambda scores, k: select(scores.masked_fill(padding[-1], float("-inf")), k)
+    model.query_selection.select = lambda scores, k, boxes=None: select(scores.masked_fill(padding[-1], float("-inf")), k, boxes)
     model.decoder.query_position.register_forward_pre_hook(lambda module, args: (args[0] / frame[-1], *args[1:]))
     with torch.no_grad():
         alone = model.forward_features(model.backbone(alone_image), torch.zeros(1, 128, 192, dtype=torch.bool))

@@ -60,7 +60,7 @@ def best_over_tied_orders(model: Detector, run: Callable[[], float]) -> tuple[fl
     selection = model.query_selection
     select = selection.select
     recorded = []
-    selection.select = lambda scores, k: recorded.append((scores, k)) or select(scores, k)
+    selection.select = lambda scores, k, boxes=None: recorded.append((scores, k)) or select(scores, k, boxes)
     try:
         error = run()
         scores, k = recorded[0]
@@ -74,7 +74,7 @@ def best_over_tied_orders(model: Detector, run: Callable[[], float]) -> tuple[fl
                 indices = order.indices.clone()
                 for b, i in swaps:
                     indices[b, [i, i + 1]] = indices[b, [i + 1, i]]
-                selection.select = lambda scores, k, chosen=indices: chosen[:, :k]
+                selection.select = lambda scores, k, boxes=None, chosen=indices: chosen[:, :k]
                 best = min(best, (run(), n))
         return best
     finally:
