@@ -134,8 +134,8 @@ change; ``demo-kda-zero-query`` is :class:`DemoRecipe` itself)."""
 
 
 DEMO_MODEL = {**CLASS8, "kda_zero_query": True}
-""":class:`DemoRecipe`'s model (with :data:`DEMO_TRAINING`, ``demo-kda-zero-query`` is the demo itself; the
-other ``demo-*`` cells after it change one thing more)."""
+""":class:`DemoRecipe`'s model before ``query_nms`` (``demo-kda-zero-query``, with :data:`DEMO_TRAINING`); the
+``demo-*`` cells after it change one thing more, and ``demo-query-nms`` is the demo itself."""
 
 
 def cells() -> dict[str, Cell]:
@@ -213,17 +213,17 @@ def cells() -> dict[str, Cell]:
         ),
         "demo-msda": Cell("MSDA in encoder and decoder, the demo's schedule", {**CLASS8, **msda}, DEMO_TRAINING),
         "demo-kda-encoder": Cell("KDA in the encoder, MSDA in the decoder, the demo's schedule", {**CLASS8, "decoder_key_aware": False}, DEMO_TRAINING),
-        "demo-kda-zero-query": Cell("KDA, query_proj zero-initialised (uniform start), the demo's schedule: the demo's recipe now", DEMO_MODEL, DEMO_TRAINING),
+        "demo-kda-zero-query": Cell("KDA, query_proj zero-initialised (uniform start), the demo's schedule", DEMO_MODEL, DEMO_TRAINING),
         "demo-kda-key-proj": Cell("KDA, keys from a projection of their own (random query_proj), the demo's schedule", {**CLASS8, "kda_key_proj": True}, DEMO_TRAINING),
         "demo-kda-key-proj-zero-query": Cell(
             "KDA, keys from a projection of their own, query_proj zero-initialised, the demo's schedule",
             {**CLASS8, "kda_key_proj": True, "kda_zero_query": True},
             DEMO_TRAINING,
         ),
-        "demo-batch2": Cell("the demo's recipe in batches of 2 (twice the steps, the same images)", DEMO_MODEL, {**DEMO_TRAINING, "batch_size": 2}),
-        "demo-lr6e-4": Cell("the demo's recipe at lr 6e-4 (the backbone at 1e-3)", DEMO_MODEL, {**DEMO_TRAINING, "lr": 6e-4}),
+        "demo-batch2": Cell("KDA's uniform start, in batches of 2 (twice the steps, the same images)", DEMO_MODEL, {**DEMO_TRAINING, "batch_size": 2}),
+        "demo-lr6e-4": Cell("KDA's uniform start, lr 6e-4 (the backbone at 1e-3)", DEMO_MODEL, {**DEMO_TRAINING, "lr": 6e-4}),
         "demo-query-nms": Cell(
-            "the demo's recipe, queries selected among distinct proposals (query_nms 0.7: a proposal overlapped above IoU 0.7 by a higher-scoring one is passed over)",
+            "KDA's uniform start, queries selected among distinct proposals (query_nms 0.7: a proposal overlapped above IoU 0.7 by a higher-scoring one is passed over): the demo's recipe now",
             {**DEMO_MODEL, "query_nms": 0.7},
             DEMO_TRAINING,
         ),
@@ -232,7 +232,7 @@ def cells() -> dict[str, Cell]:
             {**DEMO_MODEL, **msda, "query_nms": 0.7},
             DEMO_TRAINING,
         ),
-        "demo-clip1": Cell("the demo's recipe with gradient clipping at norm 1 (not 0.1)", DEMO_MODEL, {**DEMO_TRAINING, "clip_norm": 1.0}),
+        "demo-clip1": Cell("KDA's uniform start, gradient clipping at norm 1 (not 0.1)", DEMO_MODEL, {**DEMO_TRAINING, "clip_norm": 1.0}),
         "recipe-encoder-content-class8-msda-backbone-lr1e-3": Cell(
             "MSDA, dense, 200 queries, content from the encoder, class 8, backbone lr 1e-3 (the rest 4e-4)", {**CLASS8, **msda}, {"lr_backbone": 1e-3}
         ),

@@ -27,7 +27,8 @@ def test_cells_differ_only_where_named(study):
     assert configs["kda"] == get_config(DemoRecipe.model, backbone_trainable_norm=True, dn_number=100)
     assert configs["kda-zero-query"] == dataclasses.replace(configs["kda"], kda_zero_query=True)
     assert configs["kda"].encoder.key_aware and configs["kda"].decoder_key_aware
-    assert configs["demo-kda-zero-query"] == get_config(DemoRecipe.model, **dict(DemoRecipe.model_overrides))  # the demo's model
+    assert configs["demo-query-nms"] == get_config(DemoRecipe.model, **dict(DemoRecipe.model_overrides))  # the demo's model
+    assert configs["demo-kda-zero-query"] == dataclasses.replace(configs["demo-query-nms"], query_nms=None)
     assert configs["recipe-encoder-content-class8"] == dataclasses.replace(configs["demo-kda-zero-query"], kda_zero_query=False)
     assert configs["kda-encoder"].encoder.key_aware and not configs["kda-encoder"].decoder_key_aware
     assert not configs["msda"].encoder.key_aware and not configs["msda"].decoder_key_aware
@@ -40,7 +41,9 @@ def test_cells_differ_only_where_named(study):
         changed = {key for key, value in config.to_dict().items() if value != authors[key]}
         assert changed == named - {key for key in named if study.cells()[name].model_overrides[key] == authors[key]}, name
         assert ("msda" in name) == ("encoder" in changed and "decoder_key_aware" in changed), name
-        assert ("key-proj" in name, "zero-query" in name) == (config.kda_key_proj, config.kda_zero_query), name
+        from_demo_model = all(study.cells()[name].model_overrides.get(key) == value for key, value in study.DEMO_MODEL.items())
+        assert ("key-proj" in name, "zero-query" in name or from_demo_model) == (config.kda_key_proj, config.kda_zero_query), name
+        assert ("query-nms" in name) == (config.query_nms is not None), name
         if name.startswith("msda"):
             assert config == dataclasses.replace(configs["msda"], **{k: v for k, v in study.cells()[name].model_overrides.items() if k not in ("encoder", "decoder_key_aware")})
 

@@ -70,8 +70,9 @@ class SmallDataRecipe:
       one-to-many (``encoder_one_to_many``), classification losses weighted 8 (``class_loss_weight``);
     - ``scratch``: for a model that does not start from a trained detector (no ``--init``), whose
       weights these change: 200 queries (100 detections kept), content queries taken from the
-      selected encoder features (``learned_query_content=False``) and :data:`FROM_SCRATCH`'s uniform
-      first attention of KDA;
+      selected encoder features (``learned_query_content=False``), queries selected among distinct
+      proposals (``query_nms`` 0.7: one overlapped above IoU 0.7 by a higher-scoring one is passed
+      over) and :data:`FROM_SCRATCH`'s uniform first attention of KDA;
     - ``random_backbone``: for a backbone without ImageNet weights (nor ``--init``): batch norm trains
       (``backbone_trainable_norm``);
     - ``lr`` for every part but the backbone, which takes ``backbone_lr``, or with ImageNet weights
@@ -79,7 +80,7 @@ class SmallDataRecipe:
     """
 
     training: tuple[tuple[str, Any], ...] = (("dn_number", 100), ("encoder_one_to_many", 6), ("class_loss_weight", 8.0))
-    scratch: tuple[tuple[str, Any], ...] = (("num_queries", 200), ("num_select", 100), ("learned_query_content", False), *FROM_SCRATCH)
+    scratch: tuple[tuple[str, Any], ...] = (("num_queries", 200), ("num_select", 100), ("learned_query_content", False), ("query_nms", 0.7), *FROM_SCRATCH)
     random_backbone: tuple[tuple[str, Any], ...] = (("backbone_trainable_norm", True),)
     lr: float = 4e-4
     backbone_lr: float = 1e-3
@@ -113,6 +114,8 @@ class DemoRecipe:
     tiny presets' 60 find more of the up to 20 objects per image, classification losses weighted 8
     (DINO's 1, Deformable DETR's 2) and content queries taken from the selected encoder features
     (DINO's "pure" query selection: ``learned_query_content=False``) speed up telling the shapes apart,
+    the queries are selected among distinct proposals (``query_nms``: the one-to-many encoder loss
+    teaches several tokens per object the same box, and plain top-k would spend queries on those copies),
     and KDA starts with uniform attention (:data:`FROM_SCRATCH`) (``benchmarks/training_study.py``). Images are
     160x160; each of the ``epochs`` epochs trains ``epoch_batches`` batches drawn from its own
     shuffle of the 1000 images (900 steps); the learning rate drops 10x for the last epoch, a
