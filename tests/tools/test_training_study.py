@@ -58,8 +58,14 @@ def test_every_cell_trains_the_same_steps_and_evaluates_after_its_last_epoch(stu
     assert schedules["recipe-encoder-content-class8"] == (6, 150, 4, (5,), 4e-4, 4e-4)  # fixed, whatever DemoRecipe becomes
     assert schedules["recipe-encoder-content-class8-late-drop"] == (12, 75, 4, (11,), 4e-4, 4e-4)
     assert schedules["recipe-encoder-content-class8-backbone-lr1e-3-late-drop"] == (12, 75, 4, (11,), 4e-4, 1e-3)
-    for name in (n for n in schedules if n.startswith("demo-")):  # the demo's schedule and model, one change
-        assert schedules[name] == schedules["recipe-encoder-content-class8-backbone-lr1e-3-late-drop"], name
+    demo = schedules["recipe-encoder-content-class8-backbone-lr1e-3-late-drop"]
+    for name in (n for n in schedules if n.startswith("demo-")):  # the demo's schedule, or it with the named change
+        changes = {k: v for k, v in study.cells()[name].train_overrides.items() if study.DEMO_TRAINING.get(k) != v}
+        assert set(changes) <= {"batch_size", "lr", "clip_norm"}, name
+        expected = (demo[0], demo[1] * demo[2] // changes.get("batch_size", demo[2]), changes.get("batch_size", demo[2]), demo[3], changes.get("lr", demo[4]), demo[5])
+        assert schedules[name] == expected, name
+    assert schedules["demo-batch2"] == (12, 150, 2, (11,), 4e-4, 1e-3) and schedules["demo-lr6e-4"][4] == 6e-4
+    assert study.cell_config("demo-clip1", seed=0, steps_per_epoch=150, data=tiny_synthetic).clip_norm == 1.0
     assert schedules["recipe-batch2"] == (6, 300, 2, (5,), 4e-4, 4e-4)
     assert schedules["recipe-encoder-content-class8-drops45"][3] == (4, 5)
 
