@@ -23,6 +23,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 import numpy as np
 import pytest
 import torch
+import torchvision.ops
 from PIL import Image
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -106,3 +107,12 @@ def tiny_synthetic(tmp_path_factory) -> Path:
     from litedetr.data import SyntheticSpec, write_synthetic_dataset
 
     return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), SyntheticSpec(num_train=4, num_val=2, image_size=(64, 64), max_objects=3))
+
+
+def fast_nms_reference(scores: torch.Tensor, boxes: torch.Tensor, k: int, threshold: float, candidates: int) -> list[int]:
+    """One image, loop by loop: a candidate is suppressed when any higher-scoring candidate overlaps it."""
+    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))[:candidates]
+    iou = torchvision.ops.box_iou(boxes, boxes)
+    suppressed = [any(iou[order[i], order[j]] > threshold for i in range(j)) for j in range(len(order))]
+    kept = [index for index, off in zip(order, suppressed) if not off]
+    return (kept + [index for index, off in zip(order, suppressed) if off])[:k]

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torchvision.ops as tvops
 
+from conftest import fast_nms_reference
 from litedetr.ops import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, distinct_topk, generalized_box_iou, inverse_sigmoid
 
 
@@ -40,15 +41,6 @@ def test_box_iou_of_batches_is_each_pairs():
     assert iou.shape == (2, 3, 5)
     for i in range(2):
         torch.testing.assert_close(iou[i], tvops.box_iou(a[i], b[i]))
-
-
-def fast_nms_reference(scores: torch.Tensor, boxes: torch.Tensor, k: int, threshold: float, candidates: int) -> list[int]:
-    """One image, loop by loop: a candidate is suppressed when any higher-scoring candidate overlaps it."""
-    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))[:candidates]
-    iou = tvops.box_iou(boxes, boxes)
-    suppressed = [any(iou[order[i], order[j]] > threshold for i in range(j)) for j in range(len(order))]
-    kept = [index for index, off in zip(order, suppressed) if not off]
-    return (kept + [index for index, off in zip(order, suppressed) if off])[:k]
 
 
 @pytest.mark.parametrize("threshold, candidates", [(0.5, 40), (0.3, 25), (0.8, 12)])
