@@ -18,11 +18,16 @@ Every run is repeated for each training seed of ``--seeds`` (the seed draws the 
 orders the batches; the datasets stay the same); each seed's runs are one subprocess, ``--jobs`` of
 them at a time. Reports COCO AP, AP50, APs, APm, APl on the glyphs validation split as the median and
 range over the seeds, in how many seeds each start beat the same model from scratch, and each
-pretrained model's AP on the shapes validation split. Writes ``finetune.md`` and ``finetune.json`` to
+pretrained model's AP on the shapes validation split. ``--pretrained-runs MODEL=PATTERN`` takes a model's
+pretraining from finished runs elsewhere instead of training it again (``{seed}`` in ``PATTERN``: the
+training seed), e.g. the training study's runs of the same recipe; each must have trained exactly what
+this benchmark would (:func:`litedetr.engine.recipes.finished_run_metrics`). Writes ``finetune.md`` and ``finetune.json`` to
 ``--out``; datasets and runs go to ``--out/finetune-runs/`` (``seed<N>/`` per seed; finished runs are
 reused, interrupted ones resumed).
 
     python benchmarks/finetune.py [--seeds 0 1 2] [--jobs 3 --threads 1] [--models dino h3l1-2x3 h3l1-2x3-msda] [--out benchmarks/results]
+    python benchmarks/finetune.py --models h3l1-2x3 h3l1-2x3-msda \\
+        --pretrained-runs h3l1-2x3=study/demo-query-nms-seed{seed}-steps150 h3l1-2x3-msda=study/demo-msda-query-nms-seed{seed}-steps150
     # smoke run: python benchmarks/finetune.py --pretrain-epochs 1 --finetune-epochs 1 --train-images 8 --val-images 4 \\
     #     --finetune-images 8 --image-size 128 --out /tmp/finetune
 """
@@ -49,6 +54,7 @@ from litedetr.engine.recipes import (
     Variant,
     dataset_dir,
     demo_train_config,
+    finished_run_metrics,
     lite_dino_variants,
     run_in_parallel,
     scaled_recipe,
@@ -120,21 +126,34 @@ def _spread(values: list[float | None]) -> str:
     return f"{_cell(statistics.median(values))} [{_cell(min(values))}-{_cell(max(values))}]"
 
 
-def seed_runs(pretrain: DemoRecipe, finetune: DemoRecipe, models: tuple[str, ...], data_root: Path, runs: Path) -> dict[str, Any]:
+def seed_runs(
+    pretrain: DemoRecipe, finetune: DemoRecipe, models: tuple[str, ...], data_root: Path, runs: Path, pretrained_runs: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Every run of one training seed (``pretrain.seed``) in ``runs``: the pretraining on shapes, then
-    the fine-tuning runs of :func:`plan` on glyphs; both datasets are already written under ``data_root``."""
+    the fine-tuning runs of :func:`plan` on glyphs; both datasets are already written under ``data_root``.
+    ``pretrained_runs``: model -> folder pattern of finished pretraining runs to take instead of training
+    (``{seed}``: ``pretrain.seed``)."""
     variants = lite_dino_variants()
     shapes, glyphs = dataset_dir(data_root, pretrain.data), dataset_dir(data_root, finetune.data)
     pretrained: dict[str, dict[str, Any]] = {}
 
     def pretrained_file(model: str) -> Path:
         """The model file of ``model`` pretrained on shapes, trained on first use (so that the first rows come early)."""
+        run_dir = runs / f"pretrain-{model}"
+        if model in (pretrained_runs or {}):
+            run_dir = Path(pretrained_runs[model].format(seed=pretrain.seed))
         if model not in pretrained:
+            config = demo_train_config(variant_recipe(pretrain, variants[model]), shapes, "cpu")
             start = time.perf_counter()
-            metrics, reused = train_or_reuse(demo_train_config(variant_recipe(pretrain, variants[model]), shapes, "cpu"), runs / f"pretrain-{model}")
-            pretrained[model] = {"label": variants[model].label, "metrics": metrics, "train_seconds": None if reused else round(time.perf_counter() - start, 1)}
-            print(f"pretrained {model} on shapes: AP {_cell(metrics['AP'])} ({'reused' if reused else 'trained'})", flush=True)
-        return runs / f"pretrain-{model}" / MODEL_FILE
+            if model in (pretrained_runs or {}):
+                metrics, reused = finished_run_metrics(config, run_dir), True
+            else:
+                metrics, reused = train_or_reuse(config, run_dir)
+            pretrained[model] = {
+                "label": variants[model].label, "metrics": metrics, "run": str(run_dir), "train_seconds": None if reused else round(time.perf_counter() - start, 1),
+            }  # fmt: skip
+            print(f"pretrained {model} on shapes: AP {_cell(metrics['AP'])} ({'reused from ' + str(run_dir) if reused else 'trained'})", flush=True)
+        return run_dir / MODEL_FILE
 
     rows = []
     for run in plan(models):
@@ -190,12 +209,26 @@ def markdown(rows: list[dict[str, Any]], pretrained: dict[str, dict[str, Any]], 
     return "\n".join(lines) + "\n"
 
 
+def parse_pretrained_runs(items: list[str], models: tuple[str, ...], parser: argparse.ArgumentParser) -> dict[str, str]:
+    """``MODEL=PATTERN`` items as a dict; a model not among ``models``, a repeat or a pattern without
+    ``{seed}`` is a usage error."""
+    found: dict[str, str] = {}
+    for item in items:
+        model, sep, pattern = item.partition("=")
+        if not sep or model not in models or model in found or "{seed}" not in pattern:
+            parser.error(f"--pretrained-runs {item!r}: expected MODEL=PATTERN once per model, MODEL one of {', '.join(models)}, PATTERN with {{seed}}")
+        found[model] = pattern
+    return found
+
+
 WORKER_OPTIONS = ("out", "threads", "pretrain_epochs", "finetune_epochs", "train_images", "val_images", "finetune_images", "image_size")
 """The options a seed's worker process takes over from the command line (besides ``--models``)."""
 
 
 def _worker_arguments(args: argparse.Namespace) -> list[str]:
     forwarded = ["--models", *args.models]
+    if args.pretrained_runs:
+        forwarded += ["--pretrained-runs", *args.pretrained_runs]
     for name in WORKER_OPTIONS:
         value = getattr(args, name)
         if value is not None:
@@ -217,18 +250,26 @@ def main() -> None:
     parser.add_argument("--val-images", type=int, help=f"validation images of each dataset (default {default.data.num_val})")
     parser.add_argument("--finetune-images", type=int, default=500, help="glyphs training images (default 500)")
     parser.add_argument("--image-size", type=int, help=f"image side in pixels (default {default.image_size})")
+    parser.add_argument(
+        "--pretrained-runs", nargs="+", metavar="MODEL=PATTERN",
+        help="take MODEL's pretraining from the finished run in folder PATTERN ({seed}: the training seed) instead of training it",
+    )  # fmt: skip
     parser.add_argument("--seed-run", type=int, help=argparse.SUPPRESS)  # one seed's runs, in a worker process
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     models = tuple(m for m in MODELS if m in args.models)
+    pretrained_runs = parse_pretrained_runs(args.pretrained_runs or [], models, parser)
     runs = args.out / RUNS_DIR
     pretrain = scaled_recipe(args.pretrain_epochs, args.train_images, args.val_images, args.image_size)
     finetune = finetune_recipe(pretrain, args.finetune_epochs, args.finetune_images)
     if args.seed_run is not None:
         seed = args.seed_run
-        result = seed_runs(dataclasses.replace(pretrain, seed=seed), dataclasses.replace(finetune, seed=seed), models, runs, runs / f"seed{seed}")
+        try:
+            result = seed_runs(dataclasses.replace(pretrain, seed=seed), dataclasses.replace(finetune, seed=seed), models, runs, runs / f"seed{seed}", pretrained_runs)
+        except ValueError as err:  # a --pretrained-runs folder that did not train what this benchmark would
+            raise SystemExit(f"seed {seed}: {err}") from None
         (runs / f"seed{seed}" / "result.json").write_text(json.dumps(result, indent=2))
         return
 
@@ -255,6 +296,7 @@ def main() -> None:
         "finetune_lr_drop": list(finetune.lr_drop),
         "model_overrides": dict(pretrain.model_overrides),
         "seeds": args.seeds,
+        "pretrained_runs": pretrained_runs,
         "jobs": args.jobs,
         "threads": args.threads or torch.get_num_threads(),
         "torch": torch.__version__,

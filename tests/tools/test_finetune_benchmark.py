@@ -69,7 +69,19 @@ def test_seeds_are_summarised_per_run_with_wins_over_scratch(finetune):
 
 def test_each_seed_worker_gets_the_budget_options_but_not_the_seeds(finetune):
     args = argparse.Namespace(models=["dino"], out=Path("o"), threads=1, pretrain_epochs=None, finetune_epochs=3, train_images=8,
-                              val_images=None, finetune_images=500, image_size=128, seeds=[0, 1], jobs=2)  # fmt: skip
+                              val_images=None, finetune_images=500, image_size=128, seeds=[0, 1], jobs=2, pretrained_runs=None)  # fmt: skip
     assert finetune._worker_arguments(args) == [
         "--models", "dino", "--out", "o", "--threads", "1", "--finetune-epochs", "3", "--train-images", "8", "--finetune-images", "500", "--image-size", "128",
     ]  # fmt: skip
+    args.pretrained_runs = ["dino=runs/dino-seed{seed}"]
+    assert finetune._worker_arguments(args)[:4] == ["--models", "dino", "--pretrained-runs", "dino=runs/dino-seed{seed}"]
+
+
+def test_pretrained_runs_name_one_folder_pattern_per_chosen_model(finetune, capsys):
+    parser = argparse.ArgumentParser()
+    models = ("h3l1-2x3", "dino")
+    assert finetune.parse_pretrained_runs(["dino=a/s{seed}", "h3l1-2x3=b={seed}"], models, parser) == {"dino": "a/s{seed}", "h3l1-2x3": "b={seed}"}
+    for bad in (["dino=a/s0"], ["h3l1-2x3-msda=a{seed}"], ["dino"], ["dino=a{seed}", "dino=b{seed}"]):
+        with pytest.raises(SystemExit):
+            finetune.parse_pretrained_runs(bad, models, parser)
+        assert "--pretrained-runs" in capsys.readouterr().err

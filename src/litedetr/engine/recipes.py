@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from litedetr.data import AugmentConfig, SyntheticSpec, find_split
 from litedetr.engine.config import TrainConfig
-from litedetr.engine.state import load_state
+from litedetr.engine.state import load_state, read_train_config
 from litedetr.engine.trainer import CHECKPOINT, Trainer
 from litedetr.models import get_config
 
@@ -40,6 +40,8 @@ __all__ = [
     "variant_recipe",
     "dataset_dir",
     "train_or_reuse",
+    "finished_run_metrics",
+    "RUN_PLACE_FIELDS",
     "run_in_parallel",
     "COCO_METRICS",
 ]
@@ -235,6 +237,35 @@ def _final_metrics(run_dir: Path, epochs: int) -> dict[str, float | None] | None
         return None
     evals = [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "eval" and r["epoch"] == epochs]
     return {k: evals[-1].get(k) for k in COCO_METRICS} if evals else None
+
+
+RUN_PLACE_FIELDS = frozenset({"workers", "device", "eval_every", "train_annotations", "train_images", "val_annotations", "val_images"})
+"""TrainConfig fields that set where a run reads its data and how often it evaluates, not the weights it
+trains: evaluation draws no random number and changes no weight (a run evaluated after every epoch logged
+the same losses, bit for bit, as one evaluated after the last)."""
+
+
+def finished_run_metrics(config: TrainConfig, run_dir: Path) -> dict[str, float | None]:
+    """The final metrics of the finished run in ``run_dir`` (e.g. one of ``benchmarks/training_study.py``'s)
+    when it trained what ``config`` trains: the same settings but :data:`RUN_PLACE_FIELDS`, the same model
+    once preset and overrides are resolved, on a synthetic dataset written from the same spec.
+
+    Raises:
+        ValueError: the run is missing or unreadable, trained other settings (named), or did not finish.
+    """
+    saved = TrainConfig.from_dict(read_train_config(run_dir / CHECKPOINT))
+    changed = config.changed_fields(saved.to_dict(), RUN_PLACE_FIELDS | {"model", "model_overrides"})
+    if get_config(config.model, **config.model_overrides) != get_config(saved.model, **saved.model_overrides):
+        changed.append("model")
+    specs = [Path(c.train_images).parent / "spec.json" for c in (config, saved)]
+    if not all(spec.exists() for spec in specs) or specs[0].read_text() != specs[1].read_text():
+        changed.append("dataset (not written from the same synthetic spec)")
+    if changed:
+        raise ValueError(f"{run_dir} trained other settings: {', '.join(changed)}")
+    metrics = _final_metrics(run_dir, config.epochs)
+    if metrics is None:
+        raise ValueError(f"{run_dir} has not finished its {config.epochs} epochs")
+    return metrics
 
 
 def train_or_reuse(config: TrainConfig, run_dir: Path) -> tuple[dict[str, float | None], bool]:
