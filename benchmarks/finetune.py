@@ -139,14 +139,16 @@ def seed_runs(
 
     def pretrained_file(model: str) -> Path:
         """The model file of ``model`` pretrained on shapes, trained on first use (so that the first rows come early)."""
-        run_dir = runs / f"pretrain-{model}"
-        if model in (pretrained_runs or {}):
-            run_dir = Path(pretrained_runs[model].format(seed=pretrain.seed))
+        reuse = (pretrained_runs or {}).get(model)
+        run_dir = Path(reuse.format(seed=pretrain.seed)) if reuse else runs / f"pretrain-{model}"
         if model not in pretrained:
             config = demo_train_config(variant_recipe(pretrain, variants[model]), shapes, "cpu")
             start = time.perf_counter()
-            if model in (pretrained_runs or {}):
-                metrics, reused = finished_run_metrics(config, run_dir), True
+            if reuse:
+                try:
+                    metrics, reused = finished_run_metrics(config, run_dir), True
+                except ValueError as err:  # a folder that did not train what this benchmark would
+                    raise SystemExit(f"--pretrained-runs {model}: {err}") from None
             else:
                 metrics, reused = train_or_reuse(config, run_dir)
             pretrained[model] = {
@@ -266,10 +268,7 @@ def main() -> None:
     finetune = finetune_recipe(pretrain, args.finetune_epochs, args.finetune_images)
     if args.seed_run is not None:
         seed = args.seed_run
-        try:
-            result = seed_runs(dataclasses.replace(pretrain, seed=seed), dataclasses.replace(finetune, seed=seed), models, runs, runs / f"seed{seed}", pretrained_runs)
-        except ValueError as err:  # a --pretrained-runs folder that did not train what this benchmark would
-            raise SystemExit(f"seed {seed}: {err}") from None
+        result = seed_runs(dataclasses.replace(pretrain, seed=seed), dataclasses.replace(finetune, seed=seed), models, runs, runs / f"seed{seed}", pretrained_runs)
         (runs / f"seed{seed}" / "result.json").write_text(json.dumps(result, indent=2))
         return
 

@@ -85,3 +85,16 @@ def test_pretrained_runs_name_one_folder_pattern_per_chosen_model(finetune, caps
         with pytest.raises(SystemExit):
             finetune.parse_pretrained_runs(bad, models, parser)
         assert "--pretrained-runs" in capsys.readouterr().err
+
+
+def test_a_pretrained_run_that_trained_something_else_stops_the_seed_with_one_line(finetune, tmp_path):
+    from litedetr.data import write_synthetic_dataset
+    from litedetr.engine.recipes import dataset_dir
+
+    pretrain = scaled_recipe(1, 4, 2, 64)
+    tuning = finetune.finetune_recipe(pretrain, epochs=1, images=4)
+    for recipe in (pretrain, tuning):
+        write_synthetic_dataset(dataset_dir(tmp_path, recipe.data), recipe.data)
+    with pytest.raises(SystemExit, match=r"^--pretrained-runs h3l1-2x3: .*missing0/checkpoint.pt: not a readable litedetr training checkpoint"):
+        finetune.seed_runs(pretrain, tuning, ("h3l1-2x3",), tmp_path, tmp_path / "seed0", {"h3l1-2x3": str(tmp_path / "missing{seed}")})
+    assert not (tmp_path / "seed0").exists()  # nothing trained before the check
