@@ -14,6 +14,10 @@ backbone), nothing downloaded. What a call covers:
 - transformers', ``pytorch``: ``model(pixel_values=...)`` (logits and boxes; their post-processing,
   a sigmoid and a top-k, is not timed); ``onnxruntime`` / ``openvino``: that call exported with the
   TorchScript-based exporter at opset 17 (their deformable attention lowers to ``GridSample``);
+- everyone's ``pytorch-bf16``: the ``pytorch`` call under bf16 autocast, and ``openvino-bf16``: the
+  OpenVINO graph with bf16 inference precision; only on CPUs that compute bf16 natively (AVX-512 BF16
+  or AMX, :func:`litedetr.engine.precision.cpu_bf16_native`), otherwise reported with the reason. What
+  bf16 costs in AP is measured on a trained model by ``benchmarks/quantization.py``;
 - everyone's ``onnxruntime-int8``: the same ONNX graph with INT8 linear layers
   (:func:`litedetr.tools.export.quantize_onnx`, ONNX Runtime's dynamic quantisation) in ONNX Runtime.
   What it costs in AP is measured on a trained model by ``benchmarks/quantization.py``.
@@ -40,15 +44,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from litedetr.engine.precision import cpu_bf16_native
 from litedetr.engine.timing import bench_model, interleaved_ms, run_environment, write_results
-from litedetr.models.exported import openvino_cpu_config, require
+from litedetr.models.exported import InferencePrecision, openvino_cpu_config, require
 from litedetr.models.transform import IMAGENET_MEAN, IMAGENET_STD
 from litedetr.tools.export import export_onnx, normalized_scene, quantize_onnx
 
 # this folder's kernels.py would shadow the `kernels` package that transformers imports
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-BACKENDS = ("pytorch", "onnxruntime", "openvino", "onnxruntime-int8")
+BACKENDS = ("pytorch", "onnxruntime", "openvino", "onnxruntime-int8", "pytorch-bf16", "openvino-bf16")
 HF_MODELS = {"rtdetr-r50vd": ("RTDetrConfig", "RTDetrForObjectDetection"), "dfine": ("DFineConfig", "DFineForObjectDetection")}
 DEFAULT_MODELS = ("rtdetr-r50vd", "dfine", "lite-dino-r50-h3l1-2x3", "lite-dino-r50-h2l2-2x3", "dino-r50")
 REFERENCE = "rtdetr-r50vd"
@@ -77,8 +82,9 @@ def hf_model(name: str) -> nn.Module:
     return getattr(transformers, model_name)(config).eval()
 
 
-def _graph_call(path: Path, backend: str, images: np.ndarray, threads: int) -> Call:
-    """One call of the ONNX graph at ``path`` on ``images`` in ONNX Runtime or OpenVINO (its first input)."""
+def _graph_call(path: Path, backend: str, images: np.ndarray, threads: int, precision: InferencePrecision = "float32") -> Call:
+    """One call of the ONNX graph at ``path`` on ``images`` in ONNX Runtime or OpenVINO (its first input;
+    ``precision``: OpenVINO's inference precision)."""
     if backend == "onnxruntime":
         ort = require("onnxruntime")
         options = ort.SessionOptions()
@@ -87,7 +93,7 @@ def _graph_call(path: Path, backend: str, images: np.ndarray, threads: int) -> C
         feed = {session.get_inputs()[0].name: images}
         return lambda: session.run(None, feed)
     ov = require("openvino")
-    compiled = ov.Core().compile_model(str(path), "CPU", openvino_cpu_config(threads))
+    compiled = ov.Core().compile_model(str(path), "CPU", openvino_cpu_config(threads, precision))
     request = compiled.create_infer_request()
     return lambda: request.infer({0: images})
 
@@ -107,9 +113,16 @@ def build_calls(name: str, backends: tuple[str, ...], size: tuple[int, int], thr
     except Exception as error:  # noqa: BLE001 - a model that does not build is reported, not fatal
         return dict.fromkeys(backends, f"does not build: {error}".splitlines()[0])
     path, quantized = folder / f"{name}.onnx", folder / f"{name}-int8.onnx"
+    bf16, why = cpu_bf16_native()
     for backend in backends:
+        if backend.endswith("-bf16") and not bf16:
+            calls[backend] = f"not timed: {why}"
+            continue
         if backend == "pytorch":
             calls[backend] = torch.no_grad()(pytorch_call)
+            continue
+        if backend == "pytorch-bf16":
+            calls[backend] = torch.no_grad()(torch.autocast("cpu", dtype=torch.bfloat16)(pytorch_call))
             continue
         try:
             if not path.exists():
@@ -119,10 +132,10 @@ def build_calls(name: str, backends: tuple[str, ...], size: tuple[int, int], thr
                 else:
                     export_onnx(model, path, size)
             if backend == "onnxruntime-int8":
-                graph, runtime = quantize_onnx(path, quantized), "onnxruntime"
+                calls[backend] = _graph_call(quantize_onnx(path, quantized), "onnxruntime", images.numpy(), threads)
             else:
-                graph, runtime = path, backend
-            calls[backend] = _graph_call(graph, runtime, images.numpy(), threads)
+                runtime, _, precision = backend.partition("-")
+                calls[backend] = _graph_call(path, runtime, images.numpy(), threads, "bf16" if precision else "float32")
         except Exception as error:  # noqa: BLE001 - an export or runtime failure is reported, not fatal
             calls[backend] = f"{backend}: {error}".splitlines()[0][:200]
     return calls
@@ -131,7 +144,7 @@ def build_calls(name: str, backends: tuple[str, ...], size: tuple[int, int], thr
 def markdown(result: dict) -> str:
     h, w = result["size"]
     lines = [
-        f"One image, {h}x{w}, batch 1, {result['threads']} threads ({result['cpu_capability']}, float32), random weights; median of "
+        f"One image, {h}x{w}, batch 1, {result['threads']} threads ({result['cpu_capability']}; float32 but where a column says bf16), random weights; median of "
         f"{result['repeats']} calls, every (model, backend) taking turns. Load averages (1, 5, 15 min) after: "
         + ", ".join(f"{v:.1f}" for v in result["load_average_after"])
         + ".",

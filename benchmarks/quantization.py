@@ -10,6 +10,9 @@ The model (``--model``, a litedetr model file, e.g. ``litedetr-demo/model.safete
   ONNX Runtime's dynamic quantisation, per-channel 7-bit weights, inputs quantised per call), and
   ``onnxruntime-int8-full``: the same with full 8-bit weights (exact only on CPUs with VNNI);
 - ``openvino-int8``: the 7-bit INT8 graph in OpenVINO;
+- ``pytorch-bf16``: the model file under bf16 autocast, and ``openvino-bf16``: the float32 graph in
+  OpenVINO with bf16 inference precision (``--precision bf16`` of ``litedetr eval`` / ``predict``);
+  they pay only on CPUs with AVX-512 BF16 or AMX, and elsewhere run emulated (slow) or in float32;
 - ``openvino-int8-nncf``: the float32 OpenVINO IR quantised by NNCF (:func:`litedetr.tools.export.quantize_openvino`:
   static INT8 of convolutions and matrix products, weights and activations), calibrated on the first 100
   training images (``litedetr export --format openvino --int8 --calibration``).
@@ -29,28 +32,32 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from litedetr.data import CocoDetection, find_split, write_synthetic_dataset
+from litedetr.engine.precision import inference_autocast
 from litedetr.engine.recipes import DemoRecipe
 from litedetr.engine.timing import interleaved_ms, run_environment, write_results
 from litedetr.models import Detector, load_model
-from litedetr.models.exported import graph_runner
+from litedetr.models.exported import InferencePrecision, graph_runner
 from litedetr.models.transform import resize_and_normalize
 from litedetr.tools.evaluate import evaluate_model_file
 from litedetr.tools.export import calibration_inputs, export_onnx, export_openvino, quantize_onnx, quantize_openvino
 
 VARIANTS = {
-    # name: (graph: None for the model file, "float32", "int8" or "int8-full"; runtime)
-    "pytorch": (None, "pytorch"),
-    "onnxruntime": ("float32", "onnxruntime"),
-    "openvino": ("float32", "openvino"),
-    "onnxruntime-int8": ("int8", "onnxruntime"),
-    "onnxruntime-int8-full": ("int8-full", "onnxruntime"),
-    "openvino-int8": ("int8", "openvino"),
-    "openvino-int8-nncf": ("int8-nncf", "openvino"),
+    # name: (graph: None for the model file, "float32", "int8", "int8-full" or "int8-nncf"; runtime; precision)
+    "pytorch": (None, "pytorch", "float32"),
+    "onnxruntime": ("float32", "onnxruntime", "float32"),
+    "openvino": ("float32", "openvino", "float32"),
+    "onnxruntime-int8": ("int8", "onnxruntime", "float32"),
+    "onnxruntime-int8-full": ("int8-full", "onnxruntime", "float32"),
+    "openvino-int8": ("int8", "openvino", "float32"),
+    "openvino-int8-nncf": ("int8-nncf", "openvino", "float32"),
+    "pytorch-bf16": (None, "pytorch", "bf16"),
+    "openvino-bf16": ("float32", "openvino", "bf16"),
 }
 REFERENCE = "pytorch"
 
@@ -68,6 +75,12 @@ def write_graphs(model: Detector, size: tuple[int, int], folder: Path, graphs: s
         inputs = calibration_inputs(find_split(data, "train").images, model.config, size, dynamic_size=False)
         written["int8-nncf"] = quantize_openvino(export_openvino(model, folder / "float32.xml", size), folder / "int8-nncf.xml", inputs)
     return written
+
+
+@torch.no_grad()
+def _predict(model: Detector, image: torch.Tensor, precision: InferencePrecision) -> list[dict]:
+    with inference_autocast(precision, "cpu"):
+        return model([image])
 
 
 def markdown(result: dict) -> str:
@@ -114,13 +127,13 @@ def main() -> None:
         graphs = write_graphs(model, size, Path(tmp), {VARIANTS[name][0] for name in variants}, data)
         metrics, calls = {}, {}
         for name in variants:
-            graph, runtime = VARIANTS[name]
+            graph, runtime, precision = VARIANTS[name]
             checkpoint = args.model if graph is None else graphs[graph]
-            metrics[name] = evaluate_model_file(checkpoint, val.annotations, val.images, None, batch_size=4, workers=0, backend=runtime)
+            metrics[name] = evaluate_model_file(checkpoint, val.annotations, val.images, None, 4, "cpu", 0, runtime, precision)
             if graph is None:
-                calls[name] = torch.no_grad()(lambda: model([image]))
+                calls[name] = partial(_predict, model, image, precision)
             else:
-                run, feed = graph_runner(checkpoint, runtime, args.threads), sample[None].numpy()
+                run, feed = graph_runner(checkpoint, runtime, args.threads, precision), sample[None].numpy()
                 calls[name] = lambda run=run, feed=feed: run(feed)
         times = interleaved_ms(calls, args.repeats)
     result = {

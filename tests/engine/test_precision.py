@@ -169,3 +169,20 @@ def test_the_trainer_takes_the_dtype_and_resume_refuses_another(cpu, tiny_synthe
     with pytest.raises(ValueError, match=r"trained with other settings \(amp\)"):
         Trainer(dataclasses.replace(config, amp="bf16"), tmp_path / "run", resume=True)
     assert Trainer(config, tmp_path / "run", resume=True).precision.dtype == torch.bfloat16
+
+
+def test_inference_autocast_is_bf16_autocast_or_nothing(cpu, caplog):
+    from litedetr.engine.precision import inference_autocast
+
+    with inference_autocast("float32", "cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+    cpu("AVX512", avx512_bf16=True)
+    with caplog.at_level(logging.WARNING), inference_autocast("bf16", "cpu"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert not caplog.records
+    cpu("AVX2")
+    with caplog.at_level(logging.WARNING), inference_autocast("bf16", "cpu"):
+        assert torch.is_autocast_enabled("cpu")
+    assert "several times slower" in caplog.text
+    with pytest.raises(ValueError, match="precision must be one of float32, bf16"):
+        inference_autocast("fp16", "cpu")

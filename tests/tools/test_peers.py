@@ -64,3 +64,17 @@ def test_the_table_and_json_carry_every_pair(peers, tmp_path, monkeypatch):
     assert result["models"]["rtdetr-r50vd"]["pytorch"] == "does not build: transformers is not installed"
     table = (tmp_path / "peers.md").read_text()
     assert "| lite-dino-r18-tiny-h3l1-2x3 |" in table and "- (does not build: transformers is not installed)" in table
+
+
+def test_bf16_backends_run_where_the_cpu_computes_bf16_and_say_why_not_elsewhere(peers, tmp_path, monkeypatch):
+    backends = ("pytorch", "pytorch-bf16", "openvino", "openvino-bf16")
+    monkeypatch.setattr(peers, "cpu_bf16_native", lambda: (False, "the CPU capability is AVX2"))
+    calls = peers.build_calls("lite-dino-r18-tiny-h3l1-2x3", backends, (64, 64), 1, tmp_path)
+    assert calls["pytorch-bf16"] == calls["openvino-bf16"] == "not timed: the CPU capability is AVX2"
+    monkeypatch.setattr(peers, "cpu_bf16_native", lambda: (True, "forced"))  # emulated where not native: slow, still bf16
+    calls = peers.build_calls("lite-dino-r18-tiny-h3l1-2x3", backends, (64, 64), 1, tmp_path)
+    (full,), (half,) = calls["pytorch"](), calls["pytorch-bf16"]()
+    assert 0 < (full["scores"][:10] - half["scores"][:10]).abs().max() < 0.05  # bf16: near float32, not equal
+    ov, ov_bf16 = calls["openvino"](), calls["openvino-bf16"]()
+    scores, scores_bf16 = (out[peers_output(out, "scores")][0, :10] for out in (ov, ov_bf16))
+    assert np.abs(scores - scores_bf16).max() < 0.05

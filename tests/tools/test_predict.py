@@ -126,3 +126,33 @@ def test_an_image_with_nothing_above_the_threshold_gets_its_best_few_drawn(check
 
     kept = predict_files(model, [image], tmp_path / "kept", threshold=float(best["scores"][1]), top_if_none=3)[0]
     assert "below_threshold" not in kept and len(kept["detections"]) == int((best["scores"] >= best["scores"][1]).sum())
+
+
+def test_bf16_predicts_under_autocast_near_float32(checkpoint, tmp_path, monkeypatch):
+    model, path = checkpoint
+    image = tmp_path / "a.png"
+    synthetic_scene(90, 120, seed=1).save(image)
+    seen = []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: seen.append(torch.is_autocast_enabled("cpu")) or forward(self, *a, **k))
+    runs = {}
+    for precision in ("float32", "bf16"):
+        out = tmp_path / precision
+        assert main(["predict", "--checkpoint", str(path), str(image), "--out", str(out), "--threshold", "0", "--precision", precision]) == 0
+        (entry,) = json.loads((out / "predictions.json").read_text())
+        runs[precision] = {d["label"]: d for d in reversed(entry["detections"])}  # each label's best detection
+    assert seen == [False, True]
+    best = max(runs["float32"].values(), key=lambda d: d["score"])
+    half = runs["bf16"][best["label"]]
+    assert 0 < abs(half["score"] - best["score"]) < 0.05  # bf16 moves the scores a little, not far
+    assert np.abs(np.subtract(half["box"], best["box"])).max() < 5
+
+
+def test_bf16_is_refused_for_onnxruntime_with_one_line(checkpoint, tmp_path, capsys):
+    graph = tmp_path / "model.onnx"
+    graph.write_bytes(b"")
+    image = tmp_path / "a.png"
+    synthetic_scene(64, 64, seed=1).save(image)
+    assert main(["predict", "--checkpoint", str(graph), "--backend", "onnxruntime", "--precision", "bf16", str(image), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "ONNX Runtime runs the exported graph in float32" in err and err.count("\n") == 1

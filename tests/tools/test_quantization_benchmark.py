@@ -21,11 +21,11 @@ def test_every_variant_is_scored_and_timed(tiny_synthetic, tmp_path, monkeypatch
     checkpoint = save_model(spread_class_logits(model.eval()), tmp_path / "m.safetensors")
     with benchmark_script("quantization") as quantization:
         monkeypatch.setattr(sys, "argv", ["quantization", "--model", str(checkpoint), "--data", str(tiny_synthetic),
-                                          "--variants", "onnxruntime", "onnxruntime-int8", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)])  # fmt: skip
+                                          "--variants", "onnxruntime", "onnxruntime-int8", "pytorch-bf16", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)])  # fmt: skip
         quantization.main()
     result = json.loads((tmp_path / "quantization.json").read_text())
     variants = result["variants"]
-    assert list(variants) == ["pytorch", "onnxruntime", "onnxruntime-int8"] and result["size"] == [64, 64] and result["images"] == 2
+    assert list(variants) == ["pytorch", "onnxruntime", "onnxruntime-int8", "pytorch-bf16"] and result["size"] == [64, 64] and result["images"] == 2
     # (that a graph's detections equal the model's is tested on a trained model in tests/tools/test_pipeline_cli.py)
     for key in METRIC_NAMES:  # the float32 graph computes what the model does
         assert variants["onnxruntime"][key] == pytest.approx(variants["pytorch"][key], abs=1e-3), key

@@ -10,13 +10,16 @@ picks float32 there. fp16 on the CPU is refused (:class:`UnsupportedPrecision`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 
-__all__ = ["AMP_MODES", "AmpMode", "Precision", "UnsupportedPrecision", "cpu_bf16_native", "resolve_precision"]
+from litedetr.models.exported import INFERENCE_PRECISIONS, InferencePrecision
+
+__all__ = ["AMP_MODES", "AmpMode", "Precision", "UnsupportedPrecision", "cpu_bf16_native", "inference_autocast", "resolve_precision"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +96,20 @@ def resolve_precision(amp: AmpMode | bool, device: torch.device | str) -> Precis
         return Precision(True, torch.bfloat16, f"bf16 autocast: {why}")
     if mode == "auto":
         return Precision(False, torch.float32, f"float32: {why}")
-    logger.warning("bf16 autocast was asked for, but %s: training will be several times slower than in float32 (leave out --amp)", why)
+    logger.warning("bf16 autocast was asked for, but %s: it will run several times slower than in float32", why)
     return Precision(True, torch.bfloat16, f"bf16 autocast (asked for): {why}")
+
+
+def inference_autocast(precision: InferencePrecision, device: torch.device | str) -> contextlib.AbstractContextManager[object]:
+    """The context a PyTorch inference in ``precision`` runs in on ``device``: nothing for float32, bf16
+    autocast for ``"bf16"`` (with :func:`resolve_precision`'s warning where the CPU would emulate it, and
+    its :class:`UnsupportedPrecision` on a GPU without bf16)."""
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
+    if precision == "float32":
+        return contextlib.nullcontext()
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=resolve_precision("bf16", device).dtype)
 
 
 def _cuda_precision(mode: AmpMode, device: torch.device) -> Precision:

@@ -27,11 +27,16 @@ from litedetr.models.inputs import ImageInput, as_image_list, batches_by_size
 from litedetr.models.postprocess import kept_detections
 from litedetr.models.transform import resize_and_normalize
 
-__all__ = ["BACKENDS", "Backend", "METADATA_KEY", "ExportedDetector", "OUTPUT_NAMES", "graph_input", "graph_metadata", "graph_runner", "onnx_session", "openvino_cpu_config", "require"]
+__all__ = ["BACKENDS", "Backend", "INFERENCE_PRECISIONS", "InferencePrecision", "METADATA_KEY", "ExportedDetector", "OUTPUT_NAMES", "graph_input", "graph_metadata", "graph_runner", "onnx_session", "openvino_cpu_config", "require"]
 
 Backend = Literal["pytorch", "onnxruntime", "openvino"]
 BACKENDS: tuple[str, ...] = ("pytorch", "onnxruntime", "openvino")
 """Where a model runs: PyTorch (a litedetr model file), or an exported graph in ONNX Runtime or OpenVINO."""
+
+InferencePrecision = Literal["float32", "bf16"]
+INFERENCE_PRECISIONS: tuple[str, ...] = ("float32", "bf16")
+"""How a model computes at inference: float32, or bf16 (PyTorch autocast, OpenVINO's bf16 inference
+precision), which pays only on CPUs with AVX-512 BF16 or AMX (and GPUs that compute bf16)."""
 
 METADATA_KEY = "litedetr"
 """The graph metadata entry holding ``{"config": ..., "canvas": [H, W], "dynamic_size": bool}`` (JSON)."""
@@ -82,16 +87,20 @@ def _onnxruntime(path: Path, threads: int | None) -> Callable[[np.ndarray], list
     return lambda images: session.run(list(OUTPUT_NAMES), {"images": images})
 
 
-def openvino_cpu_config(threads: int | None = None) -> dict[str, Any]:
-    """OpenVINO CPU settings that run a graph in the precision it was written in: f32 inference (the
-    CPU plugin otherwise runs float32 graphs in bf16 on CPUs with AVX-512 BF16 or AMX, which moved scores
-    by ~1e-2 from PyTorch's); ``threads``: intra-op threads (default: OpenVINO's)."""
-    return {"INFERENCE_PRECISION_HINT": "f32", **({} if threads is None else {"INFERENCE_NUM_THREADS": threads})}
+def openvino_cpu_config(threads: int | None = None, precision: InferencePrecision = "float32") -> dict[str, Any]:
+    """OpenVINO CPU settings. ``precision``: ``"float32"`` (the default) runs the graph in the precision it
+    was written in (the CPU plugin otherwise runs float32 graphs in bf16 on CPUs with AVX-512 BF16 or AMX,
+    which moved scores by ~1e-2 from PyTorch's); ``"bf16"`` asks for bf16 inference (OpenVINO keeps
+    float32 on CPUs without bf16). ``threads``: intra-op threads (default: OpenVINO's)."""
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
+    hint = {"float32": "f32", "bf16": "bf16"}[precision]
+    return {"INFERENCE_PRECISION_HINT": hint, **({} if threads is None else {"INFERENCE_NUM_THREADS": threads})}
 
 
-def _openvino(path: Path, threads: int | None) -> Callable[[np.ndarray], list[np.ndarray]]:
+def _openvino(path: Path, threads: int | None, precision: InferencePrecision = "float32") -> Callable[[np.ndarray], list[np.ndarray]]:
     ov = require("openvino")
-    compiled = ov.Core().compile_model(str(path), "CPU", openvino_cpu_config(threads))
+    compiled = ov.Core().compile_model(str(path), "CPU", openvino_cpu_config(threads, precision))
     request = compiled.create_infer_request()
 
     def run(images: np.ndarray) -> list[np.ndarray]:
@@ -101,12 +110,18 @@ def _openvino(path: Path, threads: int | None) -> Callable[[np.ndarray], list[np
     return run
 
 
-def graph_runner(path: str | os.PathLike, backend: Backend, threads: int | None = None) -> Callable[[np.ndarray], list[np.ndarray]]:
-    """``images (B, 3, h, w)`` float32 normalised -> the graph's ``[boxes, scores, labels]`` in ``backend``."""
-    runners = {"onnxruntime": _onnxruntime, "openvino": _openvino}
-    if backend not in runners:
+def graph_runner(
+    path: str | os.PathLike, backend: Backend, threads: int | None = None, precision: InferencePrecision = "float32"
+) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """``images (B, 3, h, w)`` float32 normalised -> the graph's ``[boxes, scores, labels]`` in ``backend``
+    (``precision``: ``"bf16"`` in OpenVINO only; ONNX Runtime runs the graph as written)."""
+    if backend == "openvino":
+        return _openvino(Path(path), threads, precision)
+    if backend != "onnxruntime":
         raise ValueError(f"backend must be onnxruntime or openvino for an exported graph, got {backend!r}")
-    return runners[backend](Path(path), threads)
+    if precision != "float32":
+        raise ValueError(f"ONNX Runtime runs the exported graph in float32; {precision} inference is for the pytorch and openvino backends")
+    return _onnxruntime(Path(path), threads)
 
 
 def graph_input(image: Tensor, config: DetectorConfig, canvas: tuple[int, int], dynamic_size: bool) -> Tensor:
@@ -127,17 +142,20 @@ class ExportedDetector:
         path: the graph, written by ``litedetr export`` (which stores the model's config in it).
         backend: ``"onnxruntime"`` or ``"openvino"``.
         threads: intra-op threads (default: the runtime's).
+        precision: ``"float32"``, or ``"bf16"`` (OpenVINO only, see :func:`openvino_cpu_config`).
 
     Attributes:
         config: the exported model's :class:`DetectorConfig`; ``canvas``: the graph's ``(H, W)``;
         ``dynamic_size``: whether it takes any size up to the canvas.
     """
 
-    def __init__(self, path: str | os.PathLike, backend: Backend = "onnxruntime", threads: int | None = None):
+    def __init__(
+        self, path: str | os.PathLike, backend: Backend = "onnxruntime", threads: int | None = None, precision: InferencePrecision = "float32"
+    ):
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"{path}: no such exported graph")
-        self._run = graph_runner(path, backend, threads)
+        self._run = graph_runner(path, backend, threads, precision)
         metadata = _onnx_metadata(path) if path.suffix == ".onnx" else _openvino_metadata(path)
         if metadata is None:
             raise ValueError(f"{path}: the graph has no litedetr metadata; export it again with this version's `litedetr export`")

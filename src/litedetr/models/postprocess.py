@@ -29,11 +29,13 @@ def postprocess(
 
     Returns:
         per image a dict: ``scores (N,)`` in descending order, ``labels (N,)`` long,
-        ``boxes (N, 4)`` absolute xyxy (not clipped to the image); ``N = num_select``.
+        ``boxes (N, 4)`` absolute xyxy (not clipped to the image); ``N = num_select``; scores and
+        boxes in float32 whatever the inputs' floating dtype (a bf16 autocast forward).
     """
     bs, num_queries, num_classes = pred_logits.shape
     if num_select > num_queries * num_classes:
         raise ValueError(f"num_select={num_select} exceeds the {num_queries * num_classes} query-class pairs")
+    pred_logits, pred_boxes = pred_logits.float(), pred_boxes.float()  # scores and boxes in float32 after an autocast forward
     prob = pred_logits.sigmoid().flatten(1)
     scores, flat_idx = prob.topk(num_select, dim=1)
     labels = flat_idx % num_classes

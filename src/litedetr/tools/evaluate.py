@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader
 
 from litedetr.data import CocoDetection, collate
 from litedetr.engine import evaluate
+from litedetr.engine.precision import inference_autocast
 from litedetr.models import ExportedDetector, load_model, read_config
-from litedetr.models.exported import BACKENDS, Backend
+from litedetr.models.exported import BACKENDS, INFERENCE_PRECISIONS, Backend, InferencePrecision
 from litedetr.models.coco_classes import class_key
 from litedetr.tools.args import int_at_least
 from litedetr.tools.train import add_data_arguments, format_metrics, resolve_data
@@ -51,11 +52,13 @@ def evaluate_model_file(
     device: str = "cpu",
     workers: int = 2,
     backend: Backend = "pytorch",
+    precision: InferencePrecision = "float32",
 ) -> dict[str, float | None]:
     """COCO metrics of the model in ``checkpoint`` on a dataset; writes ``metrics.json`` and detections to ``out``.
 
     ``backend``: ``pytorch`` for a litedetr model file; ``onnxruntime`` or ``openvino`` for a graph
-    written by ``litedetr export`` (float32 or ``--int8``), which runs on the CPU.
+    written by ``litedetr export`` (float32 or ``--int8``), which runs on the CPU. ``precision``:
+    ``"bf16"`` runs PyTorch under bf16 autocast and OpenVINO in bf16 (ONNX Runtime refuses it).
 
     A model whose config carries category ids covering the dataset's (e.g. a released COCO
     checkpoint's 91 rows, which are COCO's ids), under the same names where both name them, is
@@ -69,7 +72,7 @@ def evaluate_model_file(
     if backend != "pytorch":
         if device != "cpu":
             raise ValueError(f"--backend {backend} runs an exported graph on the CPU; leave out --device")
-        graph = ExportedDetector(checkpoint, backend)
+        graph = ExportedDetector(checkpoint, backend, precision=precision)
     config = graph.config if graph is not None else read_config(checkpoint)
     dataset = CocoDetection(annotations, images)
     category_ids = None
@@ -91,7 +94,8 @@ def evaluate_model_file(
     results = out / "detections.json" if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate(model, loader, torch.device(device), results, category_ids)
+    with inference_autocast(precision if graph is None else "float32", device):
+        metrics = evaluate(model, loader, torch.device(device), results, category_ids)
     if out is not None:
         (out / "metrics.json").write_text(json.dumps({"checkpoint": str(checkpoint), "annotations": str(annotations), "metrics": metrics}, indent=2))
     return metrics
@@ -99,7 +103,7 @@ def evaluate_model_file(
 
 def run(args: argparse.Namespace) -> int:
     annotations, images = resolve_data(args, "val", args.out / "synthetic-data")
-    metrics = evaluate_model_file(args.checkpoint, annotations, images, args.out, args.batch_size, args.device, args.workers, args.backend)
+    metrics = evaluate_model_file(args.checkpoint, annotations, images, args.out, args.batch_size, args.device, args.workers, args.backend, args.precision)
     print(format_metrics(metrics))
     print(f"metrics and detections written to {args.out}")
     return 0
@@ -109,6 +113,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``litedetr eval``; sets ``func``."""
     p.add_argument("--checkpoint", required=True, help="a litedetr model file (.safetensors), e.g. RUN_DIR/model.safetensors; with --backend, an exported graph")
     p.add_argument("--backend", choices=BACKENDS, default="pytorch", help="pytorch (default), or onnxruntime / openvino for a graph from `litedetr export`")
+    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="float32",
+                   help="bf16: PyTorch under bf16 autocast, OpenVINO in bf16 (pays on CPUs with AVX-512 BF16 or AMX)")  # fmt: skip
     add_data_arguments(p, ("val",))
     p.add_argument("--out", type=Path, default=Path("litedetr-eval"), help="where metrics.json and detections.json go")
     p.add_argument("--batch-size", type=int_at_least(1), default=2)

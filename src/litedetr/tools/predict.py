@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from litedetr.engine.precision import inference_autocast
 from litedetr.models import Detector, ExportedDetector
 from litedetr.models.checkpoint import WEIGHTS
-from litedetr.models.exported import BACKENDS
+from litedetr.models.exported import BACKENDS, INFERENCE_PRECISIONS
 from litedetr.models.inputs import SIZE_WINDOW_BATCHES, find_images, load_image
 from litedetr.tools.args import float_in, int_at_least
 from litedetr.tools.draw import draw_detections
@@ -105,9 +106,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.preset or args.device != "cpu":
         raise ValueError(f"--preset and --device apply to PyTorch checkpoints; --backend {args.backend} runs an exported graph on the CPU")
     else:
-        model = ExportedDetector(args.checkpoint, args.backend)
+        model = ExportedDetector(args.checkpoint, args.backend, precision=args.precision)
     paths = find_images(args.images)
-    entries = predict_files(model, paths, Path(args.out), args.threshold, args.batch_size, args.strict)
+    with inference_autocast(args.precision if args.backend == "pytorch" else "float32", args.device):
+        entries = predict_files(model, paths, Path(args.out), args.threshold, args.batch_size, args.strict)
     if not entries:
         raise ValueError(f"none of the {len(paths)} images could be read (named above)")
     total = sum(len(e["detections"]) for e in entries)
@@ -126,6 +128,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--checkpoint", required=True, help="a litedetr .safetensors model file (or an authors' .pth with --preset); with --backend, an exported graph"
     )
     p.add_argument("--backend", choices=BACKENDS, default="pytorch", help="pytorch (default), or onnxruntime / openvino for a graph from `litedetr export`")
+    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="float32",
+                   help="bf16: PyTorch under bf16 autocast, OpenVINO in bf16 (pays on CPUs with AVX-512 BF16 or AMX)")  # fmt: skip
     p.add_argument("--preset", help="the preset of an authors' .pth checkpoint, e.g. lite-dino-r50-h3l1-2x3")
     p.add_argument("--weights", choices=WEIGHTS, default="auto", help="of a .pth holding a model and its EMA: the EMA (auto, ema) or the model")
     p.add_argument("--out", required=True, help="output directory")
