@@ -100,7 +100,9 @@ class DetectorParts(NamedTuple):
 
 
 def _kda(config: DetectorConfig) -> KeyAwareOptions:
-    return KeyAwareOptions(key_proj=config.kda_key_proj, zero_query=config.kda_zero_query)
+    return KeyAwareOptions(
+        key_proj=config.kda_key_proj, zero_query=config.kda_zero_query, level_keys=config.kda_level_keys, logit_scale=config.kda_logit_scale
+    )
 
 
 def _encoder(config: DetectorConfig) -> DeformableEncoder:
