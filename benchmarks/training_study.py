@@ -232,16 +232,6 @@ def cells() -> dict[str, Cell]:
             {**DEMO_MODEL, **msda, "query_nms": 0.7},
             DEMO_TRAINING,
         ),
-        "demo-kda-level-keys": Cell(
-            "KDA's uniform start and query_nms 0.7 (the demo's recipe), keys plus a learned per-level vector (kda_level_keys)",
-            {**DEMO_MODEL, "query_nms": 0.7, "kda_level_keys": True},
-            DEMO_TRAINING,
-        ),
-        "demo-kda-logit-scale4": Cell(
-            "KDA's uniform start and query_nms 0.7 (the demo's recipe), q.k/sqrt(D) scaled by 4 (kda_logit_scale)",
-            {**DEMO_MODEL, "query_nms": 0.7, "kda_logit_scale": 4.0},
-            DEMO_TRAINING,
-        ),
         "demo-clip1": Cell("KDA's uniform start, gradient clipping at norm 1 (not 0.1)", DEMO_MODEL, {**DEMO_TRAINING, "clip_norm": 1.0}),
         "recipe-encoder-content-class8-msda-backbone-lr1e-3": Cell(
             "MSDA, dense, 200 queries, content from the encoder, class 8, backbone lr 1e-3 (the rest 4e-4)", {**CLASS8, **msda}, {"lr_backbone": 1e-3}

@@ -56,11 +56,6 @@ class DetectorConfig:
     """Every KDA layer's ``query_proj`` starts at zero, so its first attention is uniform over the
     sampled points, as plain deformable attention's; the authors start it Xavier-uniform (random
     attention). Initialisation only: the weights' layout is the same."""
-    kda_level_keys: bool = False
-    """Every KDA layer adds a learned per-level, per-head vector to its keys (``level_key``, zero at the
-    start; :class:`~litedetr.nn.KeyAwareOptions`). Not in the authors' code or checkpoints."""
-    kda_logit_scale: float = 1.0
-    """Every KDA layer's ``q.k / sqrt(D)`` multiplied by this (the authors' 1.0)."""
     dropout: float = 0.0
     num_queries: int = 900
     num_select: int = 300

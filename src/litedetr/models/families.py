@@ -100,9 +100,7 @@ class DetectorParts(NamedTuple):
 
 
 def _kda(config: DetectorConfig) -> KeyAwareOptions:
-    return KeyAwareOptions(
-        key_proj=config.kda_key_proj, zero_query=config.kda_zero_query, level_keys=config.kda_level_keys, logit_scale=config.kda_logit_scale
-    )
+    return KeyAwareOptions(key_proj=config.kda_key_proj, zero_query=config.kda_zero_query)
 
 
 def _encoder(config: DetectorConfig) -> DeformableEncoder:

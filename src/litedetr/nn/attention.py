@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from litedetr.ops import key_aware_attention_weights, ms_deform_attn, ms_deform_attn_key_aware
-from litedetr.ops.geometry import SpatialShapes, level_shapes, shapes_tensor
+from litedetr.ops.geometry import SpatialShapes, shapes_tensor
 
 __all__ = ["MultiScaleDeformableAttention", "KeyAwareOptions", "sampling_locations", "AttentionCapture"]
 
@@ -50,18 +50,10 @@ class KeyAwareOptions:
             ``proj_key=True``) instead of the projected values, which then serve only as values.
         zero_query: ``query_proj`` starts at zero, so every query's first attention is uniform over
             its ``L*P`` samples (where plain deformable attention starts) instead of random.
-        level_keys: every level's keys get a learned vector per head added (``level_key``, zero at
-            the start), so ``q.k`` can prefer a level, and in-map samples over the zero keys outside
-            the maps, as plain deformable attention's query-only weights can; keys then differ from
-            the values (two maps sampled). Not in the authors' code.
-        logit_scale: ``q.k / sqrt(D)`` multiplied by this (the authors' 1.0); with a zero ``query_proj``
-            it only scales how fast the attention moves away from uniform. Not in the authors' code.
     """
 
     key_proj: bool = False
     zero_query: bool = False
-    level_keys: bool = False
-    logit_scale: float = 1.0
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -106,8 +98,6 @@ class MultiScaleDeformableAttention(nn.Module):
             self.query_proj = nn.Linear(d_model, d_model)
             if self.kda.key_proj:
                 self.key_proj = nn.Linear(d_model, d_model)
-            if self.kda.level_keys:
-                self.level_key = nn.Parameter(torch.zeros(n_levels, d_model))
         else:
             self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -127,8 +117,6 @@ class MultiScaleDeformableAttention(nn.Module):
         if self.key_aware:
             (nn.init.zeros_ if self.kda.zero_query else nn.init.xavier_uniform_)(self.query_proj.weight)
             nn.init.zeros_(self.query_proj.bias)
-            if self.kda.level_keys:
-                nn.init.zeros_(self.level_key)
         else:
             nn.init.zeros_(self.attention_weights.weight)
             nn.init.zeros_(self.attention_weights.bias)
@@ -169,11 +157,7 @@ class MultiScaleDeformableAttention(nn.Module):
         locations = self.sampling(query, reference_points, spatial_shapes)
         if self.key_aware:
             q = self.query_proj(query).view(b, lq, self.n_heads, -1)
-            if self.kda.logit_scale != 1.0:
-                q = q * self.kda.logit_scale
             k = self._project(self.key_proj, value, padding_mask) if self.kda.key_proj else v
-            if self.kda.level_keys:
-                k = self._add_level_keys(k, spatial_shapes, padding_mask)
             out = ms_deform_attn_key_aware(q, k, v, spatial_shapes, locations)
             if self.capture is not None:
                 self.capture(locations, key_aware_attention_weights(q, k, spatial_shapes, locations))
@@ -184,14 +168,6 @@ class MultiScaleDeformableAttention(nn.Module):
             if self.capture is not None:
                 self.capture(locations, weights)
         return self.output_proj(out)
-
-    def _add_level_keys(self, keys: Tensor, spatial_shapes: SpatialShapes, padding_mask: Tensor | None) -> Tensor:
-        """``(B, S, M, D)`` keys plus each token's level's ``level_key``, still zero at padding."""
-        per_token = torch.cat([self.level_key[i].expand(h * w, -1) for i, (h, w) in enumerate(level_shapes(spatial_shapes))])
-        keys = keys + per_token.view(1, keys.shape[1], self.n_heads, -1).to(keys.dtype)
-        if padding_mask is not None:
-            keys = keys.masked_fill(padding_mask[..., None, None], 0.0)
-        return keys
 
     def _project(self, proj: nn.Linear, value: Tensor, padding_mask: Tensor | None) -> Tensor:
         """``(B, S, C)`` maps -> ``(B, S, M, D)`` projected per head, zero at padding."""
