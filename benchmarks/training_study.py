@@ -319,7 +319,10 @@ def diagnose(model_file: Path, config: Any, images: int = 16) -> dict[str, Any]:
     ``finest_share``: the share of the selected proposals (the decoder's anchors) that come from the
     finest (stride-8) level. ``box_l1``: the L1 box loss of the encoder's proposals and of every
     decoder layer, for the matched queries and for the denoising ones (training mode, no gradient):
-    a decoder that refines its boxes lowers it layer by layer.
+    a decoder that refines its boxes lowers it layer by layer. ``outside_weight``: per encoder layer, the
+    share of its attention weight on samples that lie outside their level's map (no bilinear corner
+    inside: a zero value, and for KDA a zero key), a way of attending to nothing; ``outside_samples``:
+    the share of such samples.
     """
     model = load_model(model_file)
     dataset = CocoDetection(config.val_annotations, config.val_images)
@@ -329,10 +332,14 @@ def diagnose(model_file: Path, config: Any, images: int = 16) -> dict[str, Any]:
     model.query_selection.select = lambda scores, k, boxes=None: picked.append(select(scores, k, boxes)) or picked[-1]
     shapes: list[Any] = []
     model.input_stage.register_forward_hook(lambda module, inputs, tokens: shapes.append(level_shapes(tokens.spatial_shapes)))
+    captured: dict[int, tuple[Tensor, Tensor]] = {}
+    for i, layer in enumerate(model.encoder.layers):
+        layer.self_attn.capture = lambda locations, weights, i=i: captured.setdefault(i, (locations, weights))
     torch.manual_seed(0)
     with torch.no_grad():
         model.eval()
         model(list(batch))
+        outside = {i: (_outside_map(locations, shapes[0]), weights) for i, (locations, weights) in sorted(captured.items())}
         (height, width), *_ = shapes[0]  # the finest level's tokens come first
         share = float((picked[0] < height * width).float().mean())
         model.train()
@@ -340,12 +347,23 @@ def diagnose(model_file: Path, config: Any, images: int = 16) -> dict[str, Any]:
     layers = model.config.decoder_layers
     return {
         "finest_share": share,
+        "outside_weight": [float((weights * out).sum() / weights.sum()) for out, weights in outside.values()],
+        "outside_samples": [float(out.float().mean()) for out, _ in outside.values()],
         "box_l1": {
             "encoder": float(losses["loss_bbox_enc"]),
             "decoder": [float(losses[f"loss_bbox_{i}"]) for i in range(layers - 1)] + [float(losses["loss_bbox"])],
             "denoising": [float(losses[f"loss_bbox_dn_{i}"]) for i in range(layers - 1)] + [float(losses["loss_bbox_dn"])] if "loss_bbox_dn" in losses else [],
         },
     }
+
+
+def _outside_map(locations: Tensor, shapes: Any) -> Tensor:
+    """``(B, Lq, M, L, P, 2)`` sampling locations in [0, 1] -> ``(B, Lq, M, L, P)`` True where no bilinear
+    corner lies in the level's ``(H, W)`` map (``grid_sample``'s ``align_corners=False`` convention)."""
+    size = torch.tensor(shapes, dtype=locations.dtype)  # (L, 2) as (H, W)
+    x = locations[..., 0] * size[:, 1, None] - 0.5
+    y = locations[..., 1] * size[:, 0, None] - 0.5
+    return (x <= -1) | (x >= size[:, 1, None]) | (y <= -1) | (y >= size[:, 0, None])
 
 
 ERROR_KINDS = ("correct", "wrong_class", "duplicate", "background")

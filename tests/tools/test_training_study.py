@@ -99,6 +99,8 @@ def test_diagnose_counts_the_finest_level_and_every_layer(study, tiny_synthetic,
 
     torch.manual_seed(0)
     model = build_model(DemoRecipe.model, num_classes=5, min_size=(64,), max_size=64, num_queries=20, num_select=20, dn_number=10)
+    with torch.no_grad():
+        model.encoder.layers[0].self_attn.sampling_offsets.bias.fill_(1e3)  # every sample of the first layer far outside the maps
     save_model(model, tmp_path / "model.safetensors")
     val = find_split(tiny_synthetic, "val")
     config = SimpleNamespace(val_annotations=str(val.annotations), val_images=str(val.images))
@@ -115,6 +117,23 @@ def test_diagnose_counts_the_finest_level_and_every_layer(study, tiny_synthetic,
     l1 = result["box_l1"]
     assert len(l1["decoder"]) == len(l1["denoising"]) == model.config.decoder_layers
     assert all(v > 0 for v in [l1["encoder"], *l1["decoder"], *l1["denoising"]])
+    layers = len(model.encoder.layers)
+    assert len(result["outside_weight"]) == len(result["outside_samples"]) == layers
+    assert result["outside_weight"][0] == result["outside_samples"][0] == 1.0
+    # the authors' start: point i of each head sits i + 1 cells out along its ring direction, so at 64 px
+    # (levels of 8x8, 4x4, 2x2 and 1x1 cells) some samples of every layer lie outside, not all
+    assert all(0 < share < 1 for share in result["outside_samples"][1:])
+
+
+def test_outside_map_follows_bilinear_support(study):
+    """A sample is outside only when none of its four corners is in the map: x*W - 0.5 <= -1 or >= W."""
+    shapes = [(4, 2)]  # H = 4, W = 2
+    x = torch.tensor([-0.26, -0.24, 0.5, 1.24, 1.26])  # pixel coordinates x*2 - 0.5: -1.02, -0.98, 0.5, 1.98, 2.02
+    locations = torch.stack([x, torch.full_like(x, 0.5)], -1).view(1, 5, 1, 1, 1, 2)
+    assert study._outside_map(locations, shapes).flatten().tolist() == [True, False, False, False, True]
+    y = torch.tensor([-0.13, -0.12, 1.12, 1.13])  # y*4 - 0.5: -1.02, -0.98, 3.98, 4.02
+    locations = torch.stack([torch.full_like(y, 0.5), y], -1).view(1, 4, 1, 1, 1, 2)
+    assert study._outside_map(locations, shapes).flatten().tolist() == [True, False, False, True]
 
 
 def test_error_breakdown_sorts_each_images_best_detections(study, tmp_path):
