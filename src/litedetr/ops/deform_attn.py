@@ -64,12 +64,14 @@ def _check_shapes(feats: Tensor, spatial_shapes: SpatialShapes, sampling_locatio
     return shapes
 
 
-def _sample(maps: list[Tensor], grids: Tensor) -> list[Tensor]:
-    """Bilinearly sample each level: ``(B*M, C, H_l, W_l)`` at ``(B*M, Lq, P, 2)`` -> ``(B*M, C, Lq, P)``."""
-    return [
+def _sample(maps: list[Tensor], grids: Tensor) -> Tensor:
+    """Bilinearly sample every level: ``(B*M, C, H_l, W_l)`` maps at ``(L, B*M, Lq, P, 2)`` grids ->
+    ``(B*M, Lq, C, L*P)``, the layout in which the attention's sums are matrix products."""
+    sampled = [
         F.grid_sample(level_map, grid.to(level_map.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
         for level_map, grid in zip(maps, grids)
     ]
+    return torch.cat(sampled, -1).transpose(1, 2)
 
 
 def _traced() -> bool:
@@ -124,9 +126,9 @@ def _kda_gather(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: Spati
 
 
 def _merge_heads(out: Tensor, b: int, m: int) -> Tensor:
-    """``(B*M, D, Lq)`` -> ``(B, Lq, M*D)``."""
-    _, d, lq = out.shape
-    return out.view(b, m * d, lq).transpose(1, 2).contiguous()
+    """``(B*M, Lq, D, 1)`` -> ``(B, Lq, M*D)``."""
+    _, lq, d, _ = out.shape
+    return out.view(b, m, lq, d).transpose(1, 2).reshape(b, lq, m * d)
 
 
 def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
@@ -167,10 +169,9 @@ def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locati
         corner_weights *= attention_weights.to(value.dtype)[..., None]
         out = gather_rows(value.reshape(-1, value.shape[-1]), rows.flatten(3), corner_weights.flatten(3))
         return out.view(b, lq, -1)
-    weights = attention_weights.permute(3, 0, 2, 1, 4).reshape(n_levels, b * m, 1, lq, p).to(value.dtype)
-    sampled = _sample(_level_maps(value, shapes), _level_grids(sampling_locations))
-    out = sum((level * w).sum(-1) for level, w in zip(sampled, weights))
-    return _merge_heads(out, b, m)
+    weights = attention_weights.transpose(1, 2).reshape(b * m, lq, n_levels * p, 1).to(value.dtype)
+    sampled = _sample(_level_maps(value, shapes), _level_grids(sampling_locations))  # (B*M, Lq, D, L*P)
+    return _merge_heads(sampled @ weights, b, m)
 
 
 def ms_deform_attn_key_aware(
@@ -219,20 +220,17 @@ def ms_deform_attn_key_aware(
         return _kda_gather(query, key, value, shapes, sampling_locations)
     shared = key is value
     feats = value if shared else torch.cat([key, value], dim=-1)
-    sampled = _sample(_level_maps(feats, shapes), _level_grids(sampling_locations))
-    keys = sampled if shared else [s[:, :d] for s in sampled]
-    values = sampled if shared else [s[:, d:] for s in sampled]
-
-    weights = _kda_softmax(query, keys).unsqueeze(1).split([k.shape[-1] for k in keys], dim=-1)
-    out = sum((v * w).sum(-1) for v, w in zip(values, weights))
-    return _merge_heads(out, b, m)
+    sampled = _sample(_level_maps(feats, shapes), _level_grids(sampling_locations))  # (B*M, Lq, D or 2D, L*P)
+    keys = sampled if shared else sampled[:, :, :d]
+    values = sampled if shared else sampled[:, :, d:]
+    return _merge_heads(values @ _kda_softmax(query, keys).unsqueeze(-1), b, m)
 
 
-def _kda_softmax(query: Tensor, keys: list[Tensor]) -> Tensor:
-    """KDA weights from ``(B, Lq, M, D)`` queries and per-level sampled keys ``(B*M, D, Lq, P)`` -> ``(B*M, Lq, L*P)``."""
+def _kda_softmax(query: Tensor, keys: Tensor) -> Tensor:
+    """KDA weights from ``(B, Lq, M, D)`` queries and sampled keys ``(B*M, Lq, D, L*P)`` -> ``(B*M, Lq, L*P)``."""
     b, lq, m, d = query.shape
-    q = query.to(keys[0].dtype).permute(0, 2, 3, 1).reshape(b * m, d, lq, 1) * (1.0 / math.sqrt(d))
-    logits = torch.cat([(k * q).sum(1) for k in keys], dim=-1)
+    q = query.to(keys.dtype).transpose(1, 2).reshape(b * m, lq, 1, d) * (1.0 / math.sqrt(d))
+    logits = (q @ keys).squeeze(2)
     return logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(logits.dtype)
 
 
