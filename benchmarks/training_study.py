@@ -383,15 +383,15 @@ def error_breakdown(detections_file: Path, annotations_file: str | Path) -> dict
         found.setdefault(detection["image_id"], []).append(detection)
     xyxy = lambda box: [box[0], box[1], box[0] + box[2], box[1] + box[3]]  # noqa: E731
     counts = dict.fromkeys(ERROR_KINDS, 0)
-    for image, annotations in objects.items():
-        boxes = torch.tensor([xyxy(a["bbox"]) for a in annotations])
+    for image, truths in objects.items():
+        boxes = torch.tensor([xyxy(a["bbox"]) for a in truths])
         hit: set[int] = set()
-        for detection in sorted(found.get(image, []), key=lambda d: -d["score"])[: len(annotations)]:
+        for detection in sorted(found.get(image, []), key=lambda d: -d["score"])[: len(truths)]:
             iou, _ = box_iou(torch.tensor([xyxy(detection["bbox"])]), boxes)
             best = int(iou[0].argmax())
             if iou[0, best] < 0.5:
                 counts["background"] += 1
-            elif annotations[best]["category_id"] != detection["category_id"]:
+            elif truths[best]["category_id"] != detection["category_id"]:
                 counts["wrong_class"] += 1
             elif best in hit:
                 counts["duplicate"] += 1
