@@ -17,7 +17,7 @@ from typing import Literal, get_args
 
 import torch
 
-from litedetr.models.exported import INFERENCE_PRECISIONS, InferencePrecision
+from litedetr.models.exported import InferencePrecision, check_inference_precision
 
 __all__ = ["AMP_MODES", "AmpMode", "Precision", "UnsupportedPrecision", "cpu_bf16_native", "inference_autocast", "resolve_precision"]
 
@@ -104,8 +104,7 @@ def inference_autocast(precision: InferencePrecision, device: torch.device | str
     """The context a PyTorch inference in ``precision`` runs in on ``device``: nothing for float32, bf16
     autocast for ``"bf16"`` (with :func:`resolve_precision`'s warning where the CPU would emulate it, and
     its :class:`UnsupportedPrecision` on a GPU without bf16)."""
-    if precision not in INFERENCE_PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
+    check_inference_precision(precision)
     if precision == "float32":
         return contextlib.nullcontext()
     device = torch.device(device)

@@ -27,7 +27,7 @@ from litedetr.models.inputs import ImageInput, as_image_list, batches_by_size
 from litedetr.models.postprocess import kept_detections
 from litedetr.models.transform import resize_and_normalize
 
-__all__ = ["BACKENDS", "Backend", "INFERENCE_PRECISIONS", "InferencePrecision", "METADATA_KEY", "ExportedDetector", "OUTPUT_NAMES", "graph_input", "graph_metadata", "graph_runner", "onnx_session", "openvino_cpu_config", "require"]
+__all__ = ["BACKENDS", "Backend", "INFERENCE_PRECISIONS", "check_inference_precision", "InferencePrecision", "METADATA_KEY", "ExportedDetector", "OUTPUT_NAMES", "graph_input", "graph_metadata", "graph_runner", "onnx_session", "openvino_cpu_config", "require"]
 
 Backend = Literal["pytorch", "onnxruntime", "openvino"]
 BACKENDS: tuple[str, ...] = ("pytorch", "onnxruntime", "openvino")
@@ -87,13 +87,18 @@ def _onnxruntime(path: Path, threads: int | None) -> Callable[[np.ndarray], list
     return lambda images: session.run(list(OUTPUT_NAMES), {"images": images})
 
 
+def check_inference_precision(precision: str) -> None:
+    """Raise a one-line ``ValueError`` unless ``precision`` is one of :data:`INFERENCE_PRECISIONS`."""
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
+
+
 def openvino_cpu_config(threads: int | None = None, precision: InferencePrecision = "float32") -> dict[str, Any]:
     """OpenVINO CPU settings. ``precision``: ``"float32"`` (the default) runs the graph in the precision it
     was written in (the CPU plugin otherwise runs float32 graphs in bf16 on CPUs with AVX-512 BF16 or AMX,
     which moved scores by ~1e-2 from PyTorch's); ``"bf16"`` asks for bf16 inference (OpenVINO keeps
     float32 on CPUs without bf16). ``threads``: intra-op threads (default: OpenVINO's)."""
-    if precision not in INFERENCE_PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
+    check_inference_precision(precision)
     hint = {"float32": "f32", "bf16": "bf16"}[precision]
     return {"INFERENCE_PRECISION_HINT": hint, **({} if threads is None else {"INFERENCE_NUM_THREADS": threads})}
 

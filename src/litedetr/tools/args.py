@@ -6,7 +6,7 @@ import argparse
 import functools
 from collections.abc import Callable
 
-__all__ = ["parse_size", "size_type", "int_at_least", "float_in"]
+__all__ = ["add_runtime_arguments", "parse_size", "size_type", "int_at_least", "float_in"]
 
 
 def parse_size(text: str, minimum: int = 0) -> tuple[int, int]:
@@ -61,3 +61,14 @@ def float_in(low: float, high: float = float("inf"), low_open: bool = False, hig
         return value
 
     return parse
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """``--backend`` and ``--precision``: where and in what precision a model or an exported graph runs
+    (``litedetr predict`` and ``litedetr eval``). Imports the models here, not at the top: the CLI imports
+    this module and ``litedetr --help`` does not import torch."""
+    from litedetr.models.exported import BACKENDS, INFERENCE_PRECISIONS
+
+    p.add_argument("--backend", choices=BACKENDS, default="pytorch", help="pytorch (default), or onnxruntime / openvino for a graph from `litedetr export`")
+    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="float32",
+                   help="bf16: PyTorch under bf16 autocast, OpenVINO in bf16 (pays on CPUs with AVX-512 BF16 or AMX)")  # fmt: skip

@@ -14,9 +14,9 @@ from litedetr.data import CocoDetection, collate
 from litedetr.engine import evaluate
 from litedetr.engine.precision import inference_autocast
 from litedetr.models import ExportedDetector, load_model, read_config
-from litedetr.models.exported import BACKENDS, INFERENCE_PRECISIONS, Backend, InferencePrecision
+from litedetr.models.exported import Backend, InferencePrecision
 from litedetr.models.coco_classes import class_key
-from litedetr.tools.args import int_at_least
+from litedetr.tools.args import add_runtime_arguments, int_at_least
 from litedetr.tools.train import add_data_arguments, format_metrics, resolve_data
 
 __all__ = ["add_arguments", "evaluate_model_file"]
@@ -112,9 +112,7 @@ def run(args: argparse.Namespace) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``litedetr eval``; sets ``func``."""
     p.add_argument("--checkpoint", required=True, help="a litedetr model file (.safetensors), e.g. RUN_DIR/model.safetensors; with --backend, an exported graph")
-    p.add_argument("--backend", choices=BACKENDS, default="pytorch", help="pytorch (default), or onnxruntime / openvino for a graph from `litedetr export`")
-    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="float32",
-                   help="bf16: PyTorch under bf16 autocast, OpenVINO in bf16 (pays on CPUs with AVX-512 BF16 or AMX)")  # fmt: skip
+    add_runtime_arguments(p)
     add_data_arguments(p, ("val",))
     p.add_argument("--out", type=Path, default=Path("litedetr-eval"), help="where metrics.json and detections.json go")
     p.add_argument("--batch-size", type=int_at_least(1), default=2)

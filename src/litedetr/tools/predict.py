@@ -25,9 +25,8 @@ from PIL import Image
 from litedetr.engine.precision import inference_autocast
 from litedetr.models import Detector, ExportedDetector
 from litedetr.models.checkpoint import WEIGHTS
-from litedetr.models.exported import BACKENDS, INFERENCE_PRECISIONS
 from litedetr.models.inputs import SIZE_WINDOW_BATCHES, find_images, load_image
-from litedetr.tools.args import float_in, int_at_least
+from litedetr.tools.args import add_runtime_arguments, float_in, int_at_least
 from litedetr.tools.draw import draw_detections
 
 __all__ = ["predict_files", "add_arguments"]
@@ -127,9 +126,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint", required=True, help="a litedetr .safetensors model file (or an authors' .pth with --preset); with --backend, an exported graph"
     )
-    p.add_argument("--backend", choices=BACKENDS, default="pytorch", help="pytorch (default), or onnxruntime / openvino for a graph from `litedetr export`")
-    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="float32",
-                   help="bf16: PyTorch under bf16 autocast, OpenVINO in bf16 (pays on CPUs with AVX-512 BF16 or AMX)")  # fmt: skip
+    add_runtime_arguments(p)
     p.add_argument("--preset", help="the preset of an authors' .pth checkpoint, e.g. lite-dino-r50-h3l1-2x3")
     p.add_argument("--weights", choices=WEIGHTS, default="auto", help="of a .pth holding a model and its EMA: the EMA (auto, ema) or the model")
     p.add_argument("--out", required=True, help="output directory")
