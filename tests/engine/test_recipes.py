@@ -88,3 +88,16 @@ def test_a_finished_run_elsewhere_counts_only_when_it_trained_the_same(tmp_path)
         finished_run_metrics(wanted, _finished_run(tmp_path / "unfinished", same, epoch=1))
     with pytest.raises(ValueError, match="not a readable litedetr training checkpoint"):
         finished_run_metrics(wanted, tmp_path / "missing")
+
+
+def test_a_demo_run_under_its_time_cap_counts_unless_the_cap_cut_it(tmp_path):
+    spec = SyntheticSpec(num_train=4, num_val=2, image_size=(64, 64), max_objects=3)
+    data = write_synthetic_dataset(tmp_path / "data", spec)
+    wanted = demo_train_config(scaled_recipe(epochs=2), data, "cpu")
+    demo = dataclasses.replace(wanted, max_train_minutes=12.0)  # litedetr demo's run: the same steps unless the cap cut them
+    assert finished_run_metrics(wanted, _finished_run(tmp_path / "uncut", demo, ap=0.5))["AP"] == 0.5
+    cut_run = _finished_run(tmp_path / "cut", demo)
+    with open(cut_run / "log.jsonl", "a") as log:
+        log.write(json.dumps({"kind": "schedule", "epoch": 1, "step": 9, "epoch_batches": 3, "planned_batches": 75}) + "\n")
+    with pytest.raises(ValueError, match=r"trained other settings: schedule \(epochs cut by its time cap\)$"):
+        finished_run_metrics(wanted, cut_run)

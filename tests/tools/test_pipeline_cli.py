@@ -132,6 +132,7 @@ def test_preset_fields_are_set_from_the_command_line(tiny_synthetic, tmp_path, c
     [
         (["--model", "dino-r18"], "unknown model preset 'dino-r18'; did you mean dino-r18-tiny"),
         (["--epochs", "0"], "argument --epochs: must be an integer >= 1, got 0"),
+        (["--max-minutes", "0"], "argument --max-minutes: must lie in (0, inf), got 0"),
         (["--image-sizes", "16"], "image_sizes must be short sides >= 32"),
         (["--set", "no_such_field=1"], "unknown DetectorConfig fields ['no_such_field']"),
         (["--backbone-weights", "missing.pth"], "backbone weights 'missing.pth': neither 'imagenet' nor an existing file"),
@@ -258,3 +259,14 @@ def test_a_small_data_run_from_before_kda_zero_query_resumes_with_its_own_start(
     assert main([*args, "--epochs", "2", "--resume"]) == 0
     assert load_model(out / "model.safetensors").config.kda_zero_query is False
 
+
+
+def test_max_minutes_cuts_the_epochs_after_the_first_and_says_so(tiny_synthetic, tmp_path, caplog):
+    out = tmp_path / "capped"
+    with caplog.at_level("WARNING", logger="litedetr.engine.trainer"):
+        assert main(["train", *TRAIN, "--data", str(tiny_synthetic), "--epochs", "3", "--max-minutes", "1e-6", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "train"] == [0, 0, 1, 2]  # 2 batches, then 1 in each epoch left
+    assert [(r["epoch"], r["epoch_batches"], r["planned_batches"]) for r in records if r["kind"] == "schedule"] == [(1, 1, 2)]
+    assert "the 2 epochs left are cut to 1 of 2 batches each" in caplog.text
+    assert json.loads((out / "train_config.json").read_text())["max_train_minutes"] == 1e-6

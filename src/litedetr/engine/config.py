@@ -43,6 +43,12 @@ class TrainConfig:
         epoch_batches: batches per epoch and process (0: the whole dataset). Each epoch draws them
             from its own shuffled order, so a shorter epoch still sees different images each time;
             a way to fit a schedule of ``epochs`` and ``lr_drop`` into a time budget.
+        max_train_minutes: a cap on the minutes of training steps (data loading, forward, backward,
+            optimiser; evaluations not counted), ``None``: no cap. The first epoch trains whole; after
+            each epoch the epochs left are cut to the batches that fit the time left, at the median
+            batch time of the epoch just trained, never lengthened again. Each cut is logged (a
+            ``"schedule"`` record in ``log.jsonl``) and kept in the resume checkpoint; the
+            learning-rate drops stay at their epochs (a cosine schedule is shortened to the new end).
         lr_schedule: ``"step"``: a 10x drop at each epoch of ``lr_drop`` (DINO's); ``"cosine"``: every
             group's rate decays along half a cosine from its value to 1% of it over all the run's
             optimiser steps (``lr_drop`` unused).
@@ -68,6 +74,7 @@ class TrainConfig:
     freeze_backbone: bool = False
     epochs: int = 12
     epoch_batches: int = 0
+    max_train_minutes: float | None = None
     batch_size: int = 2
     accumulate: int = 1
     lr: float = 1e-4
@@ -106,6 +113,8 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.epoch_batches < 0 or self.epoch_batches % self.accumulate:
             raise ValueError(f"epoch_batches must be 0 (whole epochs) or a positive multiple of accumulate ({self.accumulate}), got {self.epoch_batches}")
+        if self.max_train_minutes is not None and not self.max_train_minutes > 0:
+            raise ValueError(f"max_train_minutes must be > 0 (None: no cap), got {self.max_train_minutes}")
         if self.init is not None and self.backbone_weights is not None:
             raise ValueError("init and backbone_weights exclude each other: the checkpoint's backbone would replace the ImageNet weights")
         if not self.image_sizes or min(self.image_sizes) < 32:

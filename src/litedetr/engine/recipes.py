@@ -127,10 +127,10 @@ class DemoRecipe:
     autocast where the CPU computes bf16 natively and in float32 elsewhere
     (:func:`litedetr.engine.precision.resolve_precision`).
 
-    ``train_minutes`` is only a cap for much slower machines: ``probe_steps`` timed steps (on a
-    throwaway copy of the model) give the seconds per step, and where the schedule would not fit,
-    every epoch is cut to the batches that do (keeping the learning-rate drop before the last
-    epoch), and the demo says so. ``None``: no cap.
+    ``train_minutes`` is only a cap for much slower machines (``TrainConfig.max_train_minutes``): the
+    first epoch trains whole, and where the batches it took would not fit the rest in the time left,
+    the epochs after it are cut to the batches that do (keeping the learning-rate drop before the
+    last epoch), and the demo says so. ``None``: no cap.
     """
 
     model: str = "lite-dino-r18-tiny-h3l1-2x3"
@@ -149,7 +149,6 @@ class DemoRecipe:
     eval_every: int = 1
     predicted_images: int = 6
     train_minutes: float | None = 12.0
-    probe_steps: int = 6
 
 
 def demo_train_config(recipe: DemoRecipe, data: Path, device: str) -> TrainConfig:
@@ -230,12 +229,14 @@ def dataset_dir(runs: Path, spec: SyntheticSpec) -> Path:
     return runs / f"data-{kind}{spec.num_train}-{spec.num_val}-{h}x{w}-max{spec.max_objects}-seed{spec.seed}"
 
 
+def _log_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    log = run_dir / "log.jsonl"
+    return [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == kind] if log.exists() else []
+
+
 def _final_metrics(run_dir: Path, epochs: int) -> dict[str, float | None] | None:
     """The evaluation logged after the last epoch (``None`` when the run stopped before it)."""
-    log = run_dir / "log.jsonl"
-    if not log.exists():
-        return None
-    evals = [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "eval" and r["epoch"] == epochs]
+    evals = [r for r in _log_records(run_dir, "eval") if r["epoch"] == epochs]
     return {k: evals[-1].get(k) for k in COCO_METRICS} if evals else None
 
 
@@ -246,15 +247,18 @@ the same losses, bit for bit, as one evaluated after the last)."""
 
 
 def finished_run_metrics(config: TrainConfig, run_dir: Path) -> dict[str, float | None]:
-    """The final metrics of the finished run in ``run_dir`` (e.g. one of ``benchmarks/training_study.py``'s)
-    when it trained what ``config`` trains: the same settings but :data:`RUN_PLACE_FIELDS`, the same model
-    once preset and overrides are resolved, on a synthetic dataset written from the same spec.
+    """The final metrics of the finished run in ``run_dir`` (e.g. one of ``benchmarks/training_study.py``'s,
+    or a ``litedetr demo``'s run folder) when it trained what ``config`` trains: the same settings but
+    :data:`RUN_PLACE_FIELDS`, the same model once preset and overrides are resolved, on a synthetic dataset
+    written from the same spec. Its time cap may differ where it cut nothing.
 
     Raises:
         ValueError: the run is missing or unreadable, trained other settings (named), or did not finish.
     """
     saved = TrainConfig.from_dict(read_train_config(run_dir / CHECKPOINT))
-    changed = config.changed_fields(saved.to_dict(), RUN_PLACE_FIELDS | {"model", "model_overrides"})
+    changed = config.changed_fields(saved.to_dict(), RUN_PLACE_FIELDS | {"model", "model_overrides", "max_train_minutes"})
+    if _log_records(run_dir, "schedule"):
+        changed.append("schedule (epochs cut by its time cap)")
     if get_config(config.model, **config.model_overrides) != get_config(saved.model, **saved.model_overrides):
         changed.append("model")
     specs = [Path(c.train_images).parent / "spec.json" for c in (config, saved)]

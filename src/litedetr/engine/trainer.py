@@ -6,7 +6,8 @@ A run directory holds::
     model.safetensors   the latest weights (the EMA weights when EMA is on), for eval/predict/export
     train_config.json   the run's TrainConfig
     log.jsonl           one JSON object per optimiser step (weighted loss sum, the last decoder
-                        layer's class/L1/GIoU terms, gradient norm, lr) and per evaluation
+                        layer's class/L1/GIoU terms, gradient norm, lr), per evaluation and per
+                        cut of the schedule by ``max_train_minutes``
     detections_val.json the last evaluation's detections (COCO results format)
     curves.png          training loss and validation AP
 """
@@ -19,6 +20,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import threading
 import time
 from contextlib import nullcontext
@@ -52,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 MODEL_FILE = "model.safetensors"
-_RESUMABLE_CHANGES = {"epochs", "eval_every", "workers", "device", "checkpoint_every", "init", "init_weights"}
+_RESUMABLE_CHANGES = {"epochs", "eval_every", "workers", "device", "checkpoint_every", "init", "init_weights", "max_train_minutes"}
 """TrainConfig fields a resumed run may change (``init`` is read only when a run starts)."""
 
 
@@ -125,13 +127,19 @@ class Trainer:
             self.model.backbone.requires_grad_(False)
         self.optimizer = build_optimizer(self.model, config)
         loader_batches = len(self._loader(self.train_set, True, 0, 0))
-        epoch_batches = min(loader_batches, config.epoch_batches) if config.epoch_batches else loader_batches
-        self.total_steps = config.epochs * math.ceil(epoch_batches / config.accumulate)
-        """Optimiser steps of the whole run (the learning-rate schedule's length)."""
+        self.planned_batches = min(loader_batches, config.epoch_batches) if config.epoch_batches else loader_batches
+        """Batches per epoch of the schedule as configured."""
+        self.epoch_batches = self.planned_batches
+        """Batches per epoch from now on: fewer than planned once ``max_train_minutes`` cut the schedule."""
+        self.train_seconds = 0.0
+        """Seconds spent in training steps so far, over every resume (what ``max_train_minutes`` caps)."""
+        self._batch_seconds: list[float] = []
         self.precision = resolve_precision(config.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.dtype == torch.float16)
         self.ema = ModelEMA(self.model, config.ema_decay) if config.ema_decay else None
         self.epoch, self.batches_done, self.step = 0, 0, 0
+        self.total_steps = self._schedule_length()
+        """Optimiser steps of the whole run (the learning-rate schedule's length)."""
         self.history: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._tensorboard = None
@@ -155,6 +163,7 @@ class Trainer:
             "rng": rngs,
             "train_config": json.dumps(self.config.to_dict()),
             "history": json.dumps(self.history),
+            "schedule": {"epoch_batches": self.epoch_batches, "train_seconds": self.train_seconds},
         }
 
     def save(self) -> None:
@@ -183,11 +192,48 @@ class Trainer:
         if self.ema and state["ema"]:
             self.ema.load_state_dict(state["ema"])
         self.epoch, self.batches_done, self.step = state["epoch"], state["batches_done"], state["step"]
+        schedule = state.get("schedule")  # absent before litedetr 0.3: never cut, time not kept
+        if schedule is not None:
+            self.epoch_batches, self.train_seconds = schedule["epoch_batches"], schedule["train_seconds"]
+        self.total_steps = self._schedule_length()
         self.history = json.loads(state["history"])
         if distributed.is_main():  # drop records of steps after the checkpoint: they are trained again
             (self.out / "log.jsonl").write_text("".join(json.dumps(record) + "\n" for record in self.history))
         set_rng_state(_own_rng_state(state["rng"], path))
         logger.info("resumed %s at epoch %d, batch %d (step %d)", path, self.epoch, self.batches_done, self.step)
+
+    # -- the schedule ------------------------------------------------------------------------------
+
+    def _schedule_length(self) -> int:
+        """Optimiser steps of the whole run: those done, the rest of this epoch's and the later epochs'."""
+        per_epoch = math.ceil(self.epoch_batches / self.config.accumulate)
+        if self.epoch >= self.config.epochs:
+            return self.step
+        this_epoch = math.ceil((self.epoch_batches - self.batches_done) / self.config.accumulate)
+        return self.step + this_epoch + (self.config.epochs - self.epoch - 1) * per_epoch
+
+    def _fit_time_cap(self) -> None:
+        """After an epoch: cut the epochs left to the batches that fit ``max_train_minutes``, at the median
+        batch time of the epoch just trained (the same decision on every rank); logged as a ``schedule`` record."""
+        cap, epochs_left = self.config.max_train_minutes, self.config.epochs - self.epoch
+        if cap is None or epochs_left <= 0 or not self._batch_seconds:
+            return
+        timing = distributed.all_reduce_mean({"batch_s": statistics.median(self._batch_seconds), "trained_s": self.train_seconds})
+        left_s = cap * 60 - timing["trained_s"]
+        accumulate = self.config.accumulate
+        fits = int(max(0.0, left_s) / timing["batch_s"] / epochs_left) // accumulate * accumulate
+        batches = min(self.epoch_batches, max(accumulate, fits))
+        if batches == self.epoch_batches:
+            return
+        self.epoch_batches = batches
+        self.total_steps = self._schedule_length()
+        self._log({"kind": "schedule", "epoch": self.epoch, "step": self.step, "epoch_batches": batches, "planned_batches": self.planned_batches,
+                   "batch_seconds": round(timing["batch_s"], 4), "trained_seconds": round(timing["trained_s"], 1), "cap_minutes": cap})  # fmt: skip
+        if distributed.is_main():
+            logger.warning(
+                "%.1f of the %g-min cap spent after epoch %d at %.2f s per batch: the %d epochs left are cut to %d of %d batches each",
+                timing["trained_s"] / 60, cap, self.epoch, timing["batch_s"], epochs_left, batches, self.planned_batches,
+            )  # fmt: skip
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -304,9 +350,18 @@ class Trainer:
         cfg = self.config
         loader = self._loader(self.train_set, True, self.epoch, self.batches_done * cfg.batch_size)
         self._train_mode()
-        batches = min(len(loader), cfg.epoch_batches - self.batches_done) if cfg.epoch_batches else len(loader)
+        batches = min(len(loader), self.epoch_batches - self.batches_done)
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", total=batches, unit="batch", disable=not distributed.is_main(), dynamic_ncols=True)
-        started = time.perf_counter()
+        started = lap = time.perf_counter()
+        self._batch_seconds = []
+
+        def timed() -> None:  # the batch just trained (loading it included): for max_train_minutes
+            nonlocal lap
+            now = time.perf_counter()
+            self._batch_seconds.append(now - lap)
+            self.train_seconds += now - lap
+            lap = now
+
         epoch_end = self.batches_done + batches
         for images, targets in bar:
             # a step every `accumulate` batches, and one at the epoch's end with what is left (nothing leaks into the next epoch)
@@ -315,6 +370,7 @@ class Trainer:
                 loss, losses = self._forward_backward(images, targets)
             self.batches_done += 1
             if not stepping:
+                timed()
                 continue
             left_over = self.batches_done % cfg.accumulate
             if left_over:  # the losses were divided by `accumulate`: make this step the mean over its own batches
@@ -329,11 +385,12 @@ class Trainer:
             lrs = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
             self._log({"kind": "train", "epoch": self.epoch, "step": self.step, "lr": lrs["rest"], "lr_groups": lrs, **values,
                        "seconds": round(time.perf_counter() - started, 3)})  # fmt: skip
+            timed()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()
             if self._stop_requested():
                 return
-            if self.batches_done == cfg.epoch_batches:
+            if self.batches_done == self.epoch_batches:
                 break
         bar.close()
         self.epoch, self.batches_done = self.epoch + 1, 0
@@ -377,6 +434,7 @@ class Trainer:
                     self.save()
                     logger.warning("stopped by a signal at epoch %d, step %d; %s written", self.epoch, self.step, self.out / CHECKPOINT)
                     return TrainResult(self.out, self.epoch, self.step, interrupted=True)
+                self._fit_time_cap()
                 self.save()
                 last = self.epoch == self.config.epochs
                 if self.val_set is not None and (last or self.epoch % self.config.eval_every == 0):

@@ -3,8 +3,9 @@
 It writes the synthetic dataset, trains a small Lite-DINO on it, evaluates it with pycocotools,
 draws its predictions on validation images and compares the encoder's GFLOPs with a standard
 encoder's. Training follows a fixed schedule (the same steps on every machine); only on a machine
-too slow to fit it in the time cap does it shorten every epoch, and it says so. Running it again in
-the same ``--out`` resumes an interrupted run (or just reports a finished one).
+too slow to fit it in the time cap are the epochs after the first shortened (from the measured batch
+times), and it says so. Running it again in the same ``--out`` resumes an interrupted run (or just
+reports a finished one).
 """
 
 from __future__ import annotations
@@ -13,16 +14,14 @@ import argparse
 import dataclasses
 import json
 import logging
-import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from litedetr.data import CocoDetection, find_split, write_synthetic_dataset
-from litedetr.engine import CHECKPOINT, MODEL_FILE, TrainConfig, Trainer
+from litedetr.data import find_split, write_synthetic_dataset
+from litedetr.engine import CHECKPOINT, MODEL_FILE, Trainer
 from litedetr.engine.recipes import DemoRecipe, demo_train_config
 from litedetr.models import Detector
 from litedetr.models.config import EncoderConfig
@@ -31,7 +30,7 @@ from litedetr.models.flops import count_flops
 from litedetr.tools.predict import predict_files
 from litedetr.tools.train import format_metrics
 
-__all__ = ["DemoRecipe", "demo_train_config", "fit_budget", "run_demo", "add_arguments"]
+__all__ = ["DemoRecipe", "demo_train_config", "run_demo", "add_arguments"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,47 +48,34 @@ def encoder_gflops(model: Detector, size: int) -> dict[str, float]:
     return {"lite_encoder": lite, "standard_encoder": dense, "ratio": lite / dense}
 
 
-def fit_budget(config: TrainConfig, recipe: DemoRecipe) -> dict[str, Any]:
-    """The recipe's fixed schedule, cut only where it would not fit ``recipe.train_minutes`` here.
-
-    Returns ``epoch_batches`` (0: whole epochs), ``planned_batches`` (the recipe's), ``cut`` and the
-    seconds per step measured for the decision (on a throwaway trainer)."""
-    full = -(-len(CocoDetection(config.train_annotations, config.train_images)) // config.batch_size)
-    planned = min(full, recipe.epoch_batches or full)
-    schedule: dict[str, Any] = {"budget_minutes": recipe.train_minutes, "planned_batches": planned, "cut": False}
-    batches = planned
-    if recipe.train_minutes is not None:
-        with tempfile.TemporaryDirectory() as scratch:
-            step_s = statistics.median(Trainer(config, scratch).time_steps(recipe.probe_steps))
-        schedule["probe_step_s"] = round(step_s, 3)
-        batches = min(planned, max(1, int(recipe.train_minutes * 60 / step_s / config.epochs)))
-        if batches < planned:
-            schedule["cut"] = True
-            logger.warning(
-                "at %.2f s per step the schedule's %d steps would not fit the %.0f-min cap: cut to %d of %d batches per epoch (%d steps)",
-                step_s, planned * config.epochs, recipe.train_minutes, batches, planned, batches * config.epochs,
-            )  # fmt: skip
-    logger.info("schedule: %d epochs of %d batches (%d steps)", config.epochs, batches, batches * config.epochs)
-    return {**schedule, "epoch_batches": 0 if batches == full else batches}
+def trained_schedule(trainer: Trainer, budget_minutes: float | None) -> dict[str, Any]:
+    """What ``trainer`` trained (or is training): the batches of each epoch, and each cut of the time cap."""
+    cuts = [r for r in trainer.history if r["kind"] == "schedule"]
+    per_epoch = [next((c["epoch_batches"] for c in reversed(cuts) if c["epoch"] <= epoch), trainer.planned_batches) for epoch in range(trainer.config.epochs)]
+    return {
+        "budget_minutes": budget_minutes,
+        "planned_batches": trainer.planned_batches,
+        "batches_per_epoch": per_epoch,
+        "cut": bool(cuts),
+        "cuts": cuts,
+        "train_seconds": round(trainer.train_seconds, 1),
+    }
 
 
 def run_demo(out: Path, recipe: DemoRecipe = DemoRecipe(), device: str = "cpu") -> dict[str, Any]:
     """Run the demo into ``out``; returns the summary also written to ``out/summary.json``.
 
-    The schedule chosen for the budget is kept in ``out/schedule.json``, so that a resumed run trains
-    on with the schedule it started with (a run without that file trains whole epochs).
+    ``recipe.train_minutes`` caps the training steps (:attr:`TrainConfig.max_train_minutes`); a cut is
+    kept in the run's checkpoint, so a resumed run trains on with it. A run started by litedetr 0.2 kept
+    its schedule in ``out/schedule.json`` and resumes with it.
     """
     started = time.perf_counter()
     data = write_synthetic_dataset(out / "data", recipe.data)
-    run_dir, schedule_file = out / "run", out / "schedule.json"
+    run_dir, legacy_schedule = out / "run", out / "schedule.json"
     resume = (run_dir / CHECKPOINT).exists()
-    config = demo_train_config(recipe, data, device)
-    if resume:
-        schedule = json.loads(schedule_file.read_text()) if schedule_file.exists() else {"budget_minutes": None, "epoch_batches": config.epoch_batches, "cut": False}
-    else:
-        schedule = fit_budget(config, recipe)
-        schedule_file.write_text(json.dumps(schedule, indent=2))
-    config = dataclasses.replace(config, epoch_batches=schedule["epoch_batches"])
+    config = dataclasses.replace(demo_train_config(recipe, data, device), max_train_minutes=recipe.train_minutes)
+    if resume and legacy_schedule.exists():
+        config = dataclasses.replace(config, epoch_batches=json.loads(legacy_schedule.read_text())["epoch_batches"])
     trainer = Trainer(config, run_dir, resume=resume)
     full = -(-len(trainer.train_set) // config.batch_size)
     result = trainer.fit()
@@ -109,7 +95,7 @@ def run_demo(out: Path, recipe: DemoRecipe = DemoRecipe(), device: str = "cpu") 
         "encoder_gflops": gflops,
         "image_size": recipe.image_size,
         "train_steps": result.steps,
-        "schedule": {"epochs": config.epochs, **schedule, "batches_per_epoch": config.epoch_batches or full, "full_batches_per_epoch": full},
+        "schedule": {"epochs": config.epochs, **trained_schedule(trainer, recipe.train_minutes), "full_batches_per_epoch": full},
         "seed": recipe.seed,
         "predictions": {
             "images": len(drawn),
@@ -149,11 +135,16 @@ def run(args: argparse.Namespace) -> int:
         f" in {summary['seconds']['total'] / 60:.1f} min"
     )
     print(f"precision: {summary['precision_reason']}")
-    print(f"{schedule['epochs']} epochs of {schedule['batches_per_epoch']} batches (of {schedule['full_batches_per_epoch']} in the training split)")
-    if schedule.get("cut"):  # a run started by an older litedetr has no "cut"
+    batches = schedule["batches_per_epoch"]
+    print(
+        f"{len(batches)} epochs of {', '.join(map(str, batches)) if schedule['cut'] else batches[0]} batches"
+        f" (of {schedule['full_batches_per_epoch']} in the training split): {schedule['train_seconds'] / 60:.1f} min of training steps"
+    )
+    for cut in schedule["cuts"]:
         print(
-            f"  cut from {schedule['planned_batches']} batches per epoch: this machine's {schedule['probe_step_s']:.2f} s per step would not fit"
-            f" the {schedule['budget_minutes']:.0f}-min cap; lift the cap with --minutes 0"
+            f"  cut after epoch {cut['epoch']} from {cut['planned_batches']} batches: {cut['trained_seconds'] / 60:.1f} min spent at"
+            f" {cut['batch_seconds']:.2f} s per batch, so the {cut['cap_minutes']:g}-min cap left {cut['epoch_batches']} for each later epoch;"
+            " lift the cap with --minutes 0"
         )
     print("COCO box metrics on its validation split:")
     print(format_metrics(summary["metrics"]))
@@ -179,7 +170,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int_at_least(1), help=f"training epochs (default {DemoRecipe.epochs}; the learning rate drops 10x for the last one)")
     p.add_argument(
         "--minutes", type=float_in(0),
-        help=f"cap on the training minutes: a slower machine cuts every epoch to fit (default {DemoRecipe.train_minutes:.0f}; 0: no cap)",
+        help=f"cap on the minutes of training steps: a slower machine cuts the epochs after the first to fit (default {DemoRecipe.train_minutes:.0f}; 0: no cap)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=DemoRecipe.seed, help=f"training seed: initial weights and batch order (default {DemoRecipe.seed}; the dataset stays the same)")
     p.add_argument("--device", default="cpu")

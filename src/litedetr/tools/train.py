@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         init_weights=args.init_weights,
         freeze_backbone=args.freeze_backbone,
         epochs=args.epochs,
+        max_train_minutes=args.max_minutes,
         batch_size=args.batch_size,
         accumulate=args.accumulate,
         lr=lr,
@@ -195,7 +196,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="continue the run in --out from its checkpoint; only --epochs (e.g. to extend a finished run), --eval-every, --workers, "
-        "--device and --checkpoint-every may differ from the run's, and --lr-drop defaults to the run's own",
+        "--device, --checkpoint-every and --max-minutes may differ from the run's, and --lr-drop defaults to the run's own",
     )
     p.add_argument("--batch-size", type=int_at_least(1), default=2, help="images per step and process (default 2)")
     p.add_argument("--accumulate", type=int_at_least(1), default=1, help="gradient accumulation steps")
@@ -247,6 +248,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--backbone-weights",
         help=f"ImageNet weights for the backbone: {IMAGENET!r} (torchvision's, timm's for Swin-T, from their caches) or a local torchvision state dict",
     )
+    p.add_argument(
+        "--max-minutes", type=float_in(0, low_open=True),
+        help="cap on the minutes of training steps: the first epoch trains whole, then the epochs left are cut to the batches that fit"
+        " (measured); each cut is logged (default: no cap)",
+    )  # fmt: skip
     p.add_argument("--workers", type=int_at_least(0), default=2, help="data-loading processes")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--eval-every", type=int_at_least(1), default=1, help="evaluate every N epochs")
