@@ -77,8 +77,8 @@ def test_the_schedule_is_fixed_and_a_cap_that_fits_changes_nothing(tmp_path):
     assert capped["metrics"] == uncapped["metrics"]  # same steps, same seed: the same detector whatever the machine's speed
 
 
-def test_a_run_of_litedetr_0_2_resumes_with_the_schedule_it_kept(tmp_path):
-    """0.2 chose the batches per epoch before training and kept them in ``schedule.json``."""
+def test_a_run_from_before_the_in_training_cap_resumes_with_the_schedule_it_kept(tmp_path):
+    """Such a run chose the batches per epoch before training and kept them in ``schedule.json``."""
     recipe = dataclasses.replace(TINY, data=SyntheticSpec(num_train=8, num_val=2, image_size=(80, 80), max_objects=4), batch_size=2, epochs=2,
                                  lr_drop=(1,), train_minutes=None)  # fmt: skip
     config = dataclasses.replace(demo_train_config(recipe, write_synthetic_dataset(tmp_path / "data", recipe.data), "cpu"), epoch_batches=2, epochs=1)

@@ -192,7 +192,7 @@ class Trainer:
         if self.ema and state["ema"]:
             self.ema.load_state_dict(state["ema"])
         self.epoch, self.batches_done, self.step = state["epoch"], state["batches_done"], state["step"]
-        schedule = state.get("schedule")  # absent before litedetr 0.3: never cut, time not kept
+        schedule = state.get("schedule")  # absent in checkpoints older than the time cap: never cut
         if schedule is not None:
             self.epoch_batches, self.train_seconds = schedule["epoch_batches"], schedule["train_seconds"]
         self.total_steps = self._schedule_length()

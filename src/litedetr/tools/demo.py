@@ -66,8 +66,8 @@ def run_demo(out: Path, recipe: DemoRecipe = DemoRecipe(), device: str = "cpu") 
     """Run the demo into ``out``; returns the summary also written to ``out/summary.json``.
 
     ``recipe.train_minutes`` caps the training steps (:attr:`TrainConfig.max_train_minutes`); a cut is
-    kept in the run's checkpoint, so a resumed run trains on with it. A run started by litedetr 0.2 kept
-    its schedule in ``out/schedule.json`` and resumes with it.
+    kept in the run's checkpoint, so a resumed run trains on with it. A run started before the cap was
+    decided during training kept its schedule in ``out/schedule.json`` and resumes with it.
     """
     started = time.perf_counter()
     data = write_synthetic_dataset(out / "data", recipe.data)
