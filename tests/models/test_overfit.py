@@ -62,8 +62,8 @@ def best_ious(preds: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -
 
 
 CASES = {
-    "deformable-detr-r18-tiny": dict(steps=200),
-    "lite-deformable-detr-r18-tiny-h3l1-2x3": dict(steps=200),
+    "deformable-detr-r18-tiny": dict(steps=150),
+    "lite-deformable-detr-r18-tiny-h3l1-2x3": dict(steps=150),
     "dino-r18-tiny": dict(steps=200, dn_box_noise_scale=0.2),
     "lite-dino-r18-tiny-h3l1-2x3": dict(steps=200, dn_box_noise_scale=0.2),
     "h-detr-r18-tiny": dict(steps=260, one_to_many_queries=40),

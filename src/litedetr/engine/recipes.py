@@ -128,9 +128,9 @@ class DemoRecipe:
     (:func:`litedetr.engine.precision.resolve_precision`).
 
     ``train_minutes`` is only a cap for much slower machines (``TrainConfig.max_train_minutes``): the
-    first epoch trains whole, and where the batches it took would not fit the rest in the time left,
-    the epochs after it are cut to the batches that do (keeping the learning-rate drop before the
-    last epoch), and the demo says so. ``None``: no cap.
+    first epoch trains whole; after each epoch, where the epochs left would not fit the minutes left at
+    the batch time just measured, they are cut to the batches that do (keeping the learning-rate drop
+    before the last epoch), and the demo says so. ``None``: no cap.
     """
 
     model: str = "lite-dino-r18-tiny-h3l1-2x3"
