@@ -88,3 +88,16 @@ def test_a_resumed_run_keeps_its_cut_and_its_time_and_equals_a_straight_run(tiny
 def test_the_cap_must_be_positive(tiny_synthetic):
     with pytest.raises(ValueError, match="max_train_minutes"):
         config(tiny_synthetic, max_train_minutes=0.0)
+
+
+def test_batches_that_fit_and_the_schedule_length_by_hand():
+    from litedetr.engine.time_cap import batches_that_fit, schedule_length
+
+    assert batches_that_fit(1.0, 45.0, 1.75, 3, 2) == 2  # 15 s left: 2.86 batches per epoch, down to a multiple of 2
+    assert batches_that_fit(1.0, 45.0, 1.75, 3, 1) == 2
+    assert batches_that_fit(1.0, 30.0, 1.0, 2, 1) == 15
+    assert batches_that_fit(1.0, 120.0, 1.0, 2, 4) == 4  # over the cap: one accumulation
+    assert schedule_length(0, 0, 0, 12, 75, 1) == 900
+    assert schedule_length(2, 1, 0, 4, 2, 2) == 2 + 3 * 1
+    assert schedule_length(5, 1, 3, 3, 4, 2) == 5 + 1 + 1 * 2  # mid-epoch: 1 batch of this epoch left, then one epoch of 2 steps
+    assert schedule_length(7, 3, 0, 3, 4, 2) == 7  # finished

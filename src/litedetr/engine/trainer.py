@@ -45,6 +45,7 @@ from litedetr.engine.precision import resolve_precision
 from litedetr.engine.sampler import ResumableSampler
 from litedetr.engine.signals import install_stop_handlers, leave_stop_signals_to_the_main_process, restore_handlers
 from litedetr.engine.state import load_state, rng_state, save_state, set_rng_state
+from litedetr.engine.time_cap import BatchClock, batches_that_fit, schedule_length
 from litedetr.models import Detector, build_model, save_model
 from litedetr.models.state_dict import fit_problems
 
@@ -205,12 +206,7 @@ class Trainer:
     # -- the schedule ------------------------------------------------------------------------------
 
     def _schedule_length(self) -> int:
-        """Optimiser steps of the whole run: those done, the rest of this epoch's and the later epochs'."""
-        per_epoch = math.ceil(self.epoch_batches / self.config.accumulate)
-        if self.epoch >= self.config.epochs:
-            return self.step
-        this_epoch = math.ceil((self.epoch_batches - self.batches_done) / self.config.accumulate)
-        return self.step + this_epoch + (self.config.epochs - self.epoch - 1) * per_epoch
+        return schedule_length(self.step, self.epoch, self.batches_done, self.config.epochs, self.epoch_batches, self.config.accumulate)
 
     def _fit_time_cap(self) -> None:
         """After an epoch: cut the epochs left to the batches that fit ``max_train_minutes``, at the median
@@ -219,10 +215,7 @@ class Trainer:
         if cap is None or epochs_left <= 0 or not self._batch_seconds:
             return
         timing = distributed.all_reduce_mean({"batch_s": statistics.median(self._batch_seconds), "trained_s": self.train_seconds})
-        left_s = cap * 60 - timing["trained_s"]
-        accumulate = self.config.accumulate
-        fits = int(max(0.0, left_s) / timing["batch_s"] / epochs_left) // accumulate * accumulate
-        batches = min(self.epoch_batches, max(accumulate, fits))
+        batches = min(self.epoch_batches, batches_that_fit(cap, timing["trained_s"], timing["batch_s"], epochs_left, self.config.accumulate))
         if batches == self.epoch_batches:
             return
         self.epoch_batches = batches
@@ -352,16 +345,9 @@ class Trainer:
         self._train_mode()
         batches = min(len(loader), self.epoch_batches - self.batches_done)
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", total=batches, unit="batch", disable=not distributed.is_main(), dynamic_ncols=True)
-        started = lap = time.perf_counter()
-        self._batch_seconds = []
-
-        def timed() -> None:  # the batch just trained (loading it included): for max_train_minutes
-            nonlocal lap
-            now = time.perf_counter()
-            self._batch_seconds.append(now - lap)
-            self.train_seconds += now - lap
-            lap = now
-
+        started = time.perf_counter()
+        clock = BatchClock()  # each batch, its loading included: for max_train_minutes
+        self._batch_seconds = clock.seconds
         epoch_end = self.batches_done + batches
         for images, targets in bar:
             # a step every `accumulate` batches, and one at the epoch's end with what is left (nothing leaks into the next epoch)
@@ -370,7 +356,7 @@ class Trainer:
                 loss, losses = self._forward_backward(images, targets)
             self.batches_done += 1
             if not stepping:
-                timed()
+                self.train_seconds += clock.lap()
                 continue
             left_over = self.batches_done % cfg.accumulate
             if left_over:  # the losses were divided by `accumulate`: make this step the mean over its own batches
@@ -385,7 +371,7 @@ class Trainer:
             lrs = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
             self._log({"kind": "train", "epoch": self.epoch, "step": self.step, "lr": lrs["rest"], "lr_groups": lrs, **values,
                        "seconds": round(time.perf_counter() - started, 3)})  # fmt: skip
-            timed()
+            self.train_seconds += clock.lap()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()
             if self._stop_requested():
