@@ -10,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
+
+from litedetr.models.families import FAMILIES, get_family
 
 __all__ = ["EncoderConfig", "DetectorConfig", "PRESETS", "get_config", "config_from_dict"]
-
-Family = Literal["deformable-detr", "dino", "h-detr"]
-
 
 @dataclass(frozen=True)
 class EncoderConfig:
@@ -35,7 +34,8 @@ class EncoderConfig:
 class DetectorConfig:
     """Everything that defines a detector's architecture and its inference-time behaviour."""
 
-    family: Family = "dino"
+    family: str = "dino"
+    """One of :data:`~litedetr.models.families.FAMILIES`."""
     num_classes: int = 91
     backbone: str = "resnet50"
     backbone_trainable_norm: bool = False
@@ -97,16 +97,16 @@ class DetectorConfig:
     """Optional dataset category id of each label (e.g. COCO's 91-id layout), so predictions become COCO results."""
 
     def __post_init__(self) -> None:
-        if self.family not in get_args(Family):
-            raise ValueError(f"unknown family {self.family!r}; known: {', '.join(get_args(Family))}")
+        design = get_family(self.family).design
         if self.d_model % 32 or self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by 32 (GroupNorm) and by n_heads ({self.n_heads})")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.num_select > self.num_queries * self.num_classes:
             raise ValueError(f"num_select ({self.num_select}) exceeds queries x classes")
-        if self.dn_number and self.family != "dino":
-            raise ValueError(f"denoising queries (dn_number={self.dn_number}) exist in the dino family only, not {self.family!r}")
+        if self.dn_number and not design.denoising:
+            with_denoising = ", ".join(name for name, family in FAMILIES.items() if family.design.denoising)
+            raise ValueError(f"denoising queries (dn_number={self.dn_number}) exist in the {with_denoising} family only, not {self.family!r}")
         if self.dn_number and self.one_to_many_queries:
             raise ValueError("a detector has one kind of training-only queries: set dn_number or one_to_many_queries, not both")
         if self.class_loss_weight is not None and not self.class_loss_weight > 0:
@@ -148,26 +148,11 @@ def _lite(n_high: int, a: int, b: int, d_ffn: int, d_ffn_low: int | None = 256) 
     return EncoderConfig("lite", n_high=n_high, high_updates=a, blocks=b, d_ffn=d_ffn, d_ffn_low=d_ffn_low, key_aware=True)
 
 
-_FAMILIES: dict[str, DetectorConfig] = {
-    # two-stage Deformable DETR with iterative box refinement: content and anchors from the encoder's top-k
-    "deformable-detr": DetectorConfig(
-        family="deformable-detr",
-        encoder=EncoderConfig(d_ffn=1024),
-        decoder_ffn=1024,
-        dropout=0.1,
-        num_queries=300,
-        num_select=100,
-        learned_query_content=False,
-        look_forward_twice=False,
-        pe_temperature=10000.0,
-    ),
-    # DINO: contrastive denoising, mixed query selection, look forward twice
-    "dino": DetectorConfig(family="dino", dn_number=100),
-    # H-DETR's two-stage hybrid branch (mixed selection, look forward twice): a one-to-many group of 1500 queries
-    "h-detr": DetectorConfig(
-        family="h-detr", num_queries=300, num_select=100, one_to_many_queries=1500, one_to_many_repeat=6, pe_temperature=10000.0
-    ),
-}
+def _family_base(name: str) -> DetectorConfig:
+    """The base preset of family ``name``: the dataclass's defaults with the family's own fields."""
+    defaults = dict(FAMILIES[name].defaults)
+    return DetectorConfig(family=name, encoder=EncoderConfig(**defaults.pop("encoder", {})), **defaults)
+
 
 _BACKBONES = {"r50": "resnet50", "r101": "resnet101", "swint": "swin_t"}
 _LITE_VARIANTS = {"h3l1-2x3": (3, 2, 3), "h3l1-3x2": (3, 3, 2), "h3l1-6x1": (3, 6, 1), "h2l2-2x3": (2, 2, 3)}
@@ -196,7 +181,8 @@ def _tiny(config: DetectorConfig) -> DetectorConfig:
 
 def _build_presets() -> dict[str, DetectorConfig]:
     presets: dict[str, DetectorConfig] = {}
-    for family, base in _FAMILIES.items():
+    for family in FAMILIES:
+        base = _family_base(family)
         for tag, backbone in _BACKBONES.items():
             standard = dataclasses.replace(base, backbone=backbone)
             presets[f"{family}-{tag}"] = standard

@@ -20,18 +20,17 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from litedetr.models.families import LAYOUTS
 from litedetr.models.state_dict import fit_problems
 from litedetr.nn import MultiScaleDeformableAttention
 
 __all__ = [
     "ConversionError",
-    "LAYOUTS",
-    "LAYOUT_FAMILY",
     "COMMON_RULES",
     "detect_layout",
     "official_rules",
     "rename_official",
-    "STANDARD_LAYOUTS",
+    "standard_encoder_layout",
     "adapt_encoder_weights",
     "fold_keys",
     "load_strictly",
@@ -39,11 +38,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-LAYOUT_FAMILY = {"lite-dino": "dino", "dino": "dino", "deformable-detr": "deformable-detr", "h-detr": "h-detr"}
-"""Each checkpoint layout and the family it loads into."""
-
-LAYOUTS = tuple(LAYOUT_FAMILY)
 
 _ENCODER_LAYER_PARTS = {
     "self_attn": "self_attn",
@@ -109,7 +103,7 @@ class ConversionError(ValueError):
 
 
 def detect_layout(state_dict: Mapping[str, Tensor]) -> str | None:
-    """The code base a state dict comes from (one of :data:`LAYOUTS`), from its distinguishing keys; None if none fits.
+    """The code base a state dict comes from (one of :data:`~litedetr.models.families.LAYOUTS`), from its distinguishing keys; None if none fits.
 
     Raises:
         ConversionError: a layout litedetr does not load (single-stage Deformable DETR), named.
@@ -134,13 +128,17 @@ def detect_layout(state_dict: Mapping[str, Tensor]) -> str | None:
     return None
 
 
+_CODE_BASE_RULES = {"dino": lambda num_decoder_layers: _DINO_RULES, "deformable-detr": _deformable_rules}
+"""The key names particular to each code base (:attr:`~litedetr.models.families.Family.code_base`)."""
+
+
 def official_rules(layout: str | None, num_decoder_layers: int = 6) -> list[tuple[str, str]]:
     """The renaming table of ``layout`` (None: only :data:`COMMON_RULES`, for parts of a detector)."""
     if layout is None:
         return list(COMMON_RULES)
-    if layout not in LAYOUT_FAMILY:
+    if layout not in LAYOUTS:
         raise ValueError(f"unknown checkpoint layout {layout!r}; known: {', '.join(LAYOUTS)}")
-    return [*COMMON_RULES, *(_DINO_RULES if LAYOUT_FAMILY[layout] == "dino" else _deformable_rules(num_decoder_layers))]
+    return [*COMMON_RULES, *_CODE_BASE_RULES[LAYOUTS[layout][1].code_base](num_decoder_layers)]
 
 
 def rename_official(state_dict: Mapping[str, Tensor], rules: list[tuple[str, str]]) -> dict[str, Tensor]:
@@ -249,8 +247,9 @@ def load_strictly(model: nn.Module, state: dict[str, Tensor], fresh: set[str] = 
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
 
 
-STANDARD_LAYOUTS = ("dino", "deformable-detr", "h-detr")
-"""The layouts whose encoder is the standard one (every token a query in every layer)."""
+def standard_encoder_layout(layout: str | None) -> bool:
+    """Whether checkpoints of ``layout`` have the standard encoder (every token a query in every layer); None: False."""
+    return layout is not None and not LAYOUTS[layout][0].lite_encoder
 
 
 def load_official_state_dict(
@@ -262,7 +261,7 @@ def load_official_state_dict(
         model: a :class:`~litedetr.models.Detector`, or a part of one (e.g. input stage + encoder).
         state_dict: the checkpoint's tensors under the original names.
         rules: the renaming table; default: that of ``layout``.
-        layout: one of :data:`LAYOUTS`; default: :func:`detect_layout`.
+        layout: one of :data:`~litedetr.models.families.LAYOUTS`; default: :func:`detect_layout`.
 
     Raises:
         ConversionError: keys unknown to the rules, left over, missing from the checkpoint, or of
@@ -273,7 +272,7 @@ def load_official_state_dict(
         decoder = getattr(model, "decoder", None)
         rules = official_rules(layout, len(decoder.layers) if decoder is not None else 6)
     renamed = rename_official(state_dict, rules)
-    fresh, dropped = adapt_encoder_weights(model, renamed, layout in STANDARD_LAYOUTS)
+    fresh, dropped = adapt_encoder_weights(model, renamed, standard_encoder_layout(layout))
     if fresh or dropped:
         logger.info("standard encoder into a Lite model: fresh %s; dropped %s", fold_keys(fresh) or "none", fold_keys(dropped) or "none")
     load_strictly(model, renamed, fresh)

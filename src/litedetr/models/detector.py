@@ -1,7 +1,7 @@
 """The detector: backbone -> input stage -> encoder -> query selection -> decoder -> heads.
 
 A family (Deformable DETR, DINO, H-DETR) is a choice of these parts, made in
-:mod:`litedetr.models.families`; this module only wires them, as the paper's figure does.
+:mod:`litedetr.models.families` and built by :mod:`litedetr.models.parts`; this module only wires them, as the paper's figure does.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from litedetr.models.checkpoint import TRAINING_CHECKPOINT_HINT, is_training_checkpoint, read_model_file, read_official_checkpoint, save_model
 from litedetr.models.config import DetectorConfig
 from litedetr.models.convert import load_official_state_dict
-from litedetr.models.families import build_parts
+from litedetr.models.parts import DetectorParts, build_parts
 from litedetr.models.inputs import ImageInput, as_image_list, batches_by_size
 from litedetr.models.postprocess import kept_detections, postprocess
 from litedetr.models.state_dict import fit_problems
@@ -42,13 +42,18 @@ class Detector(nn.Module):
     Args:
         config: the architecture.
         backbone_weights: ImageNet weights for the backbone: ``"imagenet"`` (torchvision's or timm's, from
-            their caches) or a local file; ``None``: random.
+            their caches) or a local file; ``None``: random. Only when the parts are built here.
+        parts: the parts to wire (e.g. :func:`~litedetr.models.parts.build_parts` with one replaced);
+            ``None``: those ``config``'s family builds. They must fit ``config``, which the detector
+            reads for its sizes, post-processing and checkpoint files.
     """
 
-    def __init__(self, config: DetectorConfig, backbone_weights: str | None = None):
+    def __init__(self, config: DetectorConfig, backbone_weights: str | None = None, parts: DetectorParts | None = None):
         super().__init__()
+        if parts is not None and backbone_weights is not None:
+            raise ValueError("backbone_weights is for parts built here; load them into the backbone of the given parts instead")
         self.config = config
-        parts = build_parts(config, backbone_weights)
+        parts = build_parts(config, backbone_weights) if parts is None else parts
         self.backbone = parts.backbone
         self.input_stage = parts.input_stage
         self.encoder = parts.encoder

@@ -34,16 +34,15 @@ from litedetr.models.checkpoint import check_decoder_depth, read_config, read_mo
 from litedetr.models.coco_classes import COCO_NUM_CLASSES, class_key, coco_class_names
 from litedetr.models.config import DetectorConfig
 from litedetr.models.convert import (
-    LAYOUT_FAMILY,
-    STANDARD_LAYOUTS,
     ConversionError,
     adapt_encoder_weights,
     fold_keys,
     load_strictly,
     official_rules,
     rename_official,
+    standard_encoder_layout,
 )
-from litedetr.models.families import FAMILY_DESIGNS
+from litedetr.models.families import LAYOUTS, get_family
 
 __all__ = ["InitReport", "init_from_checkpoint", "checkpoint_family", "match_classes", "CLASS_TENSORS"]
 
@@ -105,7 +104,7 @@ def checkpoint_family(path: str | os.PathLike) -> str:
         raise ValueError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
         return read_config(path).family
-    return LAYOUT_FAMILY[read_official_state(path)[1]]
+    return LAYOUTS[read_official_state(path)[1]][1].name
 
 
 def _read_source(path: Path, config: DetectorConfig, weights: str) -> tuple[dict[str, Tensor], str, tuple[str, ...], bool]:
@@ -115,9 +114,9 @@ def _read_source(path: Path, config: DetectorConfig, weights: str) -> tuple[dict
         family, kind, names, standard = source.family, "litedetr", source.class_names, source.encoder.kind == "standard"
     else:
         official, kind = read_official_state(path, weights)
-        if LAYOUT_FAMILY[kind] == config.family:
+        family, standard = LAYOUTS[kind][1].name, standard_encoder_layout(kind)
+        if family == config.family:
             check_decoder_depth(path, official, kind, config.decoder_layers)
-        family, standard = LAYOUT_FAMILY[kind], kind in STANDARD_LAYOUTS
         state = rename_official(official, official_rules(kind, config.decoder_layers))
         bias = state.get("heads.class_heads.0.bias")
         names = coco_class_names() if bias is not None and len(bias) == COCO_NUM_CLASSES else ()
@@ -162,7 +161,7 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike, weights: str
     their_count = state["heads.class_heads.0.weight"].shape[0] if "heads.class_heads.0.weight" in state else None
     if not config.class_names and their_count == config.num_classes:  # our classes unnamed: the same count carries row by row
         mapping = {i: i for i in range(config.num_classes)}
-    binary = FAMILY_DESIGNS[config.family].binary_encoder_targets
+    binary = get_family(config.family).design.binary_encoder_targets
     own = model.state_dict()
     for key in [k for k in state if _is_class_tensor(k)]:
         theirs = state.pop(key)
