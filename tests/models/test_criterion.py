@@ -195,7 +195,7 @@ def test_labels_out_of_range(criterion):
         criterion(random_outputs(1, 3, torch.Generator().manual_seed(9)), targets)
 
 
-def test_weighted_total_and_gradients():
+def test_weighted_losses_and_gradients():
     g = torch.Generator().manual_seed(10)
     criterion = SetCriterion(K, HungarianMatcher(), weight_dict={**DEFAULT_WEIGHTS, "loss_class_enc": 0.5})
     outputs = {**random_outputs(2, 6, g), "enc_outputs": random_outputs(2, 6, g), "aux_outputs": [random_outputs(2, 6, g)]}
@@ -209,7 +209,7 @@ def test_weighted_total_and_gradients():
     expected = sum(
         (0.5 if key == "loss_class_enc" else DEFAULT_WEIGHTS[base_of[key]]) * value for key, value in losses.items()
     )
-    total = criterion.weighted_total(losses)
+    total = sum(criterion.weighted(losses).values())
     torch.testing.assert_close(total, expected)
     total.backward()
     assert outputs["pred_logits"].grad is not None and outputs["pred_logits"].grad.abs().sum() > 0
@@ -467,7 +467,7 @@ def test_one_to_many_weight_scales_only_one_to_many_losses():
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_family_weights_and_weighted_total(name):
+def test_family_weights_and_weighted_losses(name):
     family = FAMILIES[name]
     criterion = family_criterion(family)
     outputs, targets = family_example(family)
@@ -475,7 +475,7 @@ def test_family_weights_and_weighted_total(name):
     for key in expected:
         assert criterion.weight(key) == family.weights[next(b for b in BASE if key.startswith(b))]
     total = sum(family.weights[next(b for b in BASE if key.startswith(b))] * value for key, value in expected.items())
-    torch.testing.assert_close(criterion.weighted_total(criterion(outputs, targets)), total)
+    torch.testing.assert_close(sum(criterion.weighted(criterion(outputs, targets)).values()), total)
 
 
 def test_weight_constants():

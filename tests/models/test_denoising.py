@@ -199,25 +199,11 @@ def test_attention_mask_isolates_groups_and_matching_queries_in_attention():
     with torch.no_grad():
         before = attention(queries, queries, queries, attn_mask=dn.attn_mask)[0]
         after = attention(changed, changed, changed, attn_mask=dn.attn_mask)[0]
-    dn_before, match_before = dn.split(before)
-    dn_after, match_after = dn.split(after)
+    dn_before, match_before = before[:, : dn.pad], before[:, dn.pad :]
+    dn_after, match_after = after[:, : dn.pad], after[:, dn.pad :]
     torch.testing.assert_close(match_after, match_before)
     torch.testing.assert_close(dn_after[:, dn.group_size :], dn_before[:, dn.group_size :])
     assert not torch.allclose(dn_after[:, : dn.group_size], dn_before[:, : dn.group_size])
-
-
-def test_split_round_trip():
-    dn = no_noise(uneven_targets(), nn.Embedding(5, 8), num_matching_queries=7, num_dn=10)
-    batch_first = torch.randn(3, 25, 5)
-    denoising, matching = dn.split(batch_first)
-    assert denoising.shape == (3, 18, 5) and matching.shape == (3, 7, 5)
-    assert torch.equal(torch.cat([denoising, matching], 1), batch_first)
-    layers_first = torch.randn(6, 3, 25, 4)  # e.g. stacked decoder layers
-    denoising, matching = dn.split(layers_first, dim=2)
-    assert denoising.shape == (6, 3, 18, 4) and matching.shape == (6, 3, 7, 4)
-    assert torch.equal(torch.cat([denoising, matching], 2), layers_first)
-    with pytest.raises(ValueError, match="expected 25 queries"):
-        dn.split(torch.randn(3, 24, 5))
 
 
 def test_no_targets_gives_none():

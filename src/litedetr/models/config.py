@@ -144,8 +144,9 @@ def config_from_dict(data: dict[str, Any]) -> DetectorConfig:
     return DetectorConfig(encoder=encoder, **data)
 
 
-def _lite(n_high: int, a: int, b: int, d_ffn: int, d_ffn_low: int | None = 256) -> EncoderConfig:
-    return EncoderConfig("lite", n_high=n_high, high_updates=a, blocks=b, d_ffn=d_ffn, d_ffn_low=d_ffn_low, key_aware=True)
+def _lite(n_high: int, a: int, b: int, d_ffn: int) -> EncoderConfig:
+    """The paper's HL-(A+1)xB encoder with KDA and the low-level tokens' 256-wide FFN."""
+    return EncoderConfig("lite", n_high=n_high, high_updates=a, blocks=b, d_ffn=d_ffn, d_ffn_low=256, key_aware=True)
 
 
 def _family_base(name: str) -> DetectorConfig:

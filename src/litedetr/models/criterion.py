@@ -175,13 +175,10 @@ class SetCriterion(nn.Module):
             losses.update(self._dense_encoder_losses(outputs["enc_dense"], targets, device))
         return losses
 
-    def weighted_total(self, losses: Mapping[str, Tensor]) -> Tensor:
-        """``sum(weight(key) * loss)`` over the keys that have a weight in ``weight_dict``."""
+    def weighted(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each loss times its weight (:meth:`weight`); keys without a weight are left out. Their sum is the training objective."""
         weights = {key: self.weight(key) for key in losses}
-        weighted = [weights[key] * value for key, value in losses.items() if weights[key] is not None]
-        if not weighted:
-            raise ValueError(f"no loss key has a weight; keys {sorted(losses)}, weights {self.weight_dict}")
-        return torch.stack(weighted).sum()
+        return {key: weights[key] * value for key, value in losses.items() if weights[key] is not None}
 
     def weight(self, key: str) -> float | None:
         """Weight of a (possibly suffixed) loss key: exact entry first, else its base key's."""

@@ -62,23 +62,6 @@ class DenoisingQueries:
         """``dn_meta`` as :class:`litedetr.models.criterion.SetCriterion` reads it."""
         return {"num_groups": self.num_groups, "group_size": self.group_size}
 
-    def split(self, tensor: Tensor, dim: int = 1) -> tuple[Tensor, Tensor]:
-        """Split a decoder output along its query dimension.
-
-        Args:
-            tensor: ``(..., pad + Q, ...)`` with the queries along ``dim``, e.g. ``(B, pad + Q, K)``.
-
-        Returns:
-            ``(denoising, matching)``: ``(..., pad, ...)`` and ``(..., Q, ...)`` views.
-        """
-        total = self.attn_mask.shape[0]
-        if tensor.shape[dim] != total:
-            raise ValueError(
-                f"expected {total} queries ({self.pad} denoising + {self.num_matching_queries} matching) "
-                f"along dim {dim}, got shape {tuple(tensor.shape)}"
-            )
-        return tensor.narrow(dim, 0, self.pad), tensor.narrow(dim, self.pad, total - self.pad)
-
 
 def build_denoising_queries(
     targets: list[dict[str, Tensor]],

@@ -137,7 +137,7 @@ class Detector(nn.Module):
         normalized = self._normalize_targets(targets, batch.sizes)
         outputs = self.forward_features(features, batch.mask, normalized)
         losses = self.criterion(outputs, normalized)
-        return {key: self.criterion.weight(key) * value for key, value in losses.items() if self.criterion.weight(key) is not None}
+        return self.criterion.weighted(losses)
 
     def _normalize_targets(self, targets: list[dict[str, Tensor]], sizes: Tensor) -> list[dict[str, Tensor]]:
         """Absolute ``xyxy`` boxes in images of ``sizes (B, 2)`` = ``(H, W)`` -> normalised ``cxcywh``.
