@@ -240,6 +240,7 @@ def test_predict_batches_images_by_size_so_equal_sizes_predict_as_alone():
     "target,message",
     [
         ({"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]]), "labels": torch.tensor([7])}, r"target 0: labels must lie in \[0, 3\)"),
+        ({"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]] * 2), "labels": torch.tensor([0, -1])}, r"target 0: labels must lie in \[0, 3\), got \[-1, 0\]"),
         ({"boxes": torch.tensor([[5.0, 1.0, 5.0, 9.0]]), "labels": torch.tensor([0])}, "target 0: boxes must have x1 > x0"),
         ({"boxes": torch.zeros(2, 4), "labels": torch.tensor([0])}, "target 0: boxes must be"),
     ],

@@ -155,13 +155,13 @@ class SetCriterion(nn.Module):
         Args:
             outputs: see the class docstring.
             targets: one dict per image with ``labels (N_b,)`` long in ``[0, K)`` and
-                ``boxes (N_b, 4)`` normalised cxcywh.
+                ``boxes (N_b, 4)`` normalised cxcywh (:meth:`~litedetr.models.Detector.forward` checks them,
+                once per batch).
 
         Returns:
             the losses by key; a NaN or infinite prediction gives a NaN or infinite loss, which the trainer
             checks once per step after its all-reduce, so that every process stops together.
         """
-        self._check_labels(targets)
         device = outputs["pred_logits"].device
         num_boxes = _num_boxes(targets, device)
         losses = self._set_losses(outputs, targets, num_boxes, suffix="")
@@ -270,12 +270,6 @@ class SetCriterion(nn.Module):
         giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt), self.giou_eps))
         loss_giou = (1 - giou).sum() / num_boxes
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
-
-    def _check_labels(self, targets: list[dict[str, Tensor]]) -> None:
-        labels = torch.cat([t["labels"] for t in targets])
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            low, high = labels.min().item(), labels.max().item()
-            raise ValueError(f"target labels must lie in [0, {self.num_classes}), got {low}..{high}")
 
 
 def _flat_query_indices(indices: Indices, device: torch.device) -> tuple[Tensor, Tensor]:
