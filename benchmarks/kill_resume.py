@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file
 
 from litedetr.data import SyntheticSpec, write_synthetic_dataset
+from litedetr.engine.run_log import read_log
 from litedetr.engine.state import load_state
 
 MODEL = "lite-dino-r18-tiny-h3l1-2x3"
@@ -60,11 +61,6 @@ def environment() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def logged(out: Path) -> list[dict[str, Any]]:
-    log = out / "log.jsonl"
-    return [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "train"] if log.exists() else []
-
-
 def run_to_end(args: list[str]) -> None:
     result = subprocess.run(args, env=environment(), capture_output=True, text=True, timeout=TIMEOUT_S)
     if result.returncode != 0:
@@ -75,11 +71,11 @@ def interrupt(args: list[str], out: Path, kind: str, at_step: int) -> dict[str, 
     """Start ``args``, deliver ``kind`` once ``at_step`` steps are logged, wait for the exit."""
     process = subprocess.Popen(args, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + TIMEOUT_S
-    while len(logged(out)) < at_step and process.poll() is None and time.monotonic() < deadline:
+    while len(read_log(out, "train")) < at_step and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    if process.poll() is not None or len(logged(out)) < at_step:
+    if process.poll() is not None or len(read_log(out, "train")) < at_step:
         process.kill()
-        raise SystemExit(f"the run logged {len(logged(out))} of {at_step} steps before it ended:\n{process.communicate()[1][-3000:]}")
+        raise SystemExit(f"the run logged {len(read_log(out, 'train'))} of {at_step} steps before it ended:\n{process.communicate()[1][-3000:]}")
     if kind == "SIGKILL":
         process.kill()
     elif kind == "SIGTERM":
@@ -103,7 +99,7 @@ def compare(straight: Path, resumed: Path) -> dict[str, Any]:
     optimizer = len(state_a["optimizer"]["state"]) == len(state_b["optimizer"]["state"]) and all(
         torch.equal(sa[key], sb[key]) for sa, sb in moments for key in sa
     )
-    steps_a, steps_b = logged(straight), logged(resumed)
+    steps_a, steps_b = read_log(straight, "train"), read_log(resumed, "train")
     log = [r["step"] for r in steps_b] == list(range(1, STEPS + 1)) and [r["loss"] for r in steps_a] == [r["loss"] for r in steps_b]
     return {"weights": weights, "optimizer": optimizer, "step": state_a["step"] == state_b["step"] == STEPS, "log": log}
 

@@ -9,7 +9,7 @@ Two suites:
 - ``r50``: ``dino-r50`` and ``lite-dino-r50-h3l1-2x3`` with KDA and with MSDA, each preset's own
   training settings (frozen stem, layer 1 and batch norm), 640x640 images, batch 2.
 
-A step is the trainer's own (:meth:`litedetr.engine.Trainer.time_steps`: loading a batch, forward
+A step is the trainer's own (loading a batch, then :meth:`litedetr.engine.Trainer.train_step`: forward
 under autocast for bf16, backward, gradient clipping and a fused AdamW step) on one synthetic batch.
 Every (model, precision) gets its own trainer from the same seed; the timed steps take turns
 (model 1 float32, model 1 bf16, model 2 float32, ...), so all see the same machine load. Whether
@@ -32,6 +32,7 @@ import os
 import platform
 import statistics
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,11 +119,13 @@ def main() -> None:
             for precision in args.precisions:
                 trainers[model.name, precision] = Trainer(dataclasses.replace(config, amp=PRECISIONS[precision]), Path(tmp) / f"{model.name}-{precision}")
                 times[model.name, precision] = []
+        batches = {key: trainer.train_batches() for key, trainer in trainers.items()}
         for i in range(warmup + args.steps):
             for key, trainer in trainers.items():
-                seconds = trainer.time_steps(1, warmup=0)
+                start = time.perf_counter()
+                trainer.train_step(*next(batches[key]))
                 if i >= warmup:
-                    times[key] += seconds
+                    times[key].append(time.perf_counter() - start)
 
     native, why = cpu_bf16_native()
     median = {precision: {m.name: statistics.median(times[m.name, precision]) for m in suite.models} for precision in args.precisions}

@@ -84,6 +84,7 @@ from torch import Tensor
 from litedetr.data import CocoDetection, collate, find_split, write_synthetic_dataset
 from litedetr.engine import TrainConfig
 from litedetr.engine.precision import resolve_precision
+from litedetr.engine.run_log import read_log
 from litedetr.engine.recipes import DemoRecipe, demo_train_config, run_in_parallel, train_or_reuse
 from litedetr.models import get_config, load_model
 from litedetr.ops import box_iou, level_shapes
@@ -294,13 +295,12 @@ def train_one(cell_name: str, seed: int, steps_per_epoch: int, runs: Path, init:
     out = run_dir(runs, cell_name, seed, steps_per_epoch, init)
     started = time.perf_counter()
     metrics, _ = train_or_reuse(config, out)
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["kind"] == "train"][-LAST_STEPS:]
+    train = read_log(out, "train")[-LAST_STEPS:]
     result = {
         "cell": cell_name,
         "seed": seed,
         "init": str(init) if init else None,
-        "steps": max(r["step"] for r in records),
+        "steps": max(r["step"] for r in read_log(out)),
         "precision": "bf16" if resolve_precision(config.amp, config.device).autocast else "float32",
         "AP": metrics["AP"],
         "AP50": metrics["AP50"],

@@ -81,13 +81,13 @@ def test_the_log_names_every_parameter_groups_lr_and_files_get_the_usual_mode(ti
 
 
 def test_each_rank_takes_its_own_random_state_on_resume(monkeypatch, tmp_path):
-    from litedetr.engine import distributed, trainer
+    from litedetr.engine import distributed, state
 
     states = [{"rank": 0}, {"rank": 1}]
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     monkeypatch.setattr(distributed, "rank", lambda: 1)
-    assert trainer._own_rng_state(states, tmp_path / "checkpoint.pt") == {"rank": 1}
-    assert trainer._own_rng_state({"rank": 0}, tmp_path / "checkpoint.pt") == {"rank": 0}  # a checkpoint of litedetr 0.1
+    assert state.rank_rng_state(states, tmp_path / "checkpoint.pt") == {"rank": 1}
+    assert state.rank_rng_state({"rank": 0}, tmp_path / "checkpoint.pt") == {"rank": 0}  # a checkpoint of litedetr 0.1
 
 
 def test_accumulation_steps_at_every_epoch_end_and_nothing_leaks(tiny_synthetic, tmp_path):

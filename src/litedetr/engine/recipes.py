@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from litedetr.data import AugmentConfig, SyntheticSpec, find_split
 from litedetr.engine.config import TrainConfig
+from litedetr.engine.run_log import read_log
 from litedetr.engine.state import load_state, read_train_config
 from litedetr.engine.trainer import CHECKPOINT, Trainer
 from litedetr.models import get_config
@@ -229,14 +230,9 @@ def dataset_dir(runs: Path, spec: SyntheticSpec) -> Path:
     return runs / f"data-{kind}{spec.num_train}-{spec.num_val}-{h}x{w}-max{spec.max_objects}-seed{spec.seed}"
 
 
-def _log_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
-    log = run_dir / "log.jsonl"
-    return [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == kind] if log.exists() else []
-
-
 def _final_metrics(run_dir: Path, epochs: int) -> dict[str, float | None] | None:
     """The evaluation logged after the last epoch (``None`` when the run stopped before it)."""
-    evals = [r for r in _log_records(run_dir, "eval") if r["epoch"] == epochs]
+    evals = [r for r in read_log(run_dir, "eval") if r["epoch"] == epochs]
     return {k: evals[-1].get(k) for k in COCO_METRICS} if evals else None
 
 
@@ -257,7 +253,7 @@ def finished_run_metrics(config: TrainConfig, run_dir: Path) -> dict[str, float 
     """
     saved = TrainConfig.from_dict(read_train_config(run_dir / CHECKPOINT))
     changed = config.changed_fields(saved.to_dict(), RUN_PLACE_FIELDS | {"model", "model_overrides", "max_train_minutes"})
-    if _log_records(run_dir, "schedule"):
+    if read_log(run_dir, "schedule"):
         changed.append("schedule (epochs cut by its time cap)")
     if get_config(config.model, **config.model_overrides) != get_config(saved.model, **saved.model_overrides):
         changed.append("model")

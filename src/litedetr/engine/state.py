@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from pathlib import Path
@@ -11,9 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from litedetr.engine import distributed
 from litedetr.models.checkpoint import atomic_write
 
-__all__ = ["save_state", "load_state", "read_train_config", "rng_state", "set_rng_state"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["save_state", "load_state", "read_train_config", "rng_state", "set_rng_state", "rank_rng_state"]
 
 
 def rng_state() -> dict[str, Any]:
@@ -64,3 +68,14 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state or "train_config" not in state:
         raise ValueError(f"{path}: not a litedetr training checkpoint (no model / train_config entries)")
     return state
+
+
+def rank_rng_state(saved: dict[str, Any] | list[dict[str, Any]], path: Path) -> dict[str, Any]:
+    """This rank's random state from a checkpoint (one per rank; checkpoints before 0.2 hold rank 0's only)."""
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) != distributed.world_size():
+        logger.warning(
+            "%s was written by %d process(es), this run has %d: ranks beyond them take rank 0's random state", path, len(states), distributed.world_size()
+        )
+    rank = distributed.rank()
+    return states[rank] if rank < len(states) else states[0]

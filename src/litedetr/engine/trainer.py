@@ -19,22 +19,20 @@ import itertools
 import json
 import logging
 import math
-import os
 import statistics
 import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from litedetr.data.coco import CocoDetection, collate
-from litedetr.data.transforms import train_transform
+from litedetr.data.coco import CocoDetection
 from litedetr.engine import distributed
 from litedetr.engine.config import TrainConfig
 from litedetr.engine.ema import ModelEMA
@@ -42,11 +40,12 @@ from litedetr.engine.evaluate import evaluate
 from litedetr.engine.optim import build_optimizer, set_learning_rates
 from litedetr.engine.plots import plot_curves
 from litedetr.engine.precision import resolve_precision
-from litedetr.engine.sampler import ResumableSampler
-from litedetr.engine.signals import install_stop_handlers, leave_stop_signals_to_the_main_process, restore_handlers
-from litedetr.engine.state import load_state, rng_state, save_state, set_rng_state
+from litedetr.engine.run_log import LOG_FILE, RunLog
+from litedetr.engine.setup import build_datasets, build_loader, build_run_model, checked_model, set_up_process
+from litedetr.engine.signals import install_stop_handlers, restore_handlers
+from litedetr.engine.state import load_state, rank_rng_state, rng_state, save_state, set_rng_state
 from litedetr.engine.time_cap import BatchClock, batches_that_fit, schedule_length
-from litedetr.models import Detector, build_model, save_model
+from litedetr.models import Detector, save_model
 from litedetr.models.state_dict import fit_problems
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainResult", "CHECKPOINT", "MODEL_FILE"]
@@ -57,17 +56,6 @@ CHECKPOINT = "checkpoint.pt"
 MODEL_FILE = "model.safetensors"
 _RESUMABLE_CHANGES = {"epochs", "eval_every", "workers", "device", "checkpoint_every", "init", "init_weights", "max_train_minutes"}
 """TrainConfig fields a resumed run may change (``init`` is read only when a run starts)."""
-
-
-def _own_rng_state(saved: dict[str, Any] | list[dict[str, Any]], path: Path) -> dict[str, Any]:
-    """This rank's random state from a checkpoint (one per rank; checkpoints before 0.2 hold rank 0's only)."""
-    states = saved if isinstance(saved, list) else [saved]
-    if len(states) != distributed.world_size():
-        logger.warning(
-            "%s was written by %d process(es), this run has %d: ranks beyond them take rank 0's random state", path, len(states), distributed.world_size()
-        )
-    rank = distributed.rank()
-    return states[rank] if rank < len(states) else states[0]
 
 
 class TrainingDiverged(RuntimeError):
@@ -88,46 +76,37 @@ class TrainResult:
     metrics: dict[str, float | None] = field(default_factory=dict)
 
 
-def _datasets(config: TrainConfig) -> tuple[CocoDetection, CocoDetection | None]:
-    augment = train_transform(config.augment)
-    train = CocoDetection(config.train_annotations, config.train_images, augment, seed=config.seed)
-    if not config.val_annotations:
-        return train, None
-    val = CocoDetection(config.val_annotations, config.val_images)
-    if val.category_ids != train.category_ids:
-        raise ValueError(f"{config.val_annotations}: categories {list(val.category_ids)} differ from the training set's {list(train.category_ids)}")
-    return train, val
-
-
 class Trainer:
-    """Trains ``config`` into ``out``; with ``resume`` it continues from ``out/checkpoint.pt``."""
+    """Trains ``config`` into ``out``; with ``resume`` it continues from ``out/checkpoint.pt``.
 
-    def __init__(self, config: TrainConfig, out: str | Path, resume: bool = False):
+    The collaborators are built from ``config`` unless given:
+
+    Args:
+        model: the detector to train instead of ``config.model`` (with ``config.model_overrides``,
+            ``init`` and ``backbone_weights``, which are then not used); its classes must be the
+            training set's. A resumed run loads its checkpoint into it.
+        datasets: the training set and the validation set (or None) instead of those ``config`` names.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        out: str | Path,
+        resume: bool = False,
+        *,
+        model: Detector | None = None,
+        datasets: tuple[CocoDetection, CocoDetection | None] | None = None,
+    ):
         self.config, self.out = config, Path(out)
         self.device = torch.device(config.device)
-        distributed.init_from_env(self.device)
-        if config.deterministic:
-            if self.device.type == "cuda":  # cuBLAS is deterministic only with a fixed workspace; read at its first call
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-        torch.manual_seed(config.seed + distributed.rank())
-        self.train_set, self.val_set = _datasets(config)
-        self.model: Detector = build_model(
-            config.model,
-            backbone_weights=config.backbone_weights,
-            init=None if resume else config.init,
-            init_weights=config.init_weights,
-            num_classes=self.train_set.num_classes,
-            class_names=self.train_set.class_names,
-            category_ids=self.train_set.category_ids,
-            min_size=config.image_sizes,
-            max_size=config.max_size,
-            **config.model_overrides,
-        ).to(self.device)
+        set_up_process(config, self.device)
+        self.train_set, self.val_set = build_datasets(config) if datasets is None else datasets
+        model = build_run_model(config, self.train_set, resume) if model is None else checked_model(model, self.train_set)
+        self.model: Detector = model.to(self.device)
         if config.freeze_backbone:
             self.model.backbone.requires_grad_(False)
         self.optimizer = build_optimizer(self.model, config)
-        loader_batches = len(self._loader(self.train_set, True, 0, 0))
+        loader_batches = len(build_loader(self.config, self.train_set, True, 0, 0))
         self.planned_batches = min(loader_batches, config.epoch_batches) if config.epoch_batches else loader_batches
         """Batches per epoch of the schedule as configured."""
         self.epoch_batches = self.planned_batches
@@ -141,9 +120,8 @@ class Trainer:
         self.epoch, self.batches_done, self.step = 0, 0, 0
         self.total_steps = self._schedule_length()
         """Optimiser steps of the whole run (the learning-rate schedule's length)."""
-        self.history: list[dict[str, Any]] = []
+        self.run_log = RunLog(self.out)
         self._stop = threading.Event()
-        self._tensorboard = None
         if resume:
             self._resume()
         elif (self.out / CHECKPOINT).exists():
@@ -197,10 +175,8 @@ class Trainer:
         if schedule is not None:
             self.epoch_batches, self.train_seconds = schedule["epoch_batches"], schedule["train_seconds"]
         self.total_steps = self._schedule_length()
-        self.history = json.loads(state["history"])
-        if distributed.is_main():  # drop records of steps after the checkpoint: they are trained again
-            (self.out / "log.jsonl").write_text("".join(json.dumps(record) + "\n" for record in self.history))
-        set_rng_state(_own_rng_state(state["rng"], path))
+        self.run_log.restore(json.loads(state["history"]))
+        set_rng_state(rank_rng_state(state["rng"], path))
         logger.info("resumed %s at epoch %d, batch %d (step %d)", path, self.epoch, self.batches_done, self.step)
 
     # -- the schedule ------------------------------------------------------------------------------
@@ -220,7 +196,7 @@ class Trainer:
             return
         self.epoch_batches = batches
         self.total_steps = self._schedule_length()
-        self._log({"kind": "schedule", "epoch": self.epoch, "step": self.step, "epoch_batches": batches, "planned_batches": self.planned_batches,
+        self.run_log.write({"kind": "schedule", "epoch": self.epoch, "step": self.step, "epoch_batches": batches, "planned_batches": self.planned_batches,
                    "batch_seconds": round(timing["batch_s"], 4), "trained_seconds": round(timing["trained_s"], 1), "cap_minutes": cap})  # fmt: skip
         if distributed.is_main():
             logger.warning(
@@ -230,35 +206,15 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
 
-    def _loader(self, dataset: CocoDetection, shuffle: bool, epoch: int, start: int) -> DataLoader:
-        sampler = ResumableSampler(len(dataset), distributed.world_size(), distributed.rank(), shuffle, self.config.seed)
-        sampler.set_epoch(epoch, start)
-        dataset.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(self.config.seed + epoch)  # worker seeds: not drawn from the global RNG
-        return DataLoader(
-            dataset,
-            self.config.batch_size,
-            sampler=sampler,
-            num_workers=self.config.workers,
-            collate_fn=collate,
-            generator=generator,
-            worker_init_fn=leave_stop_signals_to_the_main_process,
-        )
-
     def _autocast(self):
         if not self.precision.autocast:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.precision.dtype)
 
-    def _log(self, record: dict[str, Any]) -> None:
-        self.history.append(record)
-        if distributed.is_main():
-            with open(self.out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if self._tensorboard is not None:
-                for key, value in record.items():
-                    if isinstance(value, float):
-                        self._tensorboard.add_scalar(f"{record['kind']}/{key}", value, self.step)
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The run's records so far (see :mod:`litedetr.engine.run_log`), over every resume."""
+        return self.run_log.records
 
     def _diverged_message(self, what: str) -> str:
         kept = f"the last good checkpoint {self.out / CHECKPOINT} is kept" if (self.out / CHECKPOINT).exists() else "no checkpoint was written yet"
@@ -321,27 +277,21 @@ class Trainer:
         if self.config.freeze_backbone:
             self.model.backbone.eval()
 
-    def time_steps(self, count: int, warmup: int = 2) -> list[float]:
-        """Seconds of each of ``count`` training steps after ``warmup`` untimed ones, data loading
-        included, on the first batches of the first epoch (one optimiser step per batch).
+    def train_batches(self) -> Iterator[tuple[list[torch.Tensor], list[dict[str, Any]]]]:
+        """The training batches, epoch after epoch from the first, without end (e.g. to time steps)."""
+        return (batch for epoch in itertools.count() for batch in build_loader(self.config, self.train_set, True, epoch, 0))
 
-        The steps train this trainer's model and write nothing: measure with a trainer made for it.
-        """
+    def train_step(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> torch.Tensor:
+        """One optimiser step on one batch, outside the schedule: nothing is counted, logged or written.
+        Returns the loss. It trains this trainer's model: measure with a trainer made for it."""
         self._train_mode()
-        stream = (batch for epoch in itertools.count() for batch in self._loader(self.train_set, True, epoch, 0))
-        times = []
-        for i in range(warmup + count):
-            start = time.perf_counter()
-            images, targets = next(stream)
-            self._forward_backward(images, targets)
-            self._optimizer_step()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-        return times
+        loss, _ = self._forward_backward(images, targets)
+        self._optimizer_step()
+        return loss
 
     def _train_epoch(self) -> None:
         cfg = self.config
-        loader = self._loader(self.train_set, True, self.epoch, self.batches_done * cfg.batch_size)
+        loader = build_loader(self.config, self.train_set, True, self.epoch, self.batches_done * cfg.batch_size)
         self._train_mode()
         batches = min(len(loader), self.epoch_batches - self.batches_done)
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", total=batches, unit="batch", disable=not distributed.is_main(), dynamic_ncols=True)
@@ -369,7 +319,7 @@ class Trainer:
             values = distributed.all_reduce_mean({"loss": loss.item(), "grad_norm": float(grad_norm), **final_layer})
             bar.set_postfix(loss=f"{values['loss']:.3f}")
             lrs = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
-            self._log({"kind": "train", "epoch": self.epoch, "step": self.step, "lr": lrs["rest"], "lr_groups": lrs, **values,
+            self.run_log.write({"kind": "train", "epoch": self.epoch, "step": self.step, "lr": lrs["rest"], "lr_groups": lrs, **values,
                        "seconds": round(time.perf_counter() - started, 3)})  # fmt: skip
             self.train_seconds += clock.lap()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
@@ -390,11 +340,13 @@ class Trainer:
         return bool(flag.item())
 
     def evaluate(self) -> dict[str, float | None]:
-        assert self.val_set is not None
-        loader = self._loader(self.val_set, False, 0, 0)
+        """COCO metrics of the model (its EMA when on) on the validation set; logged and written as detections."""
+        if self.val_set is None:
+            raise ValueError("no validation data: set val_annotations and val_images to evaluate")
+        loader = build_loader(self.config, self.val_set, False, 0, 0)
         model = self.ema.module if self.ema else self.model
         metrics = evaluate(model, loader, self.device, self.out / "detections_val.json")
-        self._log({"kind": "eval", "epoch": self.epoch, "step": self.step, **{k: v for k, v in metrics.items() if v is not None}})
+        self.run_log.write({"kind": "eval", "epoch": self.epoch, "step": self.step, **{k: v for k, v in metrics.items() if v is not None}})
         if distributed.is_main():
             logger.info("epoch %d: AP %.3f AP50 %.3f", self.epoch, metrics["AP"] or 0.0, metrics["AP50"] or 0.0)
         return metrics
@@ -404,11 +356,11 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if distributed.is_main():
             (self.out / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-            stale = self.out / "log.jsonl"
+            stale = self.out / LOG_FILE
             if self.step == 0 and stale.exists():  # a run killed before its first checkpoint: its steps are trained again
                 logger.warning("%s: left by a run stopped before its first checkpoint; started again", stale)
                 stale.unlink()
-        self._tensorboard = _tensorboard_writer(self.out) if distributed.is_main() else None
+        self.run_log.open()
         if distributed.is_main():
             logger.info("precision: %s", self.precision.reason)
         previous = install_stop_handlers(self._stop)
@@ -427,17 +379,8 @@ class Trainer:
                     metrics = self.evaluate()
         finally:
             restore_handlers(previous)
-            if self._tensorboard is not None:
-                self._tensorboard.close()
+            self.run_log.close()
         if distributed.is_main():
             plot_curves(self.history, self.out / "curves.png")
         return TrainResult(self.out, self.epoch, self.step, metrics=metrics)
 
-
-def _tensorboard_writer(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        logger.debug("tensorboard is not installed: no TensorBoard scalars")
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
