@@ -24,7 +24,7 @@ import torch
 
 from litedetr import build_model
 from litedetr.ops import cpu_kernels
-from litedetr.engine.timing import encoder_run
+from litedetr.bench.timing import encoder_run
 from litedetr.tools.args import parse_size
 
 BACKENDS = {"kernel": contextlib.nullcontext, "pytorch": cpu_kernels.cpu_kernels_disabled}

@@ -2,7 +2,7 @@
 
 Token shapes of an 800x1333 image (levels 100x167, 50x84, 25x42, 13x21), batch 1, d_model 256,
 8 heads, 4 points, every token a query, sampling locations uniform over the maps
-(:mod:`litedetr.engine.attention_bench`, which also holds the two-pass KDA). All rows are measured side by side in one run; peak memory
+(:mod:`litedetr.bench.attention`, which also holds the two-pass KDA). All rows are measured side by side in one run; peak memory
 is what one call allocates at its peak beyond its inputs (the profiler's allocation events, as
 ``litedetr bench`` measures it). Rows without
 autograd run on both CPU backends of :mod:`litedetr.ops`: ``[kernel]`` the fused C++ kernels,
@@ -24,8 +24,8 @@ import torch
 
 from litedetr.nn import DeformableEncoder, LiteEncoder
 from litedetr.ops import cpu_kernels
-from litedetr.engine.attention_bench import D_MODEL, HEADS, LEVELS_800X1333, POINTS, attention_call, attention_inputs, run_attention
-from litedetr.engine.timing import peak_memory, time_calls
+from litedetr.bench.attention import D_MODEL, HEADS, LEVELS_800X1333, POINTS, attention_call, attention_inputs, run_attention
+from litedetr.bench.timing import peak_memory, time_calls
 
 SHAPES = torch.tensor(LEVELS_800X1333)
 

@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import json
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -49,18 +48,8 @@ import torch
 
 from litedetr.data import write_synthetic_dataset
 from litedetr.engine import MODEL_FILE, TrainConfig
-from litedetr.engine.recipes import (
-    DemoRecipe,
-    Variant,
-    dataset_dir,
-    demo_train_config,
-    finished_run_metrics,
-    lite_dino_variants,
-    run_in_parallel,
-    scaled_recipe,
-    train_or_reuse,
-    variant_recipe,
-)
+from litedetr.engine.recipes import DemoRecipe, demo_train_config
+from litedetr.bench.runs import Variant, dataset_dir, finished_run_metrics, lite_dino_variants, run_in_parallel, scaled_recipe, train_or_reuse, variant_recipe, median_spread, percent
 
 MODELS = ("h3l1-2x3", "dino", "h3l1-2x3-msda")
 TABLE_METRICS = ("AP", "AP50", "APs", "APm", "APl")
@@ -115,17 +104,6 @@ def _steps(recipe: DemoRecipe) -> int:
     return recipe.epochs * (min(batches, recipe.epoch_batches) if recipe.epoch_batches else batches)
 
 
-def _cell(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
-
-
-def _spread(values: list[float | None]) -> str:
-    """``median [min-max]`` in %, ``-`` when any seed has no value."""
-    if any(v is None for v in values):
-        return "-"
-    return f"{_cell(statistics.median(values))} [{_cell(min(values))}-{_cell(max(values))}]"
-
-
 def seed_runs(
     pretrain: DemoRecipe, finetune: DemoRecipe, models: tuple[str, ...], data_root: Path, runs: Path, pretrained_runs: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -154,7 +132,7 @@ def seed_runs(
             pretrained[model] = {
                 "label": variants[model].label, "metrics": metrics, "run": str(run_dir), "train_seconds": None if reused else round(time.perf_counter() - start, 1),
             }  # fmt: skip
-            print(f"pretrained {model} on shapes: AP {_cell(metrics['AP'])} ({'reused from ' + str(run_dir) if reused else 'trained'})", flush=True)
+            print(f"pretrained {model} on shapes: AP {percent(metrics['AP'])} ({'reused from ' + str(run_dir) if reused else 'trained'})", flush=True)
         return run_dir / MODEL_FILE
 
     rows = []
@@ -164,7 +142,7 @@ def seed_runs(
         metrics, reused = train_or_reuse(finetune_config(finetune, variants[run.model], glyphs, init), runs / run.name)
         seconds = None if reused else round(time.perf_counter() - start, 1)
         rows.append({"run": run.name, "model": run.model, "model_label": variants[run.model].label, "start": run.label, "metrics": metrics, "train_seconds": seconds})
-        print(f"{run.name}: AP {_cell(metrics['AP'])} on glyphs ({'reused' if reused else f'trained in {seconds:.0f} s'})", flush=True)
+        print(f"{run.name}: AP {percent(metrics['AP'])} on glyphs ({'reused' if reused else f'trained in {seconds:.0f} s'})", flush=True)
     return {"seed": pretrain.seed, "pretrained": pretrained, "rows": rows}
 
 
@@ -203,11 +181,11 @@ def markdown(rows: list[dict[str, Any]], pretrained: dict[str, dict[str, Any]], 
         "|---|---|" + "---:|" * (len(TABLE_METRICS) + 1),
     ]
     for row in rows:
-        metrics = " | ".join(_spread(row["metrics"][k]) for k in TABLE_METRICS)
+        metrics = " | ".join(median_spread(row["metrics"][k]) for k in TABLE_METRICS)
         beats = "-" if row["beats_scratch"] is None else f"{row['beats_scratch']} of {seeds}"
         lines.append(f"| {row['model_label']} | {row['start']} | {metrics} | {beats} |")
     lines += ["", "Pretrained models on the shapes validation split (AP / AP50 in %, median [min-max]):", ""]
-    lines += [f"- {p['label']}: {_spread(p['metrics']['AP'])} / {_spread(p['metrics']['AP50'])}" for p in pretrained.values()]
+    lines += [f"- {p['label']}: {median_spread(p['metrics']['AP'])} / {median_spread(p['metrics']['AP50'])}" for p in pretrained.values()]
     return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,7 @@ On one CUDA GPU (H100/H200 class), within a time budget (default 8 minutes, star
    pass/fail counts from its JUnit report.
 2. ``kernels``: MSDA, and KDA with shared and with distinct keys, at the token shapes of an 800x1333
    image (d 256, 8 heads, 4 levels, 4 points, batch 1), fp32 and bf16: ours (Triton), our PyTorch op,
-   and for KDA the two-pass way (:mod:`litedetr.engine.attention_bench`); forward and forward +
+   and for KDA the two-pass way (:mod:`litedetr.bench.attention`); forward and forward +
    backward, latency and peak memory.
 3. ``inference``: ``dino-r50``, ``lite-dino-r50-h3l1-2x3`` and ``lite-dino-r50-h2l2-2x3`` (random
    weights) on 800x1333 images, batch 1 and 8, fp32 and bf16 autocast, eager: the whole model
@@ -50,8 +50,8 @@ from typing import Any
 import torch
 
 from litedetr.ops import attention_backend, custom_ops
-from litedetr.engine.attention_bench import LEVELS_800X1333, kernel_cases, kernel_row
-from litedetr.engine.timing import Timing, bench_images, bench_model, encoder_run, measure, model_run, time_calls, train_step_run
+from litedetr.bench.attention import LEVELS_800X1333, kernel_cases, kernel_row
+from litedetr.bench.timing import Timing, bench_images, bench_model, encoder_run, measure, model_run, time_calls, train_step_run
 
 from gpu_check_report import markdown, summary  # benchmarks/, this script's folder
 
@@ -301,7 +301,7 @@ def train_step(plan: Plan, budget: Budget) -> Row:
 
 
 def kernels(plan: Plan, budget: Budget) -> Row:
-    """The attention ops at batch 1 in fp32 and bf16 (:func:`litedetr.engine.attention_bench.kernel_row`)."""
+    """The attention ops at batch 1 in fp32 and bf16 (:func:`litedetr.bench.attention.kernel_row`)."""
     device = torch.device(plan.device)
     cases = {(c.op, c.method, str(c.dtype).removeprefix("torch.")): c for c in kernel_cases([1], [torch.float32, torch.bfloat16])}
     items = [{"op": op, "method": method, "batch": 1, "dtype": dtype} for op, method, dtype in cases]

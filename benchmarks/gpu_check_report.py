@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from litedetr.engine.attention_bench import kernel_markdown
+from litedetr.bench.attention import kernel_markdown
 
 Row = dict[str, Any]
 

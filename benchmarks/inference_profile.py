@@ -3,7 +3,7 @@
 Times every part of the detector (backbone, input stage, encoder, query selection, decoder, heads,
 and the rest: resizing, batching and post-processing) in inference calls of each model on one
 random image, the models taking turns call by call so that both see the same machine load, and sets
-each part's median beside its GFLOPs (:func:`litedetr.models.flops.count_flops`). Random weights:
+each part's median beside its GFLOPs (:func:`litedetr.bench.flops.count_flops`). Random weights:
 the time of a call does not depend on them, except through which proposals the query selection
 picks (the same amount of work whichever they are). Prints a table and writes
 ``inference_profile.json`` and ``.md`` to ``--out``.
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from litedetr.engine.timing import PARTS, bench_images, bench_model, part_seconds, run_environment, write_results
-from litedetr.models.flops import count_flops
+from litedetr.bench.timing import bench_images, bench_model, load_averages, part_seconds, PARTS, run_environment, write_results
+from litedetr.bench.flops import count_flops
 
 COLUMNS = (*PARTS, "other", "total")
 
@@ -32,7 +32,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"One inference call at {h}x{w}, batch 1, {result['threads']} threads ({result['cpu_capability']}, float32), C++ CPU kernels; "
         f"median of {result['repeats']} calls per model, the models taking turns call by call. Load averages (1, 5, 15 min) after: "
-        + ", ".join(f"{v:.1f}" for v in result["load_average_after"])
+        + load_averages(result["load_average_after"])
         + ".",
         "",
         "| part | " + " | ".join(f"{m} ms | {m} GFLOPs" for m in models) + " | " + " | ".join(f"{m} / {first} (time, GFLOPs)" for m in models[1:]) + " |",

@@ -3,7 +3,7 @@ two-pass KDA; on the CPU (``--device cpu``), forward + backward of the fused C++
 
 Token shapes of an 800x1333 image (levels 100x167, 50x84, 25x42, 13x21), d_model 256, 8 heads of 32
 channels, 4 points, every token a query, locations a few pixels around each token. Rows (see
-:mod:`litedetr.engine.attention_bench`): ``msda``, ``kda`` (keys are the values, as in the Lite DETR
+:mod:`litedetr.bench.attention`): ``msda``, ``kda`` (keys are the values, as in the Lite DETR
 encoder) and ``kda_distinct_key``.
 
 GPU (default): each op through ``ours`` (Triton on CUDA), ``pytorch`` (our op with the kernels off)
@@ -14,7 +14,7 @@ runs the batch-1 rows with the rest of the GPU checks.
 
 CPU (``--device cpu``): forward + backward (gradients of every float input) of each op in float32
 through the fused C++ kernels (``litedetr::cpu_*`` custom ops) and through the ``grid_sample`` path,
-timed alternately call by call in one process (:func:`~litedetr.engine.attention_bench.fused_backward_row`),
+timed alternately call by call in one process (:func:`~litedetr.bench.attention.fused_backward_row`),
 and the peak tensor memory of one call beyond its inputs (the profiler's allocation events). Writes
 ``kernels_cpu.json`` and ``kernels_cpu.md`` beside ``--out``'s default, with the thread count, the load
 averages before and after, and ``--note`` (say there whether other jobs shared the cores).
@@ -35,8 +35,9 @@ from pathlib import Path
 
 import torch
 
+from litedetr.bench.timing import load_averages
 from litedetr.ops import cpu_kernels, custom_ops
-from litedetr.engine.attention_bench import (
+from litedetr.bench.attention import (
     D_MODEL,
     HEADS,
     LEVELS_800X1333,
@@ -147,7 +148,7 @@ def run_cpu(args: argparse.Namespace) -> None:
 
 
 def _cpu_markdown(meta: dict[str, object], table: str) -> str:
-    load = ", ".join(f"{x:.1f}" for x in meta["load_average_before"]) + " before, " + ", ".join(f"{x:.1f}" for x in meta["load_average_after"]) + " after"
+    load = load_averages(meta["load_average_before"]) + " before, " + load_averages(meta["load_average_after"]) + " after"
     lines = [
         "# Deformable attention on the CPU: fused C++ forward + backward vs the grid_sample path",
         "",

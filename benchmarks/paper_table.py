@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from litedetr.tools.args import parse_size
-from litedetr.models.flops import AUTHORS_FVCORE, DEFAULT_SIZE, count_flops
+from litedetr.bench.flops import AUTHORS_FVCORE, DEFAULT_SIZE, count_flops
 
 # (label, preset, paper total GFLOPs, paper encoder GFLOPs, baseline preset of the encoder ratio)
 PAPER_ROWS = [
@@ -71,7 +71,7 @@ Lite-DINO, and no encoder setting we tried matches all four rows: with an FFN of
 deformable attention the H2L2 encoder is still 26.1 (paper 23) while the H3L1 ones fall to
 20.6-29.4, below the paper's 30-39.
 
-Component definitions (`litedetr.models.flops`): encoder = the encoder layers (the authors' bucket);
+Component definitions (`litedetr.bench.flops`): encoder = the encoder layers (the authors' bucket);
 the authors' decoder bucket = our decoder + heads; input stage and query selection count only in
 the total. fvcore counts no element-wise weighted sums or softmaxes in the attention cores (the
 +0.4-0.5% of the standard encoders). Our KDA samples its keys, which are its values, once; the

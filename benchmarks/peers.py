@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from litedetr.engine.precision import cpu_bf16_native
-from litedetr.engine.timing import bench_model, interleaved_ms, run_environment, write_results
+from litedetr.bench.timing import bench_model, interleaved_ms, load_averages, run_environment, write_results
 from litedetr.models.exported import InferencePrecision, openvino_cpu_config, require
 from litedetr.models.transform import IMAGENET_MEAN, IMAGENET_STD
 from litedetr.tools.export import export_onnx, normalized_scene, quantize_onnx
@@ -146,7 +146,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"One image, {h}x{w}, batch 1, {result['threads']} threads ({result['cpu_capability']}; float32 but where a column says bf16), random weights; median of "
         f"{result['repeats']} calls, every (model, backend) taking turns. Load averages (1, 5, 15 min) after: "
-        + ", ".join(f"{v:.1f}" for v in result["load_average_after"])
+        + load_averages(result["load_average_after"])
         + ".",
         "",
         "| model | " + " | ".join(f"{b} ms" for b in result["backends"]) + f" | best / {REFERENCE}'s best |",

@@ -19,7 +19,7 @@ The model (``--model``, a litedetr model file, e.g. ``litedetr-demo/model.safete
 
 AP and AP50 come from ``litedetr eval``'s path (:func:`litedetr.tools.evaluate.evaluate_model_file`,
 pycocotools) on every validation image; latency is one validation image per call, batch 1, the
-variants taking turns within every repeat (:func:`litedetr.engine.timing.interleaved_ms`), median.
+variants taking turns within every repeat (:func:`litedetr.bench.timing.interleaved_ms`), median.
 ``--data``: the COCO-format folder the model was validated on (default: the demo's synthetic dataset,
 generated into ``--work``). Writes ``quantization.json`` and ``quantization.md`` to ``--out``. Needs
 ``pip install -e ".[export,openvino]"`` (NNCF comes with ``openvino``).
@@ -40,7 +40,7 @@ import torch
 from litedetr.data import CocoDetection, find_split, write_synthetic_dataset
 from litedetr.engine.precision import inference_autocast
 from litedetr.engine.recipes import DemoRecipe
-from litedetr.engine.timing import interleaved_ms, run_environment, write_results
+from litedetr.bench.timing import interleaved_ms, load_averages, run_environment, write_results
 from litedetr.models import Detector, load_model
 from litedetr.models.exported import InferencePrecision, graph_runner
 from litedetr.models.transform import resize_and_normalize
@@ -88,7 +88,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"`{result['model']}` on {result['images']} validation images ({h}x{w} after resizing); latency: one image, batch 1, "
         f"{result['threads']} threads ({result['cpu_capability']}), median of {result['repeats']} calls, the variants taking turns. "
-        "Load averages (1, 5, 15 min) after: " + ", ".join(f"{v:.1f}" for v in result["load_average_after"]) + ".",
+        "Load averages (1, 5, 15 min) after: " + load_averages(result["load_average_after"]) + ".",
         "",
         f"| variant | AP | AP50 | AP change vs {REFERENCE} | ms | speed-up vs {REFERENCE} |",
         "|---|---:|---:|---:|---:|---:|",

@@ -4,7 +4,7 @@ Trains DINO (standard 6-layer encoder, plain deformable attention) and Lite-DINO
 H3L1-(6+1)x1 and H2L2-(2+1)x3, each with key-aware deformable attention (KDA, in the encoder and the
 decoder's cross-attention) and with plain multi-scale deformable attention (MSDA): 7 models, all
 with the ResNet-18 tiny presets' backbone and widths, on the built-in synthetic dataset, with the
-demo's budget (:class:`litedetr.tools.demo.DemoRecipe`: dataset, image size, epochs, batch size,
+demo's budget (:class:`litedetr.engine.recipes.DemoRecipe`: dataset, image size, epochs, batch size,
 learning rate and its drop, seed; the same TrainConfig the demo builds). As with ``litedetr demo
 --epochs``, another ``--epochs`` keeps the demo's learning-rate drop epoch.
 
@@ -19,7 +19,7 @@ interrupted one resumed, so a second invocation only measures. Each full-budget 
 
     python benchmarks/tradeoff.py [--models dino h3l1-2x3 h3l1-2x3-msda ...] [--epochs 8] [--threads 2]
         [--out benchmarks/results]
-    # smoke run: python benchmarks/tradeoff.py --epochs 1 --train-images 8 --val-images 4 --image-size 64 --out /tmp/tradeoff
+    # smoke run: python benchmarks/tradeoff.py --epochs 1 --train-images 8 --val-images 4 --image-size 128 --out /tmp/tradeoff
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,41 +38,14 @@ from matplotlib.figure import Figure
 
 from litedetr.data import CocoDetection, find_split, write_synthetic_dataset
 from litedetr.engine import MODEL_FILE
-from litedetr.engine.recipes import DemoRecipe, dataset_dir, demo_train_config, lite_dino_variants, scaled_recipe, train_or_reuse, variant_recipe
+from litedetr.engine.recipes import DemoRecipe, demo_train_config
+from litedetr.bench.runs import dataset_dir, lite_dino_variants, scaled_recipe, train_or_reuse, variant_recipe, percent
 from litedetr.models import Detector
-from litedetr.models.transform import batch_images
-from litedetr.engine.timing import time_calls
-from litedetr.models.flops import count_flops
+from litedetr.bench.timing import encoder_run, interleaved_ms
+from litedetr.bench.flops import count_flops
 
 TABLE_METRICS = ("AP", "AP50", "APs", "APm", "APl")
 RUNS_DIR = "tradeoff-runs"
-
-
-def encoder_call(model: Detector, image: torch.Tensor) -> Callable[[], object]:
-    """A call of ``model``'s encoder (no autograd) on the tokens of ``image`` resized as the model resizes."""
-    cfg = model.config
-    batch = batch_images([image], cfg.min_size, cfg.max_size, training=False)
-    with torch.no_grad():
-        t = model.input_stage(model.backbone(batch.tensors), batch.mask)
-    args = (t.src, t.pos, t.spatial_shapes, t.valid_ratios, t.padding_mask)
-    return torch.no_grad()(lambda: model.encoder(*args))
-
-
-def interleaved_latency_ms(calls: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median milliseconds of each call, the calls taking turns within every repeat after one warm-up each,
-    so that load from other processes falls on all of them alike."""
-    device = torch.device("cpu")
-    for call in calls:
-        call()
-    times: list[list[float]] = [[] for _ in calls]
-    for _ in range(repeats):
-        for call, record in zip(calls, times):
-            record.extend(time_calls(call, device, repeats=1, warmup=0))
-    return [1000 * statistics.median(t) for t in times]
-
-
-def _cell(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -90,7 +62,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "|---|" + "---:|" * (len(TABLE_METRICS) + 2),
     ]
     for row in rows:
-        metrics = " | ".join(_cell(row["metrics"][k]) for k in TABLE_METRICS)
+        metrics = " | ".join(percent(row["metrics"][k]) for k in TABLE_METRICS)
         lines.append(f"| {row['label']} | {metrics} | {row['encoder_gflops']:.3f} | {row['encoder_latency_ms']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -143,12 +115,13 @@ def main() -> None:
         start = time.perf_counter()
         metrics, reused = train_or_reuse(demo_train_config(variant_recipe(recipe, variant), data, "cpu"), runs / variant.name)
         trained[variant.name] = (metrics, reused, time.perf_counter() - start)
-        print(f"{variant.name}: AP {_cell(metrics['AP'])} ({'reused' if reused else f'trained in {trained[variant.name][2]:.0f} s'})", flush=True)
+        print(f"{variant.name}: AP {percent(metrics['AP'])} ({'reused' if reused else f'trained in {trained[variant.name][2]:.0f} s'})", flush=True)
 
     val = find_split(data, "val")
     image = CocoDetection(val.annotations, val.images)[0][0]
     models = [Detector.from_checkpoint(runs / v.name / MODEL_FILE) for v in chosen]
-    latencies = interleaved_latency_ms([encoder_call(m, image) for m in models], args.repeats)
+    times = interleaved_ms({i: encoder_run(m, image[None], train=False) for i, m in enumerate(models)}, args.repeats)
+    latencies = [statistics.median(times[i]) for i in range(len(models))]
     size = (recipe.image_size, recipe.image_size)
     rows = []
     for variant, model, latency in zip(chosen, models, latencies):

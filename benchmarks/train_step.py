@@ -41,7 +41,8 @@ import torch
 from litedetr.data import write_synthetic_dataset
 from litedetr.engine import Trainer
 from litedetr.engine.precision import cpu_bf16_native, resolve_precision
-from litedetr.engine.recipes import DemoRecipe, Variant, demo_train_config, lite_dino_variants, variant_recipe
+from litedetr.engine.recipes import DemoRecipe, demo_train_config
+from litedetr.bench.runs import Variant, lite_dino_variants, variant_recipe
 from litedetr.models import get_config
 
 PRECISIONS = {"float32": False, "bf16": True}

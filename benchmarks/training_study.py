@@ -85,7 +85,8 @@ from litedetr.data import CocoDetection, collate, find_split, write_synthetic_da
 from litedetr.engine import TrainConfig
 from litedetr.engine.precision import resolve_precision
 from litedetr.engine.run_log import read_log
-from litedetr.engine.recipes import DemoRecipe, demo_train_config, run_in_parallel, train_or_reuse
+from litedetr.engine.recipes import DemoRecipe, demo_train_config
+from litedetr.bench.runs import run_in_parallel, train_or_reuse
 from litedetr.models import get_config, load_model
 from litedetr.ops import box_iou, level_shapes
 

@@ -4,7 +4,7 @@ The model is a preset with random weights whose image sizes are set to the reque
 images are not resized: a run is the whole model as users call it (normalisation, backbone,
 encoder, decoder, post-processing) on a ``(N, 3, H, W)`` batch. With ``train=True`` a run is a
 training forward (losses against a few random boxes per image) plus the backward, without an
-optimiser step (:func:`litedetr.engine.timing.train_step_run` adds the step). The encoder alone is timed on the real tokens
+optimiser step (:func:`litedetr.bench.timing.train_step_run` adds the step). The encoder alone is timed on the real tokens
 of the input stage (computed once). Each run can go under autocast (e.g. bf16).
 
 Each measurement runs ``warmup`` untimed calls, then ``repeats`` timed ones (CUDA is synchronised
@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from litedetr.engine.timing import Timing, bench_images, bench_model, encoder_run, measure, model_run
+from litedetr.bench.timing import Timing, bench_images, bench_model, encoder_run, measure, model_run
 from litedetr.ops import attention_backend
 from litedetr.tools.args import int_at_least, parse_size
-from litedetr.models.flops import DEFAULT_SIZE
+from litedetr.bench.flops import DEFAULT_SIZE
 
 __all__ = ["BenchReport", "benchmark", "add_arguments"]
 

@@ -26,7 +26,7 @@ from litedetr.engine.recipes import DemoRecipe, demo_train_config
 from litedetr.models import Detector
 from litedetr.models.config import EncoderConfig
 from litedetr.tools.args import float_in, int_at_least
-from litedetr.models.flops import count_flops
+from litedetr.bench.flops import count_flops
 from litedetr.tools.predict import predict_files
 from litedetr.tools.train import format_metrics
 

@@ -1,11 +1,11 @@
-"""``litedetr flops``: GFLOPs of a preset per component (:mod:`litedetr.models.flops` counts them)."""
+"""``litedetr flops``: GFLOPs of a preset per component (:mod:`litedetr.bench.flops` counts them)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from litedetr.models.flops import COMPONENTS, DEFAULT_SIZE, FlopReport, count_flops
+from litedetr.bench.flops import COMPONENTS, DEFAULT_SIZE, FlopReport, count_flops
 from litedetr.tools.args import parse_size
 
 __all__ = ["format_report", "add_arguments"]

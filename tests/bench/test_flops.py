@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_leaves
 from litedetr import build_model
 from litedetr.cli import main
 from litedetr.nn import MultiScaleDeformableAttention
-from litedetr.models.flops import AUTHORS_FVCORE, COMPONENTS, FlopCounter, count_flops
+from litedetr.bench.flops import AUTHORS_FVCORE, COMPONENTS, FlopCounter, count_flops
 
 fvcore_nn = pytest.importorskip("fvcore.nn")
 

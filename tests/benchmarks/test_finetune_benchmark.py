@@ -9,7 +9,8 @@ import pytest
 from conftest import benchmark_script
 
 from litedetr.data import KINDS
-from litedetr.engine.recipes import DemoRecipe, lite_dino_variants, scaled_recipe
+from litedetr.engine.recipes import DemoRecipe
+from litedetr.bench.runs import lite_dino_variants, scaled_recipe
 from litedetr.models.pretrained import match_classes
 
 
@@ -89,7 +90,7 @@ def test_pretrained_runs_name_one_folder_pattern_per_chosen_model(finetune, caps
 
 def test_a_pretrained_run_that_trained_something_else_stops_the_seed_with_one_line(finetune, tmp_path):
     from litedetr.data import write_synthetic_dataset
-    from litedetr.engine.recipes import dataset_dir
+    from litedetr.bench.runs import dataset_dir
 
     pretrain = scaled_recipe(1, 4, 2, 64)
     tuning = finetune.finetune_recipe(pretrain, epochs=1, images=4)

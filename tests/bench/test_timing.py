@@ -3,7 +3,7 @@ import time
 import pytest
 import torch
 
-from litedetr.engine.timing import PARTS, bench_images, bench_model, part_seconds
+from litedetr.bench.timing import PARTS, bench_images, bench_model, part_seconds
 
 
 def test_part_seconds_puts_a_slow_part_where_it_is():

@@ -16,7 +16,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,6 +257,11 @@ def run_environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "load_average_after": os.getloadavg(),
     }
+
+
+def load_averages(loads: Sequence[float]) -> str:
+    """The load averages (1, 5, 15 min) as a table caption says them: ``0.4, 0.9, 1.1``."""
+    return ", ".join(f"{v:.1f}" for v in loads)
 
 
 def write_results(folder: Path, stem: str, result: dict[str, Any], table: str) -> Path:

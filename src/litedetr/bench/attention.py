@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from litedetr.ops import attention_backend, cpu_kernels, custom_ops, ms_deform_attn, ms_deform_attn_key_aware
-from litedetr.engine.timing import Timing, measure, peak_memory, time_calls
+from litedetr.bench.timing import Timing, measure, peak_memory, time_calls
 
 __all__ = [
     "LEVELS_800X1333",
