@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from litedetr import build_model
-from litedetr.ops import cpu_kernels
 from litedetr.bench.timing import encoder_run
+from litedetr.ops import cpu_kernels
 from litedetr.tools.args import parse_size
 
 BACKENDS = {"kernel": contextlib.nullcontext, "pytorch": cpu_kernels.cpu_kernels_disabled}

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from litedetr.nn import DeformableEncoder, LiteEncoder
-from litedetr.ops import cpu_kernels
 from litedetr.bench.attention import D_MODEL, HEADS, LEVELS_800X1333, POINTS, attention_call, attention_inputs, run_attention
 from litedetr.bench.timing import peak_memory, time_calls
+from litedetr.nn import DeformableEncoder, LiteEncoder
+from litedetr.ops import cpu_kernels
 
 SHAPES = torch.tensor(LEVELS_800X1333)
 

@@ -46,10 +46,21 @@ from typing import Any
 
 import torch
 
+from litedetr.bench.runs import (
+    Variant,
+    dataset_dir,
+    finished_run_metrics,
+    lite_dino_variants,
+    median_spread,
+    percent,
+    run_in_parallel,
+    scaled_recipe,
+    train_or_reuse,
+    variant_recipe,
+)
 from litedetr.data import write_synthetic_dataset
 from litedetr.engine import MODEL_FILE, TrainConfig
 from litedetr.engine.recipes import DemoRecipe, demo_train_config
-from litedetr.bench.runs import Variant, dataset_dir, finished_run_metrics, lite_dino_variants, run_in_parallel, scaled_recipe, train_or_reuse, variant_recipe, median_spread, percent
 
 MODELS = ("h3l1-2x3", "dino", "h3l1-2x3-msda")
 TABLE_METRICS = ("AP", "AP50", "APs", "APm", "APl")
@@ -130,7 +141,8 @@ def seed_runs(
             else:
                 metrics, reused = train_or_reuse(config, run_dir)
             pretrained[model] = {
-                "label": variants[model].label, "metrics": metrics, "run": str(run_dir), "train_seconds": None if reused else round(time.perf_counter() - start, 1),
+                "label": variants[model].label, "metrics": metrics, "run": str(run_dir),
+                "train_seconds": None if reused else round(time.perf_counter() - start, 1),
             }  # fmt: skip
             print(f"pretrained {model} on shapes: AP {percent(metrics['AP'])} ({'reused from ' + str(run_dir) if reused else 'trained'})", flush=True)
         return run_dir / MODEL_FILE
@@ -141,7 +153,9 @@ def seed_runs(
         start = time.perf_counter()
         metrics, reused = train_or_reuse(finetune_config(finetune, variants[run.model], glyphs, init), runs / run.name)
         seconds = None if reused else round(time.perf_counter() - start, 1)
-        rows.append({"run": run.name, "model": run.model, "model_label": variants[run.model].label, "start": run.label, "metrics": metrics, "train_seconds": seconds})
+        rows.append(
+            {"run": run.name, "model": run.model, "model_label": variants[run.model].label, "start": run.label, "metrics": metrics, "train_seconds": seconds}
+        )
         print(f"{run.name}: AP {percent(metrics['AP'])} on glyphs ({'reused' if reused else f'trained in {seconds:.0f} s'})", flush=True)
     return {"seed": pretrain.seed, "pretrained": pretrained, "rows": rows}
 
@@ -172,7 +186,8 @@ def markdown(rows: list[dict[str, Any]], pretrained: dict[str, dict[str, Any]], 
         (
             f"Pretrained on shapes ({meta['pretrain_images']} images, {meta['pretrain_steps']} steps of {meta['batch_size']}); "
             f"trained on glyphs ({meta['finetune_images']} images, {meta['finetune_steps']} steps of {meta['batch_size']}); "
-            f"{meta['image_size']}x{meta['image_size']} images, lr {meta['lr']} (backbone {meta['lr_backbone']}; 10x lower in the last epoch), the demo's model "
+            f"{meta['image_size']}x{meta['image_size']} images, lr {meta['lr']} (backbone {meta['lr_backbone']}; 10x lower in the last epoch), "
+            "the demo's model "
             f"changes; training seeds {', '.join(map(str, meta['seeds']))}. AP in % on glyphs val, median [min-max] over the seeds; "
             f"beats scratch: in how many seeds the start's AP is above the same model's from scratch."
         ),
@@ -246,7 +261,9 @@ def main() -> None:
     finetune = finetune_recipe(pretrain, args.finetune_epochs, args.finetune_images)
     if args.seed_run is not None:
         seed = args.seed_run
-        result = seed_runs(dataclasses.replace(pretrain, seed=seed), dataclasses.replace(finetune, seed=seed), models, runs, runs / f"seed{seed}", pretrained_runs)
+        result = seed_runs(
+            dataclasses.replace(pretrain, seed=seed), dataclasses.replace(finetune, seed=seed), models, runs, runs / f"seed{seed}", pretrained_runs
+        )
         (runs / f"seed{seed}" / "result.json").write_text(json.dumps(result, indent=2))
         return
 

@@ -48,12 +48,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_check_report import markdown, summary  # benchmarks/, this script's folder
 
-from litedetr.ops import attention_backend, custom_ops
 from litedetr.bench.attention import LEVELS_800X1333, kernel_cases, kernel_row
 from litedetr.bench.timing import Timing, bench_images, bench_model, encoder_run, measure, model_run, time_calls, train_step_run
-
-from gpu_check_report import markdown, summary  # benchmarks/, this script's folder
+from litedetr.ops import attention_backend, custom_ops
 
 REPO = Path(__file__).resolve().parents[1]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -88,7 +87,11 @@ class Plan:
     pytest_args: tuple[str, ...] = ()
 
 
-_R50 = (ModelSpec("dino-r50", "dino-r50"), ModelSpec("lite-dino-r50-h3l1-2x3", "lite-dino-r50-h3l1-2x3"), ModelSpec("lite-dino-r50-h2l2-2x3", "lite-dino-r50-h2l2-2x3"))
+_R50 = (
+    ModelSpec("dino-r50", "dino-r50"),
+    ModelSpec("lite-dino-r50-h3l1-2x3", "lite-dino-r50-h3l1-2x3"),
+    ModelSpec("lite-dino-r50-h2l2-2x3", "lite-dino-r50-h2l2-2x3"),
+)
 GPU_PLAN = Plan(
     device="cuda",
     size=(800, 1333),

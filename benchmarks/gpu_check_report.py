@@ -152,7 +152,19 @@ def markdown(result: Row) -> str:
     measured = [r for r in kernels.get("rows", []) if "error" not in r and "skipped" not in r]
     lines += ["", "## Deformable attention, batch 1, levels " + ", ".join(f"{h}x{w}" for h, w in kernels.get("levels", [])), ""]
     lines += [kernel_markdown(measured) if measured else "(no rows)", ""]
-    lines += [table(ratios["kernels"], [("op", "op"), ("dtype", "dtype"), ("versus", "ours vs"), ("fwd_speedup", "fwd speed-up"), ("fwd_bwd_speedup", "fwd+bwd speed-up"), ("fwd_bwd_memory_ratio", "fwd+bwd memory, ours / theirs")])]
+    lines += [
+        table(
+            ratios["kernels"],
+            [
+                ("op", "op"),
+                ("dtype", "dtype"),
+                ("versus", "ours vs"),
+                ("fwd_speedup", "fwd speed-up"),
+                ("fwd_bwd_speedup", "fwd+bwd speed-up"),
+                ("fwd_bwd_memory_ratio", "fwd+bwd memory, ours / theirs"),
+            ],
+        )
+    ]
     inference, compiled = sections["inference"], sections["inference_compiled"]
     timing = [("model_images_per_s", "images/s"), ("model_p50_ms", "p50 ms"), ("model_p90_ms", "p90 ms"), ("model_peak_mib", "peak MiB")]
     lines += ["", "## Whole model, inference (eager)", "", table(inference.get("rows", []), [*MODEL_COLUMNS, ("attention", "attention"), *timing])]
@@ -161,10 +173,26 @@ def markdown(result: Row) -> str:
     encoder = [("encoder_p50_ms", "p50 ms"), ("encoder_p90_ms", "p90 ms"), ("encoder_peak_mib", "peak MiB")]
     lines += ["", "## Encoder alone (eager)", "", table(inference.get("rows", []), [*MODEL_COLUMNS, *encoder])]
     lines += ["", "## Against the baseline (same precision and batch)", ""]
-    lines += [table(ratios["models"], [*MODEL_COLUMNS, ("baseline", "baseline"), ("images_per_s_ratio", "images/s ratio"), ("compiled_images_per_s_ratio", "compiled images/s ratio"), ("encoder_latency_ratio", "encoder latency ratio")])]
+    lines += [
+        table(
+            ratios["models"],
+            [
+                *MODEL_COLUMNS,
+                ("baseline", "baseline"),
+                ("images_per_s_ratio", "images/s ratio"),
+                ("compiled_images_per_s_ratio", "compiled images/s ratio"),
+                ("encoder_latency_ratio", "encoder latency ratio"),
+            ],
+        )
+    ]
     step = [("step_p50_ms", "p50 ms"), ("step_p90_ms", "p90 ms"), ("step_images_per_s", "images/s"), ("step_peak_mib", "peak MiB")]
     lines += ["", "## One training step (bf16 autocast, AdamW)", "", table(sections["train_step"].get("rows", []), [*MODEL_COLUMNS, *step]), ""]
-    lines += [table(ratios["train_step"], [("model", "model"), ("baseline", "baseline"), ("step_latency_ratio", "step latency ratio"), ("step_peak_memory_ratio", "peak memory ratio")])]
+    lines += [
+        table(
+            ratios["train_step"],
+            [("model", "model"), ("baseline", "baseline"), ("step_latency_ratio", "step latency ratio"), ("step_peak_memory_ratio", "peak memory ratio")],
+        )
+    ]
     notes = _not_run(sections)
     if notes:
         lines += ["", "## Sections not fully run", "", *notes]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from litedetr.bench.timing import bench_images, bench_model, load_averages, part_seconds, PARTS, run_environment, write_results
 from litedetr.bench.flops import count_flops
+from litedetr.bench.timing import PARTS, bench_images, bench_model, load_averages, part_seconds, run_environment, write_results
 
 COLUMNS = (*PARTS, "other", "total")
 
@@ -66,7 +66,7 @@ def main() -> None:
     images = bench_images(1, size)
     models = {name: bench_model(name, size).eval() for name in args.models}
     records: dict[str, list[dict[str, float]]] = {name: [] for name in models}
-    for name, model in models.items():  # one untimed call each
+    for model in models.values():  # one untimed call each
         part_seconds(model, images, repeats=0, warmup=1)
     for _ in range(args.repeats):
         for name, model in models.items():

@@ -35,8 +35,6 @@ from pathlib import Path
 
 import torch
 
-from litedetr.bench.timing import load_averages
-from litedetr.ops import cpu_kernels, custom_ops
 from litedetr.bench.attention import (
     D_MODEL,
     HEADS,
@@ -49,6 +47,8 @@ from litedetr.bench.attention import (
     kernel_markdown,
     kernel_row,
 )
+from litedetr.bench.timing import load_averages
+from litedetr.ops import cpu_kernels, custom_ops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RESULTS = Path(__file__).parent / "results"

@@ -119,7 +119,13 @@ def trial(data: Path, runs: Path, workers: int, kills: int, checkpoint_every: in
         interruptions.append(interrupt(command(data, resumed, workers, checkpoint_every, resume), resumed, KINDS[index % len(KINDS)], at_step))
     run_to_end(command(data, resumed, workers, checkpoint_every, resume=interruptions[-1]["resumes_from"] > 0))
     equal = compare(straight, resumed)
-    return {"workers": workers, "interruptions": interruptions, "equal": equal, "identical": all(equal.values()), "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "workers": workers,
+        "interruptions": interruptions,
+        "equal": equal,
+        "identical": all(equal.values()),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -135,7 +141,10 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in results:
         kills = "; ".join(f"{i['kind']} at {i['at_step']} -> {i['resumes_from']}" for i in r["interruptions"])
         e = r["equal"]
-        lines.append(f"| {r['workers']} | {kills} | {mark[e['weights']]} | {mark[e['optimizer']]} | {mark[e['step']]} | {mark[e['log']]} | {'yes' if r['identical'] else '**no**'} |")
+        lines.append(
+            f"| {r['workers']} | {kills} | {mark[e['weights']]} | {mark[e['optimizer']]} | {mark[e['step']]} | {mark[e['log']]} "
+            f"| {'yes' if r['identical'] else '**no**'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -156,7 +165,12 @@ def main() -> None:
     for workers in args.workers:
         results.append(trial(data, args.runs, workers, args.kills, args.checkpoint_every, rng))
         print(f"workers {workers}: {'bit-identical' if results[-1]['identical'] else 'DIFFERS'} ({results[-1]['seconds']} s)", flush=True)
-    meta = {"seed": args.seed, "checkpoint_every": args.checkpoint_every, "torch": torch.__version__, "cpu": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores"}
+    meta = {
+        "seed": args.seed,
+        "checkpoint_every": args.checkpoint_every,
+        "torch": torch.__version__,
+        "cpu": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores",
+    }
     table = markdown(results, meta)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ differences, and how many query positions the two rank otherwise, with the large
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -82,21 +83,26 @@ def main() -> None:
             session = onnx_session(path, threads=args.threads)
             feed = {"images": images.numpy()}
             with torch.no_grad():
-                torch_ms, ort_ms = interleaved_medians([lambda: wrapper(images), lambda: session.run(list(OUTPUT_NAMES), feed)], args.repeats)
+                calls = [functools.partial(wrapper, images), functools.partial(session.run, list(OUTPUT_NAMES), feed)]
+                torch_ms, ort_ms = interleaved_medians(calls, args.repeats)
             diff = compare_with_runtime(model, path, images, size)
             parity = query_parity(model, images, size, tmp)
             rows.append({"preset": name, "pytorch_ms": round(torch_ms, 1), "onnxruntime_ms": round(ort_ms, 1),
-                         "speedup": round(torch_ms / ort_ms, 2), "max_abs_box_px": diff["boxes"], "max_abs_score": diff["scores"],
-                         "per_query": parity})  # fmt: skip
+                         "speedup": round(torch_ms / ort_ms, 2), "max_abs_box_px": diff["boxes"],
+                         "max_abs_score": diff["scores"], "per_query": parity})  # fmt: skip
             print(f"{name:<40} PyTorch {torch_ms:8.1f} ms   onnxruntime {ort_ms:8.1f} ms   ({torch_ms / ort_ms:.2f}x)", flush=True)
 
     print(f"\n{size[0]}x{size[1]}, batch 1, {args.threads} threads, median of {args.repeats}\n")
-    print("| preset | PyTorch | onnxruntime | onnxruntime speed-up | final boxes (px) / scores | per query, same ranking: logits / boxes (px) | ranked otherwise (largest score gap) |")
+    print(
+        "| preset | PyTorch | onnxruntime | onnxruntime speed-up | final boxes (px) / scores "
+        "| per query, same ranking: logits / boxes (px) | ranked otherwise (largest score gap) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         q = r["per_query"]
         print(f"| {r['preset']} | {r['pytorch_ms']:.0f} ms | {r['onnxruntime_ms']:.0f} ms | {r['speedup']:.2f}x "
-              f"| {r['max_abs_box_px']:.1e} / {r['max_abs_score']:.1e} | {q['logits']:.1e} / {q['boxes_px']:.1e} | {q['reordered']} ({q['reordered_gap']:.1e}) |")  # fmt: skip
+              f"| {r['max_abs_box_px']:.1e} / {r['max_abs_score']:.1e} | {q['logits']:.1e} / {q['boxes_px']:.1e} "
+              f"| {q['reordered']} ({q['reordered_gap']:.1e}) |")  # fmt: skip
     report = {
         "size": list(size), "batch": 1, "threads": args.threads, "repeats": args.repeats,
         "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "machine": platform.processor() or platform.machine(),

@@ -15,8 +15,8 @@ import json
 import time
 from pathlib import Path
 
-from litedetr.tools.args import parse_size
 from litedetr.bench.flops import AUTHORS_FVCORE, DEFAULT_SIZE, count_flops
+from litedetr.tools.args import parse_size
 
 # (label, preset, paper total GFLOPs, paper encoder GFLOPs, baseline preset of the encoder ratio)
 PAPER_ROWS = [
@@ -106,17 +106,19 @@ def main() -> None:
     for label, preset, paper_total, paper_encoder, baseline in PAPER_ROWS:
         report = reports[preset]
         paper_base = next(r[3] for r in PAPER_ROWS if r[1] == baseline) if baseline else None
-        rows.append({
-            "model": label,
-            "preset": preset,
-            "paper_total": paper_total,
-            "ours_total": round(report.total, 3),
-            "paper_encoder": paper_encoder,
-            "ours_encoder": round(report.components["encoder"], 3),
-            "paper_encoder_ratio": round(paper_encoder / paper_base, 3) if baseline else None,
-            "ours_encoder_ratio": round(report.components["encoder"] / reports[baseline].components["encoder"], 3) if baseline else None,
-            "ours_components": {k: round(v, 3) for k, v in report.components.items()},
-        })
+        rows.append(
+            {
+                "model": label,
+                "preset": preset,
+                "paper_total": paper_total,
+                "ours_total": round(report.total, 3),
+                "paper_encoder": paper_encoder,
+                "ours_encoder": round(report.components["encoder"], 3),
+                "paper_encoder_ratio": round(paper_encoder / paper_base, 3) if baseline else None,
+                "ours_encoder_ratio": round(report.components["encoder"] / reports[baseline].components["encoder"], 3) if baseline else None,
+                "ours_components": {k: round(v, 3) for k, v in report.components.items()},
+            }
+        )
     # fvcore's count of the original code is at DEFAULT_SIZE only; an entry may lack some buckets (None here, "–" in the table)
     authors = []
     for preset, theirs in AUTHORS_FVCORE.items():
@@ -140,7 +142,9 @@ def main() -> None:
     paper_encoder_of = {row[1]: row[3] for row in PAPER_ROWS}
     for label, preset, paper_total, paper_encoder, baseline in PAPER_ROWS:
         ratio = [f"{paper_encoder / paper_encoder_of[baseline]:.2f}", f"{encoder[preset] / encoder[baseline]:.2f}"] if baseline else ["", ""]
-        lines.append(_row_markdown([label, f"`{preset}`", str(paper_total), f"{reports[preset].total:.1f}", str(paper_encoder), f"{encoder[preset]:.1f}", *ratio]))
+        lines.append(
+            _row_markdown([label, f"`{preset}`", str(paper_total), f"{reports[preset].total:.1f}", str(paper_encoder), f"{encoder[preset]:.1f}", *ratio])
+        )
     if authors:
         lines += [
             "",

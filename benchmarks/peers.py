@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from litedetr.engine.precision import cpu_bf16_native
 from litedetr.bench.timing import bench_model, interleaved_ms, load_averages, run_environment, write_results
+from litedetr.engine.precision import cpu_bf16_native
 from litedetr.models.exported import InferencePrecision, openvino_cpu_config, require
 from litedetr.models.transform import IMAGENET_MEAN, IMAGENET_STD
 from litedetr.tools.export import export_onnx, normalized_scene, quantize_onnx
@@ -144,7 +144,8 @@ def build_calls(name: str, backends: tuple[str, ...], size: tuple[int, int], thr
 def markdown(result: dict) -> str:
     h, w = result["size"]
     lines = [
-        f"One image, {h}x{w}, batch 1, {result['threads']} threads ({result['cpu_capability']}; float32 but where a column says bf16), random weights; median of "
+        f"One image, {h}x{w}, batch 1, {result['threads']} threads ({result['cpu_capability']}; float32 but where a column says bf16), "
+        "random weights; median of "
         f"{result['repeats']} calls, every (model, backend) taking turns. Load averages (1, 5, 15 min) after: "
         + load_averages(result["load_average_after"])
         + ".",

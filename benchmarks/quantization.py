@@ -37,10 +37,10 @@ from pathlib import Path
 
 import torch
 
+from litedetr.bench.timing import interleaved_ms, load_averages, run_environment, write_results
 from litedetr.data import CocoDetection, find_split, write_synthetic_dataset
 from litedetr.engine.precision import inference_autocast
 from litedetr.engine.recipes import DemoRecipe
-from litedetr.bench.timing import interleaved_ms, load_averages, run_environment, write_results
 from litedetr.models import Detector, load_model
 from litedetr.models.exported import InferencePrecision, graph_runner
 from litedetr.models.transform import resize_and_normalize

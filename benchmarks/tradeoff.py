@@ -36,13 +36,13 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
+from litedetr.bench.flops import count_flops
+from litedetr.bench.runs import dataset_dir, lite_dino_variants, percent, scaled_recipe, train_or_reuse, variant_recipe
+from litedetr.bench.timing import encoder_run, interleaved_ms
 from litedetr.data import CocoDetection, find_split, write_synthetic_dataset
 from litedetr.engine import MODEL_FILE
 from litedetr.engine.recipes import DemoRecipe, demo_train_config
-from litedetr.bench.runs import dataset_dir, lite_dino_variants, scaled_recipe, train_or_reuse, variant_recipe, percent
 from litedetr.models import Detector
-from litedetr.bench.timing import encoder_run, interleaved_ms
-from litedetr.bench.flops import count_flops
 
 TABLE_METRICS = ("AP", "AP50", "APs", "APm", "APl")
 RUNS_DIR = "tradeoff-runs"
@@ -77,7 +77,14 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ap = 100 * (row["metrics"]["AP"] or 0.0)
         ax.scatter(gflops, ap, marker="o" if kda else "s", color="tab:blue" if kda else "tab:orange", zorder=3)
         right = gflops > middle  # labels point inwards, so that none runs off the plot
-        ax.annotate(row["label"].removeprefix("Lite-DINO "), (gflops, ap), textcoords="offset points", xytext=(-5 if right else 5, 4), ha="right" if right else "left", fontsize=7)
+        ax.annotate(
+            row["label"].removeprefix("Lite-DINO "),
+            (gflops, ap),
+            textcoords="offset points",
+            xytext=(-5 if right else 5, 4),
+            ha="right" if right else "left",
+            fontsize=7,
+        )
     ax.scatter([], [], marker="o", color="tab:blue", label="KDA")
     ax.scatter([], [], marker="s", color="tab:orange", label="MSDA")
     ax.set_xlabel("encoder GFLOPs")

@@ -38,11 +38,11 @@ from pathlib import Path
 
 import torch
 
+from litedetr.bench.runs import Variant, lite_dino_variants, variant_recipe
 from litedetr.data import write_synthetic_dataset
 from litedetr.engine import Trainer
 from litedetr.engine.precision import cpu_bf16_native, resolve_precision
 from litedetr.engine.recipes import DemoRecipe, demo_train_config
-from litedetr.bench.runs import Variant, lite_dino_variants, variant_recipe
 from litedetr.models import get_config
 
 PRECISIONS = {"float32": False, "bf16": True}
@@ -162,7 +162,11 @@ def main() -> None:
     for precision in args.precisions:
         print(f"{precision}: KDA / MSDA step time {result['kda_over_msda'][precision]:.2f}x")
     if "bf16_over_float32" in result:
-        print("bf16 / float32 step time: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["bf16_over_float32"].items()) + f"; the demo trains in {result['demo_choice']}")
+        print(
+            "bf16 / float32 step time: "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in result["bf16_over_float32"].items())
+            + f"; the demo trains in {result['demo_choice']}"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     name = "train_step" if args.suite == "demo" else f"train_step_{args.suite}"
     suffix = "" if not result["env"] else "_" + result["cpu_capability"].lower() + "_emulated"

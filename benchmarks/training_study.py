@@ -81,12 +81,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from litedetr.bench.runs import run_in_parallel, train_or_reuse
 from litedetr.data import CocoDetection, collate, find_split, write_synthetic_dataset
 from litedetr.engine import TrainConfig
 from litedetr.engine.precision import resolve_precision
-from litedetr.engine.run_log import read_log
 from litedetr.engine.recipes import DemoRecipe, demo_train_config
-from litedetr.bench.runs import run_in_parallel, train_or_reuse
+from litedetr.engine.run_log import read_log
 from litedetr.models import get_config, load_model
 from litedetr.ops import box_iou, level_shapes
 
@@ -216,7 +216,9 @@ def cells() -> dict[str, Cell]:
         "demo-msda": Cell("MSDA in encoder and decoder, the demo's schedule", {**CLASS8, **msda}, DEMO_TRAINING),
         "demo-kda-encoder": Cell("KDA in the encoder, MSDA in the decoder, the demo's schedule", {**CLASS8, "decoder_key_aware": False}, DEMO_TRAINING),
         "demo-kda-zero-query": Cell("KDA, query_proj zero-initialised (uniform start), the demo's schedule", DEMO_MODEL, DEMO_TRAINING),
-        "demo-kda-key-proj": Cell("KDA, keys from a projection of their own (random query_proj), the demo's schedule", {**CLASS8, "kda_key_proj": True}, DEMO_TRAINING),
+        "demo-kda-key-proj": Cell(
+            "KDA, keys from a projection of their own (random query_proj), the demo's schedule", {**CLASS8, "kda_key_proj": True}, DEMO_TRAINING
+        ),
         "demo-kda-key-proj-zero-query": Cell(
             "KDA, keys from a projection of their own, query_proj zero-initialised, the demo's schedule",
             {**CLASS8, "kda_key_proj": True, "kda_zero_query": True},
@@ -225,7 +227,8 @@ def cells() -> dict[str, Cell]:
         "demo-batch2": Cell("KDA's uniform start, in batches of 2 (twice the steps, the same images)", DEMO_MODEL, {**DEMO_TRAINING, "batch_size": 2}),
         "demo-lr6e-4": Cell("KDA's uniform start, lr 6e-4 (the backbone at 1e-3)", DEMO_MODEL, {**DEMO_TRAINING, "lr": 6e-4}),
         "demo-query-nms": Cell(
-            "KDA's uniform start, queries selected among distinct proposals (query_nms 0.7: a proposal overlapped above IoU 0.7 by a higher-scoring one is passed over): the demo's recipe now",
+            "KDA's uniform start, queries selected among distinct proposals (query_nms 0.7: a proposal overlapped above IoU 0.7 "
+            "by a higher-scoring one is passed over): the demo's recipe now",
             {**DEMO_MODEL, "query_nms": 0.7},
             DEMO_TRAINING,
         ),
@@ -241,7 +244,9 @@ def cells() -> dict[str, Cell]:
         "recipe-encoder-content-class8-kda-encoder": Cell(
             "KDA in the encoder, MSDA in the decoder, dense, 200 queries, content from the encoder, class 8", {**CLASS8, "decoder_key_aware": False}
         ),
-        "recipe-encoder-content-class8-msda": Cell("MSDA, dense, 200 queries, content from the encoder, class 8 (the demo's recipe with MSDA)", {**CLASS8, **msda}),
+        "recipe-encoder-content-class8-msda": Cell(
+            "MSDA, dense, 200 queries, content from the encoder, class 8 (the demo's recipe with MSDA)", {**CLASS8, **msda}
+        ),
         "recipe-encoder-content-class8-cosine": Cell(
             "KDA, dense, 200 queries, content from the encoder, class losses weighted 8, cosine learning-rate decay",
             CLASS8,
@@ -278,7 +283,10 @@ def cell_config(cell_name: str, seed: int, steps_per_epoch: int, data: Path, ini
     recipe = DemoRecipe()
     config = dataclasses.replace(
         demo_train_config(recipe, data, "cpu"),
-        model_overrides={**AUTHORS_OVERRIDES, **cell.model_overrides}, seed=seed, epoch_batches=steps_per_epoch, workers=1,
+        model_overrides={**AUTHORS_OVERRIDES, **cell.model_overrides},
+        seed=seed,
+        epoch_batches=steps_per_epoch,
+        workers=1,
         init=str(init) if init else None,
         **{**STUDY_TRAINING, **cell.train_overrides},
     )
@@ -488,7 +496,8 @@ def main() -> None:
     recipe = DemoRecipe()
     steps_per_epoch = args.steps_per_epoch or -(-recipe.data.num_train // recipe.batch_size)
     meta = {"steps_per_epoch": steps_per_epoch, "steps": steps_per_epoch * STUDY_TRAINING["epochs"], "batch_size": recipe.batch_size,
-            "seeds": args.seeds, "init": str(args.init) if args.init else None, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "seeds": args.seeds, "init": str(args.init) if args.init else None, "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "precisions": sorted({run.get("precision", "not recorded") for row in results for run in row["runs"]})}  # fmt: skip
     table = markdown(results, meta)
     print(table)

@@ -151,7 +151,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--num-classes", type=int_at_least(1), help="class count if not the preset's (91)")
-    p.add_argument("--weights", choices=CHECKPOINT_WEIGHTS, default="auto", help="of a checkpoint holding a model and its EMA: the EMA (auto, ema) or the model")
+    p.add_argument(
+        "--weights", choices=CHECKPOINT_WEIGHTS, default="auto", help="of a checkpoint holding a model and its EMA: the EMA (auto, ema) or the model"
+    )
     p.set_defaults(func=cmd_convert)
 
     for name, (module, help_text) in TOOL_COMMANDS.items():

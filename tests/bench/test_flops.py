@@ -11,9 +11,9 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from litedetr import build_model
+from litedetr.bench.flops import AUTHORS_FVCORE, COMPONENTS, FlopCounter, count_flops
 from litedetr.cli import main
 from litedetr.nn import MultiScaleDeformableAttention
-from litedetr.bench.flops import AUTHORS_FVCORE, COMPONENTS, FlopCounter, count_flops
 
 fvcore_nn = pytest.importorskip("fvcore.nn")
 

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
+from litedetr.bench.runs import finished_run_metrics, lite_dino_variants, run_in_parallel, scaled_recipe, variant_recipe
 from litedetr.data import SyntheticSpec, write_synthetic_dataset
 from litedetr.engine import CHECKPOINT
 from litedetr.engine.recipes import demo_train_config
-from litedetr.bench.runs import finished_run_metrics, lite_dino_variants, run_in_parallel, scaled_recipe, variant_recipe
 from litedetr.engine.state import save_state
 
 
@@ -50,7 +50,11 @@ def test_a_finished_run_elsewhere_counts_only_when_it_trained_the_same(tmp_path)
     implicit = {k: v for k, v in wanted.model_overrides.items() if k not in ("encoder", "decoder_key_aware")}
     same = dataclasses.replace(demo_train_config(recipe, there, "cpu"), model_overrides=implicit, eval_every=2, workers=1)
     assert same.model_overrides != wanted.model_overrides and same.train_images != wanted.train_images
-    assert finished_run_metrics(wanted, _finished_run(tmp_path / "same", same, ap=0.4)) == {"AP": 0.4, "AP50": 0.8, **dict.fromkeys(("AP75", "APs", "APm", "APl"))}
+    assert finished_run_metrics(wanted, _finished_run(tmp_path / "same", same, ap=0.4)) == {
+        "AP": 0.4,
+        "AP50": 0.8,
+        **dict.fromkeys(("AP75", "APs", "APm", "APl")),
+    }
 
     msda = dataclasses.replace(same, model_overrides={**implicit, "decoder_key_aware": False})
     other_data = write_synthetic_dataset(tmp_path / "other", dataclasses.replace(spec, seed=3))

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import benchmark_script
 
+from litedetr.bench.runs import lite_dino_variants, scaled_recipe
 from litedetr.data import KINDS
 from litedetr.engine.recipes import DemoRecipe
-from litedetr.bench.runs import lite_dino_variants, scaled_recipe
 from litedetr.models.pretrained import match_classes
 
 
@@ -50,7 +50,14 @@ def test_fine_tuning_trains_new_classes_on_the_demo_recipe(finetune, tmp_path, t
 def _seed(seed, aps):
     """One seed's result with the given AP per run of ``plan(("h3l1-2x3",))`` (pretrained, scratch)."""
     rows = [
-        {"run": name, "model": "h3l1-2x3", "model_label": "Lite", "start": start, "metrics": {"AP": ap, "AP50": 2 * ap, "APs": None, "APm": None, "APl": None}, "train_seconds": 1.0}
+        {
+            "run": name,
+            "model": "h3l1-2x3",
+            "model_label": "Lite",
+            "start": start,
+            "metrics": {"AP": ap, "AP50": 2 * ap, "APs": None, "APm": None, "APl": None},
+            "train_seconds": 1.0,
+        }
         for (name, start), ap in zip((("h3l1-2x3-from-h3l1-2x3", "pretrained"), ("h3l1-2x3-scratch", "scratch")), aps)
     ]
     return {"seed": seed, "pretrained": {"h3l1-2x3": {"label": "Lite", "metrics": {"AP": 0.3 + seed / 100, "AP50": 0.5}}}, "rows": rows}
@@ -61,7 +68,17 @@ def test_seeds_are_summarised_per_run_with_wins_over_scratch(finetune):
     assert [(r["run"], r["beats_scratch"]) for r in rows] == [("h3l1-2x3-from-h3l1-2x3", 2), ("h3l1-2x3-scratch", None)]
     assert rows[0]["metrics"]["AP"] == [0.20, 0.05, 0.30] and rows[1]["metrics"]["AP50"] == [0.20, 0.16, 0.24]
     assert pretrained["h3l1-2x3"]["metrics"]["AP"] == [0.30, 0.31, 0.32]
-    meta = {"pretrain_images": 8, "pretrain_steps": 2, "finetune_images": 8, "finetune_steps": 2, "batch_size": 4, "image_size": 128, "lr": 4e-4, "lr_backbone": 1e-3, "seeds": [0, 1, 2]}
+    meta = {
+        "pretrain_images": 8,
+        "pretrain_steps": 2,
+        "finetune_images": 8,
+        "finetune_steps": 2,
+        "batch_size": 4,
+        "image_size": 128,
+        "lr": 4e-4,
+        "lr_backbone": 1e-3,
+        "seeds": [0, 1, 2],
+    }
     table = finetune.markdown(rows, pretrained, meta)
     assert "lr 0.0004 (backbone 0.001; 10x lower in the last epoch)" in table
     assert "| Lite | pretrained | 20.0 [5.0-30.0] | 40.0 [10.0-60.0] | - | - | - | 2 of 3 |" in table
@@ -89,8 +106,8 @@ def test_pretrained_runs_name_one_folder_pattern_per_chosen_model(finetune, caps
 
 
 def test_a_pretrained_run_that_trained_something_else_stops_the_seed_with_one_line(finetune, tmp_path):
-    from litedetr.data import write_synthetic_dataset
     from litedetr.bench.runs import dataset_dir
+    from litedetr.data import write_synthetic_dataset
 
     pretrain = scaled_recipe(1, 4, 2, 64)
     tuning = finetune.finetune_recipe(pretrain, epochs=1, images=4)

@@ -53,8 +53,27 @@ def test_a_model_that_cannot_be_built_is_reported_with_its_reason(peers, tmp_pat
 
 
 def test_the_table_and_json_carry_every_pair(peers, tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["peers", "--models", "lite-dino-r18-tiny-h3l1-2x3", "rtdetr-r50vd", "--backends", "pytorch",
-                                      "--size", "64", "64", "--repeats", "2", "--threads", "1", "--out", str(tmp_path)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "peers",
+            "--models",
+            "lite-dino-r18-tiny-h3l1-2x3",
+            "rtdetr-r50vd",
+            "--backends",
+            "pytorch",
+            "--size",
+            "64",
+            "64",
+            "--repeats",
+            "2",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     monkeypatch.setattr(peers, "hf_model", lambda name: (_ for _ in ()).throw(ValueError("transformers is not installed")))
     peers.main()
     result = json.loads((tmp_path / "peers.json").read_text())

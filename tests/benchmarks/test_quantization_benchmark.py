@@ -21,7 +21,8 @@ def test_every_variant_is_scored_and_timed(tiny_synthetic, tmp_path, monkeypatch
     checkpoint = save_model(spread_class_logits(model.eval()), tmp_path / "m.safetensors")
     with benchmark_script("quantization") as quantization:
         monkeypatch.setattr(sys, "argv", ["quantization", "--model", str(checkpoint), "--data", str(tiny_synthetic),
-                                          "--variants", "onnxruntime", "onnxruntime-int8", "pytorch-bf16", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)])  # fmt: skip
+                                          "--variants", "onnxruntime", "onnxruntime-int8", "pytorch-bf16",
+                                          "--repeats", "1", "--threads", "1", "--out", str(tmp_path)])  # fmt: skip
         quantization.main()
     result = json.loads((tmp_path / "quantization.json").read_text())
     variants = result["variants"]

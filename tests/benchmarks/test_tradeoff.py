@@ -7,11 +7,11 @@ import json
 import pytest
 from conftest import benchmark_script
 
+from litedetr.bench.flops import count_flops
 from litedetr.engine import CHECKPOINT
 from litedetr.engine.recipes import DemoRecipe, demo_train_config
 from litedetr.engine.state import save_state
 from litedetr.models import build_model, get_config
-from litedetr.bench.flops import count_flops
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,9 @@ def test_cells_differ_only_where_named(study):
         assert ("key-proj" in name, "zero-query" in name or from_demo_model) == (config.kda_key_proj, config.kda_zero_query), name
         assert ("query-nms" in name) == (config.query_nms is not None), name
         if name.startswith("msda"):
-            assert config == dataclasses.replace(configs["msda"], **{k: v for k, v in study.cells()[name].model_overrides.items() if k not in ("encoder", "decoder_key_aware")})
+            assert config == dataclasses.replace(
+                configs["msda"], **{k: v for k, v in study.cells()[name].model_overrides.items() if k not in ("encoder", "decoder_key_aware")}
+            )
 
 
 def test_every_cell_trains_the_same_steps_and_evaluates_after_its_last_epoch(study, tiny_synthetic):
@@ -62,7 +64,14 @@ def test_every_cell_trains_the_same_steps_and_evaluates_after_its_last_epoch(stu
     for name in (n for n in schedules if n.startswith("demo-")):  # the demo's schedule, or it with the named change
         changes = {k: v for k, v in study.cells()[name].train_overrides.items() if study.DEMO_TRAINING.get(k) != v}
         assert set(changes) <= {"batch_size", "lr", "clip_norm"}, name
-        expected = (demo[0], demo[1] * demo[2] // changes.get("batch_size", demo[2]), changes.get("batch_size", demo[2]), demo[3], changes.get("lr", demo[4]), demo[5])
+        expected = (
+            demo[0],
+            demo[1] * demo[2] // changes.get("batch_size", demo[2]),
+            changes.get("batch_size", demo[2]),
+            demo[3],
+            changes.get("lr", demo[4]),
+            demo[5],
+        )
         assert schedules[name] == expected, name
     assert schedules["demo-batch2"] == (12, 150, 2, (11,), 4e-4, 1e-3) and schedules["demo-lr6e-4"][4] == 6e-4
     assert study.cell_config("demo-clip1", seed=0, steps_per_epoch=150, data=tiny_synthetic).clip_norm == 1.0
@@ -72,7 +81,10 @@ def test_every_cell_trains_the_same_steps_and_evaluates_after_its_last_epoch(stu
 
 def test_summary_and_table(study):
     assert study._summary([0.3, 0.1, 0.2]) == {"median": 0.2, "min": 0.1, "max": 0.3}
-    runs = [{"box_l1": {"encoder": e, "decoder": [1.0, d], "denoising": [f, 1.0, g]}} for e, d, f, g in ((0.9, 0.5, 1.2, 1.1), (1.0, 0.7, 1.3, 1.2), (0.8, 0.6, 1.4, 1.0))]
+    runs = [
+        {"box_l1": {"encoder": e, "decoder": [1.0, d], "denoising": [f, 1.0, g]}}
+        for e, d, f, g in ((0.9, 0.5, 1.2, 1.1), (1.0, 0.7, 1.3, 1.2), (0.8, 0.6, 1.4, 1.0))
+    ]
     columns = {key: study._summary([study._box_columns(r)[key] for r in runs]) for key in ("enc", "last", "dn_first", "dn_last")}
     row = {"label": "x", **columns, **{k: study._summary(v) for k, v in {"AP50": [0.5, 0.6, 0.4], "AP": [0.2, 0.3, 0.1], "loss_class": [0.4] * 3,
                                                                 "loss_bbox": [0.5] * 3, "loss_giou": [0.9, 1.0, 1.1], "finest_share": [1.0, 0.0, 0.5],
@@ -81,8 +93,10 @@ def test_summary_and_table(study):
     meta = {"steps": 300, "batch_size": 4, "steps_per_epoch": 50, "seeds": [0, 1, 2], "precisions": ["bf16"], "cpu_capability": "AVX512"}
     table = study.markdown([row], meta)
     assert "Training precision: bf16 (" in table and "summarised on a CPU of capability AVX512." in table
-    assert ("| x | 50.0 [40.0-60.0] | 20.0 [10.0-30.0] | 0.400 [0.400-0.400] | 0.500 [0.500-0.500] | 1.000 [0.900-1.100] | 0.50 [0.00-1.00]"
-            " | 0.90 -> 0.60 | 1.30 -> 1.10 | 25 / 50 / 20 / 5 |") in table
+    assert (
+        "| x | 50.0 [40.0-60.0] | 20.0 [10.0-30.0] | 0.400 [0.400-0.400] | 0.500 [0.500-0.500] | 1.000 [0.900-1.100] | 0.50 [0.00-1.00]"
+        " | 0.90 -> 0.60 | 1.30 -> 1.10 | 25 / 50 / 20 / 5 |"
+    ) in table
 
 
 def test_runs_from_a_model_file_go_to_their_own_folders(study, tmp_path):

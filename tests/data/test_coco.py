@@ -7,8 +7,8 @@ import logging
 
 import pytest
 import torch
-
 from conftest import coco_box, coco_image, write_coco
+
 from litedetr.data import CocoDetection, collate, find_split
 
 CATEGORIES = [{"id": 42, "name": "dog"}, {"id": 7, "name": "cat"}, {"id": 13, "name": "bird"}]

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_epoch_batches import EXACT_RERUNS, config
 
 from litedetr.engine import Trainer
 from litedetr.engine.run_log import read_log
 from litedetr.engine.setup import build_datasets, build_run_model
 from litedetr.models import build_model
-from test_epoch_batches import EXACT_RERUNS, config
 
 
 def test_a_given_model_and_datasets_train_as_the_built_ones(tiny_synthetic, tmp_path):

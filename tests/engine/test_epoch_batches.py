@@ -12,7 +12,6 @@ import torch
 from litedetr.data import find_split
 from litedetr.engine import TrainConfig, Trainer
 
-
 EXACT_RERUNS = torch.backends.cpu.get_cpu_capability() != "AVX512"
 """Resumed against straight runs is checked bit for bit on AVX2 CPUs. On an AVX-512 BF16/AMX Xeon two
 straight runs of the same config already differed (up to 3e-7 alone, more inside the suite; deterministic

@@ -9,12 +9,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import coco_box, coco_image, write_coco
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conftest import coco_box, coco_image, write_coco
 from litedetr.data import CocoDetection, collate
 from litedetr.engine import coco_metrics, evaluate
 from litedetr.engine.evaluate import METRIC_NAMES

@@ -71,7 +71,9 @@ def test_cosine_schedule_falls_from_1_to_the_floor_over_the_run():
     assert factors[25] == pytest.approx(COSINE_FLOOR + (1 - COSINE_FLOOR) * (1 + math.cos(math.pi / 4)) / 2)
     assert all(a > b for a, b in zip(factors, factors[1:]))
     warm = _config(lr_schedule="cosine", warmup_steps=10)  # the cosine starts after the warm-up
-    assert [lr_factor(warm, s, 0, total) for s in (0, 4, 9, 10, 11)] == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0 - (1 - COSINE_FLOOR) * (1 - math.cos(math.pi / 90)) / 2])
+    assert [lr_factor(warm, s, 0, total) for s in (0, 4, 9, 10, 11)] == pytest.approx(
+        [0.1, 0.5, 1.0, 1.0, 1.0 - (1 - COSINE_FLOOR) * (1 - math.cos(math.pi / 90)) / 2]
+    )
 
 
 def test_set_learning_rates_scales_every_group_from_its_initial_rate():

@@ -15,4 +15,7 @@ def test_small_data_recipe_changes_weights_only_for_a_model_without_a_trained_st
     assert recipe.model_overrides(backbone_weights=True) == {**training, **scratch}
     assert recipe.model_overrides() == {**training, **scratch, "backbone_trainable_norm": True}
     assert recipe.lr_backbone() == 5e-4 and recipe.lr_backbone(backbone_weights=True) == pytest.approx(6e-5)
-    assert dict(DemoRecipe.model_overrides) == SMALL_DATA.model_overrides() and (DemoRecipe.lr, DemoRecipe.lr_backbone) == (SMALL_DATA.lr, SMALL_DATA.backbone_lr)  # the demo trains with it
+    assert dict(DemoRecipe.model_overrides) == SMALL_DATA.model_overrides() and (DemoRecipe.lr, DemoRecipe.lr_backbone) == (
+        SMALL_DATA.lr,
+        SMALL_DATA.backbone_lr,
+    )  # the demo trains with it

@@ -33,9 +33,7 @@ def test_resnet18_shapes_and_strides(r18):
     images = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         features = r18(images)
-    assert [f.shape for f in features] == [
-        (2, c, 64 // s, 96 // s) for c, s in zip(r18.out_channels, r18.strides)
-    ]
+    assert [f.shape for f in features] == [(2, c, 64 // s, 96 // s) for c, s in zip(r18.out_channels, r18.strides)]
 
 
 def test_resnet50_channels_and_shapes():
@@ -200,7 +198,10 @@ def torch_home(tmp_path, monkeypatch):
 def test_imagenet_weights_are_torchvisions_v1_and_timms_in1k():
     names = ("resnet18", "resnet34", "resnet50", "resnet101")
     assert [imagenet_weights(n).file_name for n in names] == [
-        "resnet18-f37072fd.pth", "resnet34-b627a593.pth", "resnet50-0676ba61.pth", "resnet101-63fe2227.pth"
+        "resnet18-f37072fd.pth",
+        "resnet34-b627a593.pth",
+        "resnet50-0676ba61.pth",
+        "resnet101-63fe2227.pth",
     ]
     assert imagenet_weights("resnet50").url == "https://download.pytorch.org/models/resnet50-0676ba61.pth"
     assert imagenet_weights("resnet101").description == "torchvision ResNet101_Weights.IMAGENET1K_V1"
@@ -259,7 +260,9 @@ def test_unavailable_imagenet_weights_stop_with_one_line_naming_url_and_file(tor
     cached = torch_home / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
     assert "\n" not in message and reason in message and isinstance(info.value, ValueError)
     assert message.startswith("resnet50: the ImageNet weights are not in the cache and the download failed (")
-    assert message.endswith(f"download https://download.pytorch.org/models/resnet50-0676ba61.pth and save it as {cached}, or give that file's path instead of 'imagenet'")
+    assert message.endswith(
+        f"download https://download.pytorch.org/models/resnet50-0676ba61.pth and save it as {cached}, or give that file's path instead of 'imagenet'"
+    )
     assert info.value.__cause__ is None and info.value.__suppress_context__, "no network traceback attached"
     assert socket.getdefaulttimeout() == timeout_before and not cached.exists()
 

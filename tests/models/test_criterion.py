@@ -23,10 +23,7 @@ def random_boxes(shape: tuple[int, ...], generator: torch.Generator) -> torch.Te
 
 
 def make_targets(sizes, generator):
-    return [
-        {"labels": torch.randint(0, K, (n,), generator=generator), "boxes": random_boxes((n,), generator)}
-        for n in sizes
-    ]
+    return [{"labels": torch.randint(0, K, (n,), generator=generator), "boxes": random_boxes((n,), generator)} for n in sizes]
 
 
 def random_outputs(batch: int, queries: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -53,9 +50,7 @@ def test_sigmoid_focal_loss_matches_torchvision():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 7, K, generator=g) * 3
     targets = (torch.rand(2, 7, K, generator=g) > 0.7).float()
-    torch.testing.assert_close(
-        sigmoid_focal_loss(logits, targets, 0.25, 2.0), tv_sigmoid_focal_loss(logits, targets, 0.25, 2.0, "none")
-    )
+    torch.testing.assert_close(sigmoid_focal_loss(logits, targets, 0.25, 2.0), tv_sigmoid_focal_loss(logits, targets, 0.25, 2.0, "none"))
 
 
 def test_class_and_box_losses_match_references(criterion):
@@ -66,9 +61,7 @@ def test_class_and_box_losses_match_references(criterion):
     assert set(losses) == set(BASE)
     indices = criterion.matcher(outputs, targets)
     torch.testing.assert_close(losses["loss_class"], reference_class_loss(outputs["pred_logits"], targets, indices, 4))
-    l1 = sum(
-        (outputs["pred_boxes"][b, src] - targets[b]["boxes"][tgt]).abs().sum() for b, (src, tgt) in enumerate(indices)
-    )
+    l1 = sum((outputs["pred_boxes"][b, src] - targets[b]["boxes"][tgt]).abs().sum() for b, (src, tgt) in enumerate(indices))
     torch.testing.assert_close(losses["loss_bbox"], l1 / 4)
     assert 0 < losses["loss_giou"] < 2
 
@@ -200,9 +193,7 @@ def test_weighted_losses_and_gradients():
     assert criterion.weight("loss_class_enc") == 0.5
     assert criterion.weight("loss_mask") is None
     base_of = {key: next(b for b in BASE if key.startswith(b)) for key in losses}
-    expected = sum(
-        (0.5 if key == "loss_class_enc" else DEFAULT_WEIGHTS[base_of[key]]) * value for key, value in losses.items()
-    )
+    expected = sum((0.5 if key == "loss_class_enc" else DEFAULT_WEIGHTS[base_of[key]]) * value for key, value in losses.items())
     total = sum(criterion.weighted(losses).values())
     torch.testing.assert_close(total, expected)
     total.backward()
@@ -452,9 +443,7 @@ def test_one_to_many_weight_scales_only_one_to_many_losses():
     family = FAMILIES["h-detr"]
     outputs, targets = family_example(family)
     scaled = family_criterion(family)(outputs, targets)
-    plain = SetCriterion(K, HungarianMatcher(), weight_dict=DEFORMABLE_WEIGHTS, binary_encoder_targets=True, one_to_many_repeat=2)(
-        outputs, targets
-    )
+    plain = SetCriterion(K, HungarianMatcher(), weight_dict=DEFORMABLE_WEIGHTS, binary_encoder_targets=True, one_to_many_repeat=2)(outputs, targets)
     assert {key for key in scaled if key.endswith("_o2m")} == {base + s for base in BASE for s in ("_o2m", "_0_o2m")}
     for key in scaled:
         torch.testing.assert_close(scaled[key], (0.5 if key.endswith("_o2m") else 1.0) * plain[key], rtol=0, atol=0)

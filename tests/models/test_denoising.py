@@ -36,9 +36,7 @@ def central_targets(num_images: int, num_boxes: int, num_classes: int) -> list[d
 
 
 def no_noise(targets, label_embed, num_classes=5, num_matching_queries=7, num_dn=10) -> DenoisingQueries:
-    return build_denoising_queries(
-        targets, label_embed, num_classes, num_matching_queries, num_dn, label_noise_ratio=0.0, box_noise_scale=0.0
-    )
+    return build_denoising_queries(targets, label_embed, num_classes, num_matching_queries, num_dn, label_noise_ratio=0.0, box_noise_scale=0.0)
 
 
 def test_group_count_layout_and_meta_for_uneven_targets():
@@ -129,9 +127,7 @@ def test_label_noise_rate_is_half_the_ratio():
     targets = central_targets(50, 20, num_classes)
     # A one-dimensional embedding that reads back the class index.
     embed = nn.Embedding.from_pretrained(torch.arange(num_classes, dtype=torch.float)[:, None])
-    dn = build_denoising_queries(
-        targets, embed, num_classes, 5, num_dn=100, label_noise_ratio=ratio, box_noise_scale=0.0
-    )
+    dn = build_denoising_queries(targets, embed, num_classes, 5, num_dn=100, label_noise_ratio=ratio, box_noise_scale=0.0)
     noisy = dn.content[..., 0].unflatten(1, (dn.num_groups, 2, 20)).long()  # (B, G, 2, N)
     original = torch.stack([t["labels"] for t in targets])[:, None, None]
     changed = (noisy != original).float()  # a replacement draws the original class with probability 1 / K
@@ -215,6 +211,4 @@ def test_no_targets_gives_none():
 @pytest.mark.parametrize(("ratio", "scale"), [(-0.1, 1.0), (1.5, 1.0), (0.5, -1.0)])
 def test_noise_parameters_out_of_range_raise(ratio, scale):
     with pytest.raises(ValueError, match="label_noise_ratio|box_noise_scale"):
-        build_denoising_queries(
-            uneven_targets(), nn.Embedding(5, 4), 5, 3, label_noise_ratio=ratio, box_noise_scale=scale
-        )
+        build_denoising_queries(uneven_targets(), nn.Embedding(5, 4), 5, 3, label_noise_ratio=ratio, box_noise_scale=scale)

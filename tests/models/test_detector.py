@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
+from conftest import FIXTURES, load_fixture
 from safetensors.torch import save_file
 
-from conftest import FIXTURES, load_fixture
 from litedetr import build_model
 from litedetr.cli import main as cli_main
 from litedetr.models import Detector, convert_official_checkpoint, get_config, load_model, read_config, save_model

@@ -11,13 +11,13 @@ from collections.abc import Callable
 
 import pytest
 import torch
-
 from conftest import load_fixture, random_checkpoint
+
 from litedetr.models import Detector, build_model, get_config, load_model, save_model
-from litedetr.models.matcher import HungarianMatcher
 from litedetr.models.convert import ConversionError, detect_layout, load_official_state_dict, official_rules, rename_official
 from litedetr.models.criterion import DEFAULT_WEIGHTS, DEFORMABLE_WEIGHTS
 from litedetr.models.detector import load_official_checkpoint
+from litedetr.models.matcher import HungarianMatcher
 from litedetr.models.postprocess import postprocess
 from litedetr.models.query_selection import MixedQuerySelection, PosTransQuerySelection
 from litedetr.nn.decoder import AnchorQueryPosition, StaticQueryPosition

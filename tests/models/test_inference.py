@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import FIXTURES
 from PIL import Image
 
-from conftest import FIXTURES
 from litedetr import build_model
 from litedetr.models import Detector, save_model
 from litedetr.models.convert import ConversionError, official_rules, rename_official

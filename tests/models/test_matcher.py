@@ -1,6 +1,5 @@
 import itertools
 
-import pytest
 import torch
 
 from litedetr.models.matcher import HungarianMatcher, focal_class_cost
@@ -47,9 +46,7 @@ def test_assignment_is_the_minimum_cost_one():
     matcher = HungarianMatcher()
     cost = matcher.cost_matrix(outputs["pred_logits"][0], outputs["pred_boxes"][0], targets[0]["labels"], targets[0]["boxes"])
     pred_idx, tgt_idx = matcher(outputs, targets)[0]
-    best = min(
-        sum(cost[q, j] for j, q in enumerate(queries)) for queries in itertools.permutations(range(4), 3)
-    )
+    best = min(sum(cost[q, j] for j, q in enumerate(queries)) for queries in itertools.permutations(range(4), 3))
     torch.testing.assert_close(cost[pred_idx, tgt_idx].sum(), best)
 
 

@@ -9,8 +9,8 @@ import re
 
 import pytest
 import torch
-
 from conftest import random_checkpoint
+
 from litedetr.models import Detector, build_model, convert_official_checkpoint, save_model
 from litedetr.models.coco_classes import COCO_CLASSES, class_key, coco_class_names
 from litedetr.models.convert import ConversionError

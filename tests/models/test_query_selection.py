@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import fast_nms_reference
+
 from litedetr.models import build_model
 from litedetr.models.query_selection import QUERY_NMS_CANDIDATES
 from litedetr.ops import box_cxcywh_to_xyxy

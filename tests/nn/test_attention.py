@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-
 from conftest import load_fixture
-from litedetr.nn import KeyAwareOptions, MultiScaleDeformableAttention
+
 from litedetr.models.convert import load_official_state_dict
+from litedetr.nn import KeyAwareOptions, MultiScaleDeformableAttention
 
 
 @pytest.mark.parametrize("case", ["kda_points", "kda_boxes", "msda_points"])

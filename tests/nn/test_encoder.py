@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import load_fixture
 from torch import nn
 
-from conftest import load_fixture
 from litedetr.models.convert import load_official_state_dict
 from litedetr.nn import DeformableEncoder, EncoderInput, LiteEncoder
 from litedetr.ops import encoder_reference_points, valid_ratios
@@ -78,7 +78,12 @@ def test_lite_encoder_only_changes_high_level_tokens_in_high_only_layers():
         expected_after_first = torch.cat([src[:, :36], high], 1)
         expected = torch.cat(
             [
-                enc.layers[1].ffn_low(enc.layers[1].norm(expected_after_first[:, :36] + enc.layers[1].self_attn(expected_after_first[:, :36] + pos[:, :36], ref[:, :36], expected_after_first, shapes))),
+                enc.layers[1].ffn_low(
+                    enc.layers[1].norm(
+                        expected_after_first[:, :36]
+                        + enc.layers[1].self_attn(expected_after_first[:, :36] + pos[:, :36], ref[:, :36], expected_after_first, shapes)
+                    )
+                ),
                 enc.layers[1](expected_after_first[:, 36:], pos[:, 36:], ref[:, 36:], expected_after_first, shapes, None),
             ],
             1,
@@ -115,7 +120,7 @@ def test_padded_image_encodes_as_alone(lite):
     alone, batch, masks = padded_batch(d, small, big)
     pos_alone = [torch.randn_like(a) for a in alone]
     pos_batch = []
-    for p, b, (h, w), (hb, wb) in zip(pos_alone, batch, small.tolist(), big.tolist()):
+    for p, (h, w), (hb, wb) in zip(pos_alone, small.tolist(), big.tolist()):
         canvas = torch.randn(2, hb, wb, d)
         canvas[:1, :h, :w] = p.view(1, h, w, d)
         pos_batch.append(canvas.flatten(1, 2))

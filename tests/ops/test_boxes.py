@@ -1,8 +1,8 @@
 import pytest
 import torch
 import torchvision.ops as tvops
-
 from conftest import fast_nms_reference
+
 from litedetr.ops import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, distinct_topk, generalized_box_iou, inverse_sigmoid
 
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 import contextlib
+import math
 
 import pytest
 import torch
@@ -126,16 +125,12 @@ def test_msda_gradcheck():
 
 def test_kda_gradcheck_all_inputs():
     query, key, value, locations, _ = random_inputs(b=1, lq=3, m=2, d=3, p=2, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda q, k, v, loc: ms_deform_attn_key_aware(q, k, v, SHAPES, loc), (query, key, value, locations)
-    )
+    assert torch.autograd.gradcheck(lambda q, k, v, loc: ms_deform_attn_key_aware(q, k, v, SHAPES, loc), (query, key, value, locations))
 
 
 def test_kda_gradcheck_shared_key_value():
     query, _, value, locations, _ = random_inputs(b=1, lq=3, m=2, d=3, p=2, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda q, v, loc: ms_deform_attn_key_aware(q, v, v, SHAPES, loc), (query, value, locations)
-    )
+    assert torch.autograd.gradcheck(lambda q, v, loc: ms_deform_attn_key_aware(q, v, v, SHAPES, loc), (query, value, locations))
 
 
 def test_kda_equals_msda_with_the_dot_product_weights():

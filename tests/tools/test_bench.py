@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from litedetr.bench.timing import bench_images, bench_model, encoder_run, peak_memory, train_step_run
 from litedetr.cli import main
 from litedetr.ops import cpu_kernels
-from litedetr.bench.timing import bench_images, bench_model, encoder_run, peak_memory, train_step_run
 from litedetr.tools.bench import benchmark
 
 TINY = "lite-dino-r18-tiny-h3l1-2x3"

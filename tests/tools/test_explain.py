@@ -39,8 +39,7 @@ def bilinear(level_map: torch.Tensor, x: float, y: float) -> torch.Tensor:
 def record_encoder_calls(model) -> tuple[dict[int, tuple], list]:
     calls: dict[int, tuple] = {}
     handles = [
-        layer.self_attn.register_forward_hook(lambda mod, args, out, i=i: calls.__setitem__(i, (args, out)))
-        for i, layer in enumerate(model.encoder.layers)
+        layer.self_attn.register_forward_hook(lambda mod, args, out, i=i: calls.__setitem__(i, (args, out))) for i, layer in enumerate(model.encoder.layers)
     ]
     return calls, handles
 

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import coco_box, coco_image, write_coco
+
 from litedetr import load_model
 from litedetr.cli import main
 from litedetr.engine.recipes import FROM_SCRATCH, SMALL_DATA
@@ -34,7 +34,10 @@ def test_train_writes_a_complete_run(trained, capsys):
 
 
 def test_eval_and_predict_use_the_trained_model(trained, tiny_synthetic, tmp_path, capsys):
-    assert main(["eval", "--checkpoint", str(trained / "model.safetensors"), "--data", str(tiny_synthetic), "--out", str(tmp_path / "eval"), "--workers", "0"]) == 0
+    assert (
+        main(["eval", "--checkpoint", str(trained / "model.safetensors"), "--data", str(tiny_synthetic), "--out", str(tmp_path / "eval"), "--workers", "0"])
+        == 0
+    )
     table = capsys.readouterr().out
     assert "AP50" in table and "APl" in table
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
@@ -91,7 +94,9 @@ def test_resume_with_other_settings_is_refused(trained, tiny_synthetic, capsys):
 
 def test_eval_with_a_model_of_another_class_count_is_one_line(trained, tmp_path, capsys):
     annotations, images = write_coco(tmp_path, [coco_image(1)], [coco_box(1, 1, 1, [1, 1, 10, 10])], [{"id": 1, "name": "only"}])
-    code = main(["eval", "--checkpoint", str(trained / "model.safetensors"), "--val-json", str(annotations), "--val-images", str(images), "--out", str(tmp_path / "e")])
+    code = main(
+        ["eval", "--checkpoint", str(trained / "model.safetensors"), "--val-json", str(annotations), "--val-images", str(images), "--out", str(tmp_path / "e")]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("litedetr: error:") and "the model has 5 classes" in err and "has 1 categories" in err and "\n" not in err
@@ -207,14 +212,33 @@ def test_eval_scores_a_coco_model_by_category_id(tmp_path, capsys):
     boxes = [coco_box(1, 1, 18, [4, 4, 30, 30]), coco_box(2, 1, 1, [20, 10, 25, 25])]
     annotations, images = write_coco(tmp_path, [coco_image(1)], boxes, [{"id": 18, "name": "dog"}, {"id": 1, "name": "person"}])
     out = tmp_path / "e"
-    assert main(["eval", "--checkpoint", str(tmp_path / "coco.safetensors"), "--val-json", str(annotations), "--val-images", str(images), "--out", str(out), "--workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(tmp_path / "coco.safetensors"),
+                "--val-json",
+                str(annotations),
+                "--val-images",
+                str(images),
+                "--out",
+                str(out),
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     detections = json.loads((out / "detections.json").read_text())
     assert detections and {d["category_id"] for d in detections} <= set(range(91))
     assert json.loads((out / "metrics.json").read_text())["metrics"] == coco_metrics(annotations, detections)
     capsys.readouterr()
     renamed = [{"id": 18, "name": "cat"}, {"id": 1, "name": "person"}]  # id 18 is the model's dog: not the same class
     annotations, images = write_coco(tmp_path / "other", [coco_image(1)], boxes, renamed)
-    assert main(["eval", "--checkpoint", str(tmp_path / "coco.safetensors"), "--val-json", str(annotations), "--val-images", str(images), "--out", str(out)]) == 2
+    assert (
+        main(["eval", "--checkpoint", str(tmp_path / "coco.safetensors"), "--val-json", str(annotations), "--val-images", str(images), "--out", str(out)]) == 2
+    )
     assert "the model has 91 classes" in capsys.readouterr().err
 
 
@@ -258,7 +282,6 @@ def test_a_small_data_run_from_before_kda_zero_query_resumes_with_its_own_start(
     save_state(out / CHECKPOINT, {**state, "train_config": json.dumps(config)})
     assert main([*args, "--epochs", "2", "--resume"]) == 0
     assert load_model(out / "model.safetensors").config.kda_zero_query is False
-
 
 
 def test_max_minutes_cuts_the_epochs_after_the_first_and_says_so(tiny_synthetic, tmp_path, caplog):

@@ -100,7 +100,14 @@ def test_an_unreadable_image_is_skipped_with_a_warning_and_counted(checkpoint, t
 def test_detections_carry_the_datasets_category_ids(tmp_path):
     torch.manual_seed(0)
     model = build_model(
-        "lite-dino-r18-tiny-h3l1-2x3", num_classes=2, class_names=("ball", "box"), category_ids=(7, 20), min_size=(96,), max_size=128, num_queries=20, num_select=8
+        "lite-dino-r18-tiny-h3l1-2x3",
+        num_classes=2,
+        class_names=("ball", "box"),
+        category_ids=(7, 20),
+        min_size=(96,),
+        max_size=128,
+        num_queries=20,
+        num_select=8,
     )
     path = save_model(model, tmp_path / "ids.safetensors")
     synthetic_scene(90, 120, seed=1).save(tmp_path / "a.png")

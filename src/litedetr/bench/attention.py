@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from litedetr.ops import attention_backend, cpu_kernels, custom_ops, ms_deform_attn, ms_deform_attn_key_aware
 from litedetr.bench.timing import Timing, measure, peak_memory, time_calls
+from litedetr.ops import attention_backend, cpu_kernels, custom_ops, ms_deform_attn, ms_deform_attn_key_aware
 
 __all__ = [
     "LEVELS_800X1333",
@@ -248,7 +248,8 @@ def kernel_markdown(rows: Sequence[dict[str, object]]) -> str:
         return "OOM" if x is None else f"{x:.2f}" if isinstance(x, float) else str(x)
 
     lines = [
-        "| op | method | implementation (fwd / fwd+bwd) | batch | dtype | fwd ms | fwd+bwd ms | fwd peak MiB | fwd+bwd peak MiB | max abs diff vs fp32 grid_sample |",
+        "| op | method | implementation (fwd / fwd+bwd) | batch | dtype | fwd ms | fwd+bwd ms | fwd peak MiB | fwd+bwd peak MiB "
+        "| max abs diff vs fp32 grid_sample |",
         "|---|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

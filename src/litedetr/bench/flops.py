@@ -115,6 +115,7 @@ def _sdpa_flops(q: Tensor, k: Tensor, v: Tensor) -> int:
 
 def _handlers() -> dict[Any, Callable[..., int]]:
     """ATen overload packet -> ``f(args, kwargs, out) -> FLOPs``."""
+
     def sdpa(args: tuple, kwargs: dict, out: Tensor) -> int:
         return _sdpa_flops(*args[:3])
 

@@ -22,10 +22,10 @@ import math
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -383,4 +383,3 @@ class Trainer:
         if distributed.is_main():
             plot_curves(self.history, self.out / "curves.png")
         return TrainResult(self.out, self.epoch, self.step, metrics=metrics)
-

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from litedetr.models.state_dict import fit_problems
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 __all__ = [
     "ResNetBackbone",
@@ -270,9 +270,7 @@ class SwinBackbone(nn.Module):
         if name not in _SWIN_NAMES:
             raise ValueError(f"unknown Swin {name!r}; choose one of {sorted(_SWIN_NAMES)}")
         timm = _import_timm()
-        self.body = timm.create_model(
-            _SWIN_NAMES[name], pretrained=False, features_only=True, out_indices=(1, 2, 3), strict_img_size=False
-        )
+        self.body = timm.create_model(_SWIN_NAMES[name], pretrained=False, features_only=True, out_indices=(1, 2, 3), strict_img_size=False)
         self.out_channels: tuple[int, ...] = tuple(self.body.feature_info.channels())
         self._channels_last = getattr(self.body, "output_fmt", "NCHW") == "NHWC"
         path = backbone_weights_file(name, weights)

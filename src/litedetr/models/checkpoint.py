@@ -16,7 +16,6 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-
 from typing import Any
 
 import torch
@@ -30,7 +29,8 @@ from litedetr.models.convert import ConversionError, detect_layout, rename_offic
 from litedetr.models.families import LAYOUTS
 
 __all__ = [
-    "save_model", "atomic_write", "read_config", "read_model_file", "read_official_checkpoint", "read_official_state", "is_training_checkpoint", "check_decoder_depth",
+    "save_model", "atomic_write", "read_config", "read_model_file", "read_official_checkpoint", "read_official_state",
+    "is_training_checkpoint", "check_decoder_depth",
     "WEIGHTS",
     "CONFIG_KEY",
 ]  # fmt: skip
@@ -173,7 +173,7 @@ def _unwrap(path: str | os.PathLike, checkpoint: Any, weights: str) -> dict[str,
         raise ValueError(f"{path}: expected a state dict, or a dict holding one under {', '.join(_MODEL_KEYS + _EMA_KEYS)}")
     state = found[key]
     if all(k.startswith("module.") for k in state):  # saved from a DDP- or EMA-wrapped model
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -240,9 +240,7 @@ def read_official_checkpoint(
     check_decoder_depth(path, state, layout, config.decoder_layers)
     class_weight = state.get("class_embed.0.weight")
     if class_weight is not None and class_weight.shape[0] != config.num_classes:
-        raise ConversionError(
-            f"{path}: the checkpoint has {class_weight.shape[0]} classes, preset {preset!r} {config.num_classes}; pass num_classes"
-        )
+        raise ConversionError(f"{path}: the checkpoint has {class_weight.shape[0]} classes, preset {preset!r} {config.num_classes}; pass num_classes")
     if class_weight is not None and class_weight.shape[0] == COCO_NUM_CLASSES and not config.class_names and not config.category_ids:
         # a released COCO checkpoint: its rows are COCO's category ids, so they name themselves
         config = dataclasses.replace(config, class_names=coco_class_names(), category_ids=tuple(range(COCO_NUM_CLASSES)))

@@ -16,6 +16,7 @@ from litedetr.models.families import FAMILIES, get_family
 
 __all__ = ["EncoderConfig", "DetectorConfig", "PRESETS", "get_config", "config_from_dict"]
 
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """The encoder: ``lite`` (HL-(A+1)xB) or ``standard`` (every token a query in ``num_layers`` layers)."""
@@ -188,9 +189,7 @@ def _build_presets() -> dict[str, DetectorConfig]:
             standard = dataclasses.replace(base, backbone=backbone)
             presets[f"{family}-{tag}"] = standard
             for variant, (h, a, b) in _LITE_VARIANTS.items():
-                presets[f"lite-{family}-{tag}-{variant}"] = dataclasses.replace(
-                    standard, encoder=_lite(h, a, b, base.encoder.d_ffn), decoder_key_aware=True
-                )
+                presets[f"lite-{family}-{tag}-{variant}"] = dataclasses.replace(standard, encoder=_lite(h, a, b, base.encoder.d_ffn), decoder_key_aware=True)
         presets[f"{family}-r18-tiny"] = _tiny(base)
         presets[f"lite-{family}-r18-tiny-h3l1-2x3"] = _tiny(presets[f"lite-{family}-r50-h3l1-2x3"])
     return presets

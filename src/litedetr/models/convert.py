@@ -114,9 +114,7 @@ def detect_layout(state_dict: Mapping[str, Tensor]) -> str | None:
             return "deformable-detr"
         width = state_dict["transformer.pos_trans.weight"].shape[0] // 2
         if state_dict["query_embed.weight"].shape[-1] != width:
-            raise ConversionError(
-                "query_embed holds position and content (2 x d_model): a single-stage Deformable DETR; litedetr loads two-stage ones"
-            )
+            raise ConversionError("query_embed holds position and content (2 x d_model): a single-stage Deformable DETR; litedetr loads two-stage ones")
         return "h-detr"
     if "transformer.enc_out_class_embed.weight" in keys or "transformer.tgt_embed.weight" in keys:
         # the Lite encoder's narrow low-level FFN (linear12/linear22/norm22); not query_proj, which the authors'
@@ -252,9 +250,7 @@ def standard_encoder_layout(layout: str | None) -> bool:
     return layout is not None and not LAYOUTS[layout][0].lite_encoder
 
 
-def load_official_state_dict(
-    model: nn.Module, state_dict: Mapping[str, Tensor], rules: list[tuple[str, str]] | None = None, layout: str | None = None
-) -> None:
+def load_official_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], rules: list[tuple[str, str]] | None = None, layout: str | None = None) -> None:
     """Convert an original code base's ``state_dict`` and load it into ``model``, strictly.
 
     Args:

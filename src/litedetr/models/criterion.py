@@ -187,9 +187,7 @@ class SetCriterion(nn.Module):
         bases = [base for base in self.weight_dict if key.startswith(base + "_")]
         return self.weight_dict[max(bases, key=len)] if bases else None
 
-    def _set_losses(
-        self, outputs: Mapping[str, Any], targets: list[dict[str, Tensor]], num_boxes: float, suffix: str
-    ) -> dict[str, Tensor]:
+    def _set_losses(self, outputs: Mapping[str, Any], targets: list[dict[str, Tensor]], num_boxes: float, suffix: str) -> dict[str, Tensor]:
         """Hungarian-matched losses of the final layer, every auxiliary layer and the encoder (against
         class-agnostic targets when ``binary_encoder_targets``)."""
         named = [("", outputs, targets)]
@@ -211,9 +209,7 @@ class SetCriterion(nn.Module):
         indices = self.matcher(dense, repeated)
         return _suffixed(self.paired_losses(dense, repeated, indices, _num_boxes(repeated, device)), "_enc_dense")
 
-    def _dn_losses(
-        self, dn_outputs: Mapping[str, Any], dn_meta: Mapping[str, int], targets: list[dict[str, Tensor]], num_boxes: float
-    ) -> dict[str, Tensor]:
+    def _dn_losses(self, dn_outputs: Mapping[str, Any], dn_meta: Mapping[str, int], targets: list[dict[str, Tensor]], num_boxes: float) -> dict[str, Tensor]:
         """Denoising losses with the fixed pairing, normalised by ``num_boxes * num_groups``."""
         num_groups, group_size = dn_meta["num_groups"], dn_meta["group_size"]
         num_dn = dn_outputs["pred_logits"].shape[1]
@@ -227,9 +223,7 @@ class SetCriterion(nn.Module):
             losses.update(_suffixed(self.paired_losses(out, targets, indices, num_boxes * num_groups), name))
         return losses
 
-    def paired_losses(
-        self, outputs: Mapping[str, Tensor], targets: list[dict[str, Tensor]], indices: Indices, num_boxes: float
-    ) -> dict[str, Tensor]:
+    def paired_losses(self, outputs: Mapping[str, Tensor], targets: list[dict[str, Tensor]], indices: Indices, num_boxes: float) -> dict[str, Tensor]:
         """``loss_class``, ``loss_bbox``, ``loss_giou`` of one set of predictions, given its pairing."""
         return {
             "loss_class": self.loss_class(outputs["pred_logits"], targets, indices, num_boxes),
@@ -255,9 +249,7 @@ class SetCriterion(nn.Module):
         loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma)
         return loss.mean(1).sum() / num_boxes * num_queries
 
-    def loss_boxes(
-        self, pred_boxes: Tensor, targets: list[dict[str, Tensor]], indices: Indices, num_boxes: float
-    ) -> dict[str, Tensor]:
+    def loss_boxes(self, pred_boxes: Tensor, targets: list[dict[str, Tensor]], indices: Indices, num_boxes: float) -> dict[str, Tensor]:
         """L1 and ``1 - GIoU`` (with ``giou_eps``) of paired boxes, each summed and divided by ``num_boxes``.
 
         Args:

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from litedetr.models.checkpoint import TRAINING_CHECKPOINT_HINT, is_training_checkpoint, read_model_file, read_official_checkpoint, save_model
 from litedetr.models.config import DetectorConfig
 from litedetr.models.convert import load_official_state_dict
-from litedetr.models.parts import DetectorParts, build_parts
 from litedetr.models.inputs import ImageInput, as_image_list, batches_by_size
+from litedetr.models.parts import DetectorParts, build_parts
 from litedetr.models.postprocess import kept_detections, postprocess
 from litedetr.models.state_dict import fit_problems
 from litedetr.models.transform import batch_images
@@ -229,9 +229,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
     return model.to(device).eval()
 
 
-def load_official_checkpoint(
-    path: str | os.PathLike, preset: str, device: str | torch.device = "cpu", weights: str = "auto", **overrides: Any
-) -> Detector:
+def load_official_checkpoint(path: str | os.PathLike, preset: str, device: str | torch.device = "cpu", weights: str = "auto", **overrides: Any) -> Detector:
     """Build ``preset`` and load a checkpoint of an original code base into it, names converted
     (see :func:`~litedetr.models.checkpoint.read_official_checkpoint`). A standard-encoder checkpoint
     also initialises its family's Lite presets (see :mod:`litedetr.models.convert`).

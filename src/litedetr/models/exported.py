@@ -27,7 +27,22 @@ from litedetr.models.inputs import ImageInput, as_image_list, batches_by_size
 from litedetr.models.postprocess import kept_detections
 from litedetr.models.transform import resize_and_normalize
 
-__all__ = ["BACKENDS", "Backend", "INFERENCE_PRECISIONS", "check_inference_precision", "InferencePrecision", "METADATA_KEY", "ExportedDetector", "OUTPUT_NAMES", "graph_input", "graph_metadata", "graph_runner", "onnx_session", "openvino_cpu_config", "require"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "INFERENCE_PRECISIONS",
+    "check_inference_precision",
+    "InferencePrecision",
+    "METADATA_KEY",
+    "ExportedDetector",
+    "OUTPUT_NAMES",
+    "graph_input",
+    "graph_metadata",
+    "graph_runner",
+    "onnx_session",
+    "openvino_cpu_config",
+    "require",
+]
 
 Backend = Literal["pytorch", "onnxruntime", "openvino"]
 BACKENDS: tuple[str, ...] = ("pytorch", "onnxruntime", "openvino")
@@ -154,9 +169,7 @@ class ExportedDetector:
         ``dynamic_size``: whether it takes any size up to the canvas.
     """
 
-    def __init__(
-        self, path: str | os.PathLike, backend: Backend = "onnxruntime", threads: int | None = None, precision: InferencePrecision = "float32"
-    ):
+    def __init__(self, path: str | os.PathLike, backend: Backend = "onnxruntime", threads: int | None = None, precision: InferencePrecision = "float32"):
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"{path}: no such exported graph")

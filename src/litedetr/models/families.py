@@ -154,9 +154,7 @@ _ROWS = (
         name="h-detr",
         code_base="deformable-detr",
         design=_DEFORMABLE,
-        defaults=MappingProxyType(
-            dict(num_queries=300, num_select=100, one_to_many_queries=1500, one_to_many_repeat=6, pe_temperature=10000.0)
-        ),
+        defaults=MappingProxyType(dict(num_queries=300, num_select=100, one_to_many_queries=1500, one_to_many_repeat=6, pe_temperature=10000.0)),
         layouts=(CheckpointLayout("h-detr", "HDETR/H-Deformable-DETR", lite_encoder=False),),
     ),
 )
@@ -164,9 +162,7 @@ _ROWS = (
 FAMILIES: Mapping[str, Family] = MappingProxyType({row.name: row for row in _ROWS})
 """Every family by name."""
 
-LAYOUTS: Mapping[str, tuple[CheckpointLayout, Family]] = MappingProxyType(
-    {layout.name: (layout, row) for row in _ROWS for layout in row.layouts}
-)
+LAYOUTS: Mapping[str, tuple[CheckpointLayout, Family]] = MappingProxyType({layout.name: (layout, row) for row in _ROWS for layout in row.layouts})
 """Every checkpoint layout litedetr converts, by name, with the family it loads into."""
 
 

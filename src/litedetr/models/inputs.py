@@ -11,16 +11,25 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-__all__ = ["ImageInput", "IMAGE_SUFFIXES", "as_image_list", "find_images", "load_image", "rgb_image", "to_image_tensor", "batches_by_size", "SIZE_WINDOW_BATCHES"]
+__all__ = [
+    "ImageInput",
+    "IMAGE_SUFFIXES",
+    "as_image_list",
+    "find_images",
+    "load_image",
+    "rgb_image",
+    "to_image_tensor",
+    "batches_by_size",
+    "SIZE_WINDOW_BATCHES",
+]
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
 """One image: a file path, a PIL image, an ``(H, W, 3)`` uint8 array or a ``(3, H, W)`` tensor."""
 
 

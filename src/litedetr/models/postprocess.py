@@ -14,9 +14,7 @@ __all__ = ["postprocess", "kept_detections"]
 
 
 @torch.no_grad()
-def postprocess(
-    pred_logits: Tensor, pred_boxes: Tensor, image_sizes: Tensor, num_select: int = 300
-) -> list[dict[str, Tensor]]:
+def postprocess(pred_logits: Tensor, pred_boxes: Tensor, image_sizes: Tensor, num_select: int = 300) -> list[dict[str, Tensor]]:
     """Top ``num_select`` (query, class) pairs per image by sigmoid score.
 
     A query may appear several times, once per class it scores highly.
@@ -46,9 +44,7 @@ def postprocess(
     return [{"scores": s, "labels": c, "boxes": b} for s, c, b in zip(scores, labels, boxes)]
 
 
-def kept_detections(
-    boxes: Tensor, scores: Tensor, labels: Tensor, size: tuple[int, int], threshold: float, class_name: Callable[[int], str]
-) -> dict[str, Any]:
+def kept_detections(boxes: Tensor, scores: Tensor, labels: Tensor, size: tuple[int, int], threshold: float, class_name: Callable[[int], str]) -> dict[str, Any]:
     """One image's detections scoring at least ``threshold``, as :meth:`Detector.predict` returns them.
 
     Args:

@@ -199,4 +199,3 @@ def _log(path: Path, report: InitReport, num_classes: int) -> None:
         f"; fresh: {fold_keys(report.fresh)}" if report.fresh else "",
         f"; dropped: {fold_keys(report.dropped)}" if report.dropped else "",
     )
-

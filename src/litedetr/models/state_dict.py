@@ -21,9 +21,7 @@ def fit_problems(module: nn.Module, state_dict: Mapping[str, Tensor]) -> list[st
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     wrong_shape = sorted(
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state_dict)
-        if state_dict[k].shape != own[k].shape
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}" for k in set(own) & set(state_dict) if state_dict[k].shape != own[k].shape
     )
     titles = ("missing keys", "unexpected keys (no place in the model)", "shape mismatches")
     return [_listing(title, keys) for title, keys in zip(titles, (missing, unexpected, wrong_shape)) if keys]

@@ -139,9 +139,7 @@ class DeformableDecoder(nn.Module):
         inverse_sigmoid_eps: float,
     ):
         super().__init__()
-        self.layers = nn.ModuleList(
-            DecoderLayer(d_model, n_levels, n_heads, n_points, d_ffn, dropout, key_aware, kda) for _ in range(num_layers)
-        )
+        self.layers = nn.ModuleList(DecoderLayer(d_model, n_levels, n_heads, n_points, d_ffn, dropout, key_aware, kda) for _ in range(num_layers))
         self.query_position = query_position
         self.norm = norm
         self.look_forward_twice = look_forward_twice

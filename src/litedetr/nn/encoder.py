@@ -129,9 +129,7 @@ class DeformableEncoder(nn.Module):
     ):
         super().__init__()
         self.n_levels = n_levels
-        self.layers = nn.ModuleList(
-            EncoderLayer(d_model, n_levels, n_heads, n_points, d_ffn, dropout, key_aware, kda=kda) for _ in range(num_layers)
-        )
+        self.layers = nn.ModuleList(EncoderLayer(d_model, n_levels, n_heads, n_points, d_ffn, dropout, key_aware, kda=kda) for _ in range(num_layers))
         self.query_levels: list[int] = [0] * num_layers
         self.low_ffn_levels = 0
 

@@ -97,9 +97,7 @@ def _kda_fake(query: Tensor, key: Tensor | None, value: Tensor, spatial_shapes: 
 
 
 @torch.library.custom_op("litedetr::cpu_ms_deform_attn_key_aware_backward", mutates_args=(), device_types="cpu")
-def _kda_backward_op(
-    grad_out: Tensor, query: Tensor, key: Tensor | None, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor
-) -> list[Tensor]:
+def _kda_backward_op(grad_out: Tensor, query: Tensor, key: Tensor | None, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor) -> list[Tensor]:
     """Returns ``[grad_query, grad_value, grad_sampling_locations]``, then ``grad_key`` when ``key`` is given."""
     shared = key is None
     return cpu_kernels._kernels().ms_deform_attn_key_aware_backward(
@@ -108,9 +106,7 @@ def _kda_backward_op(
 
 
 @_kda_backward_op.register_fake
-def _kda_backward_fake(
-    grad_out: Tensor, query: Tensor, key: Tensor | None, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor
-) -> list[Tensor]:
+def _kda_backward_fake(grad_out: Tensor, query: Tensor, key: Tensor | None, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor) -> list[Tensor]:
     grads = [_empty_like(query), _empty_like(value), _empty_like(sampling_locations)]
     return grads if key is None else [*grads, _empty_like(key)]
 

@@ -13,8 +13,9 @@ threads. The functions here run the forward without autograd (inference); with a
 They are compiled with torch's JIT extension loader on first use (a C++ compiler and ``ninja`` are
 needed; about a minute, once) and cached under ``TORCH_EXTENSIONS_DIR`` (by default
 ``~/.cache/torch_extensions``), one build per CPU instruction set (``torch.backends.cpu``'s
-capability) and per digest of the source, flags, torch and Python versions (:func:`build_name`). Where they cannot be built, :mod:`litedetr.ops` logs one warning and keeps its PyTorch
-implementation. Set ``LITEDETR_CPU_KERNELS=0`` to never build or use them.
+capability) and per digest of the source, flags, torch and Python versions (:func:`build_name`).
+Where they cannot be built, :mod:`litedetr.ops` logs one warning and keeps its PyTorch implementation.
+Set ``LITEDETR_CPU_KERNELS=0`` to never build or use them.
 """
 
 from __future__ import annotations

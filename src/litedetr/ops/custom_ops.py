@@ -57,16 +57,12 @@ def _contiguous_like(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 
 @torch.library.custom_op("litedetr::ms_deform_attn", mutates_args=())
-def _ms_deform_attn_op(
-    value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor, attention_weights: Tensor
-) -> Tensor:
+def _ms_deform_attn_op(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     return _kernels().msda_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
 @_ms_deform_attn_op.register_fake
-def _ms_deform_attn_fake(
-    value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor, attention_weights: Tensor
-) -> Tensor:
+def _ms_deform_attn_fake(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     b, _, m, d = value.shape
     return value.new_empty((b, sampling_locations.shape[1], m * d))
 
@@ -101,9 +97,7 @@ def _ms_deform_attn_setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: 
 
 def _ms_deform_attn_backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     value, spatial_shapes, starts, locations, weights = ctx.saved_tensors
-    grad_value, grad_locations, grad_weights = torch.ops.litedetr.ms_deform_attn_backward(
-        grad_out, value, spatial_shapes, starts, locations, weights
-    )
+    grad_value, grad_locations, grad_weights = torch.ops.litedetr.ms_deform_attn_backward(grad_out, value, spatial_shapes, starts, locations, weights)
     needs = ctx.needs_input_grad
     return (
         grad_value if needs[0] else None,

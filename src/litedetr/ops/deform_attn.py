@@ -49,9 +49,7 @@ def _check_shapes(feats: Tensor, spatial_shapes: SpatialShapes, sampling_locatio
         raise ValueError(f"expected (B, Lq, M, L, P, 2) sampling locations, got {tuple(sampling_locations.shape)}")
     b, _, m, _ = feats.shape
     if sampling_locations.shape[0] != b or sampling_locations.shape[2] != m:
-        raise ValueError(
-            f"batch/heads of sampling locations {tuple(sampling_locations.shape)} do not match values {tuple(feats.shape)}"
-        )
+        raise ValueError(f"batch/heads of sampling locations {tuple(sampling_locations.shape)} do not match values {tuple(feats.shape)}")
     levels = sampling_locations.shape[3]
     if isinstance(spatial_shapes, Tensor) and spatial_shapes.is_cuda:
         if spatial_shapes.shape != (levels, 2):
@@ -68,8 +66,7 @@ def _sample(maps: list[Tensor], grids: Tensor) -> Tensor:
     """Bilinearly sample every level: ``(B*M, C, H_l, W_l)`` maps at ``(L, B*M, Lq, P, 2)`` grids ->
     ``(B*M, Lq, C, L*P)``, the layout in which the attention's sums are matrix products."""
     sampled = [
-        F.grid_sample(level_map, grid.to(level_map.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
-        for level_map, grid in zip(maps, grids)
+        F.grid_sample(level_map, grid.to(level_map.dtype), mode="bilinear", padding_mode="zeros", align_corners=False) for level_map, grid in zip(maps, grids)
     ]
     return torch.cat(sampled, -1).transpose(1, 2)
 
@@ -174,9 +171,7 @@ def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locati
     return _merge_heads(sampled @ weights, b, m)
 
 
-def ms_deform_attn_key_aware(
-    query: Tensor, key: Tensor, value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor
-) -> Tensor:
+def ms_deform_attn_key_aware(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor) -> Tensor:
     """Key-aware deformable attention (KDA, Lite DETR).
 
     Keys and values are bilinearly sampled at the same locations, in one pass per level (when ``key``

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -30,7 +29,7 @@ LevelShapes = tuple[tuple[int, int], ...]
 """``(H_l, W_l)`` of every level as Python ints, finest level first: how the model carries level shapes
 (reading them never synchronises a device, and ``torch.compile`` bakes them into the graph)."""
 
-SpatialShapes = Union[LevelShapes, Sequence[Sequence[int]], Tensor]
+SpatialShapes = LevelShapes | Sequence[Sequence[int]] | Tensor
 """What the ops accept as level shapes: :data:`LevelShapes` (or any sequence of ``(H_l, W_l)`` pairs),
 or an ``(L, 2)`` integer tensor."""
 
@@ -140,9 +139,7 @@ def encoder_reference_points(spatial_shapes: SpatialShapes, ratios: Tensor) -> T
     return torch.cat(points, 1)[:, :, None] * ratios[:, None]
 
 
-def sine_position_embedding(
-    mask: Tensor, num_feats: int = 128, temperature_h: float = 10000.0, temperature_w: float = 10000.0, offset: float = 0.0
-) -> Tensor:
+def sine_position_embedding(mask: Tensor, num_feats: int = 128, temperature_h: float = 10000.0, temperature_w: float = 10000.0, offset: float = 0.0) -> Tensor:
     """Normalised 2-d sine position embedding: ``(cumsum + offset) / (last + 1e-6) * 2 pi`` per axis.
 
     Deformable DETR and H-DETR use ``offset=-0.5`` and temperature 10000; DINO ``offset=0`` and 20.

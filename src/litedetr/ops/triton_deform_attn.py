@@ -99,9 +99,7 @@ def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: A
 
 
 def _autotuned(fn: Any, key: list[str], reset_to_zero: list[str] | None = None) -> Any:
-    return triton.autotune(
-        configs=config_space(), key=key, prune_configs_by={"early_config_prune": _prune}, reset_to_zero=reset_to_zero
-    )(fn)
+    return triton.autotune(configs=config_space(), key=key, prune_configs_by={"early_config_prune": _prune}, reset_to_zero=reset_to_zero)(fn)
 
 
 _KEY = ["HEAD_DIM", "NUM_LEVELS", "NUM_POINTS"]
@@ -184,9 +182,7 @@ def _sum_parts(grad: Tensor, index: Tensor, parts: Tensor) -> None:
     grad.view(-1, grad.shape[-1]).index_add_(0, index, parts)
 
 
-def msda_forward(
-    value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor, attention_weights: Tensor
-) -> Tensor:
+def msda_forward(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """MSDA forward.
 
     Args:
@@ -223,9 +219,7 @@ def msda_backward(
     attention_weights: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """MSDA backward: ``grad_out`` ``(B, Lq, M*D)`` -> grads of value, sampling_locations, attention_weights (their shapes and dtypes)."""
-    device = _common_device(
-        grad_out=grad_out, value=value, sampling_locations=sampling_locations, attention_weights=attention_weights
-    )
+    device = _common_device(grad_out=grad_out, value=value, sampling_locations=sampling_locations, attention_weights=attention_weights)
     b, s, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
     if grad_out.numel() == 0 or value.numel() == 0:
@@ -304,9 +298,7 @@ def kda_backward(
         Grads of ``query``, ``key`` (``None`` when ``key`` is ``None``: then the value grad holds both
         roles), ``value`` and ``sampling_locations``, in their shapes and dtypes.
     """
-    device = _common_device(
-        grad_out=grad_out, query=query, key=key, value=value, sampling_locations=sampling_locations, out=out, lse=lse
-    )
+    device = _common_device(grad_out=grad_out, query=query, key=key, value=value, sampling_locations=sampling_locations, out=out, lse=lse)
     b, s, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
     if grad_out.numel() == 0 or value.numel() == 0:

@@ -127,12 +127,27 @@ def msda_bwd_kernel(
             weighted_grad = weight[:, None] * grad_out
 
             if DETERMINISTIC:
-                store_corner_rows(
-                    index_ptr, sample, base_row, rows00, inside00, rows01, inside01, rows10, inside10, rows11, inside11, q_mask, HEAD_DIM
-                )
+                store_corner_rows(index_ptr, sample, base_row, rows00, inside00, rows01, inside01, rows10, inside10, rows11, inside11, q_mask, HEAD_DIM)
             scatter_corners(
-                grad_value_base, parts_ptr, sample, rows00, inside00, rows01, inside01, rows10, inside10, rows11, inside11,
-                lh, lw, weighted_grad, d_offs, d_mask, q_mask, HEAD_DIM, DETERMINISTIC
+                grad_value_base,
+                parts_ptr,
+                sample,
+                rows00,
+                inside00,
+                rows01,
+                inside01,
+                rows10,
+                inside10,
+                rows11,
+                inside11,
+                lh,
+                lw,
+                weighted_grad,
+                d_offs,
+                d_mask,
+                q_mask,
+                HEAD_DIM,
+                DETERMINISTIC,
             )
 
 
@@ -306,21 +321,51 @@ def kda_bwd_kernel(
             grad_value = prob[:, None] * grad_out
             grad_key = grad_logit[:, None] * query
             if DETERMINISTIC:
-                store_corner_rows(
-                    index_ptr, sample, base_row, rows00, inside00, rows01, inside01, rows10, inside10, rows11, inside11, q_mask, HEAD_DIM
-                )
+                store_corner_rows(index_ptr, sample, base_row, rows00, inside00, rows01, inside01, rows10, inside10, rows11, inside11, q_mask, HEAD_DIM)
             if SHARED_KV:
                 grad_value += grad_key
             else:
                 scatter_corners(
-                    grad_key_base, key_parts_ptr, sample, rows00, inside00, rows01, inside01, rows10, inside10, rows11, inside11,
-                    lh, lw, grad_key, d_offs, d_mask, q_mask, HEAD_DIM, DETERMINISTIC
+                    grad_key_base,
+                    key_parts_ptr,
+                    sample,
+                    rows00,
+                    inside00,
+                    rows01,
+                    inside01,
+                    rows10,
+                    inside10,
+                    rows11,
+                    inside11,
+                    lh,
+                    lw,
+                    grad_key,
+                    d_offs,
+                    d_mask,
+                    q_mask,
+                    HEAD_DIM,
+                    DETERMINISTIC,
                 )
             scatter_corners(
-                grad_value_base, value_parts_ptr, sample, rows00, inside00, rows01, inside01, rows10, inside10, rows11, inside11,
-                lh, lw, grad_value, d_offs, d_mask, q_mask, HEAD_DIM, DETERMINISTIC
+                grad_value_base,
+                value_parts_ptr,
+                sample,
+                rows00,
+                inside00,
+                rows01,
+                inside01,
+                rows10,
+                inside10,
+                rows11,
+                inside11,
+                lh,
+                lw,
+                grad_value,
+                d_offs,
+                d_mask,
+                q_mask,
+                HEAD_DIM,
+                DETERMINISTIC,
             )
     grad_query = grad_query * scale
     tl.store(grad_query_ptr + tile_offs, grad_query.to(grad_query_ptr.dtype.element_ty), mask=tile_mask)
-
-

@@ -11,7 +11,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["bilinear_sample", "bilinear_setup", "corner", "level_geometry", "load_rows", "program_tile", "scatter_corners", "store_corner_rows", "store_location_grad"]
+__all__ = [
+    "bilinear_sample",
+    "bilinear_setup",
+    "corner",
+    "level_geometry",
+    "load_rows",
+    "program_tile",
+    "scatter_corners",
+    "store_corner_rows",
+    "store_location_grad",
+]
 
 
 @triton.jit

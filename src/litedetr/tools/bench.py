@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
+from litedetr.bench.flops import DEFAULT_SIZE
 from litedetr.bench.timing import Timing, bench_images, bench_model, encoder_run, measure, model_run
 from litedetr.ops import attention_backend
 from litedetr.tools.args import int_at_least, parse_size
-from litedetr.bench.flops import DEFAULT_SIZE
 
 __all__ = ["BenchReport", "benchmark", "add_arguments"]
 
@@ -101,7 +101,9 @@ def format_report(report: BenchReport) -> str:
     lines = [f"{report.model} at {report.size[0]}x{report.size[1]}, batch {report.batch}, {report.device}, {mode}, attention: {report.attention}"]
     lines.append(f"{'':>8}  {'median':>10}  {'p90':>10}  {'images/s':>9}  {'peak memory':>12}")
     for label, t in (("model", report.model_timing), ("encoder", report.encoder_timing)):
-        lines.append(f"{label:>8}  {t.median_s * 1e3:>7.1f} ms  {t.p90_s * 1e3:>7.1f} ms  {report.batch / t.median_s:>9.2f}  {t.peak_memory_bytes / 2**20:>8.1f} MiB")
+        lines.append(
+            f"{label:>8}  {t.median_s * 1e3:>7.1f} ms  {t.p90_s * 1e3:>7.1f} ms  {report.batch / t.median_s:>9.2f}  {t.peak_memory_bytes / 2**20:>8.1f} MiB"
+        )
     lines.append(f"({report.model_timing.runs} timed runs after warm-up; peak memory = allocated beyond weights and inputs)")
     return "\n".join(lines)
 

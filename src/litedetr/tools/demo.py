@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
+from litedetr.bench.flops import count_flops
 from litedetr.data import find_split, write_synthetic_dataset
 from litedetr.engine import CHECKPOINT, MODEL_FILE, Trainer
 from litedetr.engine.recipes import DemoRecipe, demo_train_config
 from litedetr.models import Detector
 from litedetr.models.config import EncoderConfig
 from litedetr.tools.args import float_in, int_at_least
-from litedetr.bench.flops import count_flops
 from litedetr.tools.predict import predict_files
 from litedetr.tools.train import format_metrics
 
@@ -170,8 +170,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int_at_least(1), help=f"training epochs (default {DemoRecipe.epochs}; the learning rate drops 10x for the last one)")
     p.add_argument(
         "--minutes", type=float_in(0),
-        help=f"cap on the minutes of training steps: a slower machine cuts the epochs after the first to fit (default {DemoRecipe.train_minutes:.0f}; 0: no cap)",
+        help=(
+            "cap on the minutes of training steps: a slower machine cuts the epochs after the first to fit "
+            f"(default {DemoRecipe.train_minutes:.0f}; 0: no cap)"
+        ),
     )  # fmt: skip
-    p.add_argument("--seed", type=int, default=DemoRecipe.seed, help=f"training seed: initial weights and batch order (default {DemoRecipe.seed}; the dataset stays the same)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=DemoRecipe.seed,
+        help=f"training seed: initial weights and batch order (default {DemoRecipe.seed}; the dataset stays the same)",
+    )
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)

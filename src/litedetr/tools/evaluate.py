@@ -14,8 +14,8 @@ from litedetr.data import CocoDetection, collate
 from litedetr.engine import evaluate
 from litedetr.engine.precision import inference_autocast
 from litedetr.models import ExportedDetector, load_model, read_config
-from litedetr.models.exported import Backend, InferencePrecision
 from litedetr.models.coco_classes import class_key
+from litedetr.models.exported import Backend, InferencePrecision
 from litedetr.tools.args import add_runtime_arguments, int_at_least
 from litedetr.tools.train import add_data_arguments, format_metrics, resolve_data
 
@@ -111,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``litedetr eval``; sets ``func``."""
-    p.add_argument("--checkpoint", required=True, help="a litedetr model file (.safetensors), e.g. RUN_DIR/model.safetensors; with --backend, an exported graph")
+    p.add_argument(
+        "--checkpoint", required=True, help="a litedetr model file (.safetensors), e.g. RUN_DIR/model.safetensors; with --backend, an exported graph"
+    )
     add_runtime_arguments(p)
     add_data_arguments(p, ("val",))
     p.add_argument("--out", type=Path, default=Path("litedetr-eval"), help="where metrics.json and detections.json go")

@@ -48,7 +48,23 @@ from litedetr.ops.custom_ops import triton_disabled
 from litedetr.tools.args import int_at_least, size_type
 from litedetr.tools.draw import synthetic_scene
 
-__all__ = ["OUTPUT_NAMES", "OnnxDetector", "QueryProbe", "add_arguments", "calibration_inputs", "compare_with_runtime", "export_openvino", "cpu_model", "export_onnx", "normalized_scene", "onnx_session", "quantize_onnx", "quantize_openvino", "query_parity", "spread_class_logits"]
+__all__ = [
+    "OUTPUT_NAMES",
+    "OnnxDetector",
+    "QueryProbe",
+    "add_arguments",
+    "calibration_inputs",
+    "compare_with_runtime",
+    "export_openvino",
+    "cpu_model",
+    "export_onnx",
+    "normalized_scene",
+    "onnx_session",
+    "quantize_onnx",
+    "quantize_openvino",
+    "query_parity",
+    "spread_class_logits",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -265,7 +281,9 @@ def quantize_onnx(path: str | os.PathLike, out: str | os.PathLike, reduce_range:
     return out
 
 
-def calibration_inputs(folder: str | os.PathLike, config: DetectorConfig, canvas: tuple[int, int], dynamic_size: bool, count: int = CALIBRATION_IMAGES) -> list[np.ndarray]:
+def calibration_inputs(
+    folder: str | os.PathLike, config: DetectorConfig, canvas: tuple[int, int], dynamic_size: bool, count: int = CALIBRATION_IMAGES
+) -> list[np.ndarray]:
     """The first ``count`` images of ``folder`` (sorted) as ``(1, 3, h, w)`` inputs of a graph exported from a
     ``config`` model at ``canvas``: resized and normalised as the model does (:func:`~litedetr.models.exported.graph_input`).
     Unreadable images and images that do not fit the canvas are skipped, with a count logged; none left is an error."""

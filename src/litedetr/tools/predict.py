@@ -33,6 +33,7 @@ __all__ = ["predict_files", "add_arguments"]
 
 logger = logging.getLogger(__name__)
 
+
 def _unique_names(paths: list[Path]) -> list[str]:
     names, seen = [], {}
     for path in paths:
@@ -89,8 +90,7 @@ def predict_files(
             draw_detections(image, result["boxes"], result["scores"], result["labels"], result["names"]).save(out / drawing)
             ids = model.config.category_ids
             detections = [
-                {"box": [round(v, 2) for v in box], "score": round(score, 4), "label": label, "name": cls}
-                | ({"category_id": ids[label]} if ids else {})
+                {"box": [round(v, 2) for v in box], "score": round(score, 4), "label": label, "name": cls} | ({"category_id": ids[label]} if ids else {})
                 for box, score, label, cls in zip(result["boxes"].tolist(), result["scores"].tolist(), result["labels"].tolist(), result["names"])
             ]
             entry = {"image": str(path), "width": image.width, "height": image.height, "drawing": drawing, "detections": detections}
@@ -113,10 +113,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"none of the {len(paths)} images could be read (named above)")
     total = sum(len(e["detections"]) for e in entries)
     skipped = f" ({len(paths) - len(entries)} unreadable images skipped, named above)" if len(entries) < len(paths) else ""
-    print(
-        f"{len(entries)} images{skipped}, {total} detections with score >= {args.threshold}: "
-        f"{Path(args.out) / 'predictions.json'} and one PNG per image"
-    )
+    print(f"{len(entries)} images{skipped}, {total} detections with score >= {args.threshold}: {Path(args.out) / 'predictions.json'} and one PNG per image")
     return 0
 
 

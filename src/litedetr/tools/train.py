@@ -12,8 +12,7 @@ from typing import Any
 import torch
 
 from litedetr.data import KINDS, AugmentConfig, SyntheticSpec, find_split, write_synthetic_dataset
-from litedetr.engine import TrainConfig, Trainer
-from litedetr.engine import distributed
+from litedetr.engine import TrainConfig, Trainer, distributed
 from litedetr.engine.recipes import FROM_SCRATCH, SMALL_DATA
 from litedetr.engine.state import read_train_config
 from litedetr.engine.trainer import CHECKPOINT
