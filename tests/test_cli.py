@@ -103,10 +103,3 @@ def test_log_lines_go_through_tqdm_while_it_is_loaded(monkeypatch, capsys):
     configure_logging()
     logging.getLogger("litedetr.engine").warning("over a progress bar")
     assert written == ["litedetr: warning: over a progress bar"] and capsys.readouterr().err == ""
-
-
-def test_the_cli_spells_the_checkpoint_weight_choices_as_the_models_do():
-    from litedetr.cli import CHECKPOINT_WEIGHTS
-    from litedetr.models.checkpoint import WEIGHTS
-
-    assert CHECKPOINT_WEIGHTS == WEIGHTS

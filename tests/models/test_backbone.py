@@ -309,3 +309,15 @@ def test_swin_weights_of_the_original_release_are_converted(tmp_path, swin_class
     path = tmp_path / "swin_tiny_patch4_window7_224.pth"
     torch.save({"model": original}, path)
     _assert_body_equals_classifier(SwinBackbone(weights=path), swin_classifier)
+
+
+@pytest.mark.parametrize("size", [(97, 131), (64, 64), (300, 451)])
+def test_level_sizes_are_what_the_backbone_and_input_stage_give(size):
+    from litedetr.models import build_model
+    from litedetr.models.backbone import level_sizes
+
+    model = build_model("dino-r18-tiny").eval()
+    with torch.no_grad():
+        tokens = model.input_stage(model.backbone(torch.rand(1, 3, *size)), torch.zeros(1, *size, dtype=torch.bool))
+    assert level_sizes(*size, 4) == [tuple(s) for s in tokens.spatial_shapes]
+    assert level_sizes(*size, 2) == level_sizes(*size, 4)[:2]

@@ -28,6 +28,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from litedetr.models.state_dict import fit_problems
 
 __all__ = [
+    "level_sizes",
     "ResNetBackbone",
     "SwinBackbone",
     "build_backbone",
@@ -176,6 +177,19 @@ def _check_fits(module: nn.Module, state_dict: Mapping[str, Tensor], source: str
     problems = fit_problems(module, state_dict)
     if problems:
         raise ValueError(f"{source} does not fit {type(module).__name__}:\n  " + "\n  ".join(problems))
+
+
+def level_sizes(height: int, width: int, n_levels: int) -> list[tuple[int, int]]:
+    """``(H, W)`` of each of the encoder's ``n_levels`` levels (strides 8, 16, 32, then the input stage's extra
+    stride-2 levels) for an image of ``height x width``, as the backbones and the input stage compute them:
+    every stride-2 step (ResNet's stem, pooling and stages; the extra levels' 3x3 convolution) rounds up."""
+    sizes, h, w = [], height, width
+    for _ in range(3):  # to stride 8
+        h, w = -(-h // 2), -(-w // 2)
+    for _ in range(n_levels):
+        sizes.append((h, w))
+        h, w = -(-h // 2), -(-w // 2)
+    return sizes
 
 
 class ResNetBackbone(nn.Module):

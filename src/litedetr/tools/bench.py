@@ -108,7 +108,7 @@ def format_report(report: BenchReport) -> str:
     return "\n".join(lines)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     report = benchmark(args.model, args.size, args.device, args.batch, args.train, args.repeats)
     print(json.dumps(report.to_dict()) if args.json else format_report(report))
     return 0
@@ -123,4 +123,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", action="store_true", help="time a training forward + backward instead of inference")
     p.add_argument("--repeats", type=int_at_least(1), default=10, help="timed runs after one warm-up (default 10)")
     p.add_argument("--json", action="store_true", help="print one JSON object (latencies in seconds)")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=run)

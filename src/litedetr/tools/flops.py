@@ -26,7 +26,7 @@ def format_report(report: FlopReport) -> str:
     return "\n".join(lines)
 
 
-def cmd_flops(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     report = count_flops(args.model, args.size)
     print(json.dumps(report.to_dict()) if args.json else format_report(report))
     return 0
@@ -37,4 +37,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model preset, e.g. lite-dino-r50-h3l1-2x3 (see `litedetr models`)")
     p.add_argument("--size", type=parse_size, default=DEFAULT_SIZE, help="image size HxW, fed as is (default 850x1040, the authors')")
     p.add_argument("--json", action="store_true", help="print one JSON object (GFLOPs as numbers)")
-    p.set_defaults(func=cmd_flops)
+    p.set_defaults(func=run)
