@@ -353,7 +353,7 @@ def diagnose(model_file: Path, config: Any, images: int = 16) -> dict[str, Any]:
         share = float((picked[0] < height * width).float().mean())
         model.train()
         losses = model(list(batch), list(targets))
-    layers = model.config.decoder_layers
+    layers = model.config.num_decoder_layers
     return {
         "finest_share": share,
         "outside_weight": [float((weights * out).sum() / weights.sum()) for out, weights in outside.values()],

@@ -150,6 +150,6 @@ def test_a_key_projection_adds_its_linear_layer_and_the_key_samples():
     d, per_point = attn.d_model, attn.n_heads * attn.n_levels * attn.n_points * 4 * (attn.d_model // attn.n_heads)
     queries = sum(s.num_queries for s in shared.schedule)
     encoder = len(shared.schedule) * tokens * d * d + queries * per_point
-    decoder = model.config.decoder_layers * (tokens * d * d + model.config.num_queries * per_point)
+    decoder = model.config.num_decoder_layers * (tokens * d * d + model.config.num_queries * per_point)
     assert (own.components["encoder"] - shared.components["encoder"]) * 1e9 == pytest.approx(encoder, rel=1e-9)
     assert (own.components["decoder"] - shared.components["decoder"]) * 1e9 == pytest.approx(decoder, rel=1e-9)

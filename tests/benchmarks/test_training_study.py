@@ -129,7 +129,7 @@ def test_diagnose_counts_the_finest_level_and_every_layer(study, tiny_synthetic,
     top = scores.topk(20, dim=1).indices
     assert result["finest_share"] == pytest.approx(float((top < 64).float().mean()))
     l1 = result["box_l1"]
-    assert len(l1["decoder"]) == len(l1["denoising"]) == model.config.decoder_layers
+    assert len(l1["decoder"]) == len(l1["denoising"]) == model.config.num_decoder_layers
     assert all(v > 0 for v in [l1["encoder"], *l1["decoder"], *l1["denoising"]])
     layers = len(model.encoder.layers)
     assert len(result["outside_weight"]) == len(result["outside_samples"]) == layers

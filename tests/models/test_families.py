@@ -248,7 +248,7 @@ def test_family_parts():
     assert isinstance(dino.query_selection, MixedQuerySelection) and isinstance(dino.decoder.query_position, AnchorQueryPosition)
     for model in (deformable, hybrid):
         assert isinstance(model.query_selection, PosTransQuerySelection) and isinstance(model.decoder.query_position, StaticQueryPosition)
-        assert len(model.heads.class_heads) == model.config.decoder_layers and model.input_stage.position_offset == -0.5
+        assert len(model.heads.class_heads) == model.config.num_decoder_layers and model.input_stage.position_offset == -0.5
         assert model.criterion.weight_dict == DEFORMABLE_WEIGHTS and model.criterion.binary_encoder_targets
         assert model.criterion.giou_eps == 0.0 and model.decoder.inverse_sigmoid_eps == 1e-5
     assert deformable.query_selection.content is None and hybrid.query_selection.content.num_embeddings == 60 + 120
@@ -427,7 +427,7 @@ def test_key_aware_options_reach_every_kda_layer_and_survive_a_model_file(tmp_pa
     authors = build_model("lite-dino-r18-tiny-h3l1-2x3", num_classes=3)
     model = build_model("lite-dino-r18-tiny-h3l1-2x3", num_classes=3, kda_key_proj=True, kda_zero_query=True)
     layers = [m for m in model.modules() if getattr(m, "key_aware", False)]
-    assert len(layers) == len(model.encoder.layers) + model.config.decoder_layers  # every encoder and decoder layer
+    assert len(layers) == len(model.encoder.layers) + model.config.num_decoder_layers  # every encoder and decoder layer
     assert all(m.query_proj.weight.abs().sum() == 0 for m in layers)
     added = set(model.state_dict()) - set(authors.state_dict())
     assert added == {f"{m}.key_proj.{p}" for m, mod in model.named_modules() if getattr(mod, "key_aware", False) for p in ("weight", "bias")}

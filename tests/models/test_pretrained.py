@@ -133,7 +133,7 @@ def test_another_family_or_architecture_is_refused_by_name(tiny_source):
     with pytest.raises(ConversionError, match=r"(?s)shape mismatches.*decoder\.layers\.0\.ffn\.linear1\.weight"):
         build_model("dino-r18-tiny", init=str(path), num_classes=3, decoder_ffn=64, dn_number=10)
     with pytest.raises(ConversionError, match=r"(?s)missing keys.*decoder\.layers\.3\."):
-        build_model("dino-r18-tiny", init=str(path), num_classes=3, decoder_layers=4, dn_number=10)
+        build_model("dino-r18-tiny", init=str(path), num_classes=3, num_decoder_layers=4, dn_number=10)
     with pytest.raises(ValueError, match="no such checkpoint file"):
         build_model("dino-r18-tiny", init="missing.safetensors", num_classes=3)
     with pytest.raises(ValueError, match="not both"):
@@ -209,8 +209,8 @@ def test_a_decoder_depth_other_than_the_checkpoints_is_named(tmp_path, layout, p
     """The depth comes from the checkpoint's class heads, not from how the model maps them (issue 25 item 5)."""
     state, _ = random_checkpoint(layout, torch.Generator().manual_seed(5))
     torch.save({"model": state}, tmp_path / "released.pth")
-    message = f"the checkpoint's decoder has {depth} layers .* the model 3; set decoder_layers={depth}"
+    message = f"the checkpoint's decoder has {depth} layers .* the model 3; set num_decoder_layers={depth}"
     with pytest.raises(ConversionError, match=message):
-        Detector.from_checkpoint(tmp_path / "released.pth", preset=preset, decoder_layers=3)
+        Detector.from_checkpoint(tmp_path / "released.pth", preset=preset, num_decoder_layers=3)
     with pytest.raises(ConversionError, match=message):
-        build_model(preset, init=str(tmp_path / "released.pth"), decoder_layers=3)
+        build_model(preset, init=str(tmp_path / "released.pth"), num_decoder_layers=3)

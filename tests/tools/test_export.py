@@ -309,7 +309,7 @@ def test_openvino_int8_quantises_convolutions_and_matrix_products_and_keeps_the_
     pytest.importorskip("nncf")
     torch.manual_seed(0)  # one decoder layer and 64x64: NNCF's time grows with the graph
     size = (64, 64)
-    model = build_model("lite-dino-r18-tiny-h3l1-2x3", num_classes=5, num_queries=20, num_select=20, min_size=(64,), max_size=64, decoder_layers=1)
+    model = build_model("lite-dino-r18-tiny-h3l1-2x3", num_classes=5, num_queries=20, num_select=20, min_size=(64,), max_size=64, num_decoder_layers=1)
     model = spread_class_logits(model.eval())
     checkpoint = save_model(model, tmp_path / "m.safetensors")
     images = tmp_path / "images"

@@ -68,7 +68,7 @@ def lite_dino_variants() -> dict[str, Variant]:
         for key_aware in (True, False):
             encoder = dataclasses.replace(base.encoder, n_high=high, high_updates=updates, blocks=blocks, key_aware=key_aware)
             name = shape if key_aware else f"{shape}-msda"
-            label = f"Lite-DINO H{high}L{base.n_levels - high}-({updates}+1)x{blocks} {'KDA' if key_aware else 'MSDA'}"
+            label = f"Lite-DINO H{high}L{base.num_levels - high}-({updates}+1)x{blocks} {'KDA' if key_aware else 'MSDA'}"
             found[name] = Variant(name, label, LITE_PRESET, {"encoder": encoder, "decoder_key_aware": key_aware})
     return found
 

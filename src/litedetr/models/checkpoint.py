@@ -216,7 +216,7 @@ def check_decoder_depth(path: str | os.PathLike, state: dict[str, torch.Tensor],
     depth = max(heads) + (1 if LAYOUTS[layout][1].code_base == "dino" else 0)
     if depth != decoder_layers:
         raise ConversionError(
-            f"{path}: the checkpoint's decoder has {depth} layers (class_embed.0-{max(heads)}), the model {decoder_layers}; set decoder_layers={depth}"
+            f"{path}: the checkpoint's decoder has {depth} layers (class_embed.0-{max(heads)}), the model {decoder_layers}; set num_decoder_layers={depth}"
         )
 
 
@@ -237,7 +237,7 @@ def read_official_checkpoint(
     config = get_config(preset, **overrides)
     if LAYOUTS[layout][1].name != config.family:
         raise ConversionError(f"{path}: a {layout} checkpoint, but preset {preset!r} is of the {config.family} family")
-    check_decoder_depth(path, state, layout, config.decoder_layers)
+    check_decoder_depth(path, state, layout, config.num_decoder_layers)
     class_weight = state.get("class_embed.0.weight")
     if class_weight is not None and class_weight.shape[0] != config.num_classes:
         raise ConversionError(f"{path}: the checkpoint has {class_weight.shape[0]} classes, preset {preset!r} {config.num_classes}; pass num_classes")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -42,11 +43,11 @@ class DetectorConfig:
     backbone_trainable_norm: bool = False
     """ResNet batch norm trained with every layer (from-scratch training) instead of DETR's frozen one."""
     d_model: int = 256
-    n_heads: int = 8
-    n_levels: int = 4
-    n_points: int = 4
+    num_heads: int = 8
+    num_levels: int = 4
+    num_points: int = 4
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    decoder_layers: int = 6
+    num_decoder_layers: int = 6
     decoder_ffn: int = 2048
     decoder_key_aware: bool = False
     kda_key_proj: bool = False
@@ -99,8 +100,8 @@ class DetectorConfig:
 
     def __post_init__(self) -> None:
         design = get_family(self.family).design
-        if self.d_model % 32 or self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by 32 (GroupNorm) and by n_heads ({self.n_heads})")
+        if self.d_model % 32 or self.d_model % self.num_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by 32 (GroupNorm) and by num_heads ({self.num_heads})")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.num_select > self.num_queries * self.num_classes:
@@ -130,10 +131,33 @@ class DetectorConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def __getattr__(self, name: str) -> Any:
+        """The fields' names before 0.3 (:data:`RENAMED_FIELDS`), with a ``DeprecationWarning``."""
+        if name in RENAMED_FIELDS:
+            warnings.warn(f"DetectorConfig.{name} is now {RENAMED_FIELDS[name]}", DeprecationWarning, stacklevel=2)
+            return getattr(self, RENAMED_FIELDS[name])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+RENAMED_FIELDS = {"n_heads": "num_heads", "n_levels": "num_levels", "n_points": "num_points", "decoder_layers": "num_decoder_layers"}
+""":class:`DetectorConfig` fields renamed in 0.3 (old -> new): model files and ``get_config`` still take the old names."""
+
+
+def _renamed(fields: dict[str, Any], warn: bool) -> dict[str, Any]:
+    """``fields`` under today's names; with ``warn``, a ``DeprecationWarning`` for each old one."""
+    for old in sorted(set(fields) & set(RENAMED_FIELDS)):
+        if warn:
+            warnings.warn(f"DetectorConfig field {old!r} is now {RENAMED_FIELDS[old]!r}", DeprecationWarning, stacklevel=3)
+        if RENAMED_FIELDS[old] in fields:
+            raise ValueError(f"both {old!r} and its new name {RENAMED_FIELDS[old]!r} given")
+        fields[RENAMED_FIELDS[old]] = fields.pop(old)
+    return fields
+
 
 def config_from_dict(data: dict[str, Any]) -> DetectorConfig:
-    """Inverse of :meth:`DetectorConfig.to_dict` (e.g. from a checkpoint's JSON); unknown keys are an error."""
-    data = dict(data)
+    """Inverse of :meth:`DetectorConfig.to_dict` (e.g. from a checkpoint's JSON, also one written before
+    the renaming of :data:`RENAMED_FIELDS`); unknown keys are an error."""
+    data = _renamed(dict(data), warn=False)
     known = {f.name for f in dataclasses.fields(DetectorConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -166,9 +190,9 @@ def _tiny(config: DetectorConfig) -> DetectorConfig:
         config,
         backbone="resnet18",
         d_model=128,
-        n_heads=4,
+        num_heads=4,
         encoder=dataclasses.replace(config.encoder, d_ffn=256, d_ffn_low=64 if config.encoder.kind == "lite" else None),
-        decoder_layers=3,
+        num_decoder_layers=3,
         decoder_ffn=256,
         dropout=0.0,
         num_queries=60,
@@ -211,6 +235,7 @@ def get_config(name: str, **overrides: Any) -> DetectorConfig:
     """The preset ``name`` with fields replaced by ``overrides`` (e.g. ``num_classes=20``)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; {suggest_presets(name)}")
+    overrides = _renamed(overrides, warn=True)
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(DetectorConfig)})
     if unknown:
         raise ValueError(f"unknown DetectorConfig fields {unknown}")

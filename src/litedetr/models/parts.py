@@ -44,7 +44,7 @@ def _kda(config: DetectorConfig) -> KeyAwareOptions:
 
 def _encoder(config: DetectorConfig) -> DeformableEncoder:
     enc = config.encoder
-    common = dict(d_model=config.d_model, n_levels=config.n_levels, n_heads=config.n_heads, n_points=config.n_points)
+    common = dict(d_model=config.d_model, n_levels=config.num_levels, n_heads=config.num_heads, n_points=config.num_points)
     attention = dict(dropout=config.dropout, key_aware=enc.key_aware, kda=_kda(config))
     if enc.kind == "lite":
         schedule = dict(n_high=enc.n_high, high_updates=enc.high_updates, blocks=enc.blocks, d_ffn_low=enc.d_ffn_low)
@@ -75,14 +75,14 @@ def build_parts(config: DetectorConfig, backbone_weights: str | None = None) -> 
     """The parts of ``config``'s detector, freshly initialised (see :class:`~litedetr.models.families.FamilyDesign`)."""
     design, d = get_family(config.family).design, config.d_model
     backbone = build_backbone(config.backbone, backbone_weights, config.backbone_trainable_norm)
-    input_stage = EncoderInput(tuple(backbone.out_channels), d, config.n_levels, config.pe_temperature, config.pe_temperature, design.position_offset)
+    input_stage = EncoderInput(tuple(backbone.out_channels), d, config.num_levels, config.pe_temperature, config.pe_temperature, design.position_offset)
     num_content = config.num_queries + config.one_to_many_queries if config.learned_query_content else None
     decoder = DeformableDecoder(
-        config.decoder_layers,
+        config.num_decoder_layers,
         d,
-        config.n_levels,
-        config.n_heads,
-        config.n_points,
+        config.num_levels,
+        config.num_heads,
+        config.num_points,
         config.decoder_ffn,
         config.dropout,
         config.decoder_key_aware,
@@ -111,6 +111,6 @@ def build_parts(config: DetectorConfig, backbone_weights: str | None = None) -> 
         query_selection=design.selection(d, config.num_classes, num_content, dense=config.encoder_one_to_many > 0, query_nms=config.query_nms),
         training_queries=_training_queries(config),
         decoder=decoder,
-        heads=PredictionHeads(d, config.num_classes, config.decoder_layers, design.shared_heads, design.inverse_sigmoid_eps),
+        heads=PredictionHeads(d, config.num_classes, config.num_decoder_layers, design.shared_heads, design.inverse_sigmoid_eps),
         criterion=criterion,
     )

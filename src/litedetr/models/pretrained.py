@@ -116,8 +116,8 @@ def _read_source(path: Path, config: DetectorConfig, weights: str) -> tuple[dict
         official, kind = read_official_state(path, weights)
         family, standard = LAYOUTS[kind][1].name, standard_encoder_layout(kind)
         if family == config.family:
-            check_decoder_depth(path, official, kind, config.decoder_layers)
-        state = rename_official(official, official_rules(kind, config.decoder_layers))
+            check_decoder_depth(path, official, kind, config.num_decoder_layers)
+        state = rename_official(official, official_rules(kind, config.num_decoder_layers))
         bias = state.get("heads.class_heads.0.bias")
         names = coco_class_names() if bias is not None and len(bias) == COCO_NUM_CLASSES else ()
     if family != config.family:

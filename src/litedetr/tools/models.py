@@ -22,7 +22,7 @@ def encoder_label(encoder: EncoderConfig, n_levels: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     rows = [
-        (name, c.family, c.backbone, encoder_label(c.encoder, c.n_levels), str(c.num_queries), f"{max(c.min_size)}/{c.max_size}")
+        (name, c.family, c.backbone, encoder_label(c.encoder, c.num_levels), str(c.num_queries), f"{max(c.min_size)}/{c.max_size}")
         for name, c in sorted(PRESETS.items())
         if args.filter is None or args.filter in name
     ]
