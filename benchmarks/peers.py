@@ -47,7 +47,7 @@ from torch import nn
 from litedetr.bench.timing import bench_model, interleaved_ms, load_averages, run_environment, write_results
 from litedetr.engine.precision import cpu_bf16_native
 from litedetr.models.exported import InferencePrecision, openvino_cpu_config, require
-from litedetr.models.transform import IMAGENET_MEAN, IMAGENET_STD
+from litedetr.models.image_batch import IMAGENET_MEAN, IMAGENET_STD
 from litedetr.tools.export import export_onnx, normalized_scene, quantize_onnx
 
 # this folder's kernels.py would shadow the `kernels` package that transformers imports

@@ -43,7 +43,7 @@ from litedetr.engine.precision import inference_autocast
 from litedetr.engine.recipes import DemoRecipe
 from litedetr.models import Detector, load_model
 from litedetr.models.exported import InferencePrecision, graph_runner
-from litedetr.models.transform import resize_and_normalize
+from litedetr.models.image_batch import resize_and_normalize
 from litedetr.tools.evaluate import evaluate_model_file
 from litedetr.tools.export import calibration_inputs, export_onnx, export_openvino, quantize_onnx, quantize_openvino
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from test_epoch_batches import EXACT_RERUNS
 
 from litedetr.cli import main
 from litedetr.data import find_split
@@ -69,6 +70,13 @@ def test_a_resume_does_not_read_the_init_checkpoint_again(tiny_synthetic, tmp_pa
     first.fit()
     resumed = Trainer(config(tiny_synthetic, init=str(tmp_path / "gone.safetensors"), epochs=2), tmp_path / "run", resume=True)
     assert resumed.fit().epochs_done == 2
+    # the resumed run continues from its own checkpoint: it ends where a straight two-epoch run from the same init does
+    straight = Trainer(config(tiny_synthetic, init=str(path), epochs=2), tmp_path / "straight")
+    assert straight.fit().epochs_done == 2
+    tolerance = dict(rtol=0, atol=0) if EXACT_RERUNS else {}
+    resumed_state = resumed.model.state_dict()
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed_state[name], value, **tolerance, msg=name)
 
 
 def test_init_is_checked_before_any_work(tmp_path, capsys, source):

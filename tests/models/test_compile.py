@@ -18,7 +18,7 @@ from torch._dynamo.testing import CompileCounter
 from torch._dynamo.utils import counters
 
 from litedetr.models import build_model
-from litedetr.models.transform import batch_images
+from litedetr.models.image_batch import batch_images
 from litedetr.nn import DeformableEncoder, EncoderInput, LiteEncoder, MultiScaleDeformableAttention, MultiScaleTokens
 from litedetr.ops import cpu_kernels
 

@@ -267,7 +267,18 @@ def test_a_bad_target_is_named_by_its_image(images):
 def test_images_without_objects_train(images):
     model = small("dino-r18-tiny").train()
     losses = model(images, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2)
-    assert torch.isfinite(sum(losses.values()))
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    box_terms = [name for name in losses if "bbox" in name or "giou" in name]
+    class_terms = [name for name in losses if "class" in name]
+    assert box_terms and class_terms and len(box_terms) + len(class_terms) == len(losses)
+    assert all(losses[name].item() == 0.0 for name in box_terms), {name: losses[name].item() for name in box_terms}  # nothing to match
+    assert all(losses[name].item() > 0.0 for name in class_terms)  # every query is pushed towards "no object"
+    total.backward()
+    # every trainable parameter takes part (DDP needs them all), with a finite gradient
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    not_finite = [name for name, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not missing and not not_finite, (missing, not_finite)
 
 
 def test_save_and_load_round_trip(tmp_path, images):

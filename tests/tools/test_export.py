@@ -13,7 +13,7 @@ from PIL import Image
 from litedetr import ExportedDetector, build_model, save_model
 from litedetr.cli import main
 from litedetr.models.exported import graph_runner
-from litedetr.models.transform import IMAGENET_MEAN, IMAGENET_STD
+from litedetr.models.image_batch import IMAGENET_MEAN, IMAGENET_STD
 from litedetr.ops import custom_ops
 from litedetr.tools import export
 from litedetr.tools.draw import synthetic_scene

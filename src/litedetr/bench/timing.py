@@ -27,7 +27,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from litedetr.models import Detector, build_model
-from litedetr.models.transform import batch_images
+from litedetr.models.image_batch import batch_images
 
 __all__ = [
     "Timing",

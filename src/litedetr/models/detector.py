@@ -18,11 +18,11 @@ from torch import Tensor, nn
 from litedetr.models.checkpoint import TRAINING_CHECKPOINT_HINT, is_training_checkpoint, read_model_file, read_official_checkpoint, save_model
 from litedetr.models.config import DetectorConfig
 from litedetr.models.convert import load_official_state_dict
+from litedetr.models.image_batch import batch_images
 from litedetr.models.inputs import ImageInput, as_image_list, batches_by_size
 from litedetr.models.parts import DetectorParts, build_parts
 from litedetr.models.postprocess import kept_detections, postprocess
 from litedetr.models.state_dict import fit_problems
-from litedetr.models.transform import batch_images
 from litedetr.ops import box_xyxy_to_cxcywh
 
 __all__ = ["Detector", "load_model", "load_official_checkpoint", "convert_official_checkpoint"]

@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 
 from litedetr.models.config import DetectorConfig, config_from_dict
+from litedetr.models.image_batch import resize_and_normalize
 from litedetr.models.inputs import ImageInput, as_image_list, batches_by_size
 from litedetr.models.postprocess import kept_detections
-from litedetr.models.transform import resize_and_normalize
 
 __all__ = [
     "BACKENDS",

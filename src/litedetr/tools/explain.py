@@ -33,9 +33,9 @@ from matplotlib.patches import Patch, Rectangle
 from torch import Tensor
 
 from litedetr.models import Detector
+from litedetr.models.image_batch import batch_images
 from litedetr.models.inputs import ImageInput, to_image_tensor
 from litedetr.models.postprocess import postprocess
-from litedetr.models.transform import batch_images
 from litedetr.nn import LayerQueries
 from litedetr.ops import level_start_index
 from litedetr.tools.args import int_at_least

@@ -1,7 +1,7 @@
 """``litedetr export``: one ONNX graph from normalised images to boxes, scores and labels.
 
 The graph (TorchScript-based exporter, opset 17 for ``GridSample``) takes ``images (B, 3, h, w)``
-float32, normalised with the ImageNet mean and std (see :mod:`litedetr.models.transform`), and
+float32, normalised with the ImageNet mean and std (see :mod:`litedetr.models.image_batch`), and
 returns the top ``num_select`` (query, class) pairs per image: ``boxes (B, N, 4)`` float32 xyxy in
 pixels of the input (origin at its top-left corner), clipped to it as ``Detector.predict`` clips,
 ``scores (B, N)`` float32 sigmoid probabilities, descending, ``labels (B, N)`` int64 class indices
@@ -16,7 +16,7 @@ The encoder's geometry (level offsets, reference points, proposals) is fixed by 
 the graph holds one canvas size ``H x W``: without ``dynamic_size`` the input must be exactly
 ``H x W``; with it, any ``h <= H``, ``w <= W`` is padded (bottom/right) onto the canvas inside the
 graph with the matching padding mask, as the PyTorch model pads a batch. Resize images to fit the
-canvas first (e.g. with :func:`litedetr.models.transform.resized_size`); larger inputs are cropped.
+canvas first (e.g. with :func:`litedetr.models.image_batch.resized_size`); larger inputs are cropped.
 
 The graph is always traced on the CPU, with the Triton kernels switched off
 (:func:`~litedetr.ops.custom_ops.triton_disabled`): a model on a GPU is exported from a CPU copy, so
@@ -41,8 +41,8 @@ from torch import Tensor, nn
 from litedetr.models import Detector
 from litedetr.models.config import DetectorConfig
 from litedetr.models.exported import METADATA_KEY, OUTPUT_NAMES, Backend, graph_input, graph_metadata, graph_runner, onnx_session, require
+from litedetr.models.image_batch import IMAGENET_MEAN, IMAGENET_STD
 from litedetr.models.inputs import find_images, to_image_tensor
-from litedetr.models.transform import IMAGENET_MEAN, IMAGENET_STD
 from litedetr.ops import box_cxcywh_to_xyxy
 from litedetr.ops.custom_ops import triton_disabled
 from litedetr.tools.args import int_at_least, size_type
