@@ -19,7 +19,7 @@ from litedetr.models.criterion import DEFAULT_WEIGHTS, DEFORMABLE_WEIGHTS
 from litedetr.models.detector import load_official_checkpoint
 from litedetr.models.matcher import HungarianMatcher
 from litedetr.models.postprocess import postprocess
-from litedetr.models.query_selection import MixedQuerySelection, PosTransQuerySelection
+from litedetr.models.query_selection import BoxEmbeddingQuerySelection, MixedQuerySelection
 from litedetr.nn.decoder import AnchorQueryPosition, StaticQueryPosition
 
 FAMILY_FIXTURES = {
@@ -247,7 +247,7 @@ def test_family_parts():
     dino, deformable, hybrid = parts["dino"], parts["deformable-detr"], parts["h-detr"]
     assert isinstance(dino.query_selection, MixedQuerySelection) and isinstance(dino.decoder.query_position, AnchorQueryPosition)
     for model in (deformable, hybrid):
-        assert isinstance(model.query_selection, PosTransQuerySelection) and isinstance(model.decoder.query_position, StaticQueryPosition)
+        assert isinstance(model.query_selection, BoxEmbeddingQuerySelection) and isinstance(model.decoder.query_position, StaticQueryPosition)
         assert len(model.heads.class_heads) == model.config.num_decoder_layers and model.input_stage.position_offset == -0.5
         assert model.criterion.weight_dict == DEFORMABLE_WEIGHTS and model.criterion.binary_encoder_targets
         assert model.criterion.giou_eps == 0.0 and model.decoder.inverse_sigmoid_eps == 1e-5

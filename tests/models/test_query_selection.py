@@ -62,3 +62,12 @@ def test_without_query_nms_the_selection_is_the_plain_top_k():
 def test_query_nms_must_be_an_iou():
     with pytest.raises(ValueError, match=r"query_nms must be an IoU in \(0, 1\)"):
         build_model("lite-dino-r18-tiny-h3l1-2x3", num_classes=3, query_nms=1.5)
+
+
+def test_the_former_name_of_the_box_embedding_selection_still_works_with_a_warning():
+    from litedetr.models import query_selection
+
+    with pytest.warns(DeprecationWarning, match="PosTransQuerySelection is now BoxEmbeddingQuerySelection"):
+        assert query_selection.PosTransQuerySelection is query_selection.BoxEmbeddingQuerySelection
+    with pytest.raises(AttributeError, match="has no attribute 'PosTrans'"):
+        query_selection.PosTrans  # noqa: B018

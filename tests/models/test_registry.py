@@ -12,7 +12,7 @@ from litedetr.models.config import PRESETS, DetectorConfig, EncoderConfig
 from litedetr.models.convert import official_rules, standard_encoder_layout
 from litedetr.models.families import FAMILIES, LAYOUTS, get_family
 from litedetr.models.parts import build_parts
-from litedetr.models.query_selection import MixedQuerySelection, PosTransQuerySelection
+from litedetr.models.query_selection import BoxEmbeddingQuerySelection, MixedQuerySelection
 
 
 def test_each_layout_loads_into_its_family_with_its_encoder():
@@ -51,7 +51,7 @@ def test_the_rows_hold_what_the_code_bases_differ_in():
     dino, deformable, h_detr = FAMILIES["dino"], FAMILIES["deformable-detr"], FAMILIES["h-detr"]
     assert (dino.code_base, deformable.code_base, h_detr.code_base) == ("dino", "deformable-detr", "deformable-detr")
     assert h_detr.design is deformable.design
-    assert dino.design.selection is MixedQuerySelection and deformable.design.selection is PosTransQuerySelection
+    assert dino.design.selection is MixedQuerySelection and deformable.design.selection is BoxEmbeddingQuerySelection
     assert [f.design.denoising for f in (dino, deformable, h_detr)] == [True, False, False]
     assert (PRESETS["dino-r50"].dn_number, PRESETS["h-detr-r50"].one_to_many_queries, PRESETS["deformable-detr-r50"].encoder.d_ffn) == (100, 1500, 1024)
 

@@ -1,12 +1,13 @@
-"""Training-only decoder queries: none (the base class), H-DETR's one-to-many group and DINO's denoising
+"""Training-only decoder queries: none (NoTrainingQueries), H-DETR's one-to-many group and DINO's denoising
 queries, their attention masks, group slices and values against loops written here."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from litedetr.models.query_selection import DecoderQueries
-from litedetr.models.training_queries import Denoising, OneToManyGroup, TrainingQueries
+from litedetr.models.training_queries import Denoising, NoTrainingQueries, OneToManyGroup, TrainingQueries
 from litedetr.ops import box_cxcywh_to_xyxy
 
 D_MODEL, NUM_CLASSES, Q = 32, 3, 5
@@ -33,11 +34,13 @@ def no_targets() -> list[dict[str, torch.Tensor]]:
     return [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
 
 
-def test_the_base_class_returns_the_queries_unchanged():
+def test_none_returns_the_queries_unchanged_and_the_base_class_is_only_the_interface():
     queries = decoder_queries(position=True)
-    parts = TrainingQueries()
+    parts = NoTrainingQueries()
     assert parts.extra_selected == 0
     assert parts(queries, targets()) is queries
+    with pytest.raises(NotImplementedError):
+        TrainingQueries()(queries, targets())
 
 
 def test_one_to_many_group_masks_the_two_groups_from_each_other():

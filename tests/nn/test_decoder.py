@@ -62,7 +62,7 @@ def memory_inputs(batch: int = 2) -> dict[str, object]:
 
 def build_decoder(look_forward_twice: bool, anchor: bool, norm: nn.Module, eps: float = 1e-3) -> tuple[DeformableDecoder, list[MLP]]:
     decoder = DeformableDecoder(
-        NUM_LAYERS, D_MODEL, N_LEVELS, N_HEADS, N_POINTS, d_ffn=64,
+        NUM_LAYERS, d_model=D_MODEL, n_levels=N_LEVELS, n_heads=N_HEADS, n_points=N_POINTS, d_ffn=64,
         query_position=AnchorQueryPosition(D_MODEL) if anchor else StaticQueryPosition(),
         norm=norm, look_forward_twice=look_forward_twice, inverse_sigmoid_eps=eps,
     )  # fmt: skip
@@ -213,3 +213,10 @@ def test_looking_forward_twice_lets_the_heads_see_the_previous_refinement_with_i
     # between layers the reference is stopped in both modes: a layer's output does not depend on an earlier box head
     for hidden in (hidden_once, hidden_twice):
         assert all(g is None for g in torch.autograd.grad(hidden[-1].sum(), params, allow_unused=True))
+
+
+def test_a_box_head_per_layer_is_required():
+    decoder, box_heads = build_decoder(look_forward_twice=False, anchor=False, norm=nn.Identity())
+    tgt, reference_logits, position = decoder_queries()
+    with pytest.raises(ValueError, match=f"{NUM_LAYERS - 1} box heads given for {NUM_LAYERS} decoder layers"):
+        run_decoder(decoder, box_heads[:-1], tgt, reference_logits, position, memory_inputs())

@@ -191,15 +191,15 @@ class Detector(nn.Module):
         if self.training:
             queries = self.training_queries(queries, targets)
         hidden, references = self.decoder(
-            queries.content,
-            queries.reference,
-            queries.position,
-            memory,
-            tokens.spatial_shapes,
-            tokens.valid_ratios,
-            tokens.padding_mask,
-            self.heads.box_per_layer,
-            queries.attn_mask,
+            content=queries.content,
+            reference=queries.reference,
+            static_position=queries.position,
+            memory=memory,
+            spatial_shapes=tokens.spatial_shapes,
+            valid_ratios=tokens.valid_ratios,
+            memory_padding_mask=tokens.padding_mask,
+            box_heads=self.heads.box_per_layer,
+            self_attn_mask=queries.attn_mask,
         )
         layers = self.heads(hidden, references)
 

@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from litedetr.models.criterion import DEFAULT_WEIGHTS, DEFORMABLE_WEIGHTS
-from litedetr.models.query_selection import MixedQuerySelection, PosTransQuerySelection, QuerySelection
+from litedetr.models.query_selection import BoxEmbeddingQuerySelection, MixedQuerySelection, QuerySelection
 
 __all__ = ["CheckpointLayout", "Family", "FamilyDesign", "FAMILIES", "LAYOUTS", "get_family"]
 
@@ -93,7 +93,7 @@ class Family:
 
 _DEFORMABLE = FamilyDesign(
     position_offset=-0.5,
-    selection=PosTransQuerySelection,
+    selection=BoxEmbeddingQuerySelection,
     anchor_query_position=False,
     shared_heads=False,
     decoder_norm=False,

@@ -18,7 +18,7 @@ from litedetr.models.families import get_family
 from litedetr.models.heads import PredictionHeads
 from litedetr.models.matcher import HungarianMatcher
 from litedetr.models.query_selection import QuerySelection
-from litedetr.models.training_queries import Denoising, OneToManyGroup, TrainingQueries
+from litedetr.models.training_queries import Denoising, NoTrainingQueries, OneToManyGroup, TrainingQueries
 from litedetr.nn import DeformableEncoder, EncoderInput, KeyAwareOptions, LiteEncoder, MultiScaleDeformableAttention
 from litedetr.nn.decoder import AnchorQueryPosition, DeformableDecoder, StaticQueryPosition
 
@@ -68,25 +68,32 @@ def _training_queries(config: DetectorConfig) -> TrainingQueries:
         return Denoising(config.d_model, config.num_classes, config.dn_number, config.dn_label_noise_ratio, config.dn_box_noise_scale)
     if config.one_to_many_queries:
         return OneToManyGroup(config.one_to_many_queries)
-    return TrainingQueries()
+    return NoTrainingQueries()
 
 
 def build_parts(config: DetectorConfig, backbone_weights: str | None = None) -> DetectorParts:
     """The parts of ``config``'s detector, freshly initialised (see :class:`~litedetr.models.families.FamilyDesign`)."""
     design, d = get_family(config.family).design, config.d_model
     backbone = build_backbone(config.backbone, backbone_weights, config.backbone_trainable_norm)
-    input_stage = EncoderInput(tuple(backbone.out_channels), d, config.num_levels, config.pe_temperature, config.pe_temperature, design.position_offset)
+    input_stage = EncoderInput(
+        tuple(backbone.out_channels),
+        d_model=d,
+        n_levels=config.num_levels,
+        temperature_h=config.pe_temperature,
+        temperature_w=config.pe_temperature,
+        position_offset=design.position_offset,
+    )
     num_content = config.num_queries + config.one_to_many_queries if config.learned_query_content else None
     decoder = DeformableDecoder(
         config.num_decoder_layers,
-        d,
-        config.num_levels,
-        config.num_heads,
-        config.num_points,
-        config.decoder_ffn,
-        config.dropout,
-        config.decoder_key_aware,
-        _kda(config),
+        d_model=d,
+        n_levels=config.num_levels,
+        n_heads=config.num_heads,
+        n_points=config.num_points,
+        d_ffn=config.decoder_ffn,
+        dropout=config.dropout,
+        key_aware=config.decoder_key_aware,
+        kda=_kda(config),
         query_position=AnchorQueryPosition(d) if design.anchor_query_position else StaticQueryPosition(),
         norm=nn.LayerNorm(d) if design.decoder_norm else nn.Identity(),
         look_forward_twice=config.look_forward_twice,

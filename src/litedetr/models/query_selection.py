@@ -6,7 +6,7 @@ then ``enc_output`` + LayerNorm, a class head and a box head). They then differ:
 - :class:`MixedQuerySelection` (DINO): the top-k tokens by their highest class logit give the
   anchors; the content is a learned embedding ("mixed query selection"). Only the selected
   proposals are supervised, with the real labels.
-- :class:`PosTransQuerySelection` (two-stage Deformable DETR, H-DETR): the top-k by the class-0
+- :class:`BoxEmbeddingQuerySelection` (two-stage Deformable DETR, H-DETR): the top-k by the class-0
   logit; their boxes' sine embedding goes through ``pos_trans`` + LayerNorm, whose first half is the
   query position (fixed for all decoder layers) and whose second half the content (Deformable
   DETR), unless a learned content embedding replaces it (H-DETR's mixed selection). Every token's
@@ -21,6 +21,7 @@ top-k passes over proposals that a higher-scoring one overlaps
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,7 @@ from litedetr.nn import MultiScaleTokens
 from litedetr.nn.decoder import MLP
 from litedetr.ops import box_cxcywh_to_xyxy, box_sine_embedding, distinct_topk, encoder_proposals
 
-__all__ = ["DecoderQueries", "QuerySelection", "MixedQuerySelection", "PosTransQuerySelection", "QUERY_NMS_CANDIDATES"]
+__all__ = ["DecoderQueries", "QuerySelection", "MixedQuerySelection", "BoxEmbeddingQuerySelection", "QUERY_NMS_CANDIDATES"]
 
 QUERY_NMS_CANDIDATES = 4
 """With ``query_nms``, the ``4 x Q`` highest-scoring proposals are compared pairwise for the ``Q`` queries."""
@@ -152,8 +153,9 @@ class MixedQuerySelection(QuerySelection):
         return queries, enc_outputs
 
 
-class PosTransQuerySelection(QuerySelection):
-    """Two-stage Deformable DETR and H-DETR: top-k by the class-0 logit, positions from ``pos_trans``.
+class BoxEmbeddingQuerySelection(QuerySelection):
+    """Two-stage Deformable DETR and H-DETR: top-k by the class-0 logit; the query position (and content)
+    embedded from the selected boxes (their sine embedding through ``pos_trans``; "pure" query selection).
 
     Args:
         d_model, num_classes, dense, query_nms: as :class:`QuerySelection`.
@@ -193,3 +195,10 @@ class PosTransQuerySelection(QuerySelection):
         if self.dense and self.training:
             enc_outputs["dense"] = dict(enc_outputs)
         return queries, enc_outputs
+
+
+def __getattr__(name: str) -> type[QuerySelection]:
+    if name == "PosTransQuerySelection":  # its name before 0.3
+        warnings.warn("PosTransQuerySelection is now BoxEmbeddingQuerySelection", DeprecationWarning, stacklevel=2)
+        return BoxEmbeddingQuerySelection
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,7 @@
 """Training-only decoder queries: parts that add queries to the decoder in training and say how to read them.
 
-- :class:`TrainingQueries`: none (Deformable DETR).
+- :class:`TrainingQueries`: what each of them is (the interface).
+- :class:`NoTrainingQueries`: none (Deformable DETR).
 - :class:`Denoising`: DINO's contrastive denoising groups in front of the matching queries.
 - :class:`OneToManyGroup`: H-DETR's hybrid branch, an extra group of selected queries behind the
   one-to-one ones, matched to the targets repeated ``k`` times and masked from them in self-attention.
@@ -18,14 +19,22 @@ from torch import Tensor, nn
 from litedetr.models.denoising import build_denoising_queries
 from litedetr.models.query_selection import DecoderQueries
 
-__all__ = ["TrainingQueries", "Denoising", "OneToManyGroup"]
+__all__ = ["TrainingQueries", "NoTrainingQueries", "Denoising", "OneToManyGroup"]
 
 
 class TrainingQueries(nn.Module):
-    """No training-only queries. Subclasses add theirs in :meth:`forward`."""
+    """What adds training-only queries: :meth:`forward` returns the decoder's queries with its own added,
+    their self-attention mask and their ``groups`` (which slice of the decoder's output is whose)."""
 
     extra_selected = 0
     """How many queries beyond the one-to-one ones the query selection must pick in training."""
+
+    def forward(self, queries: DecoderQueries, targets: list[dict[str, Tensor]]) -> DecoderQueries:
+        raise NotImplementedError
+
+
+class NoTrainingQueries(TrainingQueries):
+    """No training-only queries (Deformable DETR): the queries pass unchanged."""
 
     def forward(self, queries: DecoderQueries, targets: list[dict[str, Tensor]]) -> DecoderQueries:
         return queries

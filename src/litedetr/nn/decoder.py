@@ -124,6 +124,7 @@ class DeformableDecoder(nn.Module):
     def __init__(
         self,
         num_layers: int = 6,
+        *,
         d_model: int = 256,
         n_levels: int = 4,
         n_heads: int = 8,
@@ -132,7 +133,6 @@ class DeformableDecoder(nn.Module):
         dropout: float = 0.0,
         key_aware: bool = False,
         kda: KeyAwareOptions = KeyAwareOptions(),
-        *,
         query_position: nn.Module,
         norm: nn.Module,
         look_forward_twice: bool,
@@ -147,8 +147,8 @@ class DeformableDecoder(nn.Module):
 
     def forward(
         self,
-        tgt: Tensor,
-        reference_logits: Tensor,
+        content: Tensor,
+        reference: Tensor,
         static_position: Tensor | None,
         memory: Tensor,
         spatial_shapes: SpatialShapes,
@@ -159,8 +159,8 @@ class DeformableDecoder(nn.Module):
     ) -> tuple[list[Tensor], list[Tensor]]:
         """
         Args:
-            tgt: ``(B, Q, C)`` initial query content.
-            reference_logits: ``(B, Q, 4)`` initial boxes, inverse-sigmoid ``cxcywh``.
+            content: ``(B, Q, C)`` initial query content.
+            reference: ``(B, Q, 4)`` initial boxes, inverse-sigmoid ``cxcywh`` (as :class:`~litedetr.models.query_selection.DecoderQueries` holds them).
             static_position: ``(B, Q, C)`` query positions fixed for all layers, or None (:class:`AnchorQueryPosition`).
             memory: ``(B, S, C)``; spatial_shapes ``(H_l, W_l)`` per level; valid_ratios ``(B, L, 2)``.
             memory_padding_mask: ``(B, S)`` True = padding.
@@ -171,7 +171,10 @@ class DeformableDecoder(nn.Module):
             ``hidden``: per layer ``(B, Q, C)`` outputs (after ``norm``); ``references``: per layer
             ``(B, Q, 4)`` sigmoid boxes the layer's prediction is relative to (``len(layers)`` of them).
         """
-        reference = reference_logits.sigmoid()
+        if len(box_heads) != len(self.layers):
+            raise ValueError(f"{len(box_heads)} box heads given for {len(self.layers)} decoder layers")
+        reference = reference.sigmoid()
+        tgt = content
         box_ratios = valid_ratios.repeat(1, 1, 2)[:, None]  # (B, 1, L, 4)
         hidden, references = [], [reference]
         for i, (layer, box_head) in enumerate(zip(self.layers, box_heads)):
