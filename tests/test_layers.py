@@ -44,3 +44,26 @@ def test_the_check_finds_an_upward_import_also_inside_a_function():
     source = "from litedetr.ops import boxes\n\ndef f():\n    from litedetr.engine import Trainer\n    import litedetr.bench.timing\n"
     assert upward_imports(source, "models") == ["line 4: litedetr.engine", "line 5: litedetr.bench.timing"]
     assert upward_imports(source, "bench") == []
+
+
+def test_the_readme_layout_names_every_module_and_only_existing_ones():
+    readme = (PACKAGE.parents[1] / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```\nops", 1)[1].split("```", 1)[0]
+    named: dict[str, set[str]] = {}
+    layer = "ops"
+    for line in ("ops" + block).splitlines():
+        if line[:9].strip():
+            layer = line[:9].strip()
+        named.setdefault(layer, set()).update(n.strip() for n in line[9:45].replace("(", ",").replace(")", ",").replace(":", ",").split(",") if n.strip())
+    for layer in ("ops", "nn", "models", "data", "engine", "bench"):
+        modules = {p.stem for p in (PACKAGE / layer).glob("*.py") if p.stem != "__init__"} | {
+            p.name + "/" for p in (PACKAGE / layer).iterdir() if p.is_dir() and p.name != "__pycache__"
+        }
+        listed = named[layer]
+        missing = {m for m in modules if m not in listed and not any(n.endswith("*") and m.startswith(n[:-1]) for n in listed)}
+        assert not missing, f"{layer}: not in the README's layout: {sorted(missing)}"
+        unknown = {n for n in listed if n not in modules and not (n.endswith("*") and any(m.startswith(n[:-1]) for m in modules))}
+        assert not unknown, f"{layer}: the README's layout names what is not there: {sorted(unknown)}"
+    assert {p.stem for p in (PACKAGE / "tools").glob("*.py")} - {"__init__", "args", "draw"} <= set(
+        readme.split("tools    one module per CLI command", 1)[1].split("```", 1)[0].replace(";", ",").replace(" ", ",").split(",")
+    )
