@@ -155,8 +155,10 @@ def test_levels_of_equal_size_differ_by_their_level_embeddings_only():
     assert (stage.level_embed[0] - stage.level_embed[1]).abs().min() > 0
 
 
-def test_too_few_levels_or_a_wrong_number_of_maps_are_refused():
+def test_too_few_levels_a_wrong_number_of_maps_or_a_width_off_the_groups_are_refused():
     with pytest.raises(ValueError, match=r"n_levels \(1\) < number of backbone maps \(2\)"):
         EncoderInput(IN_CHANNELS, D_MODEL, 1)
+    with pytest.raises(ValueError, match=r"d_model \(48\) must be a multiple of 32"):
+        EncoderInput(IN_CHANNELS, 48, 3)
     with pytest.raises(ValueError, match="expected 2 feature maps, got 1"):
         EncoderInput(IN_CHANNELS, D_MODEL, 3)(features()[:1], image_mask())

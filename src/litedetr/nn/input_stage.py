@@ -49,7 +49,7 @@ class EncoderInput(nn.Module):
 
     Args:
         in_channels: channels of the backbone maps, finest first (e.g. ``(512, 1024, 2048)`` for C3-C5).
-        d_model: token channels.
+        d_model: token channels, a multiple of 32 (the GroupNorm's groups).
         n_levels: total levels (``len(in_channels)`` + extra levels).
         temperature_h, temperature_w: sine embedding temperatures.
         position_offset: see :func:`~litedetr.ops.sine_position_embedding`.
@@ -67,6 +67,8 @@ class EncoderInput(nn.Module):
         super().__init__()
         if n_levels < len(in_channels):
             raise ValueError(f"n_levels ({n_levels}) < number of backbone maps ({len(in_channels)})")
+        if d_model % 32:
+            raise ValueError(f"d_model ({d_model}) must be a multiple of 32: each level is normalised in 32 groups")
         self.d_model, self.n_levels = d_model, n_levels
         self.temperature_h, self.temperature_w, self.position_offset = temperature_h, temperature_w, position_offset
         projections = [nn.Sequential(nn.Conv2d(c, d_model, 1), nn.GroupNorm(32, d_model)) for c in in_channels]
