@@ -26,7 +26,7 @@ from torch import nn
 from litedetr.models.coco_classes import COCO_NUM_CLASSES, coco_class_names
 from litedetr.models.config import DetectorConfig, config_from_dict, get_config
 from litedetr.models.convert import ConversionError, detect_layout, rename_official
-from litedetr.models.families import LAYOUTS
+from litedetr.models.families import LAYOUTS, layout_family
 
 __all__ = [
     "save_model", "atomic_write", "read_config", "read_model_file", "read_official_checkpoint", "read_official_state",
@@ -213,7 +213,7 @@ def check_decoder_depth(path: str | os.PathLike, state: dict[str, torch.Tensor],
     heads = [int(m.group(1)) for key in state if (m := re.fullmatch(r"class_embed\.(\d+)\.weight", key))]
     if not heads:
         return
-    depth = max(heads) + (1 if LAYOUTS[layout][1].code_base == "dino" else 0)
+    depth = max(heads) + (1 if layout_family(layout).code_base == "dino" else 0)
     if depth != decoder_layers:
         raise ConversionError(
             f"{path}: the checkpoint's decoder has {depth} layers (class_embed.0-{max(heads)}), the model {decoder_layers}; set num_decoder_layers={depth}"
@@ -235,7 +235,7 @@ def read_official_checkpoint(
     """
     state, layout = read_official_state(path, weights)
     config = get_config(preset, **overrides)
-    if LAYOUTS[layout][1].name != config.family:
+    if layout_family(layout).name != config.family:
         raise ConversionError(f"{path}: a {layout} checkpoint, but preset {preset!r} is of the {config.family} family")
     check_decoder_depth(path, state, layout, config.num_decoder_layers)
     class_weight = state.get("class_embed.0.weight")

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from litedetr.models.families import LAYOUTS
+from litedetr.models.families import LAYOUTS, layout_family
 from litedetr.models.state_dict import fit_problems
 from litedetr.nn import MultiScaleDeformableAttention
 
@@ -136,7 +136,7 @@ def official_rules(layout: str | None, num_decoder_layers: int = 6) -> list[tupl
         return list(COMMON_RULES)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown checkpoint layout {layout!r}; known: {', '.join(LAYOUTS)}")
-    return [*COMMON_RULES, *_CODE_BASE_RULES[LAYOUTS[layout][1].code_base](num_decoder_layers)]
+    return [*COMMON_RULES, *_CODE_BASE_RULES[layout_family(layout).code_base](num_decoder_layers)]
 
 
 def rename_official(state_dict: Mapping[str, Tensor], rules: list[tuple[str, str]]) -> dict[str, Tensor]:

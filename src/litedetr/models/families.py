@@ -21,7 +21,7 @@ from typing import Any, Literal
 from litedetr.models.criterion import DEFAULT_WEIGHTS, DEFORMABLE_WEIGHTS
 from litedetr.models.query_selection import BoxEmbeddingQuerySelection, MixedQuerySelection, QuerySelection
 
-__all__ = ["CheckpointLayout", "Family", "FamilyDesign", "FAMILIES", "LAYOUTS", "get_family"]
+__all__ = ["CheckpointLayout", "Family", "FamilyDesign", "FAMILIES", "LAYOUTS", "get_family", "layout_family"]
 
 CodeBase = Literal["dino", "deformable-detr"]
 
@@ -171,3 +171,8 @@ def get_family(name: str) -> Family:
     if name not in FAMILIES:
         raise ValueError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
     return FAMILIES[name]
+
+
+def layout_family(layout: str) -> Family:
+    """The family checkpoints of ``layout`` (one of :data:`LAYOUTS`) load into."""
+    return LAYOUTS[layout][1]

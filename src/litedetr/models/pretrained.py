@@ -42,7 +42,7 @@ from litedetr.models.convert import (
     rename_official,
     standard_encoder_layout,
 )
-from litedetr.models.families import LAYOUTS, get_family
+from litedetr.models.families import get_family, layout_family
 
 __all__ = ["InitReport", "init_from_checkpoint", "checkpoint_family", "match_classes", "CLASS_TENSORS"]
 
@@ -104,7 +104,7 @@ def checkpoint_family(path: str | os.PathLike) -> str:
         raise ValueError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
         return read_config(path).family
-    return LAYOUTS[read_official_state(path)[1]][1].name
+    return layout_family(read_official_state(path)[1]).name
 
 
 def _read_source(path: Path, config: DetectorConfig, weights: str) -> tuple[dict[str, Tensor], str, tuple[str, ...], bool]:
@@ -114,7 +114,7 @@ def _read_source(path: Path, config: DetectorConfig, weights: str) -> tuple[dict
         family, kind, names, standard = source.family, "litedetr", source.class_names, source.encoder.kind == "standard"
     else:
         official, kind = read_official_state(path, weights)
-        family, standard = LAYOUTS[kind][1].name, standard_encoder_layout(kind)
+        family, standard = layout_family(kind).name, standard_encoder_layout(kind)
         if family == config.family:
             check_decoder_depth(path, official, kind, config.num_decoder_layers)
         state = rename_official(official, official_rules(kind, config.num_decoder_layers))
