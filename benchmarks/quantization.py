@@ -41,11 +41,12 @@ from litedetr.bench.timing import interleaved_ms, load_averages, run_environment
 from litedetr.data import CocoDetection, find_split, write_synthetic_dataset
 from litedetr.engine.precision import inference_autocast
 from litedetr.engine.recipes import DemoRecipe
-from litedetr.models import Detector, load_model
+from litedetr.models import Detector
 from litedetr.models.exported import InferencePrecision, graph_runner
 from litedetr.models.image_batch import resize_and_normalize
 from litedetr.tools.evaluate import evaluate_model_file
 from litedetr.tools.export import calibration_inputs, export_onnx, export_openvino, quantize_onnx, quantize_openvino
+from litedetr.weights import load_model
 
 VARIANTS = {
     # name: (graph: None for the model file, "float32", "int8", "int8-full" or "int8-nncf"; runtime; precision)

@@ -42,7 +42,7 @@ from litedetr.bench.timing import encoder_run, interleaved_ms
 from litedetr.data import CocoDetection, find_split, write_synthetic_dataset
 from litedetr.engine import MODEL_FILE
 from litedetr.engine.recipes import DemoRecipe, demo_train_config
-from litedetr.models import Detector
+from litedetr.weights import load_model
 
 TABLE_METRICS = ("AP", "AP50", "APs", "APm", "APl")
 RUNS_DIR = "tradeoff-runs"
@@ -126,7 +126,7 @@ def main() -> None:
 
     val = find_split(data, "val")
     image = CocoDetection(val.annotations, val.images)[0][0]
-    models = [Detector.from_checkpoint(runs / v.name / MODEL_FILE) for v in chosen]
+    models = [load_model(runs / v.name / MODEL_FILE) for v in chosen]
     times = interleaved_ms({i: encoder_run(m, image[None], train=False) for i, m in enumerate(models)}, args.repeats)
     latencies = [statistics.median(times[i]) for i in range(len(models))]
     size = (recipe.image_size, recipe.image_size)

@@ -87,8 +87,9 @@ from litedetr.engine import TrainConfig
 from litedetr.engine.precision import resolve_precision
 from litedetr.engine.recipes import DemoRecipe, demo_train_config
 from litedetr.engine.run_log import read_log
-from litedetr.models import get_config, load_model
+from litedetr.models import get_config
 from litedetr.ops import box_iou, level_shapes
+from litedetr.weights import load_model
 
 LOSS_TERMS = ("loss_class", "loss_bbox", "loss_giou")
 WARMUP_STEPS = 100

@@ -67,7 +67,7 @@ def official_keys(layout: str) -> dict[str, list[int]]:
 def random_checkpoint(layout: str, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Random, unshared values for every key of a released checkpoint (keys saved twice share a value),
     and the same values under our names."""
-    from litedetr.models.convert import official_rules, rename_official
+    from litedetr.weights.keys import official_rules, rename_official
 
     rules = official_rules(layout)
     state, ours = {}, {}

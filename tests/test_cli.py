@@ -38,7 +38,7 @@ def test_models_lists_the_paper_presets(capsys):
 
 def test_convert_missing_file_is_one_line(capsys, tmp_path):
     assert main(["convert", str(tmp_path / "none.pth"), "--preset", "dino-r50", "--out", str(tmp_path / "o.safetensors")]) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"litedetr: error: {tmp_path / 'none.pth'}: no such checkpoint file\n"
 
 
 def test_help_and_version_do_not_import_torch():

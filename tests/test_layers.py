@@ -1,4 +1,4 @@
-"""The package's layers: ``ops`` -> ``nn`` -> ``models`` -> ``data`` -> ``engine`` -> ``bench`` -> ``tools``/``cli``.
+"""The package's layers: ``ops`` -> ``nn`` -> ``models`` -> ``weights`` -> ``data`` -> ``engine`` -> ``bench`` -> ``tools``/``cli``.
 A module imports from its own layer or lower ones, never higher (lazy imports inside functions included)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "litedetr"
-LAYERS = {"ops": 0, "nn": 1, "models": 2, "data": 3, "engine": 4, "bench": 5, "tools": 6, "cli": 6, "__init__": 7, "__main__": 7}
+LAYERS = {"ops": 0, "nn": 1, "models": 2, "weights": 3, "data": 4, "engine": 5, "bench": 6, "tools": 7, "cli": 7, "__init__": 8, "__main__": 8}
 
 
 def upward_imports(source: str, layer: str) -> list[str]:
@@ -55,7 +55,7 @@ def test_the_readme_layout_names_every_module_and_only_existing_ones():
         if line[:9].strip():
             layer = line[:9].strip()
         named.setdefault(layer, set()).update(n.strip() for n in line[9:45].replace("(", ",").replace(")", ",").replace(":", ",").split(",") if n.strip())
-    for layer in ("ops", "nn", "models", "data", "engine", "bench"):
+    for layer in ("ops", "nn", "models", "weights", "data", "engine", "bench"):
         modules = {p.stem for p in (PACKAGE / layer).glob("*.py") if p.stem != "__init__"} | {
             p.name + "/" for p in (PACKAGE / layer).iterdir() if p.is_dir() and p.name != "__pycache__"
         }

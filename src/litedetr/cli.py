@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command if command in TOOL_COMMANDS else "").parse_args(argv)
     configure_logging(getattr(args, "log_level", None) or logging.INFO)
     from litedetr.engine import TrainingDiverged
-    from litedetr.models.convert import ConversionError
+    from litedetr.weights import ConversionError
 
     try:
         return args.func(args)

@@ -11,7 +11,7 @@ from conftest import benchmark_script
 from litedetr.bench.runs import lite_dino_variants, scaled_recipe
 from litedetr.data import KINDS
 from litedetr.engine.recipes import DemoRecipe
-from litedetr.models.pretrained import match_classes
+from litedetr.weights.classes import match_classes
 
 
 @pytest.fixture(scope="module")

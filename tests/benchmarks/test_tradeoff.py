@@ -11,7 +11,8 @@ from litedetr.bench.flops import count_flops
 from litedetr.engine import CHECKPOINT
 from litedetr.engine.recipes import DemoRecipe, demo_train_config
 from litedetr.engine.state import save_state
-from litedetr.models import build_model, get_config
+from litedetr.models import get_config
+from litedetr.weights import build_model
 
 
 @pytest.fixture(scope="module")

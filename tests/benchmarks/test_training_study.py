@@ -9,7 +9,8 @@ import torch
 from conftest import benchmark_script
 
 from litedetr.engine.recipes import DemoRecipe
-from litedetr.models import build_model, get_config
+from litedetr.models import get_config
+from litedetr.weights import build_model
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def test_diagnose_counts_the_finest_level_and_every_layer(study, tiny_synthetic,
     from types import SimpleNamespace
 
     from litedetr.data import find_split
-    from litedetr.models import save_model
+    from litedetr.weights import save_model
 
     torch.manual_seed(0)
     model = build_model(DemoRecipe.model, num_classes=5, min_size=(64,), max_size=64, num_queries=20, num_select=20, dn_number=10)

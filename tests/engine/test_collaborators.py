@@ -10,7 +10,7 @@ from test_epoch_batches import EXACT_RERUNS, config
 from litedetr.engine import Trainer
 from litedetr.engine.run_log import read_log
 from litedetr.engine.setup import build_datasets, build_run_model
-from litedetr.models import build_model
+from litedetr.weights import build_model
 
 
 def test_a_given_model_and_datasets_train_as_the_built_ones(tiny_synthetic, tmp_path):

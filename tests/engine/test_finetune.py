@@ -12,7 +12,7 @@ from test_epoch_batches import EXACT_RERUNS
 from litedetr.cli import main
 from litedetr.data import find_split
 from litedetr.engine import TrainConfig, Trainer
-from litedetr.models import build_model, save_model
+from litedetr.weights import build_model, save_model
 
 PRESET = "dino-r18-tiny"
 OVERRIDES = {"backbone_trainable_norm": True, "dn_number": 4}

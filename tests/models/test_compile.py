@@ -17,10 +17,10 @@ import torch
 from torch._dynamo.testing import CompileCounter
 from torch._dynamo.utils import counters
 
-from litedetr.models import build_model
 from litedetr.models.image_batch import batch_images
 from litedetr.nn import DeformableEncoder, EncoderInput, LiteEncoder, MultiScaleDeformableAttention, MultiScaleTokens
 from litedetr.ops import cpu_kernels
+from litedetr.weights import build_model
 
 TOLERANCE = 1e-5
 FORWARD_FEATURES_PRESETS = ["dino-r18-tiny", "lite-dino-r18-tiny-h3l1-2x3", "h-detr-r18-tiny"]

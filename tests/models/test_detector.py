@@ -13,9 +13,10 @@ from safetensors.torch import save_file
 
 from litedetr import build_model
 from litedetr.cli import main as cli_main
-from litedetr.models import Detector, convert_official_checkpoint, get_config, load_model, read_config, save_model
-from litedetr.models.convert import ConversionError, load_official_state_dict
+from litedetr.models import Detector, get_config
 from litedetr.models.postprocess import postprocess
+from litedetr.weights import ConversionError, load_checkpoint, load_model, read_config, save_model
+from litedetr.weights.loading import load_official_state_dict
 
 FIXTURE_OVERRIDES = dict(num_queries=30, num_select=30, decoder_ffn=128)
 
@@ -73,7 +74,7 @@ def test_convert_command_round_trip(tmp_path):
     checkpoint = tmp_path / "r50_s3ex3.pth"
     torch.save({"model": authors_state_dict(f, reference), "args": argparse.Namespace(enc_scale=3)}, checkpoint)
     out = tmp_path / "converted.safetensors"
-    convert_official_checkpoint(checkpoint, "lite-dino-r50-h3l1-2x3", out, encoder=fixture_config().encoder, **FIXTURE_OVERRIDES)
+    save_model(load_checkpoint(checkpoint, "lite-dino-r50-h3l1-2x3", encoder=fixture_config().encoder, **FIXTURE_OVERRIDES), out)
     model = load_model(out)
     with torch.no_grad():
         preds = model.forward_features([feat for feat, _ in f["backbone_features"]], f["image_mask"])

@@ -13,14 +13,15 @@ import pytest
 import torch
 from conftest import load_fixture, random_checkpoint
 
-from litedetr.models import Detector, build_model, get_config, load_model, save_model
-from litedetr.models.convert import ConversionError, detect_layout, load_official_state_dict, official_rules, rename_official
+from litedetr.models import Detector, get_config
 from litedetr.models.criterion import DEFAULT_WEIGHTS, DEFORMABLE_WEIGHTS
-from litedetr.models.detector import load_official_checkpoint
 from litedetr.models.matcher import HungarianMatcher
 from litedetr.models.postprocess import postprocess
 from litedetr.models.query_selection import BoxEmbeddingQuerySelection, MixedQuerySelection
 from litedetr.nn.decoder import AnchorQueryPosition, StaticQueryPosition
+from litedetr.weights import ConversionError, build_model, load_checkpoint, load_model, save_model
+from litedetr.weights.keys import detect_layout, official_rules, rename_official
+from litedetr.weights.loading import load_official_state_dict
 
 FAMILY_FIXTURES = {
     "deformable-detr-r50": "deformable_detr_two_stage_seed0.pt",
@@ -146,7 +147,7 @@ def test_every_key_of_a_released_checkpoint_loads(tmp_path, layout, preset, coun
     assert len(state) == count and detect_layout(state) == layout
     path = tmp_path / "checkpoint.pth"
     torch.save({"model": state}, path)
-    model = Detector.from_checkpoint(path, preset=preset)
+    model = load_checkpoint(path, preset)
     loaded = model.state_dict()
     assert set(ours) <= set(loaded)
     for key, value in ours.items():
@@ -171,14 +172,14 @@ def test_a_checkpoint_of_another_family_or_layout_is_named(tmp_path):
     path = tmp_path / "deformable.pth"
     torch.save({"model": state}, path)
     with pytest.raises(ConversionError, match="a deformable-detr checkpoint, but preset 'dino-r50' is of the dino family"):
-        load_official_checkpoint(path, "dino-r50")
+        load_checkpoint(path, "dino-r50")
     single_stage = {"backbone.0.body.conv1.weight": torch.zeros(64, 3, 7, 7), "transformer.reference_points.weight": torch.zeros(2, 256)}
     torch.save({"model": single_stage}, path)
     with pytest.raises(ConversionError, match="single-stage Deformable DETR"):
-        load_official_checkpoint(path, "deformable-detr-r50")
+        load_checkpoint(path, "deformable-detr-r50")
     torch.save({"model": {"detr.weight": torch.zeros(1)}}, path)
     with pytest.raises(ConversionError, match="not a checkpoint of a known layout.*first keys: detr.weight"):
-        load_official_checkpoint(path, "deformable-detr-r50")
+        load_checkpoint(path, "deformable-detr-r50")
 
 
 def test_the_deformable_detr_heads_are_not_shared_by_a_dino_model():
@@ -196,8 +197,8 @@ def test_a_standard_checkpoint_initialises_its_lite_preset(tmp_path, caplog, lay
     path = tmp_path / "standard.pth"
     torch.save({"model": state}, path)
     fresh_model = build_model(preset)
-    with caplog.at_level(logging.INFO, logger="litedetr.models.convert"):
-        model = load_official_checkpoint(path, preset)
+    with caplog.at_level(logging.INFO, logger="litedetr.weights.loading"):
+        model = load_checkpoint(path, preset)
     loaded = model.state_dict()
     # encoder layer i takes layer i; what has no source keeps a fresh initialisation, listed in one line
     for key, value in ours.items():
@@ -226,9 +227,9 @@ def test_a_lite_detr_repository_checkpoint_with_the_standard_encoder_is_detected
     assert detect_layout(state) == "dino"
     path = tmp_path / "lite_detr_repo_standard.pth"
     torch.save({"model": state}, path)
-    standard = Detector.from_checkpoint(path, preset="dino-r50").state_dict()
+    standard = load_checkpoint(path, "dino-r50").state_dict()
     assert all(torch.equal(standard[k], v) for k, v in ours.items())
-    lite = load_official_checkpoint(path, "lite-dino-r50-h3l1-2x3").state_dict()
+    lite = load_checkpoint(path, "lite-dino-r50-h3l1-2x3").state_dict()
     never_trained = rename_official(unused, official_rules("dino"))
     assert len(never_trained) == 2 * (6 + 6) and set(never_trained) <= set(lite)
     for key, value in never_trained.items():  # KDA's query_proj starts fresh
@@ -274,7 +275,8 @@ def test_deformable_detr_supervises_every_token_proposal_with_binary_targets():
 def test_format_1_model_files_of_dino_are_read(tmp_path):
     from safetensors.torch import save_file
 
-    from litedetr.models.checkpoint import _V1_NAMES, CONFIG_KEY, FORMAT_KEY
+    from litedetr.weights.files import CONFIG_KEY, FORMAT_KEY
+    from litedetr.weights.keys import FORMAT_1_RULES
 
     model = build_model("dino-r18-tiny", num_classes=3).eval()
     path = save_model(model, tmp_path / "v2.safetensors")
@@ -289,7 +291,7 @@ def test_format_1_model_files_of_dino_are_read(tmp_path):
                 key = previous + key.removeprefix(new)
                 break
         old[key] = value.contiguous()
-    assert len(_V1_NAMES) == len(inverse) + 1
+    assert len(FORMAT_1_RULES) == len(inverse) + 1
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -318,9 +320,7 @@ def test_convert_command_for_each_family(tmp_path):
 
 
 def test_a_converted_h_detr_model_file_reproduces_the_code_base(tmp_path):
-    """Through convert_official_checkpoint and our model file: the same predictions as the original code."""
-    from litedetr.models import convert_official_checkpoint
-
+    """Through a conversion to our model file: the same predictions as the original code."""
     f = load_fixture("h_detr_two_stage_seed0.pt")
     reference = fixture_model("h-detr-r50", f)
     checkpoint = tmp_path / "h_detr.pth"
@@ -329,7 +329,7 @@ def test_a_converted_h_detr_model_file_reproduces_the_code_base(tmp_path):
     torch.save({"model": state}, checkpoint)
     c = reference.config
     overrides = dict(encoder=c.encoder, decoder_ffn=c.decoder_ffn, num_queries=c.num_queries, one_to_many_queries=c.one_to_many_queries)
-    convert_official_checkpoint(checkpoint, "h-detr-r50", tmp_path / "h_detr.safetensors", **overrides)
+    save_model(load_checkpoint(checkpoint, "h-detr-r50", **overrides), tmp_path / "h_detr.safetensors")
     model = load_model(tmp_path / "h_detr.safetensors")
     with torch.no_grad():
         out = model.forward_features([feat for feat, _ in f["backbone_features"]], f["image_mask"])

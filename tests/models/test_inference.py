@@ -1,4 +1,4 @@
-"""Detector.from_checkpoint and Detector.predict: every input type gives the same detections as the tensor API."""
+"""load_model, load_checkpoint and Detector.predict: every input type gives the same detections as the tensor API."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from conftest import FIXTURES
 from PIL import Image
 
 from litedetr import build_model
-from litedetr.models import Detector, save_model
-from litedetr.models.convert import ConversionError, official_rules, rename_official
+from litedetr.models import Detector
 from litedetr.models.inputs import to_image_tensor
+from litedetr.weights import ConversionError, load_checkpoint, load_model, save_model
+from litedetr.weights.keys import official_rules, rename_official
 
 NAMES = ("cat", "dog", "bird")
 
@@ -152,25 +153,25 @@ def test_corrupt_and_missing_files_are_named(model, tmp_path):
         model.predict(tmp_path / "nowhere.png")
 
 
-def test_from_checkpoint_safetensors(model, picture, expected, tmp_path):
+def test_load_safetensors(model, picture, expected, tmp_path):
     path = save_model(model, tmp_path / "model.safetensors")
-    loaded = Detector.from_checkpoint(path)
+    loaded = load_model(path)
     assert not loaded.training and loaded.config == model.config
     assert_same(loaded.predict(picture, threshold=0.0)[0], expected)
 
 
-def test_from_checkpoint_errors(tmp_path):
+def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="missing.safetensors: no such checkpoint file"):
-        Detector.from_checkpoint(tmp_path / "missing.safetensors")
+        load_model(tmp_path / "missing.safetensors")
     pth = tmp_path / "authors.pth"
     torch.save({"model": {"transformer.level_embed": torch.zeros(4, 256)}}, pth)
     with pytest.raises(ValueError, match="pass its preset"):
-        Detector.from_checkpoint(pth)
+        load_model(pth)
     with pytest.raises(ConversionError, match="not a checkpoint of a known layout"):
-        Detector.from_checkpoint(pth, preset="lite-dino-r50-h3l1-2x3")
+        load_checkpoint(pth, "lite-dino-r50-h3l1-2x3")
 
 
-def test_from_checkpoint_authors_pth_with_preset(tmp_path):
+def test_load_authors_pth_with_preset(tmp_path):
     keys = FIXTURES / "official_lite_dino_r50_state_dict_keys.json"
     if not keys.exists():
         pytest.skip(f"{keys} is not present")
@@ -182,7 +183,7 @@ def test_from_checkpoint_authors_pth_with_preset(tmp_path):
         state[key] = ours.setdefault(target, torch.randn(shape, generator=g))
     path = tmp_path / "r50_s3ex3.pth"
     torch.save({"model": state}, path)
-    loaded = Detector.from_checkpoint(path, preset="lite-dino-r50-h3l1-2x3")
+    loaded = load_checkpoint(path, "lite-dino-r50-h3l1-2x3")
     loaded_state = loaded.state_dict()
     for key, value in ours.items():
         assert torch.equal(loaded_state[key], value.to(loaded_state[key].dtype)), key

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import fast_nms_reference
 
-from litedetr.models import build_model
 from litedetr.models.query_selection import QUERY_NMS_CANDIDATES
 from litedetr.ops import box_cxcywh_to_xyxy
+from litedetr.weights import build_model
 
 
 def captured_selection(model, images):

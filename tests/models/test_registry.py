@@ -9,10 +9,10 @@ import torch
 
 from litedetr.models import Detector, get_config
 from litedetr.models.config import PRESETS, DetectorConfig, EncoderConfig
-from litedetr.models.convert import official_rules, standard_encoder_layout
 from litedetr.models.families import FAMILIES, LAYOUTS, get_family
 from litedetr.models.parts import build_parts
 from litedetr.models.query_selection import BoxEmbeddingQuerySelection, MixedQuerySelection
+from litedetr.weights.keys import official_rules, standard_encoder_layout
 
 
 def test_each_layout_loads_into_its_family_with_its_encoder():
@@ -83,5 +83,3 @@ def test_a_detector_wires_the_parts_it_is_given():
     with torch.no_grad():
         c = swapped(image)[0]
     assert not torch.equal(a["scores"], c["scores"])
-    with pytest.raises(ValueError, match="backbone_weights is for parts built here"):
-        Detector(config, backbone_weights="imagenet", parts=parts)

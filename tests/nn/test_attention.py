@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import load_fixture
 
-from litedetr.models.convert import load_official_state_dict
 from litedetr.nn import KeyAwareOptions, MultiScaleDeformableAttention
+from litedetr.weights.loading import load_official_state_dict
 
 
 @pytest.mark.parametrize("case", ["kda_points", "kda_boxes", "msda_points"])

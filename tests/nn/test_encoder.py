@@ -7,9 +7,9 @@ import torch
 from conftest import load_fixture
 from torch import nn
 
-from litedetr.models.convert import load_official_state_dict
 from litedetr.nn import DeformableEncoder, EncoderInput, LiteEncoder
 from litedetr.ops import encoder_reference_points, valid_ratios
+from litedetr.weights.loading import load_official_state_dict
 
 
 def authors_encoder_part(fixture: dict) -> dict[str, torch.Tensor]:

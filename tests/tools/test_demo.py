@@ -9,8 +9,8 @@ import torch
 
 from litedetr.data import SyntheticSpec, write_synthetic_dataset
 from litedetr.engine import Trainer
-from litedetr.models import Detector
 from litedetr.tools.demo import DemoRecipe, demo_train_config, run_demo
+from litedetr.weights import load_model
 
 SMALL_IMAGE_QUERIES = tuple({**dict(DemoRecipe.model_overrides), "num_queries": 40, "num_select": 40}.items())
 """The demo's model with fewer queries than a 64-px image's 85 encoder tokens."""
@@ -94,5 +94,5 @@ def test_seed_changes_the_training_run_not_the_data(tmp_path):
     assert (one["seed"], two["seed"]) == (1, 2)
     data_a, data_b = (tmp_path / d / "data" / "annotations" / "instances_train.json" for d in ("a", "b"))
     assert data_a.read_text() == data_b.read_text()
-    weights = [Detector.from_checkpoint(tmp_path / d / "run" / "model.safetensors").state_dict() for d in ("a", "b")]
+    weights = [load_model(tmp_path / d / "run" / "model.safetensors").state_dict() for d in ("a", "b")]
     assert not torch.equal(weights[0]["heads.class_heads.0.weight"], weights[1]["heads.class_heads.0.weight"])

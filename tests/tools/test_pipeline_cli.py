@@ -204,8 +204,8 @@ def test_the_built_in_dataset_is_chosen_with_synthetic(tmp_path, monkeypatch, ti
 def test_eval_scores_a_coco_model_by_category_id(tmp_path, capsys):
     """A converted COCO checkpoint (91 rows = COCO ids) on a dataset of 2 COCO categories: scored by id (issue 25 item 3)."""
     from litedetr.engine.evaluate import coco_metrics
-    from litedetr.models import build_model, save_model
-    from litedetr.models.coco_classes import coco_class_names
+    from litedetr.weights import build_model, save_model
+    from litedetr.weights.classes import coco_class_names
 
     model = build_model("dino-r18-tiny", min_size=(64,), max_size=64, class_names=coco_class_names(), category_ids=tuple(range(91)))
     save_model(model, tmp_path / "coco.safetensors")

@@ -26,8 +26,9 @@ from torch import Tensor
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from litedetr.models import Detector, build_model
+from litedetr.models import Detector
 from litedetr.models.image_batch import batch_images
+from litedetr.weights import build_model
 
 __all__ = [
     "Timing",

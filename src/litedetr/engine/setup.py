@@ -14,7 +14,8 @@ from litedetr.engine import distributed
 from litedetr.engine.config import TrainConfig
 from litedetr.engine.sampler import ResumableSampler
 from litedetr.engine.signals import leave_stop_signals_to_the_main_process
-from litedetr.models import Detector, build_model
+from litedetr.models import Detector
+from litedetr.weights import build_model
 
 __all__ = ["set_up_process", "build_datasets", "build_loader", "build_run_model", "checked_model"]
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from litedetr.engine import distributed
-from litedetr.models.checkpoint import atomic_write
+from litedetr.weights.files import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -45,8 +45,9 @@ from litedetr.engine.setup import build_datasets, build_loader, build_run_model,
 from litedetr.engine.signals import install_stop_handlers, restore_handlers
 from litedetr.engine.state import load_state, rank_rng_state, rng_state, save_state, set_rng_state
 from litedetr.engine.time_cap import BatchClock, batches_that_fit, schedule_length
-from litedetr.models import Detector, save_model
-from litedetr.models.state_dict import fit_problems
+from litedetr.models import Detector
+from litedetr.weights import save_model
+from litedetr.weights.state_dict import fit_problems
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainResult", "CHECKPOINT", "MODEL_FILE"]
 

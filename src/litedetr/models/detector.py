@@ -6,28 +6,20 @@ A family (Deformable DETR, DINO, H-DETR) is a choice of these parts, made in
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from litedetr.models.checkpoint import TRAINING_CHECKPOINT_HINT, is_training_checkpoint, read_model_file, read_official_checkpoint, save_model
 from litedetr.models.config import DetectorConfig
-from litedetr.models.convert import load_official_state_dict
 from litedetr.models.image_batch import batch_images
 from litedetr.models.inputs import ImageInput, as_image_list, batches_by_size
 from litedetr.models.parts import DetectorParts, build_parts
 from litedetr.models.postprocess import kept_detections, postprocess
-from litedetr.models.state_dict import fit_problems
 from litedetr.ops import box_xyxy_to_cxcywh
 
-__all__ = ["Detector", "load_model", "load_official_checkpoint", "convert_official_checkpoint"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["Detector"]
 
 
 class Detector(nn.Module):
@@ -41,19 +33,15 @@ class Detector(nn.Module):
 
     Args:
         config: the architecture.
-        backbone_weights: ImageNet weights for the backbone: ``"imagenet"`` (torchvision's or timm's, from
-            their caches) or a local file; ``None``: random. Only when the parts are built here.
         parts: the parts to wire (e.g. :func:`~litedetr.models.parts.build_parts` with one replaced);
             ``None``: those ``config``'s family builds. They must fit ``config``, which the detector
             reads for its sizes, post-processing and checkpoint files.
     """
 
-    def __init__(self, config: DetectorConfig, backbone_weights: str | None = None, parts: DetectorParts | None = None):
+    def __init__(self, config: DetectorConfig, parts: DetectorParts | None = None):
         super().__init__()
-        if parts is not None and backbone_weights is not None:
-            raise ValueError("backbone_weights is for parts built here; load them into the backbone of the given parts instead")
         self.config = config
-        parts = build_parts(config, backbone_weights) if parts is None else parts
+        parts = build_parts(config) if parts is None else parts
         self.backbone = parts.backbone
         self.input_stage = parts.input_stage
         self.encoder = parts.encoder
@@ -62,35 +50,6 @@ class Detector(nn.Module):
         self.decoder = parts.decoder
         self.heads = parts.heads
         self.criterion = parts.criterion
-
-    @classmethod
-    def from_checkpoint(
-        cls, path: str | os.PathLike, device: str | torch.device = "cpu", preset: str | None = None, weights: str = "auto", **overrides: Any
-    ) -> Detector:
-        """A detector in eval mode from a litedetr model file, or from an original ``.pth`` checkpoint with ``preset``.
-
-        Args:
-            path: a ``.safetensors`` file written by :func:`~litedetr.models.checkpoint.save_model`, or a
-                ``.pth`` released by the authors' Lite-DINO, DINO, Deformable DETR (two-stage) or H-DETR
-                code (state dict under ``model``).
-            device: where the model goes.
-            preset: the preset the ``.pth`` was trained as (e.g. ``deformable-detr-r50``), or a Lite preset
-                of its family to initialise from a standard-encoder checkpoint; only for ``.pth`` files,
-                whose config is not stored in the file.
-            weights: of a ``.pth`` holding both, the EMA (``auto``, ``ema``) or the model weights (``model``).
-            overrides: :class:`DetectorConfig` fields to change in ``preset`` (e.g. ``num_classes``).
-        """
-        if not Path(path).is_file():
-            raise ValueError(f"{path}: no such checkpoint file")
-        if preset is not None:  # a run's checkpoint.pt is named when read (read_official_checkpoint)
-            return load_official_checkpoint(path, preset, device, weights, **overrides)
-        if overrides:
-            raise ValueError(f"config overrides {sorted(overrides)} apply to a .pth checkpoint with a preset, not to a litedetr model file")
-        if Path(path).suffix in (".pth", ".pt"):
-            if is_training_checkpoint(path):
-                raise ValueError(f"{path}: {TRAINING_CHECKPOINT_HINT}")
-            raise ValueError(f"{path}: a .pth checkpoint does not store its architecture; pass its preset")
-        return load_model(path, device)
 
     @torch.no_grad()
     def predict(self, inputs: ImageInput | Sequence[ImageInput], threshold: float = 0.3, batch_size: int = 4) -> list[dict[str, Any]]:
@@ -216,37 +175,3 @@ class Detector(nn.Module):
         if "one_to_many" in queries.groups:
             outputs["one_to_many"] = group("one_to_many")
         return outputs
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Detector:
-    """Build the detector a model file describes and load its weights (strictly, naming any mismatch)."""
-    config, state = read_model_file(path)
-    model = Detector(config)
-    problems = fit_problems(model, state)
-    if problems:
-        raise ValueError(f"{path}: the weights do not fit the file's own config\n" + "\n".join(problems))
-    model.load_state_dict(state)
-    return model.to(device).eval()
-
-
-def load_official_checkpoint(path: str | os.PathLike, preset: str, device: str | torch.device = "cpu", weights: str = "auto", **overrides: Any) -> Detector:
-    """Build ``preset`` and load a checkpoint of an original code base into it, names converted
-    (see :func:`~litedetr.models.checkpoint.read_official_checkpoint`). A standard-encoder checkpoint
-    also initialises its family's Lite presets (see :mod:`litedetr.models.convert`).
-
-    Raises:
-        ConversionError: the checkpoint fits no known layout, is of another family, or does not fit the preset (keys named).
-    """
-    config, state, layout = read_official_checkpoint(path, preset, weights, **overrides)
-    model = Detector(config)
-    load_official_state_dict(model, state, layout=layout)
-    logger.info("loaded %s (%s layout, %d tensors) as %s", path, layout, len(state), preset)
-    return model.to(device).eval()
-
-
-def convert_official_checkpoint(path: str | os.PathLike, preset: str, out: str | os.PathLike, weights: str = "auto", **overrides: Any) -> Detector:
-    """Convert a checkpoint of an original code base (see :func:`load_official_checkpoint`) into a litedetr model file for ``preset``."""
-    model = load_official_checkpoint(path, preset, weights=weights, **overrides)
-    save_model(model, out)
-    logger.info("wrote %s", out)
-    return model

@@ -8,7 +8,7 @@ each difference checked against ../shared/fixtures, made by running those code b
 :class:`~litedetr.models.DetectorConfig` fields of its base preset, and the released checkpoint
 layouts that load into it. The presets (:mod:`litedetr.models.config`), the parts
 (:func:`litedetr.models.parts.build_parts`) and the checkpoint conversion
-(:mod:`litedetr.models.convert`) are derived from :data:`FAMILIES`; a new family is one more row.
+(:mod:`litedetr.weights.keys`) are derived from :data:`FAMILIES`; a new family is one more row.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class CheckpointLayout:
     """A released code base's checkpoint layout (its state-dict key names) that litedetr converts.
 
     Attributes:
-        name: the layout's name, as :func:`~litedetr.models.convert.detect_layout` returns it.
+        name: the layout's name, as :func:`~litedetr.weights.keys.detect_layout` returns it.
         repository: the code base that writes it.
         lite_encoder: its encoder is Lite DETR's (``False``: the standard one, every token a query in every layer).
     """

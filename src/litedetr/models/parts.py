@@ -71,10 +71,10 @@ def _training_queries(config: DetectorConfig) -> TrainingQueries:
     return NoTrainingQueries()
 
 
-def build_parts(config: DetectorConfig, backbone_weights: str | None = None) -> DetectorParts:
+def build_parts(config: DetectorConfig) -> DetectorParts:
     """The parts of ``config``'s detector, freshly initialised (see :class:`~litedetr.models.families.FamilyDesign`)."""
     design, d = get_family(config.family).design, config.d_model
-    backbone = build_backbone(config.backbone, backbone_weights, config.backbone_trainable_norm)
+    backbone = build_backbone(config.backbone, config.backbone_trainable_norm)
     input_stage = EncoderInput(
         tuple(backbone.out_channels),
         d_model=d,

@@ -1,12 +1,17 @@
-"""Command-line argument types shared by the commands and the benchmark scripts."""
+"""Command-line argument types shared by the commands and the benchmark scripts, and the detector a checkpoint argument names."""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-__all__ = ["add_runtime_arguments", "parse_size", "size_type", "int_at_least", "float_in"]
+if TYPE_CHECKING:
+    from litedetr.models import Detector
+
+__all__ = ["add_runtime_arguments", "parse_size", "size_type", "int_at_least", "float_in", "load_detector"]
 
 
 def parse_size(text: str, minimum: int = 0) -> tuple[int, int]:
@@ -72,3 +77,12 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="pytorch", help="pytorch (default), or onnxruntime / openvino for a graph from `litedetr export`")
     p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="float32",
                    help="bf16: PyTorch under bf16 autocast, OpenVINO in bf16 (pays on CPUs with AVX-512 BF16 or AMX)")  # fmt: skip
+
+
+def load_detector(checkpoint: str | os.PathLike, preset: str | None = None, device: str = "cpu", weights: str = "auto") -> Detector:
+    """The detector a ``checkpoint`` argument names: a litedetr model file, or with ``preset`` (``--preset``)
+    an original code base's ``.pth`` (:func:`litedetr.weights.load_model` / :func:`~litedetr.weights.load_checkpoint`).
+    Imports the weights here: the CLI imports this module and ``litedetr --help`` does not import torch."""
+    from litedetr.weights import load_checkpoint, load_model
+
+    return load_model(checkpoint, device) if preset is None else load_checkpoint(checkpoint, preset, weights=weights, device=device)

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from litedetr.models import convert_official_checkpoint
-from litedetr.models.checkpoint import WEIGHTS
 from litedetr.tools.args import int_at_least
+from litedetr.weights import WEIGHTS, load_checkpoint, save_model
 
 __all__ = ["add_arguments", "run"]
 
 
 def run(args: argparse.Namespace) -> int:
     overrides = {"num_classes": args.num_classes} if args.num_classes is not None else {}
-    convert_official_checkpoint(args.checkpoint, args.preset, args.out, args.weights, **overrides)
+    save_model(load_checkpoint(args.checkpoint, args.preset, weights=args.weights, **overrides), args.out)
     print(f"wrote {args.out} ({args.preset})")
     return 0
 

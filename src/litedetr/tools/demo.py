@@ -29,6 +29,7 @@ from litedetr.models.config import EncoderConfig
 from litedetr.tools.args import float_in, int_at_least
 from litedetr.tools.predict import predict_files
 from litedetr.tools.train import format_metrics
+from litedetr.weights import load_model
 
 __all__ = ["DemoRecipe", "demo_train_config", "run_demo", "add_arguments"]
 
@@ -84,7 +85,7 @@ def run_demo(out: Path, recipe: DemoRecipe = DemoRecipe(), device: str = "cpu") 
     metrics = result.metrics or trainer.evaluate()
     trained = time.perf_counter()
 
-    model = Detector.from_checkpoint(run_dir / MODEL_FILE, device=device)
+    model = load_model(run_dir / MODEL_FILE, device)
     val_images = sorted(find_split(data, "val").images.iterdir())[: recipe.predicted_images]
     drawn = predict_files(model, val_images, out / "predictions", threshold=PREDICTION_THRESHOLD, top_if_none=TOP_IF_NONE)
     gflops = encoder_gflops(model, recipe.image_size)

@@ -13,11 +13,12 @@ from torch.utils.data import DataLoader
 from litedetr.data import CocoDetection, collate
 from litedetr.engine import evaluate
 from litedetr.engine.precision import inference_autocast
-from litedetr.models import ExportedDetector, load_model, read_config
-from litedetr.models.coco_classes import class_key
+from litedetr.models import ExportedDetector
 from litedetr.models.exported import Backend, InferencePrecision
 from litedetr.tools.args import add_runtime_arguments, int_at_least
 from litedetr.tools.train import add_data_arguments, format_metrics, resolve_data
+from litedetr.weights import load_model, read_config
+from litedetr.weights.classes import class_key
 
 __all__ = ["add_arguments", "evaluate_model_file"]
 

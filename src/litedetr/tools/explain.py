@@ -38,7 +38,7 @@ from litedetr.models.inputs import ImageInput, to_image_tensor
 from litedetr.models.postprocess import postprocess
 from litedetr.nn import LayerQueries
 from litedetr.ops import level_start_index
-from litedetr.tools.args import int_at_least
+from litedetr.tools.args import int_at_least, load_detector
 
 __all__ = ["LayerSamples", "Explanation", "capture_encoder_attention", "explain", "plot_attention", "plot_schedule", "add_arguments"]
 
@@ -239,7 +239,7 @@ def _to_json(explanation: Explanation) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = Detector.from_checkpoint(args.checkpoint, args.device, args.preset)
+    model = load_detector(args.checkpoint, args.preset, args.device)
     result = explain(model, args.image, args.query, args.object, args.level)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

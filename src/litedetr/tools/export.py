@@ -45,7 +45,7 @@ from litedetr.models.image_batch import IMAGENET_MEAN, IMAGENET_STD
 from litedetr.models.inputs import find_images, to_image_tensor
 from litedetr.ops import box_cxcywh_to_xyxy
 from litedetr.ops.custom_ops import triton_disabled
-from litedetr.tools.args import int_at_least, size_type
+from litedetr.tools.args import int_at_least, load_detector, size_type
 from litedetr.tools.draw import synthetic_scene
 
 __all__ = [
@@ -349,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--calibration is for OpenVINO's static INT8: use it with --format openvino --int8")
     if args.int8 and args.format == "openvino" and not args.calibration:
         raise ValueError("--format openvino --int8 calibrates on images: give --calibration FOLDER (e.g. your training images)")
-    model = Detector.from_checkpoint(args.checkpoint, "cpu", args.preset)
+    model = load_detector(args.checkpoint, args.preset)
     write, backend = (export_openvino, "openvino") if args.format == "openvino" else (export_onnx, "onnxruntime")
     with tempfile.TemporaryDirectory() as scratch:
         if args.int8 and args.format == "openvino":

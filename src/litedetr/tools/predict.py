@@ -24,10 +24,10 @@ from PIL import Image
 
 from litedetr.engine.precision import inference_autocast
 from litedetr.models import Detector, ExportedDetector
-from litedetr.models.checkpoint import WEIGHTS
 from litedetr.models.inputs import SIZE_WINDOW_BATCHES, find_images, load_image
-from litedetr.tools.args import add_runtime_arguments, float_in, int_at_least
+from litedetr.tools.args import add_runtime_arguments, float_in, int_at_least, load_detector
 from litedetr.tools.draw import draw_detections
+from litedetr.weights import WEIGHTS
 
 __all__ = ["predict_files", "add_arguments"]
 
@@ -101,7 +101,7 @@ def predict_files(
 
 def run(args: argparse.Namespace) -> int:
     if args.backend == "pytorch":
-        model: Detector | ExportedDetector = Detector.from_checkpoint(args.checkpoint, args.device, args.preset, args.weights)
+        model: Detector | ExportedDetector = load_detector(args.checkpoint, args.preset, args.device, args.weights)
     elif args.preset or args.device != "cpu":
         raise ValueError(f"--preset and --device apply to PyTorch checkpoints; --backend {args.backend} runs an exported graph on the CPU")
     else:

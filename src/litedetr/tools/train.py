@@ -17,10 +17,10 @@ from litedetr.engine.recipes import FROM_SCRATCH, SMALL_DATA
 from litedetr.engine.state import read_train_config
 from litedetr.engine.trainer import CHECKPOINT
 from litedetr.models import get_config
-from litedetr.models.backbone import IMAGENET, backbone_weights_file
-from litedetr.models.checkpoint import WEIGHTS
-from litedetr.models.pretrained import checkpoint_family
 from litedetr.tools.args import float_in, int_at_least
+from litedetr.weights import IMAGENET, WEIGHTS
+from litedetr.weights.backbone import backbone_weights_file
+from litedetr.weights.loading import checkpoint_family
 
 __all__ = ["add_arguments", "add_data_arguments", "resolve_data", "default_image_sizes"]
 

@@ -1,124 +1,31 @@
-"""Model files: safetensors weights with the config as JSON in the file's metadata (no pickled code).
+"""The original code bases' released ``.pth`` checkpoints: unwrapping their state dict (model or EMA,
+bare or DDP-wrapped), recognising their layout, and checking them against a preset.
 
-Also reads the original code bases' released ``.pth`` checkpoints (the state dict under ``model``)
-and checks them against a preset. Building the detector from what is read is
-:mod:`litedetr.models.detector`'s (this module does not import it).
+Renaming their keys to ours is :mod:`litedetr.weights.keys`'; loading them is :mod:`litedetr.weights.loading`'.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
-import re
-import tempfile
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
-from torch import nn
 
-from litedetr.models.coco_classes import COCO_NUM_CLASSES, coco_class_names
-from litedetr.models.config import DetectorConfig, config_from_dict, get_config
-from litedetr.models.convert import ConversionError, detect_layout, rename_official
+from litedetr.models.config import DetectorConfig, get_config
 from litedetr.models.families import LAYOUTS, layout_family
+from litedetr.weights.classes import COCO_NUM_CLASSES, coco_class_names
+from litedetr.weights.keys import detect_layout, official_decoder_depth
+from litedetr.weights.state_dict import ConversionError
 
 __all__ = [
-    "save_model", "atomic_write", "read_config", "read_model_file", "read_official_checkpoint", "read_official_state",
-    "is_training_checkpoint", "check_decoder_depth",
-    "WEIGHTS",
-    "CONFIG_KEY",
+    "WEIGHTS", "TRAINING_CHECKPOINT_HINT",
+    "is_training_checkpoint", "read_official_state", "check_decoder_depth", "read_official_checkpoint",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
-
-CONFIG_KEY = "litedetr_config"
-FORMAT_KEY = "litedetr_format"
-FORMAT_VERSION = "2"
-"""2: the detector as parts (``query_selection``, ``heads``, ``training_queries``); 1: DINO's names at the top level."""
-
-_V1_NAMES = [
-    (r"enc_output\.(.+)", r"query_selection.enc_output.\1"),
-    (r"enc_output_norm\.(.+)", r"query_selection.enc_output_norm.\1"),
-    (r"enc_class_head\.(.+)", r"query_selection.class_head.\1"),
-    (r"enc_box_head\.(.+)", r"query_selection.box_head.\1"),
-    (r"query_content\.(.+)", r"query_selection.content.\1"),
-    (r"class_head\.(.+)", r"heads.class_heads.0.\1"),
-    (r"box_head\.(.+)", r"heads.box_heads.0.\1"),
-    (r"label_embed\.(.+)", r"training_queries.label_embed.\1"),
-    (r"decoder\.ref_point_head\.(.+)", r"decoder.query_position.mlp.\1"),
-    (r"(.+)", r"\1"),
-]
-"""Format 1's names -> format 2's (format 1 wrote DINO-family files with these names)."""
-
-
-def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write a :class:`~litedetr.models.Detector`'s weights and config to ``path`` (safetensors), atomically (temp file + rename)."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    metadata = {CONFIG_KEY: json.dumps(model.config.to_dict()), FORMAT_KEY: FORMAT_VERSION}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it to ``path``: a crash leaves any
-    old file whole. The file gets the mode a plain ``open`` would give it (0666 less the umask)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _metadata(path: str | os.PathLike) -> dict[str, str]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path}: not a litedetr model file (safetensors): {err}") from None
-    if CONFIG_KEY not in metadata:
-        raise ValueError(f"{path}: safetensors file without a litedetr config (was it written by litedetr?)")
-    return metadata
-
-
-def read_config(path: str | os.PathLike) -> DetectorConfig:
-    """The config stored in a litedetr model file."""
-    return config_from_dict(json.loads(_metadata(path)[CONFIG_KEY]))
-
-
-def _upgrade(path: str | os.PathLike, version: str, config: DetectorConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict of an older format under today's names."""
-    if version == FORMAT_VERSION:
-        return state
-    if version != "1":
-        raise ValueError(f"{path}: model file format {version!r}, this litedetr reads {FORMAT_VERSION} and 1; upgrade litedetr")
-    if config.family != "dino":
-        raise ValueError(
-            f"{path}: a {config.family} model written by litedetr before 0.2, whose {config.family} was not the original "
-            "architecture (DINO's decoder); its weights do not carry over: train it again"
-        )
-    return rename_official(state, _V1_NAMES)
-
-
-def read_model_file(path: str | os.PathLike) -> tuple[DetectorConfig, dict[str, torch.Tensor]]:
-    """The config and the state dict (under today's names) of a litedetr model file."""
-    metadata = _metadata(path)
-    config = config_from_dict(json.loads(metadata[CONFIG_KEY]))
-    return config, _upgrade(path, metadata.get(FORMAT_KEY, "1"), config, load_file(str(path), device="cpu"))
-
 
 TRAINING_CHECKPOINT_HINT = "a litedetr training checkpoint (for `train --resume`): load the model.safetensors its run wrote beside it"
 
@@ -205,18 +112,12 @@ def read_official_state(path: str | os.PathLike, weights: str = "auto") -> tuple
 
 
 def check_decoder_depth(path: str | os.PathLike, state: dict[str, torch.Tensor], layout: str, decoder_layers: int) -> None:
-    """Refuse, by name, a model whose decoder depth differs from the checkpoint's.
-
-    The depth is read from the class heads: ``class_embed.0 .. N`` is one per decoder layer in DINO
-    and Lite-DINO, and one more (the proposals') in two-stage Deformable DETR and H-DETR.
-    """
-    heads = [int(m.group(1)) for key in state if (m := re.fullmatch(r"class_embed\.(\d+)\.weight", key))]
-    if not heads:
-        return
-    depth = max(heads) + (1 if layout_family(layout).code_base == "dino" else 0)
-    if depth != decoder_layers:
+    """Refuse, by name, a model whose decoder depth differs from the checkpoint's (:func:`~litedetr.weights.keys.official_decoder_depth`)."""
+    found = official_decoder_depth(state, layout)
+    if found is not None and found[0] != decoder_layers:
+        depth, last = found
         raise ConversionError(
-            f"{path}: the checkpoint's decoder has {depth} layers (class_embed.0-{max(heads)}), the model {decoder_layers}; set num_decoder_layers={depth}"
+            f"{path}: the checkpoint's decoder has {depth} layers (class_embed.0-{last}), the model {decoder_layers}; set num_decoder_layers={depth}"
         )
 
 

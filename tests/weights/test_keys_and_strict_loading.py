@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from litedetr.models.convert import COMMON_RULES, ConversionError, load_official_state_dict, rename_official
 from litedetr.nn import EncoderInput, LiteEncoder
+from litedetr.weights import ConversionError
+from litedetr.weights.keys import COMMON_RULES, rename_official
+from litedetr.weights.loading import load_official_state_dict
 
 
 def small_model() -> nn.ModuleDict:

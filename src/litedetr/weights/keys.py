@@ -1,43 +1,37 @@
-"""Load the weights of the original code bases: the authors' Lite-DINO, DINO, Deformable DETR, H-DETR.
+"""Every checkpoint key name litedetr knows, as ordered tables of regular expressions (first full match wins).
 
-A checkpoint's layout is recognised from its keys (:func:`detect_layout`); its names are rewritten by
-that layout's ordered table of regular expressions (first full match wins), then checked against the
-target module: every key must be used and every parameter filled, with equal shapes; otherwise
-:class:`ConversionError` names the offending keys.
-
-A standard-encoder checkpoint may initialise a Lite model of its family: encoder layer ``i`` takes
-layer ``i``'s weights; what has no source (the narrow low-level FFN, key-aware attention's
-``query_proj``) keeps its fresh initialisation and what has no place (plain attention's
-``attention_weights`` where the Lite model's attention is key-aware) is dropped; one log line lists both.
+- The original code bases' names (:func:`official_rules`; the layout is recognised from the keys,
+  :func:`detect_layout`): the authors' Lite-DINO, IDEA-Research/DINO, fundamentalvision/Deformable-DETR
+  and HDETR/H-Deformable-DETR.
+- litedetr's model file format 1 (:data:`FORMAT_1_RULES`).
+- Our tensors with one row per class (:data:`CLASS_TENSORS`) and the Lite encoder's narrow FFN (:data:`LITE_FFN`).
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from litedetr.models.families import LAYOUTS, layout_family
-from litedetr.models.state_dict import fit_problems
-from litedetr.nn import MultiScaleDeformableAttention
+from litedetr.weights.state_dict import ConversionError
 
 __all__ = [
-    "ConversionError",
     "COMMON_RULES",
+    "FORMAT_1_RULES",
+    "CLASS_TENSORS",
+    "LABEL_EMBED",
+    "OBJECTNESS_HEAD",
+    "LITE_FFN",
     "detect_layout",
     "official_rules",
     "rename_official",
     "standard_encoder_layout",
-    "adapt_encoder_weights",
-    "fold_keys",
-    "load_strictly",
-    "load_official_state_dict",
+    "official_decoder_depth",
+    "is_class_tensor",
 ]
-
-logger = logging.getLogger(__name__)
 
 _ENCODER_LAYER_PARTS = {
     "self_attn": "self_attn",
@@ -96,10 +90,6 @@ def _deformable_rules(num_decoder_layers: int) -> list[tuple[str, str]]:
         (r"(?:transformer\.decoder\.)?class_embed\.(\d+)\.(.+)", r"heads.class_heads.\1.\2"),
         (r"(?:transformer\.decoder\.)?bbox_embed\.(\d+)\.(.+)", r"heads.box_heads.\1.\2"),
     ]
-
-
-class ConversionError(ValueError):
-    """A state dict that does not fit the target model; the message names the keys."""
 
 
 def detect_layout(state_dict: Mapping[str, Tensor]) -> str | None:
@@ -165,110 +155,45 @@ def rename_official(state_dict: Mapping[str, Tensor], rules: list[tuple[str, str
     return renamed
 
 
-def _attention_parameters(model: nn.Module, key_aware: bool, names: tuple[str, ...]) -> set[str]:
-    """State-dict keys of ``names`` (e.g. ``query_proj``) in every deformable attention of the given kind."""
-    return {
-        f"{module_name}.{name}.{p}".lstrip(".")
-        for module_name, module in model.named_modules()
-        if isinstance(module, MultiScaleDeformableAttention) and module.key_aware == key_aware
-        for name in names
-        for p in ("weight", "bias")
-    }
-
-
-def _standard_into_lite(model: nn.Module, renamed: dict[str, Tensor]) -> tuple[set[str], set[str]]:
-    """For a standard-encoder checkpoint and a Lite model: the keys to start fresh and the keys to drop.
-
-    Where the model's attention is key-aware and the checkpoint's is plain (it has ``attention_weights``),
-    ``attention_weights`` is dropped and ``query_proj`` starts fresh, also when the checkpoint holds one
-    (the Lite-DETR repository's plain attention carries an unused, untrained ``query_proj``).
-    """
-    own = model.state_dict().keys()
-    fresh = {k for k in own - renamed.keys() if re.fullmatch(r"encoder\.layers\.\d+\.ffn_low\..+", k)}
-    key_aware = _attention_parameters(model, True, ("query_proj",))
-    plain_source = {k for k in key_aware if k.replace(".query_proj.", ".attention_weights.") in renamed}
-    fresh |= (key_aware - renamed.keys()) | plain_source
-    dropped = {k.replace(".query_proj.", ".attention_weights.") for k in plain_source} | (plain_source & renamed.keys())
-    return fresh, dropped
-
-
-def fold_keys(keys: set[str]) -> str:
-    """Keys with their first index folded and ``weight``/``bias`` left out, e.g. ``encoder.layers.{1,3,5}.ffn_low.linear1``."""
-    groups: dict[tuple[str, str], set[int]] = {}
-    for key in keys:
-        key = re.sub(r"\.(weight|bias)$", "", key)
-        head, *rest = re.split(r"\.(\d+)\.", key, maxsplit=1)
-        index, tail = rest if rest else ("-1", "")
-        groups.setdefault((head, tail), set()).add(int(index))
-    names = []
-    for (head, tail), indices in sorted(groups.items()):
-        if indices == {-1}:
-            names.append(head)
-        else:
-            folded = str(*indices) if len(indices) == 1 else "{" + ",".join(map(str, sorted(indices))) + "}"
-            names.append(f"{head}.{folded}.{tail}")
-    return ", ".join(names)
-
-
-def adapt_encoder_weights(model: nn.Module, renamed: dict[str, Tensor], standard_source: bool) -> tuple[set[str], set[str]]:
-    """Fit a converted state dict's attention and encoder weights to ``model``, in place: the keys to start
-    fresh and the keys dropped.
-
-    Drops the unused ``query_proj`` of the authors' plain attention (logged). With a standard-encoder
-    source and a Lite model: the narrow low-level FFN and key-aware attention's ``query_proj`` start
-    fresh and plain attention's ``attention_weights`` is dropped where the model's attention is key-aware.
-    """
-    unused = _attention_parameters(model, False, ("query_proj",)) & renamed.keys()
-    for key in unused:  # the authors' plain attention holds a query_proj it never uses
-        del renamed[key]
-    if unused:
-        logger.info("dropped %d unused query_proj weights of plain deformable attention", len(unused))
-    lite_model = any(re.fullmatch(r"encoder\.layers\.\d+\.ffn_low\..+", k) for k in model.state_dict())
-    if not (lite_model and standard_source):
-        return set(), set()
-    fresh, dropped = _standard_into_lite(model, renamed)
-    for key in dropped:
-        del renamed[key]
-    return fresh, dropped
-
-
-def load_strictly(model: nn.Module, state: dict[str, Tensor], fresh: set[str] = frozenset()) -> None:
-    """Load ``state`` into ``model``, which must fill every tensor but ``fresh`` (kept as initialised), with equal shapes.
-
-    Raises:
-        ConversionError: keys missing, left over or of another shape, each listed by name.
-    """
-    own = model.state_dict()
-    problems = fit_problems(model, {**{k: own[k] for k in fresh}, **state})
-    if problems:
-        raise ConversionError("the checkpoint does not fit this model (another preset or class count?)\n" + "\n".join(problems))
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
-
-
 def standard_encoder_layout(layout: str | None) -> bool:
     """Whether checkpoints of ``layout`` have the standard encoder (every token a query in every layer); None: False."""
     return layout is not None and not LAYOUTS[layout][0].lite_encoder
 
 
-def load_official_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], rules: list[tuple[str, str]] | None = None, layout: str | None = None) -> None:
-    """Convert an original code base's ``state_dict`` and load it into ``model``, strictly.
+def official_decoder_depth(state_dict: Mapping[str, Tensor], layout: str) -> tuple[int, int] | None:
+    """``(decoder layers, highest class head index)`` of an original checkpoint, read from its class heads
+    (``class_embed.0 .. N``: one per decoder layer in DINO and Lite-DINO, one more, the proposals', in
+    two-stage Deformable DETR and H-DETR); None without class heads."""
+    heads = [int(m.group(1)) for key in state_dict if (m := re.fullmatch(r"class_embed\.(\d+)\.weight", key))]
+    if not heads:
+        return None
+    return max(heads) + (1 if layout_family(layout).code_base == "dino" else 0), max(heads)
 
-    Args:
-        model: a :class:`~litedetr.models.Detector`, or a part of one (e.g. input stage + encoder).
-        state_dict: the checkpoint's tensors under the original names.
-        rules: the renaming table; default: that of ``layout``.
-        layout: one of :data:`~litedetr.models.families.LAYOUTS`; default: :func:`detect_layout`.
 
-    Raises:
-        ConversionError: keys unknown to the rules, left over, missing from the checkpoint, or of
-            another shape; each listed by name.
-    """
-    if rules is None:
-        layout = layout or detect_layout(state_dict)
-        decoder = getattr(model, "decoder", None)
-        rules = official_rules(layout, len(decoder.layers) if decoder is not None else 6)
-    renamed = rename_official(state_dict, rules)
-    fresh, dropped = adapt_encoder_weights(model, renamed, standard_encoder_layout(layout))
-    if fresh or dropped:
-        logger.info("standard encoder into a Lite model: fresh %s; dropped %s", fold_keys(fresh) or "none", fold_keys(dropped) or "none")
-    load_strictly(model, renamed, fresh)
+FORMAT_1_RULES = [
+    (r"enc_output\.(.+)", r"query_selection.enc_output.\1"),
+    (r"enc_output_norm\.(.+)", r"query_selection.enc_output_norm.\1"),
+    (r"enc_class_head\.(.+)", r"query_selection.class_head.\1"),
+    (r"enc_box_head\.(.+)", r"query_selection.box_head.\1"),
+    (r"query_content\.(.+)", r"query_selection.content.\1"),
+    (r"class_head\.(.+)", r"heads.class_heads.0.\1"),
+    (r"box_head\.(.+)", r"heads.box_heads.0.\1"),
+    (r"label_embed\.(.+)", r"training_queries.label_embed.\1"),
+    (r"decoder\.ref_point_head\.(.+)", r"decoder.query_position.mlp.\1"),
+    (r"(.+)", r"\1"),
+]
+"""litedetr's model file format 1 -> format 2 (format 1 wrote DINO-family files with DINO's names at the top level)."""
+
+OBJECTNESS_HEAD = r"query_selection\.class_head\.(weight|bias)"
+"""The encoder proposals' class head (its row 0 is the objectness score where a family's proposal targets are binary)."""
+LABEL_EMBED = r"training_queries\.label_embed\.weight"
+"""Denoising's label embedding: one row per class and DINO's extra label after them."""
+CLASS_TENSORS = (r"heads\.class_heads\.\d+\.(weight|bias)", OBJECTNESS_HEAD, LABEL_EMBED)
+"""Our names of the tensors with one row per class."""
+LITE_FFN = r"encoder\.layers\.\d+\.ffn_low\..+"
+"""The Lite encoder's narrow FFN of the low-level tokens (a standard encoder has none)."""
+
+
+def is_class_tensor(key: str) -> bool:
+    """Whether ``key`` is one of :data:`CLASS_TENSORS`."""
+    return any(re.fullmatch(p, key) for p in CLASS_TENSORS)

@@ -11,11 +11,10 @@ import pytest
 import torch
 from conftest import random_checkpoint
 
-from litedetr.models import Detector, build_model, convert_official_checkpoint, save_model
-from litedetr.models.coco_classes import COCO_CLASSES, class_key, coco_class_names
-from litedetr.models.convert import ConversionError
 from litedetr.models.heads import PRIOR_PROBABILITY
-from litedetr.models.pretrained import CLASS_TENSORS, init_from_checkpoint, match_classes
+from litedetr.weights import ConversionError, build_model, init_from_checkpoint, load_checkpoint, save_model
+from litedetr.weights.classes import COCO_CLASSES, class_key, coco_class_names, match_classes
+from litedetr.weights.keys import CLASS_TENSORS
 
 CLASSES = ("Dog", "zebra", "widget")
 """A user's dataset: two COCO classes (by another spelling) and one COCO lacks."""
@@ -49,7 +48,7 @@ def test_init_from_each_released_layout(tmp_path, caplog, layout, preset):
     state, ours = random_checkpoint(layout, torch.Generator().manual_seed(0))
     path = tmp_path / "released.pth"
     torch.save({"model": state}, path)
-    with caplog.at_level(logging.INFO, logger="litedetr.models.pretrained"):
+    with caplog.at_level(logging.INFO, logger="litedetr.weights.loading"):
         model = build_model(preset, init=str(path), num_classes=3, class_names=CLASSES)
     loaded = model.state_dict()
     # every tensor that is not class-dependent: bit-exact, and nothing else came from elsewhere
@@ -79,7 +78,7 @@ def test_a_standard_checkpoint_starts_a_lite_model_and_lists_what_is_fresh(tmp_p
     state, ours = random_checkpoint("dino", torch.Generator().manual_seed(1))
     path = tmp_path / "dino.pth"
     torch.save({"model": state}, path)
-    with caplog.at_level(logging.INFO, logger="litedetr.models.pretrained"):
+    with caplog.at_level(logging.INFO, logger="litedetr.weights.loading"):
         model = build_model("lite-dino-r50-h3l1-2x3", init=str(path), num_classes=2, class_names=("person", "car"))
     loaded = model.state_dict()
     fresh = [k for k in loaded if k not in ours and not k.endswith("num_batches_tracked")]
@@ -144,7 +143,7 @@ def test_unnamed_classes_of_the_same_count_carry_over_row_by_row(tmp_path, caplo
     """Neither side names its classes: with equal counts every row carries over (issue 25 item 2)."""
     source = build_model("dino-r18-tiny", num_classes=3, dn_number=10)
     save_model(source, tmp_path / "unnamed.safetensors")
-    with caplog.at_level(logging.INFO, logger="litedetr.models.pretrained"):
+    with caplog.at_level(logging.INFO, logger="litedetr.weights.loading"):
         model = build_model("dino-r18-tiny", init=str(tmp_path / "unnamed.safetensors"), num_classes=3, dn_number=10)
     theirs = source.state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in model.state_dict().items())
@@ -157,13 +156,14 @@ def test_a_released_coco_checkpoint_names_its_classes_through_convert_and_init(t
     """A 91-row .pth converts to a model file with COCO's names and ids, and both starts keep the rows (items 1 and 2)."""
     state, ours = random_checkpoint("dino", torch.Generator().manual_seed(2))
     torch.save({"model": state}, tmp_path / "coco.pth")
-    converted = convert_official_checkpoint(tmp_path / "coco.pth", "dino-r50", tmp_path / "coco.safetensors")
+    converted = load_checkpoint(tmp_path / "coco.pth", "dino-r50")
+    save_model(converted, tmp_path / "coco.safetensors")
     assert converted.config.class_names == coco_class_names() and converted.config.category_ids == tuple(range(91))
     assert converted.config.class_name(DOG) == "dog"
     for start in ("coco.pth", "coco.safetensors"):
         for names in ((), ("person", "car")):
             caplog.clear()
-            with caplog.at_level(logging.INFO, logger="litedetr.models.pretrained"):
+            with caplog.at_level(logging.INFO, logger="litedetr.weights.loading"):
                 model = build_model("dino-r50", init=str(tmp_path / start), **({"num_classes": 2, "class_names": names} if names else {}))
             rows = [1, 3] if names else list(range(91))
             assert torch.equal(model.state_dict()["heads.class_heads.0.weight"], ours["heads.class_heads.0.weight"][rows]), (start, names)
@@ -189,7 +189,7 @@ def test_checkpoints_as_people_save_them(tmp_path, caplog, wrap, weights, read):
     saved = wrap(state, ema)
     torch.save(saved, tmp_path / "saved.pth")
     with caplog.at_level(logging.INFO):
-        model = Detector.from_checkpoint(tmp_path / "saved.pth", preset="dino-r50", weights=weights)
+        model = load_checkpoint(tmp_path / "saved.pth", "dino-r50", weights=weights)
         converted = build_model("dino-r50", init=str(tmp_path / "saved.pth"), init_weights=weights)
     expected = ours["heads.class_heads.0.weight"] + (1 if read == "ema" else 0)
     for loaded in (model, converted):
@@ -201,7 +201,7 @@ def test_asking_for_missing_ema_weights_names_the_keys(tmp_path):
     state, _ = random_checkpoint("dino", torch.Generator().manual_seed(4))
     torch.save({"model": state}, tmp_path / "plain.pth")
     with pytest.raises(ValueError, match="no EMA weights under any of ema_model, model_ema, ema, state_dict_ema; its keys: model"):
-        Detector.from_checkpoint(tmp_path / "plain.pth", preset="dino-r50", weights="ema")
+        load_checkpoint(tmp_path / "plain.pth", "dino-r50", weights="ema")
 
 
 @pytest.mark.parametrize("layout, preset, depth", [("deformable-detr", "deformable-detr-r50", 6), ("dino", "dino-r50", 6)])
@@ -211,6 +211,6 @@ def test_a_decoder_depth_other_than_the_checkpoints_is_named(tmp_path, layout, p
     torch.save({"model": state}, tmp_path / "released.pth")
     message = f"the checkpoint's decoder has {depth} layers .* the model 3; set num_decoder_layers={depth}"
     with pytest.raises(ConversionError, match=message):
-        Detector.from_checkpoint(tmp_path / "released.pth", preset=preset, num_decoder_layers=3)
+        load_checkpoint(tmp_path / "released.pth", preset, num_decoder_layers=3)
     with pytest.raises(ConversionError, match=message):
         build_model(preset, init=str(tmp_path / "released.pth"), num_decoder_layers=3)

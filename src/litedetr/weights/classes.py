@@ -1,12 +1,24 @@
-"""COCO's 80 object classes under their ids in the 91-id layout, which the released COCO checkpoints
-of DINO, Lite-DINO, Deformable DETR and H-DETR use as class indices (91 rows; ids absent from COCO's
-annotations are unused rows), and :func:`class_key`, the form in which class names are compared."""
+"""Class names, and carrying a checkpoint's class rows over to a model's classes by name.
+
+- COCO's 80 object classes under their ids in the 91-id layout, which the released COCO checkpoints of
+  DINO, Lite-DINO, Deformable DETR and H-DETR use as class indices (91 rows; ids absent from COCO's
+  annotations are unused rows).
+- :func:`class_key`, the form in which class names are compared (case, spaces, underscores and hyphens
+  ignored; VOC's names of COCO classes accepted), and :func:`match_classes`, the class map it gives.
+- :func:`adapt_class_tensor`: a class-dependent tensor with the mapped rows taken from the checkpoint.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
-__all__ = ["COCO_CLASSES", "COCO_NUM_CLASSES", "coco_class_names", "class_key"]
+from torch import Tensor
+
+from litedetr.weights.keys import LABEL_EMBED, OBJECTNESS_HEAD
+from litedetr.weights.state_dict import ConversionError
+
+__all__ = ["COCO_CLASSES", "COCO_NUM_CLASSES", "coco_class_names", "class_key", "match_classes", "adapt_class_tensor"]
 
 COCO_NUM_CLASSES = 91
 """Rows of the released COCO checkpoints' class heads (ids 0..90)."""
@@ -53,3 +65,30 @@ def class_key(name: str) -> str:
 def coco_class_names() -> tuple[str, ...]:
     """The name of each of the 91 rows of a released COCO checkpoint (``""`` for the unused ids)."""
     return tuple(COCO_CLASSES.get(i, "") for i in range(COCO_NUM_CLASSES))
+
+
+def match_classes(ours: Sequence[str], theirs: Sequence[str]) -> dict[int, int]:
+    """``{our label: their label}`` for each of our class names that one of theirs matches (:func:`class_key`)."""
+    index: dict[str, int] = {}
+    for j, name in enumerate(theirs):
+        if name:
+            index.setdefault(class_key(name), j)
+    return {i: index[class_key(name)] for i, name in enumerate(ours) if class_key(name) in index}
+
+
+def adapt_class_tensor(key: str, ours: Tensor, theirs: Tensor, mapping: dict[int, int], num_classes: int, binary_proposals: bool) -> Tensor:
+    """``ours`` (as freshly initialised) with the rows ``mapping`` carries over from ``theirs``.
+
+    Denoising's label embedding also takes DINO's extra label row (after the classes); with
+    ``binary_proposals``, the proposals' class head takes row 0, the objectness score, whatever the classes.
+    """
+    if ours.shape[1:] != theirs.shape[1:]:
+        raise ConversionError(f"{key}: checkpoint {tuple(theirs.shape)} vs model {tuple(ours.shape)}: another width (d_model)")
+    adapted = ours.detach().clone()
+    for i, j in mapping.items():
+        adapted[i] = theirs[j]
+    if re.fullmatch(LABEL_EMBED, key):  # DINO's extra label row, after the classes
+        adapted[num_classes:] = theirs[theirs.shape[0] - (ours.shape[0] - num_classes) :]
+    if binary_proposals and re.fullmatch(OBJECTNESS_HEAD, key):
+        adapted[0] = theirs[0]
+    return adapted
