@@ -12,7 +12,7 @@ from torch import nn
 
 from litedetr.engine.config import TrainConfig
 
-__all__ = ["COSINE_FLOOR", "build_optimizer", "lr_factor", "set_learning_rates"]
+__all__ = ["COSINE_FLOOR", "build_optimizer", "scheduled_optimizer", "lr_factor", "set_learning_rates"]
 
 COSINE_FLOOR = 0.01
 """The fraction of each group's learning rate that the cosine schedule ends at."""
@@ -44,6 +44,23 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
+    return optimizer
+
+
+def scheduled_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+    """A given ``optimizer`` made ready for the schedule: each group's ``initial_lr`` (its rate as given) and a
+    ``name`` for the log (``group<i>`` where it has none) set where absent.
+
+    Raises:
+        ValueError: it updates tensors that are not ``model``'s parameters (built over another model?).
+    """
+    own = {id(p) for p in model.parameters()}
+    foreign = sum(1 for group in optimizer.param_groups for p in group["params"] if id(p) not in own)
+    if foreign:
+        raise ValueError(f"the optimizer updates {foreign} tensors that are not the model's parameters: build it over the model you pass")
+    for i, group in enumerate(optimizer.param_groups):
+        group.setdefault("initial_lr", group["lr"])
+        group.setdefault("name", f"group{i}")
     return optimizer
 
 

@@ -37,7 +37,7 @@ from litedetr.engine import distributed
 from litedetr.engine.config import TrainConfig
 from litedetr.engine.ema import ModelEMA
 from litedetr.engine.evaluate import evaluate
-from litedetr.engine.optim import build_optimizer, set_learning_rates
+from litedetr.engine.optim import build_optimizer, scheduled_optimizer, set_learning_rates
 from litedetr.engine.plots import plot_curves
 from litedetr.engine.precision import resolve_precision
 from litedetr.engine.run_log import LOG_FILE, RunLog
@@ -87,6 +87,10 @@ class Trainer:
             ``init`` and ``backbone_weights``, which are then not used); its classes must be the
             training set's. A resumed run loads its checkpoint into it.
         datasets: the training set and the validation set (or None) instead of those ``config`` names.
+        optimizer: the optimiser instead of AdamW over DINO's parameter groups (``config.lr``,
+            ``lr_backbone``, ``weight_decay``), built over ``model``'s parameters (pass ``model`` too). The
+            schedule (``lr_schedule``, ``lr_drop``, ``warmup_steps``) scales each group's rate as given; a
+            resumed run loads its state.
     """
 
     def __init__(
@@ -97,7 +101,10 @@ class Trainer:
         *,
         model: Detector | None = None,
         datasets: tuple[CocoDetection, CocoDetection | None] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
     ):
+        if optimizer is not None and model is None:
+            raise ValueError("an optimizer is built over a model's parameters: pass that model too")
         self.config, self.out = config, Path(out)
         self.device = torch.device(config.device)
         set_up_process(config, self.device)
@@ -106,7 +113,7 @@ class Trainer:
         self.model: Detector = model.to(self.device)
         if config.freeze_backbone:
             self.model.backbone.requires_grad_(False)
-        self.optimizer = build_optimizer(self.model, config)
+        self.optimizer = build_optimizer(self.model, config) if optimizer is None else scheduled_optimizer(optimizer, self.model)
         loader_batches = len(build_loader(self.config, self.train_set, True, 0, 0))
         self.planned_batches = min(loader_batches, config.epoch_batches) if config.epoch_batches else loader_batches
         """Batches per epoch of the schedule as configured."""
@@ -320,7 +327,8 @@ class Trainer:
             values = distributed.all_reduce_mean({"loss": loss.item(), "grad_norm": float(grad_norm), **final_layer})
             bar.set_postfix(loss=f"{values['loss']:.3f}")
             lrs = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
-            self.run_log.write({"kind": "train", "epoch": self.epoch, "step": self.step, "lr": lrs["rest"], "lr_groups": lrs, **values,
+            main_lr = lrs.get("rest", next(iter(lrs.values())))  # DINO's groups' main rate, or a given optimiser's first
+            self.run_log.write({"kind": "train", "epoch": self.epoch, "step": self.step, "lr": main_lr, "lr_groups": lrs, **values,
                        "seconds": round(time.perf_counter() - started, 3)})  # fmt: skip
             self.train_seconds += clock.lap()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
