@@ -15,9 +15,11 @@ the tokens of the same validation image, without autograd; median). Writes ``tra
 ``tradeoff.json`` and ``tradeoff.png`` (AP vs encoder GFLOPs) to ``--out``; the dataset and one
 training run per model go to ``--out/tradeoff-runs/``. A run that finished is reused, an
 interrupted one resumed, so a second invocation only measures. Each full-budget run takes about
-10-20 minutes on two cores.
+10-20 minutes on two cores. With several ``--seeds`` (training seeds: the initial weights and the batch
+order; the dataset stays the same) every model trains once per seed and each metric is reported as the
+median and the range over the seeds; GFLOPs and latency are those of the first seed's model.
 
-    python benchmarks/tradeoff.py [--models dino h3l1-2x3 h3l1-2x3-msda ...] [--epochs 8] [--threads 2]
+    python benchmarks/tradeoff.py [--models dino h3l1-2x3 h3l1-2x3-msda ...] [--seeds 0 1 2] [--epochs 8] [--threads 2]
         [--out benchmarks/results]
     # smoke run: python benchmarks/tradeoff.py --epochs 1 --train-images 8 --val-images 4 --image-size 128 --out /tmp/tradeoff
 """
@@ -37,7 +39,7 @@ import torch
 from matplotlib.figure import Figure
 
 from litedetr.bench.flops import count_flops
-from litedetr.bench.runs import dataset_dir, lite_dino_variants, percent, scaled_recipe, train_or_reuse, variant_recipe
+from litedetr.bench.runs import dataset_dir, lite_dino_variants, median_spread, percent, scaled_recipe, train_or_reuse, variant_recipe
 from litedetr.bench.timing import encoder_run, interleaved_ms
 from litedetr.data import CocoDetection, find_split, write_synthetic_dataset
 from litedetr.engine import MODEL_FILE
@@ -48,13 +50,30 @@ TABLE_METRICS = ("AP", "AP50", "APs", "APm", "APl")
 RUNS_DIR = "tradeoff-runs"
 
 
+def run_dir(runs: Path, name: str, seed: int) -> Path:
+    """Where model ``name`` trains with training seed ``seed`` (seed 0: ``runs/name``, as before seeds were chosen)."""
+    return runs / (name if seed == 0 else f"{name}-seed{seed}")
+
+
+def seed_median(per_seed: list[dict[str, float | None]]) -> dict[str, float | None]:
+    """Each metric's median over the seeds' runs (None where a run has none)."""
+    return {k: None if any(m[k] is None for m in per_seed) else statistics.median(m[k] for m in per_seed) for k in per_seed[0]}
+
+
+def _cell(row: dict[str, Any], metric: str) -> str:
+    values = [m[metric] for m in row["seed_metrics"].values()]
+    return percent(values[0]) if len(values) == 1 else median_spread(values)
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    """The results table with a line on the budget it was measured with."""
+    """The results table with a line on the budget it was measured with; with several seeds each metric is ``median [min-max]``."""
     size = meta["image_size"]
+    seeds = meta["seeds"]
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"training seeds {', '.join(map(str, seeds))} (median [min-max])"
     lines = [
         (
             f"Synthetic dataset ({meta['train_images']} train / {meta['val_images']} val images), {meta['epochs']} epoch(s), "
-            f"{size}x{size} images, seed {meta['seed']}; encoder GFLOPs and CPU latency at {size}x{size} "
+            f"{size}x{size} images, {seed_text}; encoder GFLOPs and CPU latency at {size}x{size} "
             f"(batch 1, {meta['threads']} threads, median of {meta['repeats']}). AP in %."
         ),
         "",
@@ -62,7 +81,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "|---|" + "---:|" * (len(TABLE_METRICS) + 2),
     ]
     for row in rows:
-        metrics = " | ".join(percent(row["metrics"][k]) for k in TABLE_METRICS)
+        metrics = " | ".join(_cell(row, k) for k in TABLE_METRICS)
         lines.append(f"| {row['label']} | {metrics} | {row['encoder_gflops']:.3f} | {row['encoder_latency_ms']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -101,6 +120,7 @@ def main() -> None:
     default = DemoRecipe()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=names, default=names, metavar="NAME", help=f"subset of {', '.join(names)} (default all)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[default.seed], help=f"training seeds (default the demo's {default.seed})")
     parser.add_argument("--epochs", type=int, help=f"training epochs (default the demo's {default.epochs})")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="results folder; runs go to OUT/tradeoff-runs")
     parser.add_argument("--threads", type=int, help="torch intra-op threads for training and timing (default torch's)")
@@ -117,22 +137,25 @@ def main() -> None:
     runs = args.out / RUNS_DIR
     data = write_synthetic_dataset(dataset_dir(runs, recipe.data), recipe.data)
 
-    trained: dict[str, tuple[dict[str, float | None], bool, float]] = {}
+    trained: dict[tuple[str, int], tuple[dict[str, float | None], bool, float]] = {}
     for variant in chosen:
-        start = time.perf_counter()
-        metrics, reused = train_or_reuse(demo_train_config(variant_recipe(recipe, variant), data, "cpu"), runs / variant.name)
-        trained[variant.name] = (metrics, reused, time.perf_counter() - start)
-        print(f"{variant.name}: AP {percent(metrics['AP'])} ({'reused' if reused else f'trained in {trained[variant.name][2]:.0f} s'})", flush=True)
+        for seed in args.seeds:
+            start = time.perf_counter()
+            config = demo_train_config(variant_recipe(dataclasses.replace(recipe, seed=seed), variant), data, "cpu")
+            metrics, reused = train_or_reuse(config, run_dir(runs, variant.name, seed))
+            seconds = time.perf_counter() - start
+            trained[variant.name, seed] = (metrics, reused, seconds)
+            print(f"{variant.name} seed {seed}: AP {percent(metrics['AP'])} ({'reused' if reused else f'trained in {seconds:.0f} s'})", flush=True)
 
     val = find_split(data, "val")
     image = CocoDetection(val.annotations, val.images)[0][0]
-    models = [load_model(runs / v.name / MODEL_FILE) for v in chosen]
+    models = [load_model(run_dir(runs, v.name, args.seeds[0]) / MODEL_FILE) for v in chosen]
     times = interleaved_ms({i: encoder_run(m, image[None], train=False) for i, m in enumerate(models)}, args.repeats)
     latencies = [statistics.median(times[i]) for i in range(len(models))]
     size = (recipe.image_size, recipe.image_size)
     rows = []
     for variant, model, latency in zip(chosen, models, latencies):
-        metrics, reused, seconds = trained[variant.name]
+        per_seed = {seed: trained[variant.name, seed] for seed in args.seeds}
         rows.append({
             "name": variant.name,
             "label": variant.label,
@@ -140,12 +163,13 @@ def main() -> None:
             "encoder": dataclasses.asdict(model.config.encoder),
             "key_aware": model.config.encoder.key_aware,
             "decoder_key_aware": model.config.decoder_key_aware,
-            "metrics": metrics,
+            "metrics": seed_median([metrics for metrics, _, _ in per_seed.values()]),
+            "seed_metrics": {seed: metrics for seed, (metrics, _, _) in per_seed.items()},
             "encoder_gflops": count_flops(model, size).components["encoder"],
             "encoder_latency_ms": latency,
-            "reused_run": reused,
-            "train_seconds": None if reused else round(seconds, 1),
-            "run": str(runs / variant.name),
+            "reused_run": {seed: reused for seed, (_, reused, _) in per_seed.items()},
+            "train_seconds": {seed: None if reused else round(seconds, 1) for seed, (_, reused, seconds) in per_seed.items()},
+            "run": {seed: str(run_dir(runs, variant.name, seed)) for seed in args.seeds},
         })  # fmt: skip
 
     meta = {
@@ -157,7 +181,7 @@ def main() -> None:
         "batch_size": recipe.batch_size,
         "lr": recipe.lr,
         "lr_drop": list(recipe.lr_drop),
-        "seed": recipe.seed,
+        "seeds": list(args.seeds),
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "torch": torch.__version__,
