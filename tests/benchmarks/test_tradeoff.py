@@ -74,3 +74,23 @@ def test_finished_run_is_reused_and_longer_run_refused(tradeoff, tiny_synthetic,
     save_state(run / CHECKPOINT, {**state, "epoch": 3})
     with pytest.raises(ValueError, match="more than the 2"):
         tradeoff.train_or_reuse(config, run)
+
+
+def test_several_seeds_train_apart_and_report_median_and_range(tradeoff, tmp_path):
+    assert tradeoff.run_dir(tmp_path, "h2l2-2x3", 0) == tmp_path / "h2l2-2x3"  # seed 0's runs from before --seeds are reused
+    assert tradeoff.run_dir(tmp_path, "h2l2-2x3", 2) == tmp_path / "h2l2-2x3-seed2"
+    per_seed = [{"AP": 0.30, "APl": None}, {"AP": 0.50, "APl": 0.2}, {"AP": 0.41, "APl": 0.3}]
+    assert tradeoff.seed_median(per_seed) == {"AP": 0.41, "APl": None}
+    row = {"label": "Lite-DINO H2L2-(2+1)x3 KDA", "encoder_gflops": 0.197, "encoder_latency_ms": 10.6}
+    metrics = {"AP": 0.3, "AP50": 0.5, "APs": 0.1, "APm": 0.4, "APl": None}
+    meta = {"image_size": 160, "train_images": 1000, "val_images": 100, "epochs": 12, "threads": 2, "repeats": 20}
+    three = tradeoff.markdown(
+        [{**row, "seed_metrics": {s: {**metrics, "AP": ap} for s, ap in zip((0, 1, 2), (0.3, 0.512, 0.49))}}], {**meta, "seeds": [0, 1, 2]}
+    )
+    assert "training seeds 0, 1, 2 (median [min-max])" in three
+    assert (
+        three.splitlines()[-1]
+        == "| Lite-DINO H2L2-(2+1)x3 KDA | 49.0 [30.0-51.2] | 50.0 [50.0-50.0] | 10.0 [10.0-10.0] | 40.0 [40.0-40.0] | - | 0.197 | 10.6 |"
+    )
+    one = tradeoff.markdown([{**row, "seed_metrics": {0: metrics}}], {**meta, "seeds": [0]})
+    assert ", seed 0;" in one and one.splitlines()[-1] == "| Lite-DINO H2L2-(2+1)x3 KDA | 30.0 | 50.0 | 10.0 | 40.0 | - | 0.197 | 10.6 |"
