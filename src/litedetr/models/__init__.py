@@ -1,4 +1,4 @@
-"""Detectors: their parts, criterion, typed configs and named presets (weights are :mod:`litedetr.weights`')."""
+"""Detectors: their parts, criterion, typed configs and named presets (reading and writing their weights: :mod:`litedetr.weights`)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ Two loaders:
 Every path runs the same steps (:func:`init_from_checkpoint` is the whole pipeline, in place):
 
 1. **Read** the state dict under our names (:func:`read_source`; the original names are renamed by
-   :mod:`litedetr.weights.keys`' tables), with the checkpoint's family, class names and encoder kind.
+   the tables in :mod:`litedetr.weights.keys`), with the checkpoint's family, class names and encoder kind.
 2. **Classes**: the class-dependent tensors (the decoder's class heads, the encoder proposals' class
    head, the denoising label embedding) are adapted to the model's classes: a class whose name matches
    one of the checkpoint's (:func:`~litedetr.weights.classes.class_key`) takes that class's row; the

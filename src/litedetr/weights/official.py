@@ -1,7 +1,7 @@
 """The original code bases' released ``.pth`` checkpoints: unwrapping their state dict (model or EMA,
 bare or DDP-wrapped), recognising their layout, and checking them against a preset.
 
-Renaming their keys to ours is :mod:`litedetr.weights.keys`'; loading them is :mod:`litedetr.weights.loading`'.
+Their keys are renamed to ours by the tables in :mod:`litedetr.weights.keys` and loaded by :mod:`litedetr.weights.loading`.
 """
 
 from __future__ import annotations
