@@ -7,7 +7,8 @@ Two loaders:
   Deformable DETR or H-DETR ``.pth``) or a litedetr model file, into a preset of its family; with
   ``class_names`` (the class map), into a detector of those classes.
 
-Every path runs the same steps (:func:`init_from_checkpoint` is the whole pipeline, in place):
+Every path runs these steps (:func:`init_from_checkpoint` is the whole pipeline, in place); without a
+class map (:func:`load_model`, :func:`load_checkpoint` without ``class_names``) step 2 keeps the rows as they are:
 
 1. **Read** the state dict under our names (:func:`read_source`; the original names are renamed by
    the tables in :mod:`litedetr.weights.keys`), with the checkpoint's family, class names and encoder kind.
@@ -43,7 +44,7 @@ from litedetr.weights.files import read_config, read_model_file
 from litedetr.weights.keys import detect_layout, is_class_tensor, official_rules, rename_official, standard_encoder_layout
 from litedetr.weights.lite_encoder import adapt_encoder_weights
 from litedetr.weights.official import TRAINING_CHECKPOINT_HINT, check_decoder_depth, is_training_checkpoint, read_official_checkpoint, read_official_state
-from litedetr.weights.state_dict import ConversionError, fold_keys, load_strictly
+from litedetr.weights.state_dict import NOT_FITTING, ConversionError, fold_keys, load_strictly
 
 __all__ = [
     "load_model",
@@ -146,10 +147,12 @@ def read_source(path: str | os.PathLike, config: DetectorConfig, weights: str = 
     return source
 
 
-def _load(model: nn.Module, state: dict[str, Tensor], standard_source: bool, fresh: set[str] = frozenset()) -> tuple[set[str], set[str]]:
-    """Steps 3 and 4: fit the encoder's weights, then load strictly; the keys left fresh and those dropped."""
+def _load(
+    model: nn.Module, state: dict[str, Tensor], standard_source: bool, fresh: set[str] = frozenset(), context: str = NOT_FITTING
+) -> tuple[set[str], set[str]]:
+    """Steps 3 and 4: fit the encoder's weights, then load strictly (``context``: the error's first line); the keys left fresh and those dropped."""
     encoder_fresh, dropped = adapt_encoder_weights(model, state, standard_source)
-    load_strictly(model, state, set(fresh) | encoder_fresh)
+    load_strictly(model, state, set(fresh) | encoder_fresh, context)
     return set(fresh) | encoder_fresh, dropped
 
 
@@ -224,9 +227,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
         raise ValueError(
             f"{path}: a .pth checkpoint does not store its architecture; pass its preset (load_checkpoint(path, preset); --preset on the command line)"
         )
-    config, state = read_model_file(path)
-    model = Detector(config)
-    load_strictly(model, state, context=f"{path}: the weights do not fit the file's own config")
+    model = Detector(read_config(path))
+    source = read_source(path, model.config)
+    _load(model, source.state, source.standard_encoder, context=f"{path}: the weights do not fit the file's own config")
     return model.to(device).eval()
 
 

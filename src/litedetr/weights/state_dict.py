@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-__all__ = ["ConversionError", "fit_problems", "load_strictly", "fold_keys"]
+__all__ = ["ConversionError", "NOT_FITTING", "fit_problems", "load_strictly", "fold_keys"]
 
 
 class ConversionError(ValueError):
