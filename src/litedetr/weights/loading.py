@@ -227,9 +227,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
         raise ValueError(
             f"{path}: a .pth checkpoint does not store its architecture; pass its preset (load_checkpoint(path, preset); --preset on the command line)"
         )
-    model = Detector(read_config(path))
-    source = read_source(path, model.config)
-    _load(model, source.state, source.standard_encoder, context=f"{path}: the weights do not fit the file's own config")
+    config, state = read_model_file(path)
+    model = Detector(config)
+    _load(model, state, config.encoder.kind == "standard", context=f"{path}: the weights do not fit the file's own config")
     return model.to(device).eval()
 
 
