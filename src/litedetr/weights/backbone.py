@@ -24,7 +24,7 @@ import torchvision
 from torch import Tensor, nn
 
 from litedetr.models.backbone import BACKBONES, RESNET_CHANNELS, SWIN_ARCHITECTURES, ResNetBackbone, SwinBackbone, import_timm
-from litedetr.weights.state_dict import fit_problems
+from litedetr.weights.state_dict import load_strictly
 
 __all__ = [
     "IMAGENET",
@@ -152,21 +152,13 @@ def _load_weights_file(weights_path: Path) -> dict[str, Tensor]:
     return dict(state_dict)
 
 
-def _check_fits(module: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
-    """Raise ``ValueError`` naming every missing, unexpected or mis-shaped key."""
-    problems = fit_problems(module, state_dict)
-    if problems:
-        raise ValueError(f"{source} does not fit {type(module).__name__}:\n  " + "\n  ".join(problems))
-
-
 def _load_resnet(body: nn.Module, path: Path) -> None:
     """A torchvision ResNet state dict into ``body``: all but the classifier (``fc.*``); batch norm's step
     counters (trainable norm only) stay the model's own."""
     counters = {k: v for k, v in body.state_dict().items() if k.endswith("num_batches_tracked")}
     state_dict = _load_weights_file(path)
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")} | counters
-    _check_fits(body, state_dict, str(path))
-    body.load_state_dict(state_dict)
+    load_strictly(body, state_dict, context=f"{path} does not fit {type(body).__name__}:")
 
 
 def _feature_key(key: str) -> str:
@@ -189,8 +181,7 @@ def _load_swin(body: nn.Module, architecture: str, path: Path) -> None:
     except AttributeError as err:  # a relative position table of a block the model lacks
         raise ValueError(f"{path} does not fit {architecture}: {err}") from None
     state_dict = {_feature_key(k): v for k, v in converted.items() if not k.startswith(("head.", "norm."))}
-    _check_fits(body, state_dict, str(path))
-    body.load_state_dict(state_dict)
+    load_strictly(body, state_dict, context=f"{path} does not fit {type(body).__name__}:")
 
 
 def load_backbone_weights(backbone: ResNetBackbone | SwinBackbone, weights: str | os.PathLike[str]) -> Path:
