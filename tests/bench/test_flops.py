@@ -141,6 +141,19 @@ def test_the_readme_example_is_what_the_command_prints():
     assert block == format_report(count_flops("lite-dino-r50-h3l1-2x3"))
 
 
+def test_query_logits_add_their_linear_layer_and_one_addition_per_sample():
+    """Per KDA layer, ``attention_weights`` over its queries (Lq x C x M L P) and the query-only logit added (1) per query, head, level and point."""
+    authors, hybrid = (count_flops(build_model(TINY, kda_query_logits=flag).eval(), SIZE) for flag in (False, True))
+    model = build_model(TINY)
+    attn = next(m for m in model.encoder.modules() if isinstance(m, MultiScaleDeformableAttention))
+    logits = attn.n_heads * attn.n_levels * attn.n_points
+    encoder_queries = sum(s.num_queries for s in authors.schedule)
+    decoder_queries = model.config.num_decoder_layers * model.config.num_queries
+    for component, queries in (("encoder", encoder_queries), ("decoder", decoder_queries)):
+        expected = queries * (attn.d_model * logits + logits)
+        assert (hybrid.components[component] - authors.components[component]) * 1e9 == pytest.approx(expected, rel=1e-9), component
+
+
 def test_a_key_projection_adds_its_linear_layer_and_the_key_samples():
     """Per KDA layer, ``key_proj`` over its S input tokens (S x C x C) and one more bilinear sample (4 D) per query, head, level and point."""
     shared, own = (count_flops(build_model(TINY, kda_key_proj=flag).eval(), SIZE) for flag in (False, True))

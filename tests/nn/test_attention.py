@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import load_fixture
 
 from litedetr.nn import KeyAwareOptions, MultiScaleDeformableAttention
@@ -131,6 +132,47 @@ def test_key_proj_weighs_by_its_own_keys_and_sums_the_values():
     torch.nn.init.normal_(kda.key_proj.weight)
     _, other = _captured_weights(kda, *inputs)
     assert (other - 1 / 6).abs().max() > 0.05
+
+
+def test_query_logits_add_the_query_only_logits_of_plain_attention_to_q_dot_k():
+    """``query_logits``: weights = softmax(q.k / sqrt(D) + attention_weights(query)); zero at the start,
+    so it starts as KDA without it (and, with ``zero_query``, as plain deformable attention)."""
+    torch.manual_seed(2)
+    options = KeyAwareOptions(zero_query=True, query_logits=True)
+    kda = MultiScaleDeformableAttention(32, 2, 4, 3, key_aware=True, kda=options).double()
+    plain_kda = MultiScaleDeformableAttention(32, 2, 4, 3, key_aware=True).double()
+    assert set(kda.state_dict()) - set(plain_kda.state_dict()) == {"attention_weights.weight", "attention_weights.bias"}
+    assert kda.attention_weights.weight.abs().sum() == 0 and kda.attention_weights.bias.abs().sum() == 0
+    inputs = _attention_inputs()
+    _, start = _captured_weights(kda, *inputs)
+    torch.testing.assert_close(start, torch.full_like(start, 1 / 6))
+    # trained-like weights in every layer: the module's output is the naive softmax of the summed logits
+    for layer in (kda.query_proj, kda.attention_weights):
+        torch.nn.init.normal_(layer.weight, std=0.3)
+        torch.nn.init.normal_(layer.bias, std=0.3)
+    out, weights = _captured_weights(kda, *inputs)
+    query, reference, value, shapes = inputs
+    b, lq, _ = query.shape
+    v = kda.value_proj(value).view(b, -1, 4, 8)
+    locations = kda.sampling(query, reference, shapes)
+    sampled = []  # the sampled keys (the projected values), level by level
+    start_token = 0
+    for level, (h, w) in enumerate(shapes.tolist()):
+        maps = v[:, start_token : start_token + h * w].permute(0, 2, 3, 1).reshape(b * 4, 8, h, w)
+        grid = 2 * locations[:, :, :, level].permute(0, 2, 1, 3, 4).reshape(b * 4, lq, 3, 2) - 1
+        sampled.append(F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False))  # (B*M, D, Lq, P)
+        start_token += h * w
+    sampled_keys = torch.cat(sampled, -1).view(b, 4, 8, lq, 6).permute(0, 3, 1, 4, 2)  # (B, Lq, M, L*P, D)
+    q = kda.query_proj(query).view(b, lq, 4, 1, 8)
+    logits = (q * sampled_keys).sum(-1) / math.sqrt(8) + kda.attention_weights(query).view(b, lq, 4, 6)
+    expected = logits.softmax(-1)
+    torch.testing.assert_close(weights.flatten(-2), expected.detach())
+    expected_out = kda.output_proj((expected[..., None] * sampled_keys).sum(-2).flatten(2))
+    torch.testing.assert_close(out, expected_out.detach())
+    # the query-only term moves the weights: without it (the authors' KDA) they differ
+    plain_kda.load_state_dict({k: t for k, t in kda.state_dict().items() if not k.startswith("attention_weights")})
+    _, without = _captured_weights(plain_kda, *inputs)
+    assert (without - weights).abs().max() > 0.05
 
 
 def test_key_aware_options_are_ignored_by_plain_attention():

@@ -16,8 +16,14 @@ from litedetr.ops import attention_backend, cpu_autograd, cpu_kernels, ms_deform
 pytestmark = pytest.mark.skipif(not cpu_kernels.enabled(torch.zeros(1)), reason="the C++ CPU kernels are not available here")
 
 SMALL = torch.tensor([[3, 4], [2, 2], [1, 1]])  # the last level is a single cell
-OPS = ("msda", "kda_shared", "kda_distinct")
-NAMES = {"msda": ("value", "locations", "weights"), "kda_shared": ("query", "value", "locations"), "kda_distinct": ("query", "key", "value", "locations")}
+OPS = ("msda", "kda_shared", "kda_distinct", "kda_shared_bias", "kda_distinct_bias")  # *_bias: with a logit bias (query_logits)
+NAMES = {
+    "msda": ("value", "locations", "weights"),
+    "kda_shared": ("query", "value", "locations"),
+    "kda_distinct": ("query", "key", "value", "locations"),
+    "kda_shared_bias": ("query", "value", "locations", "bias"),
+    "kda_distinct_bias": ("query", "key", "value", "locations", "bias"),
+}
 
 
 def inputs(shapes: torch.Tensor, b: int, m: int, d: int, p: int, dtype: torch.dtype, seed: int = 0, spread: float = 1.4) -> dict[str, torch.Tensor]:
@@ -31,6 +37,7 @@ def inputs(shapes: torch.Tensor, b: int, m: int, d: int, p: int, dtype: torch.dt
         "value": torch.randn(b, s, m, d, **kw),
         "locations": torch.rand(b, s, m, n_levels, p, 2, **kw) * spread - (spread - 1) / 2,
         "weights": torch.rand(b, s, m, n_levels, p, **kw).softmax(-1),
+        "bias": 2 * torch.randn(b, s, m, n_levels, p, **kw),
     }
 
 
@@ -40,6 +47,10 @@ def op_call(op: str, shapes: torch.Tensor) -> Callable[..., torch.Tensor]:
         return lambda value, locations, weights: ms_deform_attn(value, shapes, locations, weights)
     if op == "kda_shared":
         return lambda query, value, locations: ms_deform_attn_key_aware(query, value, value, shapes, locations)
+    if op == "kda_shared_bias":
+        return lambda query, value, locations, bias: ms_deform_attn_key_aware(query, value, value, shapes, locations, bias)
+    if op == "kda_distinct_bias":
+        return lambda query, key, value, locations, bias: ms_deform_attn_key_aware(query, key, value, shapes, locations, bias)
     return lambda query, key, value, locations: ms_deform_attn_key_aware(query, key, value, shapes, locations)
 
 
@@ -222,8 +233,9 @@ def opcheck_args(op: str) -> list[tuple[object, tuple[object, ...]]]:
         t.requires_grad_()
     if op == "msda":
         return torch.ops.litedetr.cpu_ms_deform_attn.default, (x["value"], SMALL, x["locations"], x["weights"])
-    key = None if op == "kda_shared" else x["key"]
-    return torch.ops.litedetr.cpu_ms_deform_attn_key_aware.default, (x["query"], key, x["value"], SMALL, x["locations"])
+    key = None if op.startswith("kda_shared") else x["key"]
+    bias = x["bias"] if op.endswith("_bias") else None
+    return torch.ops.litedetr.cpu_ms_deform_attn_key_aware.default, (x["query"], key, x["value"], SMALL, x["locations"], bias)
 
 
 @pytest.mark.parametrize("op", OPS)

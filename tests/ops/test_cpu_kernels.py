@@ -27,15 +27,18 @@ def inputs(dtype: torch.dtype, d: int = 32, seed: int = 0) -> dict[str, torch.Te
         "value": torch.randn(2, s, 8, d, **kw),
         "locations": torch.rand(2, s, 8, len(SHAPES), 4, 2, **kw) * 1.2 - 0.1,
         "weights": torch.rand(2, s, 8, len(SHAPES), 4, **kw).softmax(-1),
+        "bias": 2 * torch.randn(2, s, 8, len(SHAPES), 4, **kw),
     }
 
 
 def run_all(x: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """MSDA, KDA with separate keys and KDA with shared keys/values, on whatever path is active."""
+    """MSDA, KDA with separate keys and KDA with shared keys/values (each also with a logit bias), on whatever path is active."""
     return [
         ms_deform_attn(x["value"], SHAPES, x["locations"], x["weights"]),
         ms_deform_attn_key_aware(x["query"], x["key"], x["value"], SHAPES, x["locations"]),
         ms_deform_attn_key_aware(x["query"], x["value"], x["value"], SHAPES, x["locations"]),
+        ms_deform_attn_key_aware(x["query"], x["key"], x["value"], SHAPES, x["locations"], x["bias"]),
+        ms_deform_attn_key_aware(x["query"], x["value"], x["value"], SHAPES, x["locations"], x["bias"]),
     ]
 
 
@@ -164,6 +167,7 @@ def test_a_missing_build_is_announced_and_goes_into_its_own_folder(monkeypatch, 
         (lambda x: x.update(locations=x["locations"][:, :, :4]), "do not match value"),
         (lambda x: x.update(query=x["query"][:, :5]), r"query must be \(B, Lq, M, D\)"),
         (lambda x: x.update(key=x["key"][:, :5]), "key must have the shape of value"),
+        (lambda x: x.update(bias=x["bias"][..., :1]), r"logit_bias must be \(B, Lq, M, L, P\)"),
     ],
 )
 def test_inconsistent_shapes_are_refused_before_and_inside_the_kernels(change, message):
@@ -173,10 +177,10 @@ def test_inconsistent_shapes_are_refused_before_and_inside_the_kernels(change, m
     kernels = cpu_kernels._kernels()
     with pytest.raises(ValueError, match=message):
         cpu_kernels.ms_deform_attn(x["value"], SHAPES, x["locations"], x["weights"])
-        cpu_kernels.ms_deform_attn_key_aware(x["query"], x["key"], x["value"], SHAPES, x["locations"])
+        cpu_kernels.ms_deform_attn_key_aware(x["query"], x["key"], x["value"], SHAPES, x["locations"], x["bias"])
     with pytest.raises(RuntimeError, match="must"):  # TORCH_CHECK in C++, for callers that bypass the Python entry
         kernels.ms_deform_attn_forward(x["value"], SHAPES, x["locations"], x["weights"])
-        kernels.ms_deform_attn_key_aware_forward(x["query"], x["key"], x["value"], SHAPES, x["locations"], False)
+        kernels.ms_deform_attn_key_aware_forward(x["query"], x["key"], x["value"], SHAPES, x["locations"], False, x["bias"])
 
 
 def test_spatial_shapes_that_do_not_fit_are_refused():

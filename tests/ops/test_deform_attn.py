@@ -32,8 +32,8 @@ def level_maps(feats: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor]:
     return [f.view(int(h), int(w), -1) for f, (h, w) in zip(feats.split(sizes), shapes)]
 
 
-def naive(query, key, value, shapes, locations, weights=None):
-    """Loop over batch, query, head, level, point."""
+def naive(query, key, value, shapes, locations, weights=None, logit_bias=None):
+    """Loop over batch, query, head, level, point; KDA's logit of each sample plus ``logit_bias``'s, where given."""
     b, lq, m, n_levels, p, _ = locations.shape
     d = value.shape[-1]
     out = torch.zeros(b, lq, m, d, dtype=value.dtype)
@@ -50,7 +50,8 @@ def naive(query, key, value, shapes, locations, weights=None):
                         if kmaps is not None:
                             logits.append(bilinear(kmaps[li], x, y) @ query[bi, qi, hi] / math.sqrt(d))
                 if weights is None:
-                    w = torch.softmax(torch.stack(logits), 0)
+                    bias = 0.0 if logit_bias is None else logit_bias[bi, qi, hi].reshape(-1)
+                    w = torch.softmax(torch.stack(logits) + bias, 0)
                 else:
                     w = weights[bi, qi, hi].reshape(-1)
                 out[bi, qi, hi] = (w[:, None] * torch.stack(samples_v)).sum(0)
@@ -102,6 +103,25 @@ def test_kda_matches_naive_bilinear(shared_key, path):
     expected = naive(query, key, value, SHAPES, locations)
     with on_path(path, [query, key, value, locations]):
         torch.testing.assert_close(ms_deform_attn_key_aware(query, key, value, SHAPES, locations), expected)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shared_key", [False, True])
+def test_kda_with_a_logit_bias_matches_naive_bilinear(shared_key, path):
+    """``logit_bias`` (B, Lq, M, L, P) is added to each sample's q.k / sqrt(D) before the softmax."""
+    query, key, value, locations, weights = random_inputs()
+    bias = 3 * weights - 1.5  # spread as trained attention logits are: weights moved by factors up to e^3
+    key = value if shared_key else key
+    expected = naive(query, key, value, SHAPES, locations, logit_bias=bias)
+    assert not torch.allclose(expected, naive(query, key, value, SHAPES, locations), atol=1e-2)
+    with on_path(path, [query, key, value, locations, bias]):
+        torch.testing.assert_close(ms_deform_attn_key_aware(query, key, value, SHAPES, locations, bias), expected)
+
+
+def test_kda_logit_bias_shape_is_checked():
+    query, key, value, locations, weights = random_inputs()
+    with pytest.raises(ValueError, match="logit_bias"):
+        ms_deform_attn_key_aware(query, key, value, SHAPES, locations, weights[..., :1])
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -47,6 +47,7 @@ def make_case(
     p: int,
     boxes: bool,
     distinct_key: bool = False,
+    logit_bias: bool = False,
     pad: bool = False,
     dtype: torch.dtype = torch.float32,
     dtypes: dict[str, torch.dtype] | None = None,
@@ -59,7 +60,8 @@ def make_case(
     Inputs are in ``dtype`` except those named in ``dtypes`` (mixed precision, as autocast makes it).
     Returns a dict with ``op`` ("msda" or "kda"), ``spatial_shapes`` ``(L, 2)``, ``inputs`` (value
     ``(B, S, M, D)``, sampling_locations ``(B, Lq, M, L, P, 2)``, and attention_weights
-    ``(B, Lq, M, L, P)`` or query ``(B, Lq, M, D)`` [+ key ``(B, S, M, D)``]), ``grad_out``
+    ``(B, Lq, M, L, P)`` or query ``(B, Lq, M, D)`` [+ key ``(B, S, M, D)``] [+ logit_bias
+    ``(B, Lq, M, L, P)``]), ``grad_out``
     ``(B, Lq, M*D)`` in the value's dtype, ``backward`` and ``noncontiguous`` (run with every input
     and ``grad_out`` in column-major order).
     """
@@ -94,6 +96,8 @@ def make_case(
         inputs["query"] = 2.0 * torch.randn(b, lq, m, d, generator=gen)
         if distinct_key:
             inputs["key"] = torch.randn(b, s, m, d, generator=gen)
+        if logit_bias:
+            inputs["logit_bias"] = 2.0 * torch.randn(b, lq, m, n_levels, p, generator=gen)
     dtypes = {name: (dtypes or {}).get(name, dtype) for name in inputs}
     return {
         "op": op,
@@ -127,6 +131,9 @@ def make_cases() -> dict[str, dict[str, Any]]:
         "msda_boxes_d6": make_case("msda", levels=LEVELS, b=1, lq=37, m=3, d=6, p=3, boxes=True, seed=2),
         "kda_shared_points_padded": make_case("kda", levels=LEVELS, b=2, lq=70, m=2, d=8, p=2, boxes=False, pad=True, seed=3),
         "kda_distinct_boxes_d6": make_case("kda", levels=LEVELS, b=1, lq=37, m=3, d=6, p=3, boxes=True, distinct_key=True, seed=4),
+        "kda_shared_bias_points_padded": make_case("kda", levels=LEVELS, b=2, lq=70, m=2, d=8, p=2, boxes=False, logit_bias=True, pad=True, seed=5),
+        "kda_distinct_bias_boxes_d6": make_case("kda", levels=LEVELS, b=1, lq=37, m=3, d=6, p=3, boxes=True, distinct_key=True, logit_bias=True, seed=6),
+        "tiny_kda_shared_bias_bf16": make_case("kda", **tiny, boxes=True, logit_bias=True, dtype=torch.bfloat16, seed=7),
     }
     for seed, (name, variant) in enumerate(variants.items(), start=10):
         cases[f"tiny_{name}"] = make_case(**variant, **tiny, seed=seed)
@@ -139,7 +146,7 @@ def make_cases() -> dict[str, dict[str, Any]]:
 
 
 TINY = ("tiny_msda", "tiny_kda_shared", "tiny_kda_distinct")
-STRIDE_AND_DTYPE_CASES = [f"{name}_{kind}" for name in TINY for kind in ("noncontiguous", "fp16", "bf16", "mixed")]
+STRIDE_AND_DTYPE_CASES = [*(f"{name}_{kind}" for name in TINY for kind in ("noncontiguous", "fp16", "bf16", "mixed")), "tiny_kda_shared_bias_bf16"]
 
 
 def column_major(t: Tensor) -> Tensor:
@@ -157,7 +164,7 @@ def forward_backward(case: dict[str, Any], msda: Callable[..., Tensor], kda: Cal
         out = msda(inputs["value"], shapes, inputs["sampling_locations"], inputs["attention_weights"])
     else:
         key = inputs.get("key", inputs["value"])
-        out = kda(inputs["query"], key, inputs["value"], shapes, inputs["sampling_locations"])
+        out = kda(inputs["query"], key, inputs["value"], shapes, inputs["sampling_locations"], inputs.get("logit_bias"))
     result = {"out": out.detach()}
     if case["backward"]:
         out.backward(layout(case["grad_out"].to(out.dtype)))
@@ -190,7 +197,7 @@ def run_child(cases_path: str, results_path: str) -> None:
 
     compiled_msda = torch.compile(custom_ops.ms_deform_attn, backend="aot_eager", fullgraph=True)
     compiled_kda = torch.compile(custom_ops.ms_deform_attn_key_aware, backend="aot_eager", fullgraph=True)
-    for name in ("tiny_msda", "tiny_kda_distinct"):
+    for name in ("tiny_msda", "tiny_kda_distinct", "kda_distinct_bias_boxes_d6"):
         _capture(results, f"compiled:{name}", lambda name=name: forward_backward(cases[name], compiled_msda, compiled_kda))
 
     class Exported(torch.nn.Module):
@@ -215,8 +222,9 @@ def run_child(cases_path: str, results_path: str) -> None:
                 args = (inputs["value"], shapes, starts, inputs["sampling_locations"], inputs["attention_weights"])
                 torch.library.opcheck(op, args)
             else:
-                for key in (inputs["key"], None):
-                    torch.library.opcheck(op, (inputs["query"], key, inputs["value"], shapes, starts, inputs["sampling_locations"]))
+                bias = 2.0 * torch.randn(inputs["sampling_locations"].shape[:-1]).requires_grad_()
+                for key, logit_bias in ((inputs["key"], None), (None, None), (inputs["key"], bias), (None, bias)):
+                    torch.library.opcheck(op, (inputs["query"], key, inputs["value"], shapes, starts, inputs["sampling_locations"], logit_bias))
         return True
 
     _capture(results, "opcheck", opcheck)
@@ -388,12 +396,21 @@ def test_msda_forward_and_gradients(interpreter_results: dict[str, Any], cases: 
     assert_matches_reference(got, cases[name])
 
 
-@pytest.mark.parametrize("name", ["kda_shared_points_padded", "kda_distinct_boxes_d6", "tiny_kda_shared", "tiny_kda_distinct"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "kda_shared_points_padded",
+        "kda_distinct_boxes_d6",
+        "kda_shared_bias_points_padded",
+        "kda_distinct_bias_boxes_d6",
+        "tiny_kda_shared",
+        "tiny_kda_distinct",
+    ],
+)
 def test_kda_forward_and_gradients(interpreter_results: dict[str, Any], cases: dict[str, dict[str, Any]], name: str) -> None:
     got = get_result(interpreter_results, name)
     expected_keys = {"out", "grad_query", "grad_value", "grad_sampling_locations"}
-    if "key" in cases[name]["inputs"]:
-        expected_keys.add("grad_key")
+    expected_keys |= {f"grad_{optional}" for optional in ("key", "logit_bias") if optional in cases[name]["inputs"]}
     assert set(got) == expected_keys
     assert_matches_reference(got, cases[name])
 
@@ -415,7 +432,7 @@ def test_the_float64_comparison_can_fail(interpreter_results: dict[str, Any], ca
         assert_matches_float64(got, cases["tiny_kda_distinct_bf16"])
 
 
-@pytest.mark.parametrize("name", ["tiny_msda", "tiny_kda_distinct"])
+@pytest.mark.parametrize("name", ["tiny_msda", "tiny_kda_distinct", "kda_distinct_bias_boxes_d6"])
 def test_torch_compile_traces_the_custom_ops(interpreter_results: dict[str, Any], cases: dict[str, dict[str, Any]], name: str) -> None:
     assert_matches_reference(get_result(interpreter_results, f"compiled:{name}"), cases[name])
 
@@ -478,7 +495,7 @@ def test_ops_import_and_run_without_triton() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("op", ["msda", "kda_shared", "kda_distinct"])
+@pytest.mark.parametrize("op", ["msda", "kda_shared", "kda_distinct", "kda_shared_bias"])
 def test_cuda_dispatch_matches_pytorch(op: str) -> None:
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -495,7 +512,7 @@ def test_cuda_dispatch_matches_pytorch(op: str) -> None:
 
     levels = [(20, 30), (10, 15), (5, 8), (3, 4)]
     kind = "msda" if op == "msda" else "kda"
-    case = make_case(kind, levels=levels, b=2, lq=700, m=8, d=32, p=4, boxes=False, distinct_key=op == "kda_distinct", pad=True)
+    case = make_case(kind, levels=levels, b=2, lq=700, m=8, d=32, p=4, boxes=False, distinct_key=op == "kda_distinct", logit_bias=op.endswith("bias"), pad=True)
     case = {**case, "spatial_shapes": case["spatial_shapes"].cuda(), "grad_out": case["grad_out"].cuda()}
     case["inputs"] = {name: t.cuda() for name, t in case["inputs"].items()}
     with Recorder() as recorder:

@@ -89,6 +89,25 @@ def test_a_standard_checkpoint_starts_a_lite_model_and_lists_what_is_fresh(tmp_p
     assert "dropped: " in caplog.text and "self_attn.attention_weights" in caplog.text
 
 
+def test_query_logits_take_plain_attentions_weights_from_a_standard_checkpoint_and_start_at_zero_without(tmp_path):
+    """``kda_query_logits``: a DINO checkpoint's ``attention_weights`` become the KDA layers' query-only
+    logits (nothing dropped); the authors' Lite-DINO has none, so they start at zero and the model computes
+    the authors' KDA, every checkpoint tensor bit-exact."""
+    dino_state, dino = random_checkpoint("dino", torch.Generator().manual_seed(1))
+    lite_state, lite = random_checkpoint("lite-dino", torch.Generator().manual_seed(2))
+    torch.save({"model": dino_state}, tmp_path / "dino.pth")
+    torch.save({"model": lite_state}, tmp_path / "lite.pth")
+    preset = "lite-dino-r50-h3l1-2x3"
+    from_dino = build_model(preset, init=str(tmp_path / "dino.pth"), kda_query_logits=True).state_dict()
+    carried = [k for k in from_dino if ".attention_weights." in k]
+    assert carried and all(torch.equal(from_dino[k], dino[k]) for k in carried)
+    assert "encoder.layers.0.self_attn.attention_weights.weight" in carried and "decoder.layers.5.cross_attn.attention_weights.weight" in carried
+    from_lite = build_model(preset, init=str(tmp_path / "lite.pth"), kda_query_logits=True).state_dict()
+    fresh = [k for k in from_lite if k not in lite and not k.endswith("num_batches_tracked")]
+    assert fresh and all(".attention_weights." in k for k in fresh) and all(from_lite[k].abs().sum() == 0 for k in fresh)
+    assert all(torch.equal(from_lite[k], lite[k]) for k in lite)
+
+
 @pytest.fixture(scope="module")
 def tiny_source(tmp_path_factory):
     source = build_model("dino-r18-tiny", num_classes=3, class_names=("cat", "dog", "zebra"), dn_number=10)

@@ -150,13 +150,16 @@ def deformable_attention_flops(module: MultiScaleDeformableAttention, num_querie
     """FLOPs of one deformable-attention core (sampling, weights, weighted sum) for ``num_queries`` queries.
 
     Per query, head, level and point: a bilinear sample of ``D`` channels (4 per channel) and its
-    share of the weighted sum (``D``); KDA adds the ``q.k`` product (``D``), and a bilinear sample of
-    the key (``4 D``) when keys have a projection of their own; either way a softmax over the
-    ``L * P`` weights (1 per weight). The linear layers are not included.
+    share of the weighted sum (``D``); KDA adds the ``q.k`` product (``D``), a bilinear sample of the
+    key (``4 D``) when keys have a projection of their own, and the query-only logit (1) with
+    ``query_logits``; either way a softmax over the ``L * P`` weights (1 per weight). The linear
+    layers are not included.
     """
     d_head = module.d_model // module.n_heads
     samples = num_queries * module.n_heads * module.n_levels * module.n_points
-    per_sample = 4 * d_head + d_head + (d_head if module.key_aware else 0) + (4 * d_head if module.kda.key_proj else 0) + 1
+    kda = module.kda
+    key_aware = d_head + (4 * d_head if kda.key_proj else 0) + (1 if kda.query_logits else 0) if module.key_aware else 0
+    per_sample = 4 * d_head + d_head + key_aware + 1
     return samples * per_sample
 
 

@@ -58,6 +58,11 @@ class DetectorConfig:
     """Every KDA layer's ``query_proj`` starts at zero, so its first attention is uniform over the
     sampled points, as plain deformable attention's; the authors start it Xavier-uniform (random
     attention). Initialisation only: the weights' layout is the same."""
+    kda_query_logits: bool = False
+    """Every KDA layer adds a per-point term predicted from the query (``attention_weights``, plain
+    deformable attention's linear layer, zero at the start) to its ``q.k / sqrt(D)`` logits, so it can
+    prefer levels and points as plain deformable attention does, and weigh the sampled keys as KDA
+    does. Not in the authors' code (their checkpoints load without it); adds the layer's weights."""
     dropout: float = 0.0
     num_queries: int = 900
     num_select: int = 300

@@ -39,7 +39,7 @@ class DetectorParts(NamedTuple):
 
 
 def _kda(config: DetectorConfig) -> KeyAwareOptions:
-    return KeyAwareOptions(key_proj=config.kda_key_proj, zero_query=config.kda_zero_query)
+    return KeyAwareOptions(key_proj=config.kda_key_proj, zero_query=config.kda_zero_query, query_logits=config.kda_query_logits)
 
 
 def _encoder(config: DetectorConfig) -> DeformableEncoder:

@@ -50,10 +50,15 @@ class KeyAwareOptions:
             ``proj_key=True``) instead of the projected values, which then serve only as values.
         zero_query: ``query_proj`` starts at zero, so every query's first attention is uniform over
             its ``L*P`` samples (where plain deformable attention starts) instead of random.
+        query_logits: the logits are ``q.k / sqrt(D)`` plus a term per head, level and point predicted
+            from the query alone (``attention_weights``, plain deformable attention's linear layer,
+            zero at the start): the weights can prefer levels and points as plain deformable
+            attention's do, and the keys still decide among the samples. Not in the authors' code.
     """
 
     key_proj: bool = False
     zero_query: bool = False
+    query_logits: bool = False
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -98,7 +103,7 @@ class MultiScaleDeformableAttention(nn.Module):
             self.query_proj = nn.Linear(d_model, d_model)
             if self.kda.key_proj:
                 self.key_proj = nn.Linear(d_model, d_model)
-        else:
+        if not key_aware or self.kda.query_logits:
             self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
@@ -117,7 +122,7 @@ class MultiScaleDeformableAttention(nn.Module):
         if self.key_aware:
             (nn.init.zeros_ if self.kda.zero_query else nn.init.xavier_uniform_)(self.query_proj.weight)
             nn.init.zeros_(self.query_proj.bias)
-        else:
+        if not self.key_aware or self.kda.query_logits:
             nn.init.zeros_(self.attention_weights.weight)
             nn.init.zeros_(self.attention_weights.bias)
         for proj in (self.value_proj, self.output_proj, *([self.key_proj] if self.kda.key_proj else [])):
@@ -158,16 +163,20 @@ class MultiScaleDeformableAttention(nn.Module):
         if self.key_aware:
             q = self.query_proj(query).view(b, lq, self.n_heads, -1)
             k = self._project(self.key_proj, value, padding_mask) if self.kda.key_proj else v
-            out = ms_deform_attn_key_aware(q, k, v, spatial_shapes, locations)
+            bias = self._point_logits(query) if self.kda.query_logits else None
+            out = ms_deform_attn_key_aware(q, k, v, spatial_shapes, locations, bias)
             if self.capture is not None:
-                self.capture(locations, key_aware_attention_weights(q, k, spatial_shapes, locations))
+                self.capture(locations, key_aware_attention_weights(q, k, spatial_shapes, locations, bias))
         else:
-            weights = self.attention_weights(query).view(b, lq, self.n_heads, self.n_levels * self.n_points)
-            weights = weights.softmax(-1).view(b, lq, self.n_heads, self.n_levels, self.n_points)
+            weights = self._point_logits(query).flatten(3).softmax(-1).view(b, lq, self.n_heads, self.n_levels, self.n_points)
             out = ms_deform_attn(v, spatial_shapes, locations, weights)
             if self.capture is not None:
                 self.capture(locations, weights)
         return self.output_proj(out)
+
+    def _point_logits(self, query: Tensor) -> Tensor:
+        """``(B, Lq, C)`` queries -> ``(B, Lq, M, L, P)`` logits predicted from the query alone (``attention_weights``)."""
+        return self.attention_weights(query).view(*query.shape[:2], self.n_heads, self.n_levels, self.n_points)
 
     def _project(self, proj: nn.Linear, value: Tensor, padding_mask: Tensor | None) -> Tensor:
         """``(B, S, C)`` maps -> ``(B, S, M, D)`` projected per head, zero at padding."""

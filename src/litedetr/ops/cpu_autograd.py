@@ -7,11 +7,12 @@ Registered ops (schemas inferred from the signatures below), CPU tensors of one 
   -> ``(B, Lq, M*D)``, and its backward ``litedetr::cpu_ms_deform_attn_backward(grad_out, value,
   spatial_shapes, sampling_locations, attention_weights)`` -> ``(grad_value, grad_sampling_locations,
   grad_attention_weights)``.
-- ``litedetr::cpu_ms_deform_attn_key_aware(query, key?, value, spatial_shapes, sampling_locations)``
-  -> ``(B, Lq, M*D)`` (``key=None``: the keys are the values, sampled once), and its backward
+- ``litedetr::cpu_ms_deform_attn_key_aware(query, key?, value, spatial_shapes, sampling_locations,
+  logit_bias?)`` -> ``(B, Lq, M*D)`` (``key=None``: the keys are the values, sampled once;
+  ``logit_bias``: ``(B, Lq, M, L, P)`` added to every ``q.k / sqrt(D)``), and its backward
   ``litedetr::cpu_ms_deform_attn_key_aware_backward(grad_out, query, key?, value, spatial_shapes,
-  sampling_locations)`` -> ``[grad_query, grad_value, grad_sampling_locations]``, then ``grad_key``
-  when ``key`` is given.
+  sampling_locations, logit_bias?)`` -> ``[grad_query, grad_value, grad_sampling_locations]``, then
+  ``grad_key`` when ``key`` is given, then ``grad_logit_bias`` when ``logit_bias`` is given.
 
 Autograd saves the inputs only: the backward recomputes the bilinear corners and KDA's softmax of
 each query-head, so nothing of size queries x heads x levels x points x channels exists in either
@@ -85,30 +86,37 @@ _msda_op.register_autograd(_msda_backward, setup_context=_msda_setup_context)
 
 
 @torch.library.custom_op("litedetr::cpu_ms_deform_attn_key_aware", mutates_args=(), device_types="cpu")
-def _kda_op(query: Tensor, key: Tensor | None, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor) -> Tensor:
+def _kda_op(query: Tensor, key: Tensor | None, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, logit_bias: Tensor | None) -> Tensor:
     shared = key is None
-    return cpu_kernels._kernels().ms_deform_attn_key_aware_forward(query, value if shared else key, value, spatial_shapes, sampling_locations, shared)
+    return cpu_kernels._kernels().ms_deform_attn_key_aware_forward(
+        query, value if shared else key, value, spatial_shapes, sampling_locations, shared, logit_bias
+    )
 
 
 @_kda_op.register_fake
-def _kda_fake(query: Tensor, key: Tensor | None, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor) -> Tensor:
+def _kda_fake(query: Tensor, key: Tensor | None, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, logit_bias: Tensor | None) -> Tensor:
     b, _, m, d = value.shape
     return value.new_empty((b, sampling_locations.shape[1], m * d))
 
 
 @torch.library.custom_op("litedetr::cpu_ms_deform_attn_key_aware_backward", mutates_args=(), device_types="cpu")
-def _kda_backward_op(grad_out: Tensor, query: Tensor, key: Tensor | None, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor) -> list[Tensor]:
-    """Returns ``[grad_query, grad_value, grad_sampling_locations]``, then ``grad_key`` when ``key`` is given."""
+def _kda_backward_op(
+    grad_out: Tensor, query: Tensor, key: Tensor | None, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, logit_bias: Tensor | None
+) -> list[Tensor]:
+    """Returns ``[grad_query, grad_value, grad_sampling_locations]``, then ``grad_key`` when ``key`` is
+    given, then ``grad_logit_bias`` when ``logit_bias`` is given."""
     shared = key is None
     return cpu_kernels._kernels().ms_deform_attn_key_aware_backward(
-        grad_out, query, value if shared else key, value, spatial_shapes, sampling_locations, shared
+        grad_out, query, value if shared else key, value, spatial_shapes, sampling_locations, shared, logit_bias
     )
 
 
 @_kda_backward_op.register_fake
-def _kda_backward_fake(grad_out: Tensor, query: Tensor, key: Tensor | None, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor) -> list[Tensor]:
+def _kda_backward_fake(
+    grad_out: Tensor, query: Tensor, key: Tensor | None, value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, logit_bias: Tensor | None
+) -> list[Tensor]:
     grads = [_empty_like(query), _empty_like(value), _empty_like(sampling_locations)]
-    return grads if key is None else [*grads, _empty_like(key)]
+    return grads + [_empty_like(t) for t in (key, logit_bias) if t is not None]
 
 
 def _kda_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -116,9 +124,9 @@ def _kda_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> Non
 
 
 def _kda_backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-    query, key, value, spatial_shapes, locations = ctx.saved_tensors
-    grads = torch.ops.litedetr.cpu_ms_deform_attn_key_aware_backward(grad_out, query, key, value, spatial_shapes, locations)
-    return key_aware_input_grads(grads, key is not None, ctx.needs_input_grad, shape_inputs=1)
+    query, key, value, spatial_shapes, locations, bias = ctx.saved_tensors
+    grads = torch.ops.litedetr.cpu_ms_deform_attn_key_aware_backward(grad_out, query, key, value, spatial_shapes, locations, bias)
+    return key_aware_input_grads(grads, key is not None, bias is not None, ctx.needs_input_grad, shape_inputs=1)
 
 
 _kda_op.register_autograd(_kda_backward, setup_context=_kda_setup_context)
@@ -141,20 +149,27 @@ def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locati
     return out.to(value.dtype)
 
 
-def ms_deform_attn_key_aware(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor) -> Tensor:
-    """KDA through ``litedetr::cpu_ms_deform_attn_key_aware`` (differentiable in query, key, value and locations).
+def ms_deform_attn_key_aware(
+    query: Tensor, key: Tensor, value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, logit_bias: Tensor | None = None
+) -> Tensor:
+    """KDA through ``litedetr::cpu_ms_deform_attn_key_aware`` (differentiable in query, key, value,
+    locations and the logit bias).
 
     Shapes: query ``(B, Lq, M, D)``, key and value ``(B, S, M, D)``, spatial_shapes as :func:`ms_deform_attn`,
-    sampling_locations ``(B, Lq, M, L, P, 2)`` -> ``(B, Lq, M*D)`` in value's dtype. When ``key is value``
-    the map is sampled once and the value's gradient holds both.
+    sampling_locations ``(B, Lq, M, L, P, 2)``, logit_bias ``(B, Lq, M, L, P)`` or None -> ``(B, Lq, M*D)``
+    in value's dtype. When ``key is value`` the map is sampled once and the value's gradient holds both.
 
     Raises:
         ValueError: a shape does not fit the others (named).
     """
-    shapes = cpu_kernels.check_shapes(value, spatial_shapes, sampling_locations, query=(query, ("B", "Lq", "M", "D")))
+    per_query = {"query": (query, ("B", "Lq", "M", "D"))}
+    if logit_bias is not None:
+        per_query["logit_bias"] = (logit_bias, ("B", "Lq", "M", "L", "P"))
+    shapes = cpu_kernels.check_shapes(value, spatial_shapes, sampling_locations, **per_query)
     if key.shape != value.shape:
         raise ValueError(f"key must have the shape of value {tuple(value.shape)}, got {tuple(key.shape)}")
     dtype = compute_dtype(value)
     distinct_key = None if key is value else key.to(dtype)
-    out = torch.ops.litedetr.cpu_ms_deform_attn_key_aware(query.to(dtype), distinct_key, value.to(dtype), shapes, sampling_locations.to(dtype))
+    bias = None if logit_bias is None else logit_bias.to(dtype)
+    out = torch.ops.litedetr.cpu_ms_deform_attn_key_aware(query.to(dtype), distinct_key, value.to(dtype), shapes, sampling_locations.to(dtype), bias)
     return out.to(value.dtype)

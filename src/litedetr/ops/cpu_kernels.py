@@ -196,16 +196,22 @@ def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locati
     return _kernels().ms_deform_attn_forward(value, shapes, locations, attention_weights)
 
 
-def ms_deform_attn_key_aware(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor) -> Tensor:
+def ms_deform_attn_key_aware(
+    query: Tensor, key: Tensor, value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, logit_bias: Tensor | None = None
+) -> Tensor:
     """KDA forward: ``(B, Lq, M, D)`` queries, ``(B, S, M, D)`` keys and values (sampled once when
-    ``key is value``), ``(H_l, W_l)`` per level, ``(B, Lq, M, L, P, 2)`` locations -> ``(B, Lq, M*D)``.
-    No autograd.
+    ``key is value``), ``(H_l, W_l)`` per level, ``(B, Lq, M, L, P, 2)`` locations and an optional
+    ``(B, Lq, M, L, P)`` logit bias -> ``(B, Lq, M*D)``. No autograd.
 
     Raises:
         ValueError: a shape does not fit the others (named).
     """
-    shapes = check_shapes(value, spatial_shapes, sampling_locations, query=(query, ("B", "Lq", "M", "D")))
+    per_query = {"query": (query, ("B", "Lq", "M", "D"))}
+    if logit_bias is not None:
+        per_query["logit_bias"] = (logit_bias, ("B", "Lq", "M", "L", "P"))
+    shapes = check_shapes(value, spatial_shapes, sampling_locations, **per_query)
     if key.shape != value.shape:
         raise ValueError(f"key must have the shape of value {tuple(value.shape)}, got {tuple(key.shape)}")
     locations = sampling_locations.to(value.dtype)
-    return _kernels().ms_deform_attn_key_aware_forward(query.to(value.dtype), key, value, shapes, locations, key is value)
+    bias = None if logit_bias is None else logit_bias.to(value.dtype)
+    return _kernels().ms_deform_attn_key_aware_forward(query.to(value.dtype), key, value, shapes, locations, key is value, bias)

@@ -5,9 +5,9 @@ Registered ops (schemas inferred from the signatures below):
 - ``litedetr::ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
   attention_weights) -> Tensor``: MSDA, ``(B, Lq, M*D)``.
 - ``litedetr::ms_deform_attn_key_aware(query, key?, value, spatial_shapes, level_start_index,
-  sampling_locations) -> (Tensor, Tensor)``: KDA output ``(B, Lq, M*D)`` and the fp32 log-sum-exp
-  ``(B, Lq, M)`` of its logits (kept for the backward, not differentiable). ``key=None`` means the
-  keys are the values (sampled once).
+  sampling_locations, logit_bias?) -> (Tensor, Tensor)``: KDA output ``(B, Lq, M*D)`` and the fp32
+  log-sum-exp ``(B, Lq, M)`` of its logits (kept for the backward, not differentiable). ``key=None``
+  means the keys are the values (sampled once); ``logit_bias`` ``(B, Lq, M, L, P)`` is added to the logits.
 - ``litedetr::ms_deform_attn_backward`` and ``litedetr::ms_deform_attn_key_aware_backward``: the
   Triton backward kernels, called from the registered autograd formulas.
 
@@ -119,8 +119,9 @@ def _key_aware_op(
     spatial_shapes: Tensor,
     level_start_index: Tensor,
     sampling_locations: Tensor,
+    logit_bias: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    return _kernels().kda_forward(query, key, value, spatial_shapes, level_start_index, sampling_locations)
+    return _kernels().kda_forward(query, key, value, spatial_shapes, level_start_index, sampling_locations, logit_bias)
 
 
 @_key_aware_op.register_fake
@@ -131,6 +132,7 @@ def _key_aware_fake(
     spatial_shapes: Tensor,
     level_start_index: Tensor,
     sampling_locations: Tensor,
+    logit_bias: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     b, _, m, d = value.shape
     lq = sampling_locations.shape[1]
@@ -148,13 +150,14 @@ def _key_aware_backward_op(
     sampling_locations: Tensor,
     out: Tensor,
     lse: Tensor,
+    logit_bias: Tensor | None,
 ) -> list[Tensor]:
-    """Returns ``[grad_query, grad_value, grad_sampling_locations]``, then ``grad_key`` when ``key`` is given."""
-    grad_query, grad_key, grad_value, grad_locations = _kernels().kda_backward(
-        grad_out, query, key, value, spatial_shapes, level_start_index, sampling_locations, out, lse
+    """Returns ``[grad_query, grad_value, grad_sampling_locations]``, then ``grad_key`` when ``key`` is
+    given, then ``grad_logit_bias`` when ``logit_bias`` is given."""
+    grad_query, grad_key, grad_value, grad_locations, grad_bias = _kernels().kda_backward(
+        grad_out, query, key, value, spatial_shapes, level_start_index, sampling_locations, out, lse, logit_bias
     )
-    grads = [grad_query, grad_value, grad_locations]
-    return grads if grad_key is None else [*grads, grad_key]
+    return [grad_query, grad_value, grad_locations] + [grad for grad in (grad_key, grad_bias) if grad is not None]
 
 
 @_key_aware_backward_op.register_fake
@@ -168,9 +171,10 @@ def _key_aware_backward_fake(
     sampling_locations: Tensor,
     out: Tensor,
     lse: Tensor,
+    logit_bias: Tensor | None,
 ) -> list[Tensor]:
     grads = [_contiguous_like(query), _contiguous_like(value), _contiguous_like(sampling_locations)]
-    return grads if key is None else [*grads, _contiguous_like(key)]
+    return grads + [_contiguous_like(t) for t in (key, logit_bias) if t is not None]
 
 
 def _key_aware_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
@@ -180,19 +184,21 @@ def _key_aware_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Te
 
 
 def _key_aware_backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
-    query, key, value, spatial_shapes, starts, locations, out, lse = ctx.saved_tensors
-    grads = torch.ops.litedetr.ms_deform_attn_key_aware_backward(grad_out, query, key, value, spatial_shapes, starts, locations, out, lse)
-    return key_aware_input_grads(grads, key is not None, ctx.needs_input_grad, shape_inputs=2)
+    query, key, value, spatial_shapes, starts, locations, bias, out, lse = ctx.saved_tensors
+    grads = torch.ops.litedetr.ms_deform_attn_key_aware_backward(grad_out, query, key, value, spatial_shapes, starts, locations, out, lse, bias)
+    return key_aware_input_grads(grads, key is not None, bias is not None, ctx.needs_input_grad, shape_inputs=2)
 
 
-def key_aware_input_grads(grads: tuple[Tensor, ...], has_key: bool, needs: tuple[bool, ...], shape_inputs: int) -> tuple[Tensor | None, ...]:
-    """A KDA backward op's ``(grad_query, grad_value, grad_locations[, grad_key])`` as an autograd formula
-    returns them: in input order ``(query, key, value, <shape_inputs level-shape inputs>, locations)``,
-    ``None`` for the level shapes and for every input whose gradient is not needed (``needs``)."""
-    grad_query, grad_value, grad_locations = grads[:3]
-    grad_key = grads[3] if has_key else None
-    found = (grad_query, grad_key, grad_value, *([None] * shape_inputs), grad_locations)
-    return tuple(grad if need else None for grad, need in zip(found, needs))
+def key_aware_input_grads(grads: tuple[Tensor, ...], has_key: bool, has_bias: bool, needs: tuple[bool, ...], shape_inputs: int) -> tuple[Tensor | None, ...]:
+    """A KDA backward op's ``(grad_query, grad_value, grad_locations[, grad_key][, grad_logit_bias])`` as
+    an autograd formula returns them: in input order ``(query, key, value, <shape_inputs level-shape
+    inputs>, locations, logit_bias)``, ``None`` for the level shapes and for every input whose gradient
+    is not needed (``needs``)."""
+    grad_query, grad_value, grad_locations, *rest = grads
+    grad_key = rest.pop(0) if has_key else None
+    grad_bias = rest.pop(0) if has_bias else None
+    found = (grad_query, grad_key, grad_value, *([None] * shape_inputs), grad_locations, grad_bias)
+    return tuple(grad if need else None for grad, need in zip(found, needs, strict=True))
 
 
 _key_aware_op.register_autograd(_key_aware_backward, setup_context=_key_aware_setup_context)
@@ -222,13 +228,16 @@ def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locati
     return torch.ops.litedetr.ms_deform_attn(value, shapes, starts, sampling_locations, attention_weights)
 
 
-def ms_deform_attn_key_aware(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor) -> Tensor:
+def ms_deform_attn_key_aware(
+    query: Tensor, key: Tensor, value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, logit_bias: Tensor | None = None
+) -> Tensor:
     """KDA through ``litedetr::ms_deform_attn_key_aware``; same arguments and result as :func:`litedetr.ops.ms_deform_attn_key_aware`.
 
     Shapes: query ``(B, Lq, M, D)``, key/value ``(B, S, M, D)``, spatial_shapes as :func:`ms_deform_attn`,
-    sampling_locations ``(B, Lq, M, L, P, 2)`` -> ``(B, Lq, M*D)``. When ``key is value`` the map is
-    sampled once and both gradients land in the value's.
+    sampling_locations ``(B, Lq, M, L, P, 2)``, logit_bias ``(B, Lq, M, L, P)`` or None -> ``(B, Lq, M*D)``.
+    When ``key is value`` the map is sampled once and both gradients land in the value's.
     """
     shapes, starts = _geometry(spatial_shapes, value.shape[1], value.device)
-    out, _ = torch.ops.litedetr.ms_deform_attn_key_aware(query, None if key is value else key, value, shapes, starts, sampling_locations)
+    key = None if key is value else key
+    out, _ = torch.ops.litedetr.ms_deform_attn_key_aware(query, key, value, shapes, starts, sampling_locations, logit_bias)
     return out

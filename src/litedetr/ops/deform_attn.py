@@ -105,7 +105,7 @@ def attention_backend(*tensors: Tensor) -> str:
     return "grid_sample" if autograd else "gather"
 
 
-def _kda_gather(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor) -> Tensor:
+def _kda_gather(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, logit_bias: Tensor | None) -> Tensor:
     """KDA without autograd: keys gathered per sample; when ``key is value`` the sampled keys are the
     sampled values and are weighted with one batched product, otherwise values are gathered already
     weighted (never materialised)."""
@@ -115,6 +115,8 @@ def _kda_gather(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: Spati
     keys = gather_rows(key.reshape(-1, d), rows, weights).view(b * lq * m, n_levels * p, d)
     q = query.to(value.dtype).reshape(b * lq * m, d, 1) * (1.0 / math.sqrt(d))
     logits = torch.bmm(keys, q).view(b, lq, m, n_levels, p)
+    if logit_bias is not None:
+        logits = logits + logit_bias.to(logits.dtype)
     attention = logits.flatten(3).softmax(-1, dtype=torch.promote_types(value.dtype, torch.float32)).view_as(logits)
     if key is value:
         return torch.bmm(attention.to(value.dtype).view(b * lq * m, 1, n_levels * p), keys).view(b, lq, m * d)
@@ -171,7 +173,9 @@ def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locati
     return _merge_heads(sampled @ weights, b, m)
 
 
-def ms_deform_attn_key_aware(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor) -> Tensor:
+def ms_deform_attn_key_aware(
+    query: Tensor, key: Tensor, value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, logit_bias: Tensor | None = None
+) -> Tensor:
     """Key-aware deformable attention (KDA, Lite DETR).
 
     Keys and values are bilinearly sampled at the same locations, in one pass per level (when ``key``
@@ -185,6 +189,9 @@ def ms_deform_attn_key_aware(query: Tensor, key: Tensor, value: Tensor, spatial_
         value: ``(B, S, M, D)``.
         spatial_shapes: ``(H_l, W_l)`` per level, as for :func:`ms_deform_attn`.
         sampling_locations: ``(B, Lq, M, L, P, 2)`` as ``(x, y)`` in [0, 1].
+        logit_bias: ``(B, Lq, M, L, P)`` added to every ``q.k / sqrt(D)`` before the softmax, or ``None``
+            (the authors' KDA). Not in the authors' code: see
+            :class:`~litedetr.nn.attention.KeyAwareOptions`' ``query_logits``.
 
     Returns:
         ``(B, Lq, M*D)``.
@@ -202,42 +209,52 @@ def ms_deform_attn_key_aware(query: Tensor, key: Tensor, value: Tensor, spatial_
     _, lq, _, _, _, _ = sampling_locations.shape
     if query.shape != (b, lq, m, d):
         raise ValueError(f"query must be {(b, lq, m, d)}, got {tuple(query.shape)}")
-    backend = attention_backend(value, query, key, sampling_locations)
+    n_levels, p = sampling_locations.shape[3:5]
+    if logit_bias is not None and logit_bias.shape != (b, lq, m, n_levels, p):
+        raise ValueError(f"logit_bias must be {(b, lq, m, n_levels, p)}, got {tuple(logit_bias.shape)}")
+    inputs = (value, query, key, sampling_locations, *([] if logit_bias is None else [logit_bias]))
+    backend = attention_backend(*inputs)
     if backend == "triton":
         from litedetr.ops import custom_ops
 
-        return custom_ops.ms_deform_attn_key_aware(query, key, value, shapes, sampling_locations)
-    if backend == "cpu_kernel" and _autograd(value, query, key, sampling_locations):
-        return cpu_autograd.ms_deform_attn_key_aware(query, key, value, shapes, sampling_locations)
+        return custom_ops.ms_deform_attn_key_aware(query, key, value, shapes, sampling_locations, logit_bias)
+    if backend == "cpu_kernel" and _autograd(*inputs):
+        return cpu_autograd.ms_deform_attn_key_aware(query, key, value, shapes, sampling_locations, logit_bias)
     if backend == "cpu_kernel":
-        return cpu_kernels.ms_deform_attn_key_aware(query, key, value, shapes, sampling_locations)
+        return cpu_kernels.ms_deform_attn_key_aware(query, key, value, shapes, sampling_locations, logit_bias)
     if backend == "gather":
-        return _kda_gather(query, key, value, shapes, sampling_locations)
+        return _kda_gather(query, key, value, shapes, sampling_locations, logit_bias)
     shared = key is value
     feats = value if shared else torch.cat([key, value], dim=-1)
     sampled = _sample(_level_maps(feats, shapes), _level_grids(sampling_locations))  # (B*M, Lq, D or 2D, L*P)
     keys = sampled if shared else sampled[:, :, :d]
     values = sampled if shared else sampled[:, :, d:]
-    return _merge_heads(values @ _kda_softmax(query, keys).unsqueeze(-1), b, m)
+    return _merge_heads(values @ _kda_softmax(query, keys, logit_bias).unsqueeze(-1), b, m)
 
 
-def _kda_softmax(query: Tensor, keys: Tensor) -> Tensor:
-    """KDA weights from ``(B, Lq, M, D)`` queries and sampled keys ``(B*M, Lq, D, L*P)`` -> ``(B*M, Lq, L*P)``."""
+def _kda_softmax(query: Tensor, keys: Tensor, logit_bias: Tensor | None) -> Tensor:
+    """KDA weights from ``(B, Lq, M, D)`` queries, sampled keys ``(B*M, Lq, D, L*P)`` and an optional
+    ``(B, Lq, M, L, P)`` logit bias -> ``(B*M, Lq, L*P)``."""
     b, lq, m, d = query.shape
     q = query.to(keys.dtype).transpose(1, 2).reshape(b * m, lq, 1, d) * (1.0 / math.sqrt(d))
     logits = (q @ keys).squeeze(2)
+    if logit_bias is not None:
+        logits = logits + logit_bias.to(logits.dtype).transpose(1, 2).reshape(b * m, lq, -1)
     return logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(logits.dtype)
 
 
-def key_aware_attention_weights(query: Tensor, key: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor) -> Tensor:
-    """The attention weights KDA applies: softmax over ``L*P`` of ``q.k / sqrt(D)`` of the sampled keys.
+def key_aware_attention_weights(
+    query: Tensor, key: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, logit_bias: Tensor | None = None
+) -> Tensor:
+    """The attention weights KDA applies: softmax over ``L*P`` of ``q.k / sqrt(D)`` of the sampled keys
+    (plus ``logit_bias``, where given).
 
     For inspection (e.g. ``litedetr explain``); the same computation as in
     :func:`ms_deform_attn_key_aware` (``grid_sample`` path), out-of-map samples included as zero keys.
 
     Args:
         query: ``(B, Lq, M, D)``; key: ``(B, S, M, D)``; spatial_shapes: ``(H_l, W_l)`` per level;
-        sampling_locations: ``(B, Lq, M, L, P, 2)`` in [0, 1].
+        sampling_locations: ``(B, Lq, M, L, P, 2)`` in [0, 1]; logit_bias: ``(B, Lq, M, L, P)`` or None.
 
     Returns:
         ``(B, Lq, M, L, P)``, summing to 1 over ``L, P``.
@@ -245,5 +262,5 @@ def key_aware_attention_weights(query: Tensor, key: Tensor, spatial_shapes: Spat
     shapes = _check_shapes(key, spatial_shapes, sampling_locations)
     b, lq, m, n_levels, p, _ = sampling_locations.shape
     keys = _sample(_level_maps(key, shapes), _level_grids(sampling_locations))
-    weights = _kda_softmax(query, keys).view(b, m, lq, n_levels, p)
+    weights = _kda_softmax(query, keys, logit_bias).view(b, m, lq, n_levels, p)
     return weights.transpose(1, 2)

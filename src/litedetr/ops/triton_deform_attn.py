@@ -105,8 +105,8 @@ def _autotuned(fn: Any, key: list[str], reset_to_zero: list[str] | None = None) 
 _KEY = ["HEAD_DIM", "NUM_LEVELS", "NUM_POINTS"]
 msda_fwd = _autotuned(kernels.msda_fwd_kernel, _KEY)
 msda_bwd = _autotuned(kernels.msda_bwd_kernel, _KEY, reset_to_zero=["grad_value_ptr"])
-kda_fwd = _autotuned(kernels.kda_fwd_kernel, [*_KEY, "SHARED_KV"])
-kda_bwd = _autotuned(kernels.kda_bwd_kernel, [*_KEY, "SHARED_KV"], reset_to_zero=["grad_key_ptr", "grad_value_ptr"])
+kda_fwd = _autotuned(kernels.kda_fwd_kernel, [*_KEY, "SHARED_KV", "HAS_BIAS"])
+kda_bwd = _autotuned(kernels.kda_bwd_kernel, [*_KEY, "SHARED_KV", "HAS_BIAS"], reset_to_zero=["grad_key_ptr", "grad_value_ptr"])
 AUTOTUNED = (msda_fwd, msda_bwd, kda_fwd, kda_bwd)
 """Every launch goes through one of these (``triton.runtime.Autotuner``; ``.fn`` is the kernel)."""
 
@@ -248,6 +248,7 @@ def kda_forward(
     spatial_shapes: Tensor,
     level_start_index: Tensor,
     sampling_locations: Tensor,
+    logit_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """KDA forward.
 
@@ -258,12 +259,13 @@ def kda_forward(
         spatial_shapes: ``(L, 2)`` integer ``(H_l, W_l)``.
         level_start_index: ``(L,)``.
         sampling_locations: ``(B, Lq, M, L, P, 2)`` as ``(x, y)`` in [0, 1].
+        logit_bias: ``(B, Lq, M, L, P)`` added to every logit, or ``None``.
 
     Returns:
         ``(B, Lq, M*D)`` output in the dtype of ``value``, and the ``(B, Lq, M)`` fp32 log-sum-exp of
         the logits (for :func:`kda_backward`).
     """
-    device = _common_device(query=query, key=key, value=value, sampling_locations=sampling_locations)
+    device = _common_device(query=query, key=key, value=value, sampling_locations=sampling_locations, logit_bias=logit_bias)
     b, s, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
     out = value.new_empty((b, lq, m * d))
@@ -275,8 +277,9 @@ def kda_forward(
     _launch(
         kda_fwd, _grid(lq, m, b), device,
         query.contiguous(), value if key is None else key.contiguous(), value, shapes, starts, sampling_locations.contiguous(),
-        out, lse, s, lq, 1.0 / math.sqrt(d),
-        NUM_HEADS=m, HEAD_DIM=d, NUM_LEVELS=n_levels, NUM_POINTS=n_points, SHARED_KV=key is None, BLOCK_D=triton.next_power_of_2(d),
+        lse if logit_bias is None else logit_bias.contiguous(), out, lse, s, lq, 1.0 / math.sqrt(d),
+        NUM_HEADS=m, HEAD_DIM=d, NUM_LEVELS=n_levels, NUM_POINTS=n_points, SHARED_KV=key is None, HAS_BIAS=logit_bias is not None,
+        BLOCK_D=triton.next_power_of_2(d),
     )  # fmt: skip
     return out, lse
 
@@ -291,18 +294,24 @@ def kda_backward(
     sampling_locations: Tensor,
     out: Tensor,
     lse: Tensor,
-) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    logit_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor | None]:
     """KDA backward from the forward's output ``(B, Lq, M*D)`` and log-sum-exp ``(B, Lq, M)``.
 
     Returns:
         Grads of ``query``, ``key`` (``None`` when ``key`` is ``None``: then the value grad holds both
-        roles), ``value`` and ``sampling_locations``, in their shapes and dtypes.
+        roles), ``value``, ``sampling_locations`` and ``logit_bias`` (``None`` without one), in their
+        shapes and dtypes.
     """
-    device = _common_device(grad_out=grad_out, query=query, key=key, value=value, sampling_locations=sampling_locations, out=out, lse=lse)
+    device = _common_device(
+        grad_out=grad_out, query=query, key=key, value=value, sampling_locations=sampling_locations, out=out, lse=lse, logit_bias=logit_bias
+    )
     b, s, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
     if grad_out.numel() == 0 or value.numel() == 0:
-        return _zeros(query), None if key is None else _zeros(key), _zeros(value), _zeros(sampling_locations)
+        grad_bias = None if logit_bias is None else _zeros(logit_bias)
+        return _zeros(query), None if key is None else _zeros(key), _zeros(value), _zeros(sampling_locations), grad_bias
+    grad_bias = None if logit_bias is None else torch.empty(logit_bias.shape, dtype=torch.float32, device=device)
     grad_query = torch.empty_like(query, memory_format=torch.contiguous_format)
     grad_value = torch.zeros(value.shape, dtype=torch.float32, device=device)
     grad_key = grad_value if key is None else torch.zeros(key.shape, dtype=torch.float32, device=device)
@@ -315,15 +324,18 @@ def kda_backward(
     _launch(
         kda_bwd, _grid(lq, m, b), device,
         grad_out.contiguous(), query.contiguous(), value if key is None else key.contiguous(), value, shapes, starts,
-        sampling_locations.contiguous(), out.contiguous(), lse.contiguous(), grad_query, grad_key, grad_value, grad_loc,
+        sampling_locations.contiguous(), lse if logit_bias is None else logit_bias.contiguous(), out.contiguous(), lse.contiguous(),
+        grad_query, grad_key, grad_value, grad_loc, lse if grad_bias is None else grad_bias,
         parts[0], parts[-1], index, s, lq, 1.0 / math.sqrt(d),
-        NUM_HEADS=m, HEAD_DIM=d, NUM_LEVELS=n_levels, NUM_POINTS=n_points, SHARED_KV=key is None, DETERMINISTIC=exact,
-        BLOCK_D=triton.next_power_of_2(d),
+        NUM_HEADS=m, HEAD_DIM=d, NUM_LEVELS=n_levels, NUM_POINTS=n_points, SHARED_KV=key is None, HAS_BIAS=logit_bias is not None,
+        DETERMINISTIC=exact, BLOCK_D=triton.next_power_of_2(d),
     )  # fmt: skip
     if exact:
         _sum_parts(grad_value, index, parts[-1])
         if key is not None:
             _sum_parts(grad_key, index, parts[0])
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(logit_bias.dtype)
     if key is None:
-        return grad_query, None, grad_value.to(value.dtype), grad_loc
-    return grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype), grad_loc
+        return grad_query, None, grad_value.to(value.dtype), grad_loc, grad_bias
+    return grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype), grad_loc, grad_bias

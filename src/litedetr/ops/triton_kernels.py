@@ -159,6 +159,7 @@ def kda_fwd_kernel(
     shapes_ptr,
     starts_ptr,
     loc_ptr,
+    bias_ptr,
     out_ptr,
     lse_ptr,
     num_tokens,
@@ -169,10 +170,12 @@ def kda_fwd_kernel(
     NUM_LEVELS: tl.constexpr,
     NUM_POINTS: tl.constexpr,
     SHARED_KV: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Grid ``(cdiv(Lq, BLOCK_Q), M, B)``: online softmax over the ``L*P`` logits ``scale * q . k``.
+    """Grid ``(cdiv(Lq, BLOCK_Q), M, B)``: online softmax over the ``L*P`` logits ``scale * q . k``
+    (plus ``bias_ptr``'s ``(B, Lq, M, L, P)`` logit bias with ``HAS_BIAS``; ignored otherwise).
 
     Writes the output and the log-sum-exp ``(B, Lq, M)`` (fp32) of the logits, for the backward.
     With ``SHARED_KV`` the keys are the values (``key_ptr`` is ignored) and each map is read once.
@@ -199,6 +202,8 @@ def kda_fwd_kernel(
             else:
                 key = bilinear_sample(key_base, start, h0, w0, lh, lw, height, width, row_stride, d_offs, d_mask, q_mask)
             logit = tl.sum(query * key, axis=1)
+            if HAS_BIAS:
+                logit += tl.load(bias_ptr + sample, mask=q_mask, other=0.0).to(tl.float32)
             new_max = tl.maximum(running_max, logit)
             rescale = tl.exp(running_max - new_max)
             prob = tl.exp(logit - new_max)
@@ -219,12 +224,14 @@ def kda_bwd_kernel(
     shapes_ptr,
     starts_ptr,
     loc_ptr,
+    bias_ptr,
     out_ptr,
     lse_ptr,
     grad_query_ptr,
     grad_key_ptr,
     grad_value_ptr,
     grad_loc_ptr,
+    grad_bias_ptr,
     key_parts_ptr,
     value_parts_ptr,
     index_ptr,
@@ -236,11 +243,14 @@ def kda_bwd_kernel(
     NUM_LEVELS: tl.constexpr,
     NUM_POINTS: tl.constexpr,
     SHARED_KV: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Grid ``(cdiv(Lq, BLOCK_Q), M, B)``; recomputes the probabilities from the saved log-sum-exp.
+    With ``HAS_BIAS`` the logits include ``bias_ptr``'s bias and ``grad_bias_ptr`` ``(B, Lq, M, L, P)``
+    receives ``ds_j``.
 
     With ``p_j = softmax(s)_j``, ``s_j = scale * q . k_j``, ``dp_j = dO . v_j`` and
     ``delta = dO . out``: ``ds_j = p_j (dp_j - delta)``, ``dq = scale * sum_j ds_j k_j``,
@@ -299,9 +309,13 @@ def kda_bwd_kernel(
             dv10 = tl.sum(grad_out * v10, axis=1)
             dv11 = tl.sum(grad_out * v11, axis=1)
             logit = hh * hw * qk00 + hh * lw * qk01 + lh * hw * qk10 + lh * lw * qk11
+            if HAS_BIAS:
+                logit += tl.load(bias_ptr + sample, mask=q_mask, other=0.0).to(tl.float32)
             grad_prob = hh * hw * dv00 + hh * lw * dv01 + lh * hw * dv10 + lh * lw * dv11
             prob = tl.exp(logit - lse)
             grad_logit = prob * (grad_prob - delta)
+            if HAS_BIAS:
+                tl.store(grad_bias_ptr + sample, grad_logit.to(grad_bias_ptr.dtype.element_ty), mask=q_mask)
             grad_query += grad_logit[:, None] * key
             store_location_grad(
                 grad_loc_ptr,

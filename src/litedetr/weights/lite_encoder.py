@@ -3,7 +3,9 @@
 A standard-encoder checkpoint initialises a Lite model of its family: encoder layer ``i`` takes layer
 ``i``'s weights; what has no source (the narrow low-level FFN, key-aware attention's ``query_proj``)
 keeps its fresh initialisation, and what has no place (plain attention's ``attention_weights`` where the
-Lite model's attention is key-aware) is dropped.
+Lite model's attention is key-aware without ``query_logits``) is dropped. Key-aware attention with
+``query_logits`` (``kda_query_logits``) takes plain attention's ``attention_weights`` as its query-only
+logits, and starts them at zero from a checkpoint without them (the authors' Lite-DINO).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def _standard_into_lite(model: nn.Module, renamed: dict[str, Tensor]) -> tuple[s
     key_aware = _attention_parameters(model, True, ("query_proj",))
     plain_source = {k for k in key_aware if k.replace(".query_proj.", ".attention_weights.") in renamed}
     fresh |= (key_aware - renamed.keys()) | plain_source
-    dropped = {k.replace(".query_proj.", ".attention_weights.") for k in plain_source} | (plain_source & renamed.keys())
+    dropped = ({k.replace(".query_proj.", ".attention_weights.") for k in plain_source} - own) | (plain_source & renamed.keys())
     return fresh, dropped
 
 
@@ -52,19 +54,23 @@ def adapt_encoder_weights(model: nn.Module, renamed: dict[str, Tensor], standard
     """Fit a converted state dict's attention and encoder weights to ``model``, in place: the keys to start
     fresh and the keys dropped.
 
-    Drops the unused ``query_proj`` of the authors' plain attention (logged). With a standard-encoder
-    source and a Lite model: the narrow low-level FFN and key-aware attention's ``query_proj`` start
-    fresh and plain attention's ``attention_weights`` is dropped where the model's attention is key-aware.
+    Drops the unused ``query_proj`` of the authors' plain attention (logged); the query-only logits of
+    key-aware attention with ``query_logits`` start fresh (at zero) where the checkpoint has none. With a
+    standard-encoder source and a Lite model: the narrow low-level FFN and key-aware attention's
+    ``query_proj`` start fresh and plain attention's ``attention_weights`` is dropped where the model's
+    attention is key-aware without ``query_logits``.
     """
     unused = _attention_parameters(model, False, ("query_proj",)) & renamed.keys()
     for key in unused:  # the authors' plain attention holds a query_proj it never uses
         del renamed[key]
     if unused:
         logger.info("dropped %d unused query_proj weights of plain deformable attention", len(unused))
-    lite_model = any(re.fullmatch(LITE_FFN, k) for k in model.state_dict())
+    own = model.state_dict().keys()
+    fresh = (_attention_parameters(model, True, ("attention_weights",)) & own) - renamed.keys()
+    lite_model = any(re.fullmatch(LITE_FFN, k) for k in own)
     if not (lite_model and standard_source):
-        return set(), set()
-    fresh, dropped = _standard_into_lite(model, renamed)
+        return fresh, set()
+    lite_fresh, dropped = _standard_into_lite(model, renamed)
     for key in dropped:
         del renamed[key]
-    return fresh, dropped
+    return fresh | lite_fresh, dropped

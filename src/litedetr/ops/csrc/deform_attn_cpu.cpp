@@ -13,8 +13,8 @@
 // for a given thread count, and independent of it while threads <= images x heads.
 //
 // Layouts (all contiguous): value/key (B, S, M, D); query (B, Lq, M, D); sampling_locations
-// (B, Lq, M, L, P, 2) as (x, y) in [0, 1]; attention_weights (B, Lq, M, L, P); output and its
-// gradient (B, Lq, M, D).
+// (B, Lq, M, L, P, 2) as (x, y) in [0, 1]; attention_weights and KDA's optional logit bias
+// (B, Lq, M, L, P); output and its gradient (B, Lq, M, D).
 
 #include <torch/extension.h>
 
@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -165,10 +166,11 @@ void check_inputs(const at::Tensor& value, const at::Tensor& sampling_locations)
   TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type(), "sampling_locations must have the dtype of value");
 }
 
-void check_attention_weights(const at::Tensor& attention, const Geometry& g) {
+// attention (named `name` in the error) must be a CPU (B, Lq, M, L, P) tensor
+void check_per_sample(const at::Tensor& attention, const Geometry& g, const char* name) {
   TORCH_CHECK(attention.device().is_cpu() && attention.dim() == 5 && attention.size(0) == g.batch && attention.size(1) == g.queries &&
                   attention.size(2) == g.heads && attention.size(3) == g.levels && attention.size(4) == g.points,
-              "attention_weights must be (B, Lq, M, L, P) = (", g.batch, ", ", g.queries, ", ", g.heads, ", ", g.levels, ", ", g.points,
+              name, " must be (B, Lq, M, L, P) = (", g.batch, ", ", g.queries, ", ", g.heads, ", ", g.levels, ", ", g.points,
               "), got ", attention.sizes());
 }
 
@@ -259,7 +261,7 @@ MsdaInputs msda_inputs(const at::Tensor& value_in, const at::Tensor& spatial_sha
   in.locations = sampling_locations_in.contiguous();
   in.attention = attention_weights_in.to(in.value.scalar_type()).contiguous();
   in.g = geometry(in.value, spatial_shapes, in.locations);
-  check_attention_weights(in.attention, in.g);
+  check_per_sample(in.attention, in.g, "attention_weights");
   return in;
 }
 
@@ -285,10 +287,12 @@ at::Tensor ms_deform_attn_forward(const at::Tensor& value_in, const at::Tensor& 
   return out.view({g.batch, g.queries, g.heads * g.channels});
 }
 
-// KDA for one (image, query, head) per task: sample the keys, softmax of q.k / sqrt(D), then the
-// weighted sum of the sampled values (the sampled keys themselves when key and value are shared).
+// KDA for one (image, query, head) per task: sample the keys, softmax of q.k / sqrt(D) (plus the
+// sample's logit bias, where given), then the weighted sum of the sampled values (the sampled keys
+// themselves when key and value are shared).
 template <typename scalar_t, int64_t kChannels>
-void kda_kernel(const Geometry& g, const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* loc, scalar_t* o, bool shared) {
+void kda_kernel(const Geometry& g, const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* loc, const scalar_t* bias,
+                scalar_t* o, bool shared) {
   const int64_t d = kChannels > 0 ? kChannels : g.channels;
   const int64_t cell = g.heads * d, samples = g.levels * g.points;
   const scalar_t scale = scalar_t(1) / std::sqrt(static_cast<scalar_t>(d));
@@ -313,7 +317,7 @@ void kda_kernel(const Geometry& g, const scalar_t* q, const scalar_t* k, const s
           level_of[s] = first;
           scalar_t* sampled = keys.data() + s * d;
           for (int c = 0; c < counts[s]; ++c) axpy(sampled, k + first + cs[c].offset, cs[c].weight, d);
-          logits[s] = dot(task_q, sampled, d) * scale;
+          logits[s] = dot(task_q, sampled, d) * scale + (bias ? bias[task * samples + s] : scalar_t(0));
           max_logit = std::max(max_logit, logits[s]);
         }
       }
@@ -336,14 +340,15 @@ void kda_kernel(const Geometry& g, const scalar_t* q, const scalar_t* k, const s
   });
 }
 
-// KDA's inputs made contiguous (key is value when shared) and checked against each other.
+// KDA's inputs made contiguous (key is value when shared; bias undefined when not given) and checked
+// against each other.
 struct KdaInputs {
-  at::Tensor query, key, value, locations;
+  at::Tensor query, key, value, locations, bias;
   Geometry g;
 };
 
 KdaInputs kda_inputs(const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in, const at::Tensor& spatial_shapes,
-                     const at::Tensor& sampling_locations_in, bool shared) {
+                     const at::Tensor& sampling_locations_in, bool shared, const std::optional<at::Tensor>& bias_in) {
   check_inputs(value_in, sampling_locations_in);
   TORCH_CHECK(key_in.sizes() == value_in.sizes() && key_in.scalar_type() == value_in.scalar_type(), "key must match value");
   TORCH_CHECK(query_in.scalar_type() == value_in.scalar_type(), "query must have the dtype of value");
@@ -354,13 +359,18 @@ KdaInputs kda_inputs(const at::Tensor& query_in, const at::Tensor& key_in, const
   in.locations = sampling_locations_in.contiguous();
   in.g = geometry(in.value, spatial_shapes, in.locations);
   check_query(in.query, in.key, in.g);
+  if (bias_in.has_value() && bias_in->defined()) {
+    TORCH_CHECK(bias_in->scalar_type() == value_in.scalar_type(), "logit_bias must have the dtype of value");
+    in.bias = bias_in->contiguous();
+    check_per_sample(in.bias, in.g, "logit_bias");
+  }
   return in;
 }
 
 at::Tensor ms_deform_attn_key_aware_forward(const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in,
                                             const at::Tensor& spatial_shapes, const at::Tensor& sampling_locations_in,
-                                            bool shared) {
-  const KdaInputs in = kda_inputs(query_in, key_in, value_in, spatial_shapes, sampling_locations_in, shared);
+                                            bool shared, const std::optional<at::Tensor>& bias_in) {
+  const KdaInputs in = kda_inputs(query_in, key_in, value_in, spatial_shapes, sampling_locations_in, shared, bias_in);
   const Geometry& g = in.g;
   const auto &query = in.query, &key = in.key, &value = in.value, &locations = in.locations;
   auto out = at::zeros({g.batch, g.queries, g.heads, g.channels}, value.options());
@@ -369,11 +379,12 @@ at::Tensor ms_deform_attn_key_aware_forward(const at::Tensor& query_in, const at
     const scalar_t* v = value.data_ptr<scalar_t>();
     const scalar_t* q = query.data_ptr<scalar_t>();
     const scalar_t* loc = locations.data_ptr<scalar_t>();
+    const scalar_t* bias = in.bias.defined() ? in.bias.data_ptr<scalar_t>() : nullptr;
     scalar_t* o = out.data_ptr<scalar_t>();
     if (g.channels == 32) {
-      kda_kernel<scalar_t, 32>(g, q, k, v, loc, o, shared);
+      kda_kernel<scalar_t, 32>(g, q, k, v, loc, bias, o, shared);
     } else {
-      kda_kernel<scalar_t, 0>(g, q, k, v, loc, o, shared);
+      kda_kernel<scalar_t, 0>(g, q, k, v, loc, bias, o, shared);
     }
   });
   return out.view({g.batch, g.queries, g.heads * g.channels});
@@ -450,7 +461,8 @@ std::vector<at::Tensor> ms_deform_attn_backward(const at::Tensor& grad_out_in, c
 template <typename scalar_t>
 struct KdaBackward {
   const scalar_t *grad_out, *query, *key, *value, *locations;
-  scalar_t *grad_query, *grad_key, *grad_value, *grad_locations;
+  const scalar_t* bias;  // nullptr without a logit bias; grad_bias is then unused
+  scalar_t *grad_query, *grad_key, *grad_value, *grad_locations, *grad_bias;
   bool shared;  // key == value: one gradient, grad_key unused
 };
 
@@ -477,6 +489,7 @@ void kda_task_dots(const Geometry& g, const KdaBackward<scalar_t>& a, int64_t ta
   const int64_t cell = g.heads * d, samples = g.levels * g.points;
   const scalar_t scale = scalar_t(1) / std::sqrt(static_cast<scalar_t>(d));
   const scalar_t *q = a.query + task * d, *grad = a.grad_out + task * d, *loc = a.locations + task * samples * 2;
+  const scalar_t* bias = a.bias ? a.bias + task * samples : nullptr;
   for (int64_t l = 0; l < g.levels; ++l) {
     for (int64_t p = 0; p < g.points; ++p) {
       const int64_t s = l * g.points + p;
@@ -496,7 +509,7 @@ void kda_task_dots(const Geometry& g, const KdaBackward<scalar_t>& a, int64_t ta
         logit += cs[c].weight * key_dot;
         sampled_grad += cs[c].weight * grad_dot;
       }
-      w.probs[s] = logit * scale;
+      w.probs[s] = logit * scale + (bias ? bias[s] : scalar_t(0));
       w.grad_logits[s] = sampled_grad;
     }
   }
@@ -568,17 +581,19 @@ void kda_backward_kernel(const Geometry& g, int64_t chunks, const KdaBackward<sc
         const int64_t task = (u.image * g.queries + query) * g.heads + u.head;
         kda_task_dots<scalar_t, kChannels>(g, a, task, scratch);
         kda_task_softmax_backward(g.levels * g.points, scratch);
+        if (a.grad_bias) std::copy(scratch.grad_logits.begin(), scratch.grad_logits.end(), a.grad_bias + task * g.levels * g.points);
         kda_task_scatter<scalar_t, kChannels>(g, a, task, scratch, unit_grad_key, unit_grad_value);
       }
     }
   });
 }
 
-// [grad_query, grad_value, grad_sampling_locations], then grad_key unless shared.
+// [grad_query, grad_value, grad_sampling_locations], then grad_key unless shared, then grad_bias where a bias is given.
 std::vector<at::Tensor> ms_deform_attn_key_aware_backward(const at::Tensor& grad_out_in, const at::Tensor& query_in, const at::Tensor& key_in,
                                                           const at::Tensor& value_in, const at::Tensor& spatial_shapes,
-                                                          const at::Tensor& sampling_locations_in, bool shared) {
-  const KdaInputs in = kda_inputs(query_in, key_in, value_in, spatial_shapes, sampling_locations_in, shared);
+                                                          const at::Tensor& sampling_locations_in, bool shared,
+                                                          const std::optional<at::Tensor>& bias_in) {
+  const KdaInputs in = kda_inputs(query_in, key_in, value_in, spatial_shapes, sampling_locations_in, shared, bias_in);
   const Geometry& g = in.g;
   const auto grad_out = output_gradient(grad_out_in, g, in.value);
   const int64_t chunks = query_chunks(g);
@@ -587,12 +602,21 @@ std::vector<at::Tensor> ms_deform_attn_key_aware_backward(const at::Tensor& grad
   auto grad_value = at::zeros({chunks, g.batch, g.tokens, g.heads, g.channels}, options);
   auto grad_key = shared ? at::Tensor() : at::zeros({chunks, g.batch, g.tokens, g.heads, g.channels}, options);
   auto grad_locations = at::empty_like(in.locations);
+  const bool has_bias = in.bias.defined();
+  auto grad_bias = has_bias ? at::empty_like(in.bias) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(in.value.scalar_type(), "ms_deform_attn_key_aware_backward", [&] {
-    const KdaBackward<scalar_t> a{grad_out.data_ptr<scalar_t>(),       in.query.data_ptr<scalar_t>(),
-                                  in.key.data_ptr<scalar_t>(),         in.value.data_ptr<scalar_t>(),
-                                  in.locations.data_ptr<scalar_t>(),   grad_query.data_ptr<scalar_t>(),
-                                  shared ? nullptr : grad_key.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(),
-                                  grad_locations.data_ptr<scalar_t>(), shared};
+    const KdaBackward<scalar_t> a{grad_out.data_ptr<scalar_t>(),
+                                  in.query.data_ptr<scalar_t>(),
+                                  in.key.data_ptr<scalar_t>(),
+                                  in.value.data_ptr<scalar_t>(),
+                                  in.locations.data_ptr<scalar_t>(),
+                                  has_bias ? in.bias.data_ptr<scalar_t>() : nullptr,
+                                  grad_query.data_ptr<scalar_t>(),
+                                  shared ? nullptr : grad_key.data_ptr<scalar_t>(),
+                                  grad_value.data_ptr<scalar_t>(),
+                                  grad_locations.data_ptr<scalar_t>(),
+                                  has_bias ? grad_bias.data_ptr<scalar_t>() : nullptr,
+                                  shared};
     if (g.channels == 32) {
       kda_backward_kernel<scalar_t, 32>(g, chunks, a);
     } else {
@@ -601,6 +625,7 @@ std::vector<at::Tensor> ms_deform_attn_key_aware_backward(const at::Tensor& grad
   });
   std::vector<at::Tensor> grads{grad_query, sum_chunks(grad_value), grad_locations};
   if (!shared) grads.push_back(sum_chunks(grad_key));
+  if (has_bias) grads.push_back(grad_bias);
   return grads;
 }
 
@@ -612,5 +637,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ms_deform_attn_backward", &ms_deform_attn_backward, "MSDA backward (CPU): grad_value, grad_locations, grad_weights", release);
   m.def("ms_deform_attn_key_aware_forward", &ms_deform_attn_key_aware_forward, "KDA forward (CPU)", release);
   m.def("ms_deform_attn_key_aware_backward", &ms_deform_attn_key_aware_backward,
-        "KDA backward (CPU): grad_query, grad_value, grad_locations, then grad_key unless shared", release);
+        "KDA backward (CPU): grad_query, grad_value, grad_locations, then grad_key unless shared, then grad_bias if a bias is given", release);
 }
