@@ -2,9 +2,10 @@
 
 Trains DINO (standard 6-layer encoder, plain deformable attention) and Lite-DINO H3L1-(2+1)x3,
 H3L1-(6+1)x1 and H2L2-(2+1)x3, each with key-aware deformable attention (KDA, in the encoder and the
-decoder's cross-attention) and with plain multi-scale deformable attention (MSDA): 7 models, all
-with the ResNet-18 tiny presets' backbone and widths, on the built-in synthetic dataset, with the
-demo's budget (:class:`litedetr.engine.recipes.DemoRecipe`: dataset, image size, epochs, batch size,
+decoder's cross-attention) and with plain multi-scale deformable attention (MSDA): 7 models by
+default; ``--models`` can add each shape with KDA plus query-only logits (``h3l1-2x3-ql``,
+``kda_query_logits``). All with the ResNet-18 tiny presets' backbone and widths, on the built-in
+synthetic dataset, with the demo's budget (:class:`litedetr.engine.recipes.DemoRecipe`: dataset, image size, epochs, batch size,
 learning rate and its drop, seed; the same TrainConfig the demo builds). As with ``litedetr demo
 --epochs``, another ``--epochs`` keeps the demo's learning-rate drop epoch.
 
@@ -39,7 +40,7 @@ import torch
 from matplotlib.figure import Figure
 
 from litedetr.bench.flops import count_flops
-from litedetr.bench.runs import dataset_dir, lite_dino_variants, median_spread, percent, scaled_recipe, train_or_reuse, variant_recipe
+from litedetr.bench.runs import PAPER_VARIANTS, dataset_dir, lite_dino_variants, median_spread, percent, scaled_recipe, train_or_reuse, variant_recipe
 from litedetr.bench.timing import encoder_run, interleaved_ms
 from litedetr.data import CocoDetection, find_split, write_synthetic_dataset
 from litedetr.engine import MODEL_FILE
@@ -47,6 +48,15 @@ from litedetr.engine.recipes import DemoRecipe, demo_train_config
 from litedetr.weights import load_model
 
 TABLE_METRICS = ("AP", "AP50", "APs", "APm", "APl")
+MARKERS = {"KDA": ("o", "tab:blue"), "MSDA": ("s", "tab:orange"), "KDA + query logits": ("^", "tab:green")}
+"""Plot marker and colour of each attention kind."""
+
+
+def _kind(row: dict[str, Any]) -> str:
+    """The attention kind of a result row, a key of :data:`MARKERS` (rows from before query logits have no flag)."""
+    return "KDA + query logits" if row.get("kda_query_logits") else "KDA" if row["key_aware"] else "MSDA"
+
+
 RUNS_DIR = "tradeoff-runs"
 
 
@@ -87,14 +97,15 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """AP vs encoder GFLOPs, one point per model labelled without the ``Lite-DINO`` prefix (circles: KDA, squares: MSDA)."""
+    """AP vs encoder GFLOPs, one point per model labelled without the ``Lite-DINO`` prefix (circles: KDA,
+    squares: MSDA, triangles: KDA plus query-only logits)."""
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     middle = (min(r["encoder_gflops"] for r in rows) + max(r["encoder_gflops"] for r in rows)) / 2
     for row in rows:
-        kda, gflops = row["key_aware"], row["encoder_gflops"]
-        ap = 100 * (row["metrics"]["AP"] or 0.0)
-        ax.scatter(gflops, ap, marker="o" if kda else "s", color="tab:blue" if kda else "tab:orange", zorder=3)
+        kind = _kind(row)
+        gflops, ap = row["encoder_gflops"], 100 * (row["metrics"]["AP"] or 0.0)
+        ax.scatter(gflops, ap, marker=MARKERS[kind][0], color=MARKERS[kind][1], zorder=3)
         right = gflops > middle  # labels point inwards, so that none runs off the plot
         ax.annotate(
             row["label"].removeprefix("Lite-DINO "),
@@ -104,8 +115,9 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
             ha="right" if right else "left",
             fontsize=7,
         )
-    ax.scatter([], [], marker="o", color="tab:blue", label="KDA")
-    ax.scatter([], [], marker="s", color="tab:orange", label="MSDA")
+    for kind in MARKERS:
+        if any(_kind(row) == kind for row in rows):
+            ax.scatter([], [], marker=MARKERS[kind][0], color=MARKERS[kind][1], label=kind)
     ax.set_xlabel("encoder GFLOPs")
     ax.set_ylabel("AP (%)")
     ax.set_title(title, fontsize=9)
@@ -119,7 +131,9 @@ def main() -> None:
     names = list(lite_dino_variants())
     default = DemoRecipe()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=names, default=names, metavar="NAME", help=f"subset of {', '.join(names)} (default all)")
+    parser.add_argument(
+        "--models", nargs="+", choices=names, default=list(PAPER_VARIANTS), metavar="NAME", help=f"among {', '.join(names)} (default the first 7, no -ql)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[default.seed], help=f"training seeds (default the demo's {default.seed})")
     parser.add_argument("--epochs", type=int, help=f"training epochs (default the demo's {default.epochs})")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="results folder; runs go to OUT/tradeoff-runs")
@@ -163,6 +177,7 @@ def main() -> None:
             "encoder": dataclasses.asdict(model.config.encoder),
             "key_aware": model.config.encoder.key_aware,
             "decoder_key_aware": model.config.decoder_key_aware,
+            "kda_query_logits": model.config.kda_query_logits,
             "metrics": seed_median([metrics for metrics, _, _ in per_seed.values()]),
             "seed_metrics": {seed: metrics for seed, (metrics, _, _) in per_seed.items()},
             "encoder_gflops": count_flops(model, size).components["encoder"],

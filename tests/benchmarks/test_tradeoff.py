@@ -1,7 +1,8 @@
-"""benchmarks/tradeoff.py: the 7 model configs, the demo's budget, and reuse of finished runs (no training)."""
+"""benchmarks/tradeoff.py: the model configs (the paper's 7 and KDA plus query logits), the demo's budget, and reuse of finished runs (no training)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -21,10 +22,13 @@ def tradeoff():
         yield module
 
 
-def test_seven_models_with_intended_encoders(tradeoff):
+def test_seven_paper_models_and_three_with_query_logits_with_intended_encoders(tradeoff):
     found = tradeoff.lite_dino_variants()
-    assert list(found) == ["dino", "h3l1-2x3", "h3l1-2x3-msda", "h3l1-6x1", "h3l1-6x1-msda", "h2l2-2x3", "h2l2-2x3-msda"]
+    assert tradeoff.PAPER_VARIANTS == ("dino", "h3l1-2x3", "h3l1-2x3-msda", "h3l1-6x1", "h3l1-6x1-msda", "h2l2-2x3", "h2l2-2x3-msda")
+    assert set(found) == {*tradeoff.PAPER_VARIANTS, "h3l1-2x3-ql", "h3l1-6x1-ql", "h2l2-2x3-ql"}
     configs = {name: get_config(v.preset, **v.overrides) for name, v in found.items()}
+    for shape in ("h3l1-2x3", "h3l1-6x1", "h2l2-2x3"):  # KDA plus query logits: KDA's model and the one flag
+        assert configs[f"{shape}-ql"] == dataclasses.replace(configs[shape], kda_query_logits=True) and not configs[shape].kda_query_logits
     assert configs["dino"] == get_config("dino-r18-tiny")
     assert configs["h3l1-2x3"] == get_config("lite-dino-r18-tiny-h3l1-2x3")
     assert configs["dino"].encoder.kind == "standard" and not configs["dino"].encoder.key_aware
@@ -33,7 +37,7 @@ def test_seven_models_with_intended_encoders(tradeoff):
             enc = configs[full].encoder
             assert (enc.kind, enc.n_high, enc.high_updates, enc.blocks) == ("lite", high, updates, blocks)
             assert enc.key_aware is kda and configs[full].decoder_key_aware is kda
-    others = {"encoder", "decoder_key_aware"}
+    others = {"encoder", "decoder_key_aware", "kda_query_logits"}
     for config in configs.values():  # same backbone, widths, queries and decoder everywhere
         assert {k: v for k, v in config.to_dict().items() if k not in others} == {k: v for k, v in configs["dino"].to_dict().items() if k not in others}
         assert config.backbone == "resnet18"

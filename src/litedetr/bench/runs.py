@@ -1,7 +1,8 @@
 """Benchmark runs on the demo's budget: the models compared, the budget scaled, and runs reused once finished.
 
 - :class:`Variant` and :func:`lite_dino_variants`: DINO and the Lite-DINO shapes of the paper, each with
-  KDA and with plain deformable attention, on the ``*-r18-tiny`` backbone and widths.
+  KDA, with plain deformable attention and with KDA plus query-only logits (``kda_query_logits``), on
+  the ``*-r18-tiny`` backbone and widths; :data:`PAPER_VARIANTS` names the first seven.
 - :func:`scaled_recipe`, :func:`variant_recipe`: the demo's recipe with another budget or model.
 - :func:`train_or_reuse`: train a run, or reuse a finished run with the same settings (resume an
   unfinished one), so that a benchmark can be stopped and started again.
@@ -10,8 +11,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import statistics
 import subprocess
 import time
@@ -32,6 +33,7 @@ __all__ = [
     "scaled_recipe",
     "Variant",
     "lite_dino_variants",
+    "PAPER_VARIANTS",
     "variant_recipe",
     "dataset_dir",
     "train_or_reuse",
@@ -61,16 +63,22 @@ class Variant:
 
 
 def lite_dino_variants() -> dict[str, Variant]:
-    """The 7 models by short name: DINO, then each Lite shape with KDA and with MSDA."""
+    """The 10 models by short name: DINO, then each Lite shape with KDA (``h3l1-2x3``), with MSDA
+    (``h3l1-2x3-msda``) and with KDA plus query-only logits (``h3l1-2x3-ql``: ``kda_query_logits``, not
+    in the authors' code). :data:`PAPER_VARIANTS` names the first two kinds."""
     found = {"dino": Variant("dino", "DINO (standard encoder, MSDA)", DINO_PRESET, {})}
     base = get_config(LITE_PRESET)
+    kinds = (("", "KDA", True, {}), ("-msda", "MSDA", False, {}), ("-ql", "KDA + query logits", True, {"kda_query_logits": True}))
     for shape, (high, updates, blocks) in LITE_SHAPES.items():
-        for key_aware in (True, False):
+        for suffix, attention, key_aware, extra in kinds:
             encoder = dataclasses.replace(base.encoder, n_high=high, high_updates=updates, blocks=blocks, key_aware=key_aware)
-            name = shape if key_aware else f"{shape}-msda"
-            label = f"Lite-DINO H{high}L{base.num_levels - high}-({updates}+1)x{blocks} {'KDA' if key_aware else 'MSDA'}"
-            found[name] = Variant(name, label, LITE_PRESET, {"encoder": encoder, "decoder_key_aware": key_aware})
+            label = f"Lite-DINO H{high}L{base.num_levels - high}-({updates}+1)x{blocks} {attention}"
+            found[shape + suffix] = Variant(shape + suffix, label, LITE_PRESET, {"encoder": encoder, "decoder_key_aware": key_aware, **extra})
     return found
+
+
+PAPER_VARIANTS = ("dino", "h3l1-2x3", "h3l1-2x3-msda", "h3l1-6x1", "h3l1-6x1-msda", "h2l2-2x3", "h2l2-2x3-msda")
+"""The trade-off benchmark's default models: DINO and each Lite shape with KDA and with MSDA, as the paper compares them."""
 
 
 def scaled_recipe(epochs: int | None = None, train_images: int | None = None, val_images: int | None = None, image_size: int | None = None) -> DemoRecipe:
@@ -141,7 +149,8 @@ def finished_run_metrics(config: TrainConfig, run_dir: Path) -> dict[str, float 
 def train_or_reuse(config: TrainConfig, run_dir: Path) -> tuple[dict[str, float | None], bool]:
     """Metrics of ``config`` trained in ``run_dir`` and whether they come from an earlier, finished run.
 
-    A finished run with the same settings is reused; an unfinished one is resumed (the trainer
+    A finished run with the same settings is reused (:func:`finished_run_metrics`: also where its dataset
+    folder has moved, when written from the same spec); an unfinished one is resumed (the trainer
     refuses other settings).
 
     Raises:
@@ -153,10 +162,9 @@ def train_or_reuse(config: TrainConfig, run_dir: Path) -> tuple[dict[str, float 
         state = load_state(checkpoint)
         if state["epoch"] > config.epochs:
             raise ValueError(f"{run_dir} holds a run of {state['epoch']} epochs, more than the {config.epochs} asked for; use another --out")
-        if state["epoch"] == config.epochs and not config.changed_fields(json.loads(state["train_config"]), {"workers", "device"}):
-            metrics = _final_metrics(run_dir, config.epochs)
-            if metrics is not None:
-                return metrics, True
+        if state["epoch"] == config.epochs:
+            with contextlib.suppress(ValueError):  # not reusable: resumed below, where the trainer names what differs
+                return finished_run_metrics(config, run_dir), True
     trainer = Trainer(config, run_dir, resume=checkpoint.exists())
     result = trainer.fit()
     if result.interrupted:
