@@ -162,12 +162,7 @@ def ms_deform_attn_key_aware(
     Raises:
         ValueError: a shape does not fit the others (named).
     """
-    per_query = {"query": (query, ("B", "Lq", "M", "D"))}
-    if logit_bias is not None:
-        per_query["logit_bias"] = (logit_bias, ("B", "Lq", "M", "L", "P"))
-    shapes = cpu_kernels.check_shapes(value, spatial_shapes, sampling_locations, **per_query)
-    if key.shape != value.shape:
-        raise ValueError(f"key must have the shape of value {tuple(value.shape)}, got {tuple(key.shape)}")
+    shapes = cpu_kernels.check_key_aware_shapes(query, key, value, spatial_shapes, sampling_locations, logit_bias)
     dtype = compute_dtype(value)
     distinct_key = None if key is value else key.to(dtype)
     bias = None if logit_bias is None else logit_bias.to(dtype)

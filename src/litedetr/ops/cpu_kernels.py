@@ -40,6 +40,7 @@ from litedetr.ops.switch import KernelSwitch
 __all__ = [
     "ENV_SWITCH",
     "build_name",
+    "check_key_aware_shapes",
     "check_shapes",
     "cpu_kernels_disabled",
     "enabled",
@@ -184,6 +185,23 @@ def check_shapes(value: Tensor, spatial_shapes: SpatialShapes, sampling_location
     return torch.tensor(shapes, dtype=torch.long)
 
 
+def check_key_aware_shapes(
+    query: Tensor, key: Tensor, value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, logit_bias: Tensor | None
+) -> Tensor:
+    """:func:`check_shapes` for KDA: the query, the optional logit bias and the key against the value.
+
+    Raises:
+        ValueError: a shape does not fit the others (named).
+    """
+    per_query = {"query": (query, ("B", "Lq", "M", "D"))}
+    if logit_bias is not None:
+        per_query["logit_bias"] = (logit_bias, ("B", "Lq", "M", "L", "P"))
+    shapes = check_shapes(value, spatial_shapes, sampling_locations, **per_query)
+    if key.shape != value.shape:
+        raise ValueError(f"key must have the shape of value {tuple(value.shape)}, got {tuple(key.shape)}")
+    return shapes
+
+
 def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """MSDA forward: ``(B, S, M, D)`` values, ``(H_l, W_l)`` per level (a tuple or an ``(L, 2)`` tensor), ``(B, Lq, M, L, P, 2)`` locations,
     ``(B, Lq, M, L, P)`` weights -> ``(B, Lq, M*D)``. No autograd.
@@ -206,12 +224,7 @@ def ms_deform_attn_key_aware(
     Raises:
         ValueError: a shape does not fit the others (named).
     """
-    per_query = {"query": (query, ("B", "Lq", "M", "D"))}
-    if logit_bias is not None:
-        per_query["logit_bias"] = (logit_bias, ("B", "Lq", "M", "L", "P"))
-    shapes = check_shapes(value, spatial_shapes, sampling_locations, **per_query)
-    if key.shape != value.shape:
-        raise ValueError(f"key must have the shape of value {tuple(value.shape)}, got {tuple(key.shape)}")
+    shapes = check_key_aware_shapes(query, key, value, spatial_shapes, sampling_locations, logit_bias)
     locations = sampling_locations.to(value.dtype)
     bias = None if logit_bias is None else logit_bias.to(value.dtype)
     return _kernels().ms_deform_attn_key_aware_forward(query.to(value.dtype), key, value, shapes, locations, key is value, bias)
