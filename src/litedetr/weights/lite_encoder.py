@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import KeysView
 
 from torch import Tensor, nn
 
@@ -34,14 +35,13 @@ def _attention_parameters(model: nn.Module, key_aware: bool, names: tuple[str, .
     }
 
 
-def _standard_into_lite(model: nn.Module, renamed: dict[str, Tensor]) -> tuple[set[str], set[str]]:
-    """For a standard-encoder checkpoint and a Lite model: the keys to start fresh and the keys to drop.
+def _standard_into_lite(model: nn.Module, renamed: dict[str, Tensor], own: KeysView[str]) -> tuple[set[str], set[str]]:
+    """For a standard-encoder checkpoint and a Lite model: the keys to start fresh and the keys to drop (``own``: the model's state-dict keys).
 
     Where the model's attention is key-aware and the checkpoint's is plain (it has ``attention_weights``),
     ``attention_weights`` is dropped and ``query_proj`` starts fresh, also when the checkpoint holds one
     (the Lite-DETR repository's plain attention carries an unused, untrained ``query_proj``).
     """
-    own = model.state_dict().keys()
     fresh = {k for k in own - renamed.keys() if re.fullmatch(LITE_FFN, k)}
     key_aware = _attention_parameters(model, True, ("query_proj",))
     plain_source = {k for k in key_aware if k.replace(".query_proj.", ".attention_weights.") in renamed}
@@ -70,7 +70,7 @@ def adapt_encoder_weights(model: nn.Module, renamed: dict[str, Tensor], standard
     lite_model = any(re.fullmatch(LITE_FFN, k) for k in own)
     if not (lite_model and standard_source):
         return fresh, set()
-    lite_fresh, dropped = _standard_into_lite(model, renamed)
+    lite_fresh, dropped = _standard_into_lite(model, renamed, own)
     for key in dropped:
         del renamed[key]
     return fresh | lite_fresh, dropped
