@@ -1,9 +1,11 @@
 """Fine-tuning from pretrained weights vs training from scratch, on the two built-in synthetic datasets.
 
-Pretrains three small detectors on the shapes dataset with the demo's recipe and budget
-(:class:`litedetr.engine.recipes.DemoRecipe`, the same runs as ``benchmarks/tradeoff.py``: DINO, and
-Lite-DINO H3L1-(2+1)x3 with KDA and with plain deformable attention (MSDA), ``*-r18-tiny`` backbone
-and widths, the demo's model changes, 6 x 150 steps of 4 images). Then trains on the glyphs dataset
+Pretrains small detectors on the shapes dataset with the demo's recipe and budget
+(:class:`litedetr.engine.recipes.DemoRecipe`, the same runs as ``benchmarks/tradeoff.py``), by default
+DINO and Lite-DINO H3L1-(2+1)x3 with KDA plus query logits (``h3l1-2x3-ql``: KDA as ``litedetr train``
+trains it from scratch) and with plain deformable attention (MSDA); ``h3l1-2x3`` is KDA as the authors
+train it. All with the ``*-r18-tiny`` backbone and widths, the demo's model changes, 12 x 75 steps of 4
+images. Then trains on the glyphs dataset
 (digits and letters: classes the shapes dataset does not have) for ``--finetune-epochs`` 3 x 125
 steps of 4 of its 500 images (learning rate 10x lower for the last epoch), with the same recipe in
 every run and only the starting weights differing:
@@ -21,11 +23,11 @@ range over the seeds, in how many seeds each start beat the same model from scra
 pretrained model's AP on the shapes validation split. ``--pretrained-runs MODEL=PATTERN`` takes a model's
 pretraining from finished runs elsewhere instead of training it again (``{seed}`` in ``PATTERN``: the
 training seed), e.g. the training study's runs of the same recipe; each must have trained exactly what
-this benchmark would (:func:`litedetr.engine.recipes.finished_run_metrics`). Writes ``finetune.md`` and ``finetune.json`` to
+this benchmark would (:func:`litedetr.bench.runs.finished_run_metrics`). Writes ``finetune.md`` and ``finetune.json`` to
 ``--out``; datasets and runs go to ``--out/finetune-runs/`` (``seed<N>/`` per seed; finished runs are
 reused, interrupted ones resumed).
 
-    python benchmarks/finetune.py [--seeds 0 1 2] [--jobs 3 --threads 1] [--models dino h3l1-2x3 h3l1-2x3-msda] [--out benchmarks/results]
+    python benchmarks/finetune.py [--seeds 0 1 2] [--jobs 3 --threads 1] [--models h3l1-2x3-ql dino h3l1-2x3-msda h3l1-2x3] [--out benchmarks/results]
     python benchmarks/finetune.py --models h3l1-2x3 h3l1-2x3-msda \\
         --pretrained-runs h3l1-2x3=study/demo-query-nms-seed{seed}-steps150 h3l1-2x3-msda=study/demo-msda-query-nms-seed{seed}-steps150
     # smoke run: python benchmarks/finetune.py --pretrain-epochs 1 --finetune-epochs 1 --train-images 8 --val-images 4 \\
@@ -62,7 +64,9 @@ from litedetr.data import write_synthetic_dataset
 from litedetr.engine import MODEL_FILE, TrainConfig
 from litedetr.engine.recipes import DemoRecipe, demo_train_config
 
-MODELS = ("h3l1-2x3", "dino", "h3l1-2x3-msda")
+MODELS = ("h3l1-2x3-ql", "h3l1-2x3", "dino", "h3l1-2x3-msda")
+DEFAULT_MODELS = ("h3l1-2x3-ql", "dino", "h3l1-2x3-msda")
+"""The demo's model as litedetr trains it from scratch (KDA plus query logits), DINO, and the demo's model with MSDA."""
 TABLE_METRICS = ("AP", "AP50", "APs", "APm", "APl")
 RUNS_DIR = "finetune-runs"
 FINETUNE_SEED = 1
@@ -234,7 +238,10 @@ def _worker_arguments(args: argparse.Namespace) -> list[str]:
 def main() -> None:
     default = DemoRecipe()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), metavar="NAME", help=f"subset of {', '.join(MODELS)}")
+    parser.add_argument(
+        "--models", nargs="+", choices=MODELS, default=list(DEFAULT_MODELS), metavar="NAME",
+        help=f"among {', '.join(MODELS)} (default {' '.join(DEFAULT_MODELS)})",
+    )  # fmt: skip
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds trained at a time, each in a subprocess (default 1)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="results folder; runs go to OUT/finetune-runs")

@@ -3,8 +3,9 @@
 Trains DINO (standard 6-layer encoder, plain deformable attention) and Lite-DINO H3L1-(2+1)x3,
 H3L1-(6+1)x1 and H2L2-(2+1)x3, each with key-aware deformable attention (KDA, in the encoder and the
 decoder's cross-attention) and with plain multi-scale deformable attention (MSDA): 7 models by
-default; ``--models`` can add each shape with KDA plus query-only logits (``h3l1-2x3-ql``,
-``kda_query_logits``). All with the ResNet-18 tiny presets' backbone and widths, on the built-in
+default, as the paper compares them; ``--models`` can add each shape with KDA plus query-only logits
+(``h3l1-2x3-ql``, ``kda_query_logits``: KDA as ``litedetr train`` and the demo train it from scratch).
+All with the ResNet-18 tiny presets' backbone and widths, on the built-in
 synthetic dataset, with the demo's budget (:class:`litedetr.engine.recipes.DemoRecipe`: dataset, image size, epochs, batch size,
 learning rate and its drop, seed; the same TrainConfig the demo builds). As with ``litedetr demo
 --epochs``, another ``--epochs`` keeps the demo's learning-rate drop epoch.

@@ -29,6 +29,8 @@ def test_every_model_pretrained_and_from_scratch_and_lite_from_dino(finetune):
     ]  # fmt: skip
     assert [run.label for run in finetune.plan(("h3l1-2x3", "dino"))] == ["pretrained", "scratch", "from pretrained DINO", "pretrained", "scratch"]
     assert [run.name for run in finetune.plan(("h3l1-2x3",))] == ["h3l1-2x3-from-h3l1-2x3", "h3l1-2x3-scratch"]
+    assert finetune.DEFAULT_MODELS == ("h3l1-2x3-ql", "dino", "h3l1-2x3-msda")  # the demo's model as litedetr trains it first
+    assert set(finetune.MODELS) <= set(lite_dino_variants())
 
 
 def test_fine_tuning_trains_new_classes_on_the_demo_recipe(finetune, tmp_path, tiny_synthetic):

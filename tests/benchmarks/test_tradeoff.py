@@ -41,6 +41,9 @@ def test_seven_paper_models_and_three_with_query_logits_with_intended_encoders(t
     for config in configs.values():  # same backbone, widths, queries and decoder everywhere
         assert {k: v for k, v in config.to_dict().items() if k not in others} == {k: v for k, v in configs["dino"].to_dict().items() if k not in others}
         assert config.backbone == "resnet18"
+    for name, v in found.items():  # each name trains its own attention, whatever the recipe's from-scratch default
+        trained = get_config(v.preset, **dict(tradeoff.variant_recipe(DemoRecipe(), v).model_overrides))
+        assert trained.kda_query_logits is name.endswith("-ql") and trained.kda_zero_query
 
 
 def test_encoder_gflops_order(tradeoff):

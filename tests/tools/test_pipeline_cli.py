@@ -259,29 +259,37 @@ def test_small_data_applies_the_demos_recipe_under_explicit_flags(trained, tiny_
     assert (config["lr"], config["lr_backbone"]) == (SMALL_DATA.lr, SMALL_DATA.backbone_lr) == (4e-4, 1e-3)
     # without the flag (the module's run): DINO's learning rates and the preset, KDA starting uniform
     config = json.loads((trained / "train_config.json").read_text())
-    assert (config["model_overrides"], config["lr"], config["lr_backbone"]) == (dict(FROM_SCRATCH), 1e-4, 1e-5) == ({"kda_zero_query": True}, 1e-4, 1e-5)
+    assert (
+        (config["model_overrides"], config["lr"], config["lr_backbone"])
+        == (dict(FROM_SCRATCH), 1e-4, 1e-5)
+        == ({"kda_zero_query": True, "kda_query_logits": True}, 1e-4, 1e-5)
+    )
 
 
-def test_kda_starts_uniform_from_scratch_unless_set_and_a_resume_keeps_the_runs_start(trained, tiny_synthetic, tmp_path):
-    assert load_model(trained / "model.safetensors").config.kda_zero_query  # the module's run, from scratch
+def test_kda_starts_uniform_with_query_logits_from_scratch_unless_set_and_a_resume_keeps_the_runs_start(trained, tiny_synthetic, tmp_path):
+    config = load_model(trained / "model.safetensors").config  # the module's run, from scratch
+    assert config.kda_zero_query and config.kda_query_logits
     args = ["train", *TRAIN, "--data", str(tiny_synthetic), "--epochs", "1", "--out", str(tmp_path / "authors")]
-    assert main([*args, "--set", "kda_zero_query=false"]) == 0
-    assert json.loads((tmp_path / "authors" / "train_config.json").read_text())["model_overrides"] == {"kda_zero_query": False}
+    assert main([*args, "--set", "kda_zero_query=false", "kda_query_logits=false"]) == 0
+    overrides = json.loads((tmp_path / "authors" / "train_config.json").read_text())["model_overrides"]
+    assert overrides == {"kda_zero_query": False, "kda_query_logits": False}
     # resumed without the --set: the run's own start, not today's default (which would refuse the resume)
     assert main([*args[:-4], "--epochs", "2", "--out", str(tmp_path / "authors"), "--resume"]) == 0
-    assert load_model(tmp_path / "authors" / "model.safetensors").config.kda_zero_query is False
+    config = load_model(tmp_path / "authors" / "model.safetensors").config
+    assert config.kda_zero_query is False and config.kda_query_logits is False
 
 
-def test_a_small_data_run_from_before_kda_zero_query_resumes_with_its_own_start(tiny_synthetic, tmp_path):
+def test_a_small_data_run_from_before_the_kda_options_resumes_with_its_own_start(tiny_synthetic, tmp_path):
     out = tmp_path / "run"
     args = ["train", *TRAIN, "--data", str(tiny_synthetic), "--small-data", "--out", str(out), "--set", "num_queries=40", "num_select=40"]
-    assert main([*args, "kda_zero_query=false", "--epochs", "1"]) == 0
-    state = load_state(out / CHECKPOINT)  # as a run written before the option existed: no such field
+    assert main([*args, "kda_zero_query=false", "kda_query_logits=false", "--epochs", "1"]) == 0
+    state = load_state(out / CHECKPOINT)  # as a run written before the options existed: no such fields
     config = json.loads(state["train_config"])
-    del config["model_overrides"]["kda_zero_query"]
+    del config["model_overrides"]["kda_zero_query"], config["model_overrides"]["kda_query_logits"]
     save_state(out / CHECKPOINT, {**state, "train_config": json.dumps(config)})
     assert main([*args, "--epochs", "2", "--resume"]) == 0
-    assert load_model(out / "model.safetensors").config.kda_zero_query is False
+    config = load_model(out / "model.safetensors").config
+    assert config.kda_zero_query is False and config.kda_query_logits is False
 
 
 def test_max_minutes_cuts_the_epochs_after_the_first_and_says_so(tiny_synthetic, tmp_path, caplog):

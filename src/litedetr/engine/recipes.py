@@ -22,12 +22,19 @@ LITE_PRESET = "lite-dino-r18-tiny-h3l1-2x3"
 """The demo's model."""
 
 
-FROM_SCRATCH: tuple[tuple[str, Any], ...] = (("kda_zero_query", True),)
+FROM_SCRATCH: tuple[tuple[str, Any], ...] = (("kda_zero_query", True), ("kda_query_logits", True))
 """The :class:`DetectorConfig` changes of every training run from random weights (``litedetr train``
-without ``--init``; the demo): KDA's ``query_proj`` starts at zero, so its first attention is uniform, as
-plain deformable attention's, instead of the authors' random (Xavier) one. On the demo it brought
-KDA level with MSDA over seeds 0-2 (``benchmarks/training_study.py``). Initialisation only: a
-checkpoint's weights replace it."""
+without ``--init``; the demo), both for KDA:
+
+- ``kda_zero_query``: KDA's ``query_proj`` starts at zero, so its first attention is uniform, as plain
+  deformable attention's, instead of the authors' random (Xavier) one (initialisation only: a
+  checkpoint's weights replace it);
+- ``kda_query_logits``: KDA's logits take a per-point term predicted from the query as well as
+  ``q.k / sqrt(D)`` (zero at the start). It adds a linear layer per KDA layer (5-7% of the encoder's
+  GFLOPs) and 1.3-1.4 AP by the median of seeds 0-2 in each Lite shape the trade-off benchmark
+  measures (``benchmarks/results/tradeoff_query_logits_avx2_*``).
+
+Models without KDA layers (DINO, MSDA Lite) build the same with or without them."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +50,7 @@ class SmallDataRecipe:
       weights these change: 200 queries (100 detections kept), content queries taken from the
       selected encoder features (``learned_query_content=False``), queries selected among distinct
       proposals (``query_nms`` 0.7: one overlapped above IoU 0.7 by a higher-scoring one is passed
-      over) and :data:`FROM_SCRATCH`'s uniform first attention of KDA;
+      over) and :data:`FROM_SCRATCH`'s uniform first attention and query logits of KDA;
     - ``random_backbone``: for a backbone without ImageNet weights (nor ``--init``): batch norm trains
       (``backbone_trainable_norm``);
     - ``lr`` for every part but the backbone, which takes ``backbone_lr``, or with ImageNet weights
@@ -87,7 +94,8 @@ class DemoRecipe:
     (DINO's "pure" query selection: ``learned_query_content=False``) speed up telling the shapes apart,
     the queries are selected among distinct proposals (``query_nms``: the one-to-many encoder loss
     teaches several tokens per object the same box, and plain top-k would spend queries on those copies),
-    and KDA starts with uniform attention (:data:`FROM_SCRATCH`) (``benchmarks/training_study.py``). Images are
+    and KDA starts with uniform attention and adds query-only logits (:data:`FROM_SCRATCH`) (``benchmarks/training_study.py``,
+    ``benchmarks/tradeoff.py``). Images are
     160x160; each of the ``epochs`` epochs trains ``epoch_batches`` batches drawn from its own
     shuffle of the 1000 images (900 steps); the learning rate drops 10x for the last epoch, a
     twelfth of the steps (the model is still learning at the full rate; an earlier drop costs AP);

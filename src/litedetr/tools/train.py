@@ -187,7 +187,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="preset name (see `litedetr models`)")
     p.add_argument("--set", type=_override, nargs="+", default=[], metavar="KEY=VALUE",
                    help="change preset fields, e.g. backbone_trainable_norm=true dn_number=100 (DetectorConfig). Without --init, "
-                   "KDA starts with uniform attention (kda_zero_query=true; =false for the authors' random start)")  # fmt: skip
+                   "KDA starts with uniform attention and adds query-only logits (kda_zero_query=true kda_query_logits=true; "
+                   "=false for the authors' random start and logits)")  # fmt: skip
     add_data_arguments(p, ("train", "val"))
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, logs, model file)")
     p.add_argument("--epochs", type=int_at_least(1), default=12)
