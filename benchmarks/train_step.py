@@ -3,9 +3,10 @@ in float32 and under bf16 autocast, side by side and alternating in one process.
 
 Two suites:
 
-- ``demo`` (default): the demo's three ``*-r18-tiny`` models with the demo's training settings
+- ``demo`` (default): four ``*-r18-tiny`` models with the demo's training settings
   (:class:`litedetr.engine.recipes.DemoRecipe`: 160x160 images, batch 4): DINO, Lite-DINO
-  H3L1-(2+1)x3 with KDA (the demo's model) and the same with MSDA.
+  H3L1-(2+1)x3 with KDA plus query logits (the demo's model), with KDA as the authors train it and
+  with MSDA.
 - ``r50``: ``dino-r50`` and ``lite-dino-r50-h3l1-2x3`` with KDA and with MSDA, each preset's own
   training settings (frozen stem, layer 1 and batch norm), 640x640 images, batch 2.
 
@@ -15,7 +16,7 @@ Every (model, precision) gets its own trainer from the same seed; the timed step
 (model 1 float32, model 1 bf16, model 2 float32, ...), so all see the same machine load. Whether
 bf16 pays depends on the CPU: with AVX-512 BF16 or AMX it is native, on AVX2 it is emulated and
 several times slower than float32 (``--precisions float32`` skips it there). Prints a table with each
-step's ratio to DINO's and KDA's to MSDA's, and writes ``train_step[_<suite>].json`` to ``--out``
+step's ratio to DINO's and KDA's (with and without query logits) to MSDA's, and writes ``train_step[_<suite>].json`` to ``--out``
 (``_<capability>_emulated`` added when the ATen and oneDNN instruction sets are lowered by
 environment variables).
 
@@ -52,7 +53,7 @@ PRECISIONS = {"float32": False, "bf16": True}
 @dataclass(frozen=True)
 class Suite:
     models: tuple[Variant, ...]
-    """Named ``dino``, ``lite-kda`` and ``lite-msda``."""
+    """Named ``dino``, ``lite-kda`` and ``lite-msda`` (and in the demo suite ``lite-kda-ql``)."""
     image_size: int
     batch_size: int
     demo_settings: bool
@@ -61,7 +62,7 @@ class Suite:
 
 def _demo_models() -> tuple[Variant, ...]:
     variants = lite_dino_variants()
-    names = {"dino": "dino", "h3l1-2x3": "lite-kda", "h3l1-2x3-msda": "lite-msda"}
+    names = {"dino": "dino", "h3l1-2x3-ql": "lite-kda-ql", "h3l1-2x3": "lite-kda", "h3l1-2x3-msda": "lite-msda"}
     return tuple(dataclasses.replace(variants[name], name=key) for name, key in names.items())
 
 
@@ -150,17 +151,23 @@ def main() -> None:
         "p90_step_s": p90,
         "over_dino": {p: {m.name: _ratio(median[p], m.name, "dino") for m in suite.models} for p in args.precisions},
         "kda_over_msda": {p: _ratio(median[p], "lite-kda", "lite-msda") for p in args.precisions},
+        "kda_query_logits_over_msda": {p: _ratio(median[p], "lite-kda-ql", "lite-msda") for p in args.precisions},
     }
     if set(PRECISIONS) <= set(args.precisions):
         result["bf16_over_float32"] = {m.name: median["bf16"][m.name] / median["float32"][m.name] for m in suite.models}
     print(f"CPU capability {result['cpu_capability']}, {args.threads} threads, {suite.image_size}x{suite.image_size}, batch {batch_size}: {why}")
-    print(f"{'model':<36} {'precision':>9} {'median s':>9} {'p90 s':>7} {'/ DINO':>7}")
+    width = max(len(m.label) for m in suite.models)
+    print(f"{'model':<{width}} {'precision':>9} {'median s':>9} {'p90 s':>7} {'/ DINO':>7}")
     for model in suite.models:
         for precision in args.precisions:
             ratio = result["over_dino"][precision][model.name]
-            print(f"{model.label:<36} {precision:>9} {median[precision][model.name]:>9.3f} {p90[precision][model.name]:>7.3f} {ratio:>6.2f}x")
+            print(f"{model.label:<{width}} {precision:>9} {median[precision][model.name]:>9.3f} {p90[precision][model.name]:>7.3f} {ratio:>6.2f}x")
     for precision in args.precisions:
-        print(f"{precision}: KDA / MSDA step time {result['kda_over_msda'][precision]:.2f}x")
+        with_logits = result["kda_query_logits_over_msda"][precision]
+        print(
+            f"{precision}: KDA / MSDA step time {result['kda_over_msda'][precision]:.2f}x"
+            + (f", KDA + query logits / MSDA {with_logits:.2f}x" if with_logits else "")
+        )
     if "bf16_over_float32" in result:
         print(
             "bf16 / float32 step time: "
