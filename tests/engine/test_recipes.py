@@ -1,10 +1,15 @@
-"""engine.recipes: the small-data recipe."""
+"""engine.recipes: the small-data recipe and the from-scratch model changes."""
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
 
-from litedetr.engine.recipes import SMALL_DATA, DemoRecipe, SmallDataRecipe
+import pytest
+import torch
+
+from litedetr.engine.recipes import FROM_SCRATCH, LITE_PRESET, SMALL_DATA, DemoRecipe, SmallDataRecipe
+from litedetr.models import get_config
+from litedetr.weights import build_model
 
 
 def test_small_data_recipe_changes_weights_only_for_a_model_without_a_trained_start():
@@ -19,3 +24,21 @@ def test_small_data_recipe_changes_weights_only_for_a_model_without_a_trained_st
         SMALL_DATA.lr,
         SMALL_DATA.backbone_lr,
     )  # the demo trains with it
+
+
+def _state(preset: str, **overrides) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return build_model(preset, num_classes=3, **overrides).state_dict()
+
+
+def test_from_scratch_changes_only_models_with_kda():
+    msda = {"encoder": dataclasses.replace(get_config(LITE_PRESET).encoder, key_aware=False), "decoder_key_aware": False}
+    for preset, overrides in (("dino-r18-tiny", {}), (LITE_PRESET, msda)):  # no KDA layer: the same weights, value for value
+        plain, scratch = _state(preset, **overrides), _state(preset, **overrides, **dict(FROM_SCRATCH))
+        assert plain.keys() == scratch.keys() and all(torch.equal(plain[k], scratch[k]) for k in plain)
+    plain, scratch = _state(LITE_PRESET), _state(LITE_PRESET, **dict(FROM_SCRATCH))
+    added = sorted(scratch.keys() - plain.keys())  # KDA: each layer's query-only logits, starting at zero
+    assert added and all(".attention_weights." in k and not scratch[k].any() for k in added)
+    assert all(not scratch[k].any() for k in scratch if k.endswith("query_proj.weight")) and any(
+        plain[k].any() for k in plain if k.endswith("query_proj.weight")
+    )
