@@ -133,12 +133,13 @@ CLASS8 = {**ENCODER_CONTENT, "class_loss_weight": 8.0}
 DEMO_TRAINING = {"lr_backbone": 1e-3, "epochs": 12, "lr_drop": (11,)}
 """What :class:`DemoRecipe`'s schedule changes in :data:`STUDY_TRAINING`: a backbone at lr 1e-3 and the
 drop for the last twelfth of the steps (``demo-*`` cells: :data:`CLASS8`'s model with the demo's schedule and one
-change; ``demo-kda-zero-query`` is :class:`DemoRecipe` itself)."""
+change; ``demo-query-nms-query-logits`` is :class:`DemoRecipe` itself)."""
 
 
 DEMO_MODEL = {**CLASS8, "kda_zero_query": True}
 """:class:`DemoRecipe`'s model before ``query_nms`` (``demo-kda-zero-query``, with :data:`DEMO_TRAINING`); the
-``demo-*`` cells after it change one thing more, and ``demo-query-nms`` is the demo itself."""
+``demo-*`` cells after it change one thing more; ``demo-query-nms`` was the demo until KDA's query logits joined it
+(``demo-query-nms-query-logits``, the demo itself)."""
 
 
 def cells() -> dict[str, Cell]:
@@ -229,8 +230,13 @@ def cells() -> dict[str, Cell]:
         "demo-lr6e-4": Cell("KDA's uniform start, lr 6e-4 (the backbone at 1e-3)", DEMO_MODEL, {**DEMO_TRAINING, "lr": 6e-4}),
         "demo-query-nms": Cell(
             "KDA's uniform start, queries selected among distinct proposals (query_nms 0.7: a proposal overlapped above IoU 0.7 "
-            "by a higher-scoring one is passed over): the demo's recipe now",
+            "by a higher-scoring one is passed over): the demo's recipe before KDA's query logits",
             {**DEMO_MODEL, "query_nms": 0.7},
+            DEMO_TRAINING,
+        ),
+        "demo-query-nms-query-logits": Cell(
+            "KDA's uniform start, distinct queries (query_nms 0.7) and query-only logits added to q.k (kda_query_logits): the demo's recipe now",
+            {**DEMO_MODEL, "query_nms": 0.7, "kda_query_logits": True},
             DEMO_TRAINING,
         ),
         "demo-msda-query-nms": Cell(

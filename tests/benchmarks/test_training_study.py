@@ -28,7 +28,8 @@ def test_cells_differ_only_where_named(study):
     assert configs["kda"] == get_config(DemoRecipe.model, backbone_trainable_norm=True, dn_number=100)
     assert configs["kda-zero-query"] == dataclasses.replace(configs["kda"], kda_zero_query=True)
     assert configs["kda"].encoder.key_aware and configs["kda"].decoder_key_aware
-    assert configs["demo-query-nms"] == get_config(DemoRecipe.model, **dict(DemoRecipe.model_overrides))  # the demo's model
+    assert configs["demo-query-nms-query-logits"] == get_config(DemoRecipe.model, **dict(DemoRecipe.model_overrides))  # the demo's model
+    assert configs["demo-query-nms"] == dataclasses.replace(configs["demo-query-nms-query-logits"], kda_query_logits=False)
     assert configs["demo-kda-zero-query"] == dataclasses.replace(configs["demo-query-nms"], query_nms=None)
     assert configs["recipe-encoder-content-class8"] == dataclasses.replace(configs["demo-kda-zero-query"], kda_zero_query=False)
     assert configs["kda-encoder"].encoder.key_aware and not configs["kda-encoder"].decoder_key_aware
