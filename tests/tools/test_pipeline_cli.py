@@ -252,10 +252,12 @@ def test_small_data_applies_the_demos_recipe_under_explicit_flags(trained, tiny_
     assert (config["lr"], config["lr_backbone"]) == (4e-4, 1e-4)
     model = load_model(tmp_path / "scratch" / "model.safetensors")
     assert (model.config.dn_number, model.config.class_loss_weight, model.config.num_queries, model.config.learned_query_content) == (100, 8.0, 40, False)
-    # from a trained detector: only the losses' and training queries' changes, so its weights still load
+    # from a trained detector: only the losses' and training queries' changes, so its weights still load, and the
+    # layout the model file was trained with (its KDA query logits, from scratch)
     assert main([*args, "--out", str(tmp_path / "init"), "--init", str(trained / "model.safetensors")]) == 0
     config = json.loads((tmp_path / "init" / "train_config.json").read_text())
-    assert config["model_overrides"] == {"dn_number": 100, "encoder_one_to_many": 6, "class_loss_weight": 8.0}
+    assert config["model_overrides"] == {"dn_number": 100, "encoder_one_to_many": 6, "class_loss_weight": 8.0, "kda_query_logits": True}
+    assert load_model(tmp_path / "init" / "model.safetensors").config.kda_query_logits
     assert (config["lr"], config["lr_backbone"]) == (SMALL_DATA.lr, SMALL_DATA.backbone_lr) == (4e-4, 1e-3)
     # without the flag (the module's run): DINO's learning rates and the preset, KDA starting uniform
     config = json.loads((trained / "train_config.json").read_text())
@@ -277,6 +279,9 @@ def test_kda_starts_uniform_with_query_logits_from_scratch_unless_set_and_a_resu
     assert main([*args[:-4], "--epochs", "2", "--out", str(tmp_path / "authors"), "--resume"]) == 0
     config = load_model(tmp_path / "authors" / "model.safetensors").config
     assert config.kda_zero_query is False and config.kda_query_logits is False
+    # --init from it: the file's layout, without the query logits
+    assert main([*args[:-4], "--out", str(tmp_path / "from-authors"), "--init", str(tmp_path / "authors" / "model.safetensors")]) == 0
+    assert json.loads((tmp_path / "from-authors" / "train_config.json").read_text())["model_overrides"] == {}
 
 
 def test_a_small_data_run_from_before_the_kda_options_resumes_with_its_own_start(tiny_synthetic, tmp_path):

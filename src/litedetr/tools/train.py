@@ -20,6 +20,7 @@ from litedetr.models import get_config
 from litedetr.tools.args import float_in, int_at_least
 from litedetr.weights import IMAGENET, WEIGHTS
 from litedetr.weights.backbone import backbone_weights_file
+from litedetr.weights.files import read_config
 from litedetr.weights.loading import checkpoint_family
 
 __all__ = ["add_arguments", "add_data_arguments", "resolve_data", "default_image_sizes"]
@@ -96,11 +97,25 @@ def _default_lr_drop(args: argparse.Namespace, resumed: dict[str, Any] | None) -
     return tuple(resumed["lr_drop"]) if resumed is not None else (max(1, args.epochs * 11 // 12),)
 
 
+INIT_LAYOUT = ("kda_query_logits",)
+""":data:`FROM_SCRATCH` fields that add weights: a litedetr model file given to ``--init`` that was trained
+with one brings it along, since its weights load only into a model that has them."""
+
+
 def _from_scratch(args: argparse.Namespace, resumed: dict[str, Any] | None) -> dict[str, Any]:
-    """:data:`FROM_SCRATCH` for a run from random weights; on resume, the run's own (it may predate them)."""
+    """:data:`FROM_SCRATCH` for a run from random weights; on resume, the run's own (it may predate them);
+    from a litedetr model file (``--init``), the :data:`INIT_LAYOUT` fields it was trained with."""
     if resumed is not None:
         return {key: resumed["model_overrides"][key] for key, _ in FROM_SCRATCH if key in resumed["model_overrides"]}
-    return dict(FROM_SCRATCH) if args.init is None else {}
+    if args.init is None:
+        return dict(FROM_SCRATCH)
+    if Path(args.init).suffix != ".safetensors" or not Path(args.init).is_file():  # an original .pth, or a missing file (named later)
+        return {}
+    source = read_config(args.init)
+    layout = {key: True for key in INIT_LAYOUT if getattr(source, key)}
+    if layout and distributed.is_main():
+        logger.info("--init %s was trained with %s, so this model has it too", args.init, ", ".join(f"{key}=true" for key in layout))
+    return layout
 
 
 def run(args: argparse.Namespace) -> int:
