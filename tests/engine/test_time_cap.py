@@ -1,5 +1,6 @@
 """``TrainConfig.max_train_minutes``: the first epoch trains whole, then the epochs left are cut to what
-fits the time left, from measured batch times; the cut is logged, kept on resume and never undone."""
+fits the time left, from measured batch times, and given batches back (up to the planned ones) when a
+later epoch ran faster; each change is logged and kept on resume."""
 
 from __future__ import annotations
 
@@ -62,12 +63,17 @@ def test_the_cut_fits_the_time_left_at_the_median_batch_time(tiny_synthetic, tmp
     trainer.train_seconds = 45.0  # 15 s left: 2.86 batches each -> 2 (a multiple of accumulate)
     trainer._fit_time_cap()
     assert trainer.epoch_batches == 2 and trainer.total_steps == 2 + 3 * 1
-    trainer.train_seconds = 0.0  # plenty of time again: a cut stays
+    trainer.train_seconds, trainer._batch_seconds = 40.0, [1.0, 1.0, 1.0, 1.0]  # a faster epoch: 20 s left, 6.7 batches each -> back to 4
     trainer._fit_time_cap()
-    assert trainer.epoch_batches == 2
+    assert trainer.epoch_batches == 4 and trainer.total_steps == 8
+    trainer.train_seconds = 0.0  # plenty of time: never more than the planned batches
+    trainer._fit_time_cap()
+    assert trainer.epoch_batches == 4
     trainer.train_seconds = 120.0  # over the cap: still one accumulation's worth per epoch
     trainer._fit_time_cap()
-    assert trainer.epoch_batches == 2 and len(records(tmp_path / "run", "schedule")) == 1
+    assert trainer.epoch_batches == 2 and trainer.total_steps == 2 + 3 * 1
+    changes = [(r["previous_batches"], r["epoch_batches"], r["planned_batches"], r["batch_seconds"]) for r in records(tmp_path / "run", "schedule")]
+    assert changes == [(4, 2, 4, 1.75), (2, 4, 4, 1.0), (4, 2, 4, 1.0)]
 
 
 def test_a_resumed_run_keeps_its_cut_and_its_time_and_equals_a_straight_run(tiny_synthetic, tmp_path):

@@ -46,7 +46,8 @@ class TrainConfig:
         max_train_minutes: a cap on the minutes of training steps (data loading, forward, backward,
             optimiser; evaluations not counted), ``None``: no cap. The first epoch trains whole; after
             each epoch the epochs left are cut to the batches that fit the time left, at the median
-            batch time of the epoch just trained, never lengthened again. Each cut is logged (a
+            batch time of the epoch just trained; after a cut, a later epoch that ran faster gives
+            batches back (never beyond ``epoch_batches``). Each change is logged (a
             ``"schedule"`` record in ``log.jsonl``) and kept in the resume checkpoint; the
             learning-rate drops stay at their epochs (a cosine schedule is shortened to the new end).
         lr_schedule: ``"step"``: a 10x drop at each epoch of ``lr_drop`` (DINO's); ``"cosine"``: every

@@ -193,23 +193,28 @@ class Trainer:
         return schedule_length(self.step, self.epoch, self.batches_done, self.config.epochs, self.epoch_batches, self.config.accumulate)
 
     def _fit_time_cap(self) -> None:
-        """After an epoch: cut the epochs left to the batches that fit ``max_train_minutes``, at the median
-        batch time of the epoch just trained (the same decision on every rank); logged as a ``schedule`` record."""
+        """After an epoch: fit the epochs left to ``max_train_minutes`` at the median batch time of the epoch
+        just trained (the same decision on every rank): cut them to the batches that fit, or, after a cut,
+        give back batches (up to the planned ones) when a later epoch ran faster. Logged as a ``schedule``
+        record with the batches before (``previous_batches``) and after (``epoch_batches``)."""
         cap, epochs_left = self.config.max_train_minutes, self.config.epochs - self.epoch
         if cap is None or epochs_left <= 0 or not self._batch_seconds:
             return
         timing = distributed.all_reduce_mean({"batch_s": statistics.median(self._batch_seconds), "trained_s": self.train_seconds})
-        batches = min(self.epoch_batches, batches_that_fit(cap, timing["trained_s"], timing["batch_s"], epochs_left, self.config.accumulate))
-        if batches == self.epoch_batches:
+        batches = min(self.planned_batches, batches_that_fit(cap, timing["trained_s"], timing["batch_s"], epochs_left, self.config.accumulate))
+        previous = self.epoch_batches
+        if batches == previous:
             return
         self.epoch_batches = batches
         self.total_steps = self._schedule_length()
-        self.run_log.write({"kind": "schedule", "epoch": self.epoch, "step": self.step, "epoch_batches": batches, "planned_batches": self.planned_batches,
-                   "batch_seconds": round(timing["batch_s"], 4), "trained_seconds": round(timing["trained_s"], 1), "cap_minutes": cap})  # fmt: skip
+        self.run_log.write({"kind": "schedule", "epoch": self.epoch, "step": self.step, "epoch_batches": batches, "previous_batches": previous,
+                   "planned_batches": self.planned_batches, "batch_seconds": round(timing["batch_s"], 4),
+                   "trained_seconds": round(timing["trained_s"], 1), "cap_minutes": cap})  # fmt: skip
         if distributed.is_main():
             logger.warning(
-                "%.1f of the %g-min cap spent after epoch %d at %.2f s per batch: the %d epochs left are cut to %d of %d batches each",
-                timing["trained_s"] / 60, cap, self.epoch, timing["batch_s"], epochs_left, batches, self.planned_batches,
+                "%.1f of the %g-min cap spent after epoch %d at %.2f s per batch: the %d epochs left %s to %d of %d batches each",
+                timing["trained_s"] / 60, cap, self.epoch, timing["batch_s"], epochs_left,
+                "are cut" if batches < previous else "get back batches, up", batches, self.planned_batches,
             )  # fmt: skip
 
     # -- the loop ----------------------------------------------------------------------------------

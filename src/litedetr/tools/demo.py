@@ -142,8 +142,10 @@ def run(args: argparse.Namespace) -> int:
         f" (of {schedule['full_batches_per_epoch']} in the training split): {schedule['train_seconds'] / 60:.1f} min of training steps"
     )
     for cut in schedule["cuts"]:
+        previous = cut.get("previous_batches", cut["planned_batches"])  # records from before batches could be given back lack it
+        change = "cut" if cut["epoch_batches"] < previous else "given back"
         print(
-            f"  cut after epoch {cut['epoch']} from {cut['planned_batches']} batches: {cut['trained_seconds'] / 60:.1f} min spent at"
+            f"  {change} after epoch {cut['epoch']} from {previous} batches: {cut['trained_seconds'] / 60:.1f} min spent at"
             f" {cut['batch_seconds']:.2f} s per batch, so the {cut['cap_minutes']:g}-min cap left {cut['epoch_batches']} for each later epoch;"
             " lift the cap with --minutes 0"
         )

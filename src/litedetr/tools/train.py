@@ -266,7 +266,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-minutes", type=float_in(0, low_open=True),
         help="cap on the minutes of training steps: the first epoch trains whole, then the epochs left are cut to the batches that fit"
-        " (measured); each cut is logged (default: no cap)",
+        " (measured), and given batches back when a later epoch runs faster; each change is logged (default: no cap)",
     )  # fmt: skip
     p.add_argument("--workers", type=int_at_least(0), default=2, help="data-loading processes")
     p.add_argument("--seed", type=int, default=42)
