@@ -20,9 +20,12 @@ interrupted one resumed, so a second invocation only measures. Each full-budget 
 10-20 minutes on two cores. With several ``--seeds`` (training seeds: the initial weights and the batch
 order; the dataset stays the same) every model trains once per seed and each metric is reported as the
 median and the range over the seeds; GFLOPs and latency are those of the first seed's model.
+``--add-results`` adds the seeds of earlier results files (another session's or machine's runs of the same
+budget, checked) to each model's seeds, so more seeds can be trained later and reported together;
+``--amp`` sets the precision (the demo's ``auto``: bf16 where the CPU computes it natively, else float32).
 
     python benchmarks/tradeoff.py [--models dino h3l1-2x3 h3l1-2x3-msda ...] [--seeds 0 1 2] [--epochs 8] [--threads 2]
-        [--out benchmarks/results]
+        [--amp auto|off|bf16] [--add-results benchmarks/results/tradeoff_....json ...] [--out benchmarks/results]
     # smoke run: python benchmarks/tradeoff.py --epochs 1 --train-images 8 --val-images 4 --image-size 128 --out /tmp/tradeoff
 """
 
@@ -45,6 +48,7 @@ from litedetr.bench.runs import PAPER_VARIANTS, dataset_dir, lite_dino_variants,
 from litedetr.bench.timing import encoder_run, interleaved_ms
 from litedetr.data import CocoDetection, find_split, write_synthetic_dataset
 from litedetr.engine import MODEL_FILE
+from litedetr.engine.precision import resolve_precision
 from litedetr.engine.recipes import DemoRecipe, demo_train_config
 from litedetr.weights import load_model
 
@@ -71,6 +75,56 @@ def seed_median(per_seed: list[dict[str, float | None]]) -> dict[str, float | No
     return {k: None if any(m[k] is None for m in per_seed) else statistics.median(m[k] for m in per_seed) for k in per_seed[0]}
 
 
+BUDGET_KEYS = ("train_images", "val_images", "dataset_image_size", "image_size", "epochs", "batch_size", "lr", "lr_drop")
+"""The ``meta`` fields that must match for an earlier results file's seeds to join this run's."""
+
+
+def added_seed_metrics(files: list[Path], meta: dict[str, Any], names: list[str]) -> tuple[dict[str, dict[int, dict[str, float | None]]], list[dict[str, Any]]]:
+    """Per-seed metrics of models ``names`` from earlier results ``files`` (``tradeoff.json`` written by
+    this script), for seeds this run (``meta["seeds"]``) did not train, and a record of where each came from.
+
+    Raises:
+        ValueError: a file is unreadable, measured another budget (the fields named), or gives a seed
+            twice for one model (this run included).
+    """
+    added: dict[str, dict[int, dict[str, float | None]]] = {name: {} for name in names}
+    sources = []
+    for file in files:
+        try:
+            earlier = json.loads(file.read_text())
+            rows, their_meta = earlier["rows"], earlier["meta"]
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"--add-results {file}: not a tradeoff.json ({error})") from None
+        differ = [key for key in BUDGET_KEYS if their_meta.get(key) != meta[key]]
+        if differ:
+            raise ValueError(f"--add-results {file}: measured another budget ({', '.join(f'{k} {their_meta.get(k)} != {meta[k]}' for k in differ)})")
+        taken: dict[str, list[int]] = {}
+        for row in rows:
+            if row["name"] not in added:
+                continue
+            for seed_text, metrics in row["seed_metrics"].items():
+                seed = int(seed_text)
+                if seed in meta["seeds"] or seed in added[row["name"]]:
+                    raise ValueError(f"--add-results {file}: {row['name']} seed {seed} is given twice")
+                added[row["name"]][seed] = metrics
+                taken.setdefault(row["name"], []).append(seed)
+        sources.append({"file": str(file), "seeds": taken, **{k: their_meta.get(k) for k in ("threads", "torch", "machine", "amp", "precision")}})
+    seed_sets = {name: sorted(seeds) for name, seeds in added.items()}
+    if len({tuple(seeds) for seeds in seed_sets.values()}) > 1:
+        raise ValueError(f"--add-results: the files give the models different seeds ({seed_sets}); every model needs the same seeds")
+    return added, sources
+
+
+def _provenance(meta: dict[str, Any]) -> str:
+    """The table's words on the precision trained in and on the seeds added from earlier results files."""
+    text = f" Trained here in {meta['precision']}." if meta.get("precision") else ""
+    for source in meta.get("added_results", []):
+        seeds = sorted({seed for per_model in source["seeds"].values() for seed in per_model})
+        precision = source.get("precision") or "precision not recorded"
+        text += f" Seeds {', '.join(map(str, seeds))} from {Path(source['file']).name} ({precision}, {source.get('threads')} threads)."
+    return text
+
+
 def _cell(row: dict[str, Any], metric: str) -> str:
     values = [m[metric] for m in row["seed_metrics"].values()]
     return percent(values[0]) if len(values) == 1 else median_spread(values)
@@ -86,7 +140,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"Synthetic dataset ({meta['train_images']} train / {meta['val_images']} val images), {meta['epochs']} epoch(s), "
             f"{size}x{size} images, {seed_text}; encoder GFLOPs and CPU latency at {size}x{size} "
             f"(batch 1, {meta['threads']} threads, median of {meta['repeats']}). AP in %."
-        ),
+        )
+        + _provenance(meta),
         "",
         "| model | " + " | ".join(TABLE_METRICS) + " | encoder GFLOPs | encoder latency (ms) |",
         "|---|" + "---:|" * (len(TABLE_METRICS) + 2),
@@ -143,11 +198,29 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, help=f"training images (default {default.data.num_train})")
     parser.add_argument("--val-images", type=int, help=f"validation images (default {default.data.num_val})")
     parser.add_argument("--image-size", type=int, help=f"training and measuring side in pixels (default {default.image_size})")
+    parser.add_argument("--amp", choices=("auto", "off", "bf16"), default=default.amp, help=f"training precision (default the demo's {default.amp})")
+    parser.add_argument(
+        "--add-results", type=Path, nargs="+", default=[], metavar="JSON", help="earlier tradeoff.json files whose seeds join these models' seeds"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    recipe = scaled_recipe(args.epochs, args.train_images, args.val_images, args.image_size)
+    recipe = dataclasses.replace(scaled_recipe(args.epochs, args.train_images, args.val_images, args.image_size), amp=args.amp)
+    budget = {
+        "train_images": recipe.data.num_train,
+        "val_images": recipe.data.num_val,
+        "dataset_image_size": list(recipe.data.image_size),
+        "image_size": recipe.image_size,
+        "epochs": recipe.epochs,
+        "batch_size": recipe.batch_size,
+        "lr": recipe.lr,
+        "lr_drop": list(recipe.lr_drop),
+    }
+    try:
+        added, added_from = added_seed_metrics(args.add_results, {**budget, "seeds": args.seeds}, args.models)
+    except ValueError as error:
+        parser.error(str(error))
     chosen = [lite_dino_variants()[name] for name in names if name in args.models]
     runs = args.out / RUNS_DIR
     data = write_synthetic_dataset(dataset_dir(runs, recipe.data), recipe.data)
@@ -171,6 +244,8 @@ def main() -> None:
     rows = []
     for variant, model, latency in zip(chosen, models, latencies):
         per_seed = {seed: trained[variant.name, seed] for seed in args.seeds}
+        seed_metrics = {**{seed: metrics for seed, (metrics, _, _) in per_seed.items()}, **added[variant.name]}
+        seed_metrics = dict(sorted(seed_metrics.items()))
         rows.append({
             "name": variant.name,
             "label": variant.label,
@@ -179,8 +254,8 @@ def main() -> None:
             "key_aware": model.config.encoder.key_aware,
             "decoder_key_aware": model.config.decoder_key_aware,
             "kda_query_logits": model.config.kda_query_logits,
-            "metrics": seed_median([metrics for metrics, _, _ in per_seed.values()]),
-            "seed_metrics": {seed: metrics for seed, (metrics, _, _) in per_seed.items()},
+            "metrics": seed_median(list(seed_metrics.values())),
+            "seed_metrics": seed_metrics,
             "encoder_gflops": count_flops(model, size).components["encoder"],
             "encoder_latency_ms": latency,
             "reused_run": {seed: reused for seed, (_, reused, _) in per_seed.items()},
@@ -189,15 +264,12 @@ def main() -> None:
         })  # fmt: skip
 
     meta = {
-        "train_images": recipe.data.num_train,
-        "val_images": recipe.data.num_val,
-        "dataset_image_size": list(recipe.data.image_size),
-        "image_size": recipe.image_size,
-        "epochs": recipe.epochs,
-        "batch_size": recipe.batch_size,
-        "lr": recipe.lr,
-        "lr_drop": list(recipe.lr_drop),
-        "seeds": list(args.seeds),
+        **budget,
+        "seeds": sorted({seed for row in rows for seed in row["seed_metrics"]}),
+        "trained_seeds": list(args.seeds),
+        "added_results": added_from,
+        "amp": args.amp,
+        "precision": resolve_precision(args.amp, "cpu").reason,
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "torch": torch.__version__,

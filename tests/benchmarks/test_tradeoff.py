@@ -101,3 +101,36 @@ def test_several_seeds_train_apart_and_report_median_and_range(tradeoff, tmp_pat
     )
     one = tradeoff.markdown([{**row, "seed_metrics": {0: metrics}}], {**meta, "seeds": [0]})
     assert ", seed 0;" in one and one.splitlines()[-1] == "| Lite-DINO H2L2-(2+1)x3 KDA | 30.0 | 50.0 | 10.0 | 40.0 | - | 0.197 | 10.6 |"
+
+
+def _results_file(path, meta, seeds_by_model):
+    rows = [{"name": name, "seed_metrics": {str(s): {"AP": ap, "AP50": 2 * ap} for s, ap in seeds.items()}} for name, seeds in seeds_by_model.items()]
+    path.write_text(json.dumps({"meta": meta, "rows": rows}))
+    return path
+
+
+def test_seeds_of_earlier_results_join_and_the_budget_must_match(tradeoff, tmp_path):
+    budget = {"train_images": 1000, "val_images": 100, "dataset_image_size": [160, 160], "image_size": 160, "epochs": 12, "batch_size": 4, "lr": 4e-4}
+    budget["lr_drop"] = [11]
+    earlier = {**budget, "seeds": [0, 1, 2], "threads": 2, "torch": "2.14.1"}  # written before precision was recorded
+    both = {"h2l2-2x3-ql": {0: 0.50, 1: 0.52, 2: 0.51}, "h2l2-2x3-msda": {0: 0.49, 1: 0.51, 2: 0.52}, "dino": {0: 0.4}}
+    file = _results_file(tmp_path / "earlier.json", earlier, both)
+    added, sources = tradeoff.added_seed_metrics([file], {**budget, "seeds": [3, 4]}, ["h2l2-2x3-ql", "h2l2-2x3-msda"])
+    assert added == {name: {s: {"AP": ap, "AP50": 2 * ap} for s, ap in both[name].items()} for name in ("h2l2-2x3-ql", "h2l2-2x3-msda")}
+    assert sources == [{"file": str(file), "seeds": {"h2l2-2x3-ql": [0, 1, 2], "h2l2-2x3-msda": [0, 1, 2]}, "threads": 2, "torch": "2.14.1",
+                        "machine": None, "amp": None, "precision": None}]  # fmt: skip
+    meta = {"image_size": 160, "train_images": 1000, "val_images": 100, "epochs": 12, "threads": 1, "repeats": 20, "seeds": [0, 1, 2, 3, 4]}
+    meta |= {"precision": "bf16 autocast: native", "added_results": sources}
+    row = {"label": "x", "encoder_gflops": 0.2, "encoder_latency_ms": 10.0, "seed_metrics": {s: {k: 0.5 for k in tradeoff.TABLE_METRICS} for s in range(5)}}
+    first_line = tradeoff.markdown([row], meta).splitlines()[0]
+    assert first_line.endswith("Trained here in bf16 autocast: native. Seeds 0, 1, 2 from earlier.json (precision not recorded, 2 threads).")
+    with pytest.raises(ValueError, match=r"another budget \(epochs 12 != 8\)"):
+        tradeoff.added_seed_metrics([file], {**budget, "epochs": 8, "seeds": [3]}, ["h2l2-2x3-ql"])
+    with pytest.raises(ValueError, match="h2l2-2x3-ql seed 2 is given twice"):
+        tradeoff.added_seed_metrics([file], {**budget, "seeds": [2, 3]}, ["h2l2-2x3-ql"])
+    with pytest.raises(ValueError, match="h2l2-2x3-ql seed 0 is given twice"):
+        tradeoff.added_seed_metrics([file, file], {**budget, "seeds": [3]}, ["h2l2-2x3-ql"])
+    with pytest.raises(ValueError, match="different seeds"):
+        tradeoff.added_seed_metrics([file], {**budget, "seeds": [3]}, ["h2l2-2x3-ql", "dino"])
+    with pytest.raises(ValueError, match="not a tradeoff.json"):
+        tradeoff.added_seed_metrics([tmp_path / "missing.json"], {**budget, "seeds": [3]}, ["dino"])
