@@ -107,3 +107,13 @@ def test_batches_that_fit_and_the_schedule_length_by_hand():
     assert schedule_length(2, 1, 0, 4, 2, 2) == 2 + 3 * 1
     assert schedule_length(5, 1, 3, 3, 4, 2) == 5 + 1 + 1 * 2  # mid-epoch: 1 batch of this epoch left, then one epoch of 2 steps
     assert schedule_length(7, 3, 0, 3, 4, 2) == 7  # finished
+
+
+def test_the_cpu_kernels_are_built_before_the_clock_starts(tiny_synthetic, tmp_path, monkeypatch):
+    from litedetr.engine import trainer as trainer_module
+
+    trainer = Trainer(config(tiny_synthetic, epochs=1), tmp_path / "run")
+    seen = []
+    monkeypatch.setattr(trainer_module.cpu_kernels, "prepare", lambda: seen.append((trainer.step, trainer.train_seconds)) or True)
+    trainer.fit()
+    assert seen == [(0, 0.0)] and trainer.step == 4 and trainer.train_seconds > 0

@@ -126,12 +126,15 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
     assert "C++ CPU kernels unavailable" in caplog.text and "Error building extension" in caplog.text
 
 
-def test_build_is_keyed_by_source_flags_torch_and_python(monkeypatch, tmp_path):
+def test_build_is_keyed_by_source_flags_torch_its_location_and_python(monkeypatch, tmp_path):
     base = cpu_kernels.build_name("AVX2", ["-O3"])
     assert base.startswith("litedetr_deform_attn_cpu_avx2_") and base == cpu_kernels.build_name("AVX2", ["-O3"])
     assert cpu_kernels.build_name("AVX512", ["-O3"]).startswith("litedetr_deform_attn_cpu_avx512_")
     assert cpu_kernels.build_name("AVX2", ["-O3", "-mavx2"]) != base
     monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    assert cpu_kernels.build_name("AVX2", ["-O3"]) != base
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))  # the same torch in another environment
     assert cpu_kernels.build_name("AVX2", ["-O3"]) != base
     monkeypatch.undo()
     source = tmp_path / "deform_attn_cpu.cpp"
@@ -228,3 +231,16 @@ def test_torch_compile_traces_the_pytorch_path_without_graph_breaks():
     assert not counters["graph_break"], list(counters["graph_break"])
     assert any("embedding_bag" in target for target in targets)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_builds_unless_switched_off(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "load", lambda: calls.append(1) or object())
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    assert cpu_kernels.prepare() is False and calls == []
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH)
+    with cpu_kernels.cpu_kernels_disabled():
+        assert cpu_kernels.prepare() is False and calls == []
+    assert cpu_kernels.prepare() is True and calls == [1]
+    monkeypatch.setattr(cpu_kernels, "load", lambda: None)  # no compiler: the PyTorch implementation
+    assert cpu_kernels.prepare() is False

@@ -46,6 +46,7 @@ from litedetr.engine.signals import install_stop_handlers, restore_handlers
 from litedetr.engine.state import load_state, rank_rng_state, rng_state, save_state, set_rng_state
 from litedetr.engine.time_cap import BatchClock, batches_that_fit, schedule_length
 from litedetr.models import Detector
+from litedetr.ops import cpu_kernels
 from litedetr.weights import save_model
 from litedetr.weights.state_dict import fit_problems
 
@@ -377,6 +378,8 @@ class Trainer:
         self.run_log.open()
         if distributed.is_main():
             logger.info("precision: %s", self.precision.reason)
+        if self.device.type == "cpu":
+            cpu_kernels.prepare()  # a first build of the C++ kernels takes about a minute: not a training step's time
         previous = install_stop_handlers(self._stop)
         metrics: dict[str, float | None] = {}
         try:

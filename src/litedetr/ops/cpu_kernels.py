@@ -13,7 +13,8 @@ threads. The functions here run the forward without autograd (inference); with a
 They are compiled with torch's JIT extension loader on first use (a C++ compiler and ``ninja`` are
 needed; about a minute, once) and cached under ``TORCH_EXTENSIONS_DIR`` (by default
 ``~/.cache/torch_extensions``), one build per CPU instruction set (``torch.backends.cpu``'s
-capability) and per digest of the source, flags, torch and Python versions (:func:`build_name`).
+capability) and per digest of the source, flags, torch's version and location, and the Python version
+(:func:`build_name`), so that two virtual environments on one machine keep their own builds.
 Where they cannot be built, :mod:`litedetr.ops` logs one warning and keeps its PyTorch implementation.
 Set ``LITEDETR_CPU_KERNELS=0`` to never build or use them.
 """
@@ -48,6 +49,7 @@ __all__ = [
     "load",
     "ms_deform_attn",
     "ms_deform_attn_key_aware",
+    "prepare",
 ]
 
 logger = logging.getLogger(__name__)
@@ -93,10 +95,13 @@ def load() -> ModuleType | None:
 
 def build_name(capability: str, cflags: list[str]) -> str:
     """The extension's name, which keys its build: the capability and a digest of everything the
-    binary depends on (the source, the flags, torch's version and the Python version), so that two
-    environments or checkouts on one machine keep their own builds instead of rebuilding each other's."""
+    binary depends on (the source, the flags, torch's version and the directory it is installed in, whose
+    headers the build includes, and the Python version), so that two environments or checkouts on one
+    machine keep their own builds instead of rebuilding each other's (a build whose include paths
+    changed is rebuilt by the loader)."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(cflags).encode(), torch.__version__.encode(), sys.version.encode()):
+    torch_dir = str(Path(torch.__file__).resolve().parent)
+    for part in (SOURCE.read_bytes(), " ".join(cflags).encode(), torch.__version__.encode(), torch_dir.encode(), sys.version.encode()):
         digest.update(part)
     return f"litedetr_deform_attn_cpu_{capability.lower()}_{digest.hexdigest()[:16]}"
 
@@ -140,6 +145,15 @@ def enabled(*tensors: Tensor, autograd: bool = False) -> bool:
         return False
     dtypes = _AUTOGRAD_DTYPES if autograd else _DTYPES
     if not all(t.device.type == "cpu" and t.dtype in dtypes for t in tensors):
+        return False
+    return load() is not None
+
+
+def prepare() -> bool:
+    """Build (or load) the kernels now unless they are switched off (``LITEDETR_CPU_KERNELS=0``), so that a
+    first build is not charged to whatever runs first (the trainer calls it before its clock starts);
+    returns whether they are available."""
+    if not _switch.on or os.environ.get(ENV_SWITCH, "1") == "0":
         return False
     return load() is not None
 
