@@ -141,7 +141,7 @@ def enabled(*tensors: Tensor, autograd: bool = False) -> bool:
     ``autograd``, the forward and fused backward of :mod:`litedetr.ops.cpu_autograd`, also bfloat16 and
     float16, computed in float32), not switched off (``LITEDETR_CPU_KERNELS=0``, :func:`cpu_kernels_disabled`),
     not inside ``torch.compile`` (which compiles the PyTorch implementation instead), and built."""
-    if not _switch.on or os.environ.get(ENV_SWITCH, "1") == "0" or torch.compiler.is_compiling():
+    if _switched_off() or torch.compiler.is_compiling():
         return False
     dtypes = _AUTOGRAD_DTYPES if autograd else _DTYPES
     if not all(t.device.type == "cpu" and t.dtype in dtypes for t in tensors):
@@ -153,9 +153,13 @@ def prepare() -> bool:
     """Build (or load) the kernels now unless they are switched off (``LITEDETR_CPU_KERNELS=0``), so that a
     first build is not charged to whatever runs first (the trainer calls it before its clock starts);
     returns whether they are available."""
-    if not _switch.on or os.environ.get(ENV_SWITCH, "1") == "0":
+    if _switched_off():
         return False
     return load() is not None
+
+
+def _switched_off() -> bool:
+    return not _switch.on or os.environ.get(ENV_SWITCH, "1") == "0"
 
 
 def cpu_kernels_disabled() -> contextlib.AbstractContextManager[None]:
