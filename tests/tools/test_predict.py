@@ -147,12 +147,17 @@ def test_bf16_predicts_under_autocast_near_float32(checkpoint, tmp_path, monkeyp
         out = tmp_path / precision
         assert main(["predict", "--checkpoint", str(path), str(image), "--out", str(out), "--threshold", "0", "--precision", precision]) == 0
         (entry,) = json.loads((out / "predictions.json").read_text())
-        runs[precision] = {d["label"]: d for d in reversed(entry["detections"])}  # each label's best detection
+        runs[precision] = entry["detections"]
     assert seen == [False, True]
-    best = max(runs["float32"].values(), key=lambda d: d["score"])
-    half = runs["bf16"][best["label"]]
-    assert 0 < abs(half["score"] - best["score"]) < 0.05  # bf16 moves the scores a little, not far
-    assert np.abs(np.subtract(half["box"], best["box"])).max() < 5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (expected,) = model.predict([image], threshold=0.0)
+    bf16 = runs["bf16"]
+    assert [d["label"] for d in bf16] == expected["labels"].tolist()  # the CLI's bf16 is the model's forward under bf16 autocast
+    np.testing.assert_allclose([d["box"] for d in bf16], expected["boxes"].numpy(), atol=0.01)
+    np.testing.assert_allclose([d["score"] for d in bf16], expected["scores"].numpy(), atol=1e-4)
+    # bf16 moves the scores a little, not far; which boxes come first is not compared: with random weights the
+    # encoder's proposal scores nearly tie, and bf16's rounding picks other proposals (seen on an AVX-512 BF16 CPU)
+    assert 0 < abs(bf16[0]["score"] - runs["float32"][0]["score"]) < 0.05
 
 
 def test_bf16_is_refused_for_onnxruntime_with_one_line(checkpoint, tmp_path, capsys):
