@@ -93,12 +93,12 @@ def test_the_trainer_and_the_demo_follow_the_choice(cpu, tiny_synthetic, tmp_pat
     cpu("AVX2")
     trainer = Trainer(config, tmp_path / "avx2")
     assert trainer.precision.dtype == torch.float32 and "AVX2" in trainer.precision.reason
-    with trainer._autocast():
+    with trainer.precision.context(trainer.device):
         assert not torch.is_autocast_enabled("cpu")
     cpu("AVX512", avx512_bf16=True)
     trainer = Trainer(config, tmp_path / "avx512")
     assert trainer.precision.dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
-    with trainer._autocast():
+    with trainer.precision.context(trainer.device):
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
 
 

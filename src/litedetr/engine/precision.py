@@ -69,6 +69,12 @@ class Precision:
     def name(self) -> str:
         return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "float32") if self.autocast else "float32"
 
+    def context(self, device: torch.device | str) -> contextlib.AbstractContextManager[object]:
+        """What a forward pass on ``device`` runs in: autocast in ``dtype``, or nothing without autocast."""
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(device).type, dtype=self.dtype)
+
 
 def resolve_precision(amp: AmpMode | bool, device: torch.device | str) -> Precision:
     """The precision of a run with ``amp`` (``True``/``False`` mean ``"on"``/``"off"``) on ``device``.
@@ -107,8 +113,7 @@ def inference_autocast(precision: InferencePrecision, device: torch.device | str
     check_inference_precision(precision)
     if precision == "float32":
         return contextlib.nullcontext()
-    device = torch.device(device)
-    return torch.autocast(device.type, dtype=resolve_precision("bf16", device).dtype)
+    return resolve_precision("bf16", device).context(device)
 
 
 def _cuda_precision(mode: AmpMode, device: torch.device) -> Precision:

@@ -23,7 +23,6 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,11 +219,6 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
 
-    def _autocast(self):
-        if not self.precision.autocast:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.precision.dtype)
-
     @property
     def history(self) -> list[dict[str, Any]]:
         """The run's records so far (see :mod:`litedetr.engine.run_log`), over every resume."""
@@ -265,7 +259,7 @@ class Trainer:
         """Losses of one batch (under autocast when asked), checked finite on every rank, and their backward."""
         images = [img.to(self.device) for img in images]
         targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        with self._autocast():
+        with self.precision.context(self.device):
             losses = self.net(images, targets)
         loss = sum(losses.values())
         self._check_finite(loss, losses)
