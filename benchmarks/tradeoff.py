@@ -75,13 +75,12 @@ def seed_median(per_seed: list[dict[str, float | None]]) -> dict[str, float | No
     return {k: None if any(m[k] is None for m in per_seed) else statistics.median(m[k] for m in per_seed) for k in per_seed[0]}
 
 
-BUDGET_KEYS = ("train_images", "val_images", "dataset_image_size", "image_size", "epochs", "batch_size", "lr", "lr_drop")
-"""The ``meta`` fields that must match for an earlier results file's seeds to join this run's."""
-
-
-def added_seed_metrics(files: list[Path], meta: dict[str, Any], names: list[str]) -> tuple[dict[str, dict[int, dict[str, float | None]]], list[dict[str, Any]]]:
+def added_seed_metrics(
+    files: list[Path], budget: dict[str, Any], seeds: list[int], names: list[str]
+) -> tuple[dict[str, dict[int, dict[str, float | None]]], list[dict[str, Any]]]:
     """Per-seed metrics of models ``names`` from earlier results ``files`` (``tradeoff.json`` written by
-    this script), for seeds this run (``meta["seeds"]``) did not train, and a record of where each came from.
+    this script with the same ``budget``, the ``meta`` fields of the data and schedule), for seeds this run
+    (``seeds``) did not train, and a record of where each came from.
 
     Raises:
         ValueError: a file is unreadable, measured another budget (the fields named), or gives a seed
@@ -95,16 +94,16 @@ def added_seed_metrics(files: list[Path], meta: dict[str, Any], names: list[str]
             rows, their_meta = earlier["rows"], earlier["meta"]
         except (OSError, ValueError, KeyError) as error:
             raise ValueError(f"--add-results {file}: not a tradeoff.json ({error})") from None
-        differ = [key for key in BUDGET_KEYS if their_meta.get(key) != meta[key]]
+        differ = [key for key in budget if their_meta.get(key) != budget[key]]
         if differ:
-            raise ValueError(f"--add-results {file}: measured another budget ({', '.join(f'{k} {their_meta.get(k)} != {meta[k]}' for k in differ)})")
+            raise ValueError(f"--add-results {file}: measured another budget ({', '.join(f'{k} {their_meta.get(k)} != {budget[k]}' for k in differ)})")
         taken: dict[str, list[int]] = {}
         for row in rows:
             if row["name"] not in added:
                 continue
             for seed_text, metrics in row["seed_metrics"].items():
                 seed = int(seed_text)
-                if seed in meta["seeds"] or seed in added[row["name"]]:
+                if seed in seeds or seed in added[row["name"]]:
                     raise ValueError(f"--add-results {file}: {row['name']} seed {seed} is given twice")
                 added[row["name"]][seed] = metrics
                 taken.setdefault(row["name"], []).append(seed)
@@ -218,7 +217,7 @@ def main() -> None:
         "lr_drop": list(recipe.lr_drop),
     }
     try:
-        added, added_from = added_seed_metrics(args.add_results, {**budget, "seeds": args.seeds}, args.models)
+        added, added_from = added_seed_metrics(args.add_results, budget, args.seeds, args.models)
     except ValueError as error:
         parser.error(str(error))
     chosen = [lite_dino_variants()[name] for name in names if name in args.models]

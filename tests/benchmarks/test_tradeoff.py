@@ -115,7 +115,7 @@ def test_seeds_of_earlier_results_join_and_the_budget_must_match(tradeoff, tmp_p
     earlier = {**budget, "seeds": [0, 1, 2], "threads": 2, "torch": "2.14.1"}  # written before precision was recorded
     both = {"h2l2-2x3-ql": {0: 0.50, 1: 0.52, 2: 0.51}, "h2l2-2x3-msda": {0: 0.49, 1: 0.51, 2: 0.52}, "dino": {0: 0.4}}
     file = _results_file(tmp_path / "earlier.json", earlier, both)
-    added, sources = tradeoff.added_seed_metrics([file], {**budget, "seeds": [3, 4]}, ["h2l2-2x3-ql", "h2l2-2x3-msda"])
+    added, sources = tradeoff.added_seed_metrics([file], budget, [3, 4], ["h2l2-2x3-ql", "h2l2-2x3-msda"])
     assert added == {name: {s: {"AP": ap, "AP50": 2 * ap} for s, ap in both[name].items()} for name in ("h2l2-2x3-ql", "h2l2-2x3-msda")}
     assert sources == [{"file": str(file), "seeds": {"h2l2-2x3-ql": [0, 1, 2], "h2l2-2x3-msda": [0, 1, 2]}, "threads": 2, "torch": "2.14.1",
                         "machine": None, "amp": None, "precision": None}]  # fmt: skip
@@ -125,12 +125,12 @@ def test_seeds_of_earlier_results_join_and_the_budget_must_match(tradeoff, tmp_p
     first_line = tradeoff.markdown([row], meta).splitlines()[0]
     assert first_line.endswith("Trained here in bf16 autocast: native. Seeds 0, 1, 2 from earlier.json (precision not recorded, 2 threads).")
     with pytest.raises(ValueError, match=r"another budget \(epochs 12 != 8\)"):
-        tradeoff.added_seed_metrics([file], {**budget, "epochs": 8, "seeds": [3]}, ["h2l2-2x3-ql"])
+        tradeoff.added_seed_metrics([file], {**budget, "epochs": 8}, [3], ["h2l2-2x3-ql"])
     with pytest.raises(ValueError, match="h2l2-2x3-ql seed 2 is given twice"):
-        tradeoff.added_seed_metrics([file], {**budget, "seeds": [2, 3]}, ["h2l2-2x3-ql"])
+        tradeoff.added_seed_metrics([file], budget, [2, 3], ["h2l2-2x3-ql"])
     with pytest.raises(ValueError, match="h2l2-2x3-ql seed 0 is given twice"):
-        tradeoff.added_seed_metrics([file, file], {**budget, "seeds": [3]}, ["h2l2-2x3-ql"])
+        tradeoff.added_seed_metrics([file, file], budget, [3], ["h2l2-2x3-ql"])
     with pytest.raises(ValueError, match="different seeds"):
-        tradeoff.added_seed_metrics([file], {**budget, "seeds": [3]}, ["h2l2-2x3-ql", "dino"])
+        tradeoff.added_seed_metrics([file], budget, [3], ["h2l2-2x3-ql", "dino"])
     with pytest.raises(ValueError, match="not a tradeoff.json"):
-        tradeoff.added_seed_metrics([tmp_path / "missing.json"], {**budget, "seeds": [3]}, ["dino"])
+        tradeoff.added_seed_metrics([tmp_path / "missing.json"], budget, [3], ["dino"])
