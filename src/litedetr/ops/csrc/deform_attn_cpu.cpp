@@ -4,9 +4,8 @@
 // map, the convention of litedetr.ops.deform_attn), and sampled keys live in a small per-task
 // buffer, so nothing of size (queries x heads x levels x points x channels) is materialised.
 //
-// The backward recomputes what it needs per (image, query, head) (corners, the dot products of the
-// query and of the output gradient with every corner row, KDA's softmax) instead of storing it, and
-// scatters into the key and value gradients. Its parallel work units are (image, head, chunk of
+// The backward recomputes what it needs per (image, query, head) (corners, KDA's sampled keys or
+// dot products, its softmax) instead of storing it, and scatters into the key and value gradients. Its parallel work units are (image, head, chunk of
 // queries): a unit owns its image-head slice of the key and value gradients, so no two threads write
 // the same row. Chunks beyond the first (only where threads outnumber image-heads) accumulate into
 // their own zeroed copy of the gradient, summed in chunk order afterwards: results are deterministic
@@ -111,19 +110,26 @@ inline void dot2(const scalar_t* __restrict a, const scalar_t* __restrict b, con
   }
 }
 
-// grad_row[0:d] += weight * g[0:d]; returns g[0:d] . row[0:d] (summed as dot() does)
+// grad_row[0:d] += weight * g[0:d]; returns g[0:d] . row[0:d] (summed as dot() sums it); one pass over the rows
 template <typename scalar_t>
 inline scalar_t dot_and_axpy(const scalar_t* __restrict g, const scalar_t* __restrict row, scalar_t* __restrict grad_row, scalar_t weight,
                              int64_t d) {
-  axpy(grad_row, g, weight, d);
-  return dot(g, row, d);
-}
-
-// out[0:d] += a_weight * a[0:d] + b_weight * b[0:d]
-template <typename scalar_t>
-inline void axpy2(scalar_t* __restrict out, const scalar_t* __restrict a, scalar_t a_weight, const scalar_t* __restrict b, scalar_t b_weight,
-                  int64_t d) {
-  for (int64_t c = 0; c < d; ++c) out[c] += a_weight * a[c] + b_weight * b[c];
+  constexpr int kLanes = 8;
+  scalar_t partial[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= d; c += kLanes) {
+    for (int lane = 0; lane < kLanes; ++lane) {
+      grad_row[c + lane] += weight * g[c + lane];
+      partial[lane] += g[c + lane] * row[c + lane];
+    }
+  }
+  for (; c < d; ++c) {
+    grad_row[c] += weight * g[c];
+    partial[0] += g[c] * row[c];
+  }
+  scalar_t total = 0;
+  for (int lane = 0; lane < kLanes; ++lane) total += partial[lane];
+  return total;
 }
 
 struct Geometry {
@@ -471,18 +477,23 @@ template <typename scalar_t>
 struct KdaScratch {
   std::vector<Corner<scalar_t>> corners;  // 4 per sample
   std::vector<int> counts;                // corners in the map per sample
-  std::vector<scalar_t> key_dots;         // q . k of every corner's key row
-  std::vector<scalar_t> grad_dots;        // grad_out . v of every corner's value row
+  std::vector<scalar_t> sampled;          // shared keys: the sampled values (= keys), d per sample
+  std::vector<scalar_t> mixed;            // shared keys: one sample's combined gradient row, d
+  std::vector<scalar_t> key_dots;         // distinct keys: q . k of every corner's key row
+  std::vector<scalar_t> grad_dots;        // distinct keys: grad_out . v of every corner's value row
   std::vector<scalar_t> probs;            // softmax weights per sample
   std::vector<scalar_t> grad_logits;      // d loss / d logit per sample (first the sampled values' g . v)
   std::vector<int64_t> firsts;            // per level: the first element of this image and head
-  explicit KdaScratch(const Geometry& g)
-      : corners(4 * g.levels * g.points), counts(g.levels * g.points), key_dots(4 * g.levels * g.points),
-        grad_dots(4 * g.levels * g.points), probs(g.levels * g.points), grad_logits(g.levels * g.points), firsts(g.levels) {}
+  KdaScratch(const Geometry& g, bool shared)
+      : corners(4 * g.levels * g.points), counts(g.levels * g.points), sampled(shared ? g.levels * g.points * g.channels : 0),
+        mixed(shared ? g.channels : 0), key_dots(shared ? 0 : 4 * g.levels * g.points), grad_dots(shared ? 0 : 4 * g.levels * g.points),
+        probs(g.levels * g.points), grad_logits(g.levels * g.points), firsts(g.levels) {}
 };
 
-// Pass 1 of a task: corners, the dot products of q with every corner key and of grad_out with every
-// corner value, the logits (in probs) and the sampled values' g . v (in grad_logits).
+// Pass 1 of a task: corners, the logits (in probs) and the sampled values' g . v (in grad_logits).
+// Shared keys sample each key once, as the forward does (one pass over each corner row), and take
+// both dot products with the sample; distinct keys keep q . k and g . v of every corner row, which
+// pass 3 needs for the locations' gradient.
 template <typename scalar_t, int64_t kChannels>
 void kda_task_dots(const Geometry& g, const KdaBackward<scalar_t>& a, int64_t task, KdaScratch<scalar_t>& w) {
   const int64_t d = kChannels > 0 ? kChannels : g.channels;
@@ -490,24 +501,25 @@ void kda_task_dots(const Geometry& g, const KdaBackward<scalar_t>& a, int64_t ta
   const scalar_t scale = scalar_t(1) / std::sqrt(static_cast<scalar_t>(d));
   const scalar_t *q = a.query + task * d, *grad = a.grad_out + task * d, *loc = a.locations + task * samples * 2;
   const scalar_t* bias = a.bias ? a.bias + task * samples : nullptr;
+  if (a.shared) std::fill(w.sampled.begin(), w.sampled.end(), scalar_t(0));
   for (int64_t l = 0; l < g.levels; ++l) {
     for (int64_t p = 0; p < g.points; ++p) {
       const int64_t s = l * g.points + p;
       Corner<scalar_t>* cs = w.corners.data() + 4 * s;
       w.counts[s] = bilinear_corners(loc[2 * s], loc[2 * s + 1], g.heights[l], g.widths[l], cell, cs);
       scalar_t logit = 0, sampled_grad = 0;
-      for (int c = 0; c < w.counts[s]; ++c) {
-        const int64_t row = w.firsts[l] + cs[c].offset;
-        scalar_t& key_dot = w.key_dots[4 * s + c];
-        scalar_t& grad_dot = w.grad_dots[4 * s + c];
-        if (a.shared) {
-          dot2(q, grad, a.value + row, d, key_dot, grad_dot);
-        } else {
-          key_dot = dot(q, a.key + row, d);
-          grad_dot = dot(grad, a.value + row, d);
+      if (a.shared) {
+        scalar_t* sampled = w.sampled.data() + s * d;
+        for (int c = 0; c < w.counts[s]; ++c) axpy(sampled, a.value + w.firsts[l] + cs[c].offset, cs[c].weight, d);
+        dot2(q, grad, sampled, d, logit, sampled_grad);
+      } else {
+        for (int c = 0; c < w.counts[s]; ++c) {
+          const int64_t row = w.firsts[l] + cs[c].offset;
+          const scalar_t key_dot = w.key_dots[4 * s + c] = dot(q, a.key + row, d);
+          const scalar_t grad_dot = w.grad_dots[4 * s + c] = dot(grad, a.value + row, d);
+          logit += cs[c].weight * key_dot;
+          sampled_grad += cs[c].weight * grad_dot;
         }
-        logit += cs[c].weight * key_dot;
-        sampled_grad += cs[c].weight * grad_dot;
       }
       w.probs[s] = logit * scale + (bias ? bias[s] : scalar_t(0));
       w.grad_logits[s] = sampled_grad;
@@ -533,8 +545,11 @@ void kda_task_softmax_backward(int64_t samples, KdaScratch<scalar_t>& w) {
 
 // Pass 3: the query's and the locations' gradients, and the scatter into the key and value gradient
 // rows of this unit (sampled key k_s gets scale * dlogit_s * q, sampled value v_s gets p_s * grad_out).
+// With shared keys the two are one row, m_s = scale * dlogit_s * q + p_s * grad_out: each corner row
+// is read once for m_s . v (the locations' gradient) while w * m_s is added to its gradient, as in
+// MSDA's backward, and the query's gradient sums scale * dlogit_s * k_s over the samples of pass 1.
 template <typename scalar_t, int64_t kChannels>
-void kda_task_scatter(const Geometry& g, const KdaBackward<scalar_t>& a, int64_t task, const KdaScratch<scalar_t>& w, scalar_t* unit_grad_key,
+void kda_task_scatter(const Geometry& g, const KdaBackward<scalar_t>& a, int64_t task, KdaScratch<scalar_t>& w, scalar_t* unit_grad_key,
                       scalar_t* unit_grad_value) {
   const int64_t d = kChannels > 0 ? kChannels : g.channels;
   const int64_t samples = g.levels * g.points;
@@ -542,24 +557,29 @@ void kda_task_scatter(const Geometry& g, const KdaBackward<scalar_t>& a, int64_t
   const scalar_t *q = a.query + task * d, *grad = a.grad_out + task * d;
   scalar_t* grad_q = a.grad_query + task * d;
   scalar_t* grad_loc = a.grad_locations + task * samples * 2;
+  scalar_t* mixed = w.mixed.data();
   for (int64_t s = 0; s < samples; ++s) {
     const int64_t l = s / g.points;
     const scalar_t key_coef = scale * w.grad_logits[s], value_coef = w.probs[s];
     scalar_t grad_x = 0, grad_y = 0;
+    if (a.shared) {
+      axpy(grad_q, w.sampled.data() + s * d, key_coef, d);
+      for (int64_t c = 0; c < d; ++c) mixed[c] = key_coef * q[c] + value_coef * grad[c];
+    }
     for (int c = 0; c < w.counts[s]; ++c) {
       const Corner<scalar_t>& corner = w.corners[4 * s + c];
       const int64_t row = w.firsts[l] + corner.offset;
-      const scalar_t along = key_coef * w.key_dots[4 * s + c] + value_coef * w.grad_dots[4 * s + c];
-      grad_x += corner.weight_dx * along;
-      grad_y += corner.weight_dy * along;
+      scalar_t along;
       if (a.shared) {
-        axpy(grad_q, a.value + row, key_coef * corner.weight, d);
-        axpy2(unit_grad_value + row, q, key_coef * corner.weight, grad, value_coef * corner.weight, d);
+        along = dot_and_axpy(mixed, a.value + row, unit_grad_value + row, corner.weight, d);
       } else {
+        along = key_coef * w.key_dots[4 * s + c] + value_coef * w.grad_dots[4 * s + c];
         axpy(grad_q, a.key + row, key_coef * corner.weight, d);
         axpy(unit_grad_key + row, q, key_coef * corner.weight, d);
         axpy(unit_grad_value + row, grad, value_coef * corner.weight, d);
       }
+      grad_x += corner.weight_dx * along;
+      grad_y += corner.weight_dy * along;
     }
     grad_loc[2 * s] = grad_x * static_cast<scalar_t>(g.widths[l]);
     grad_loc[2 * s + 1] = grad_y * static_cast<scalar_t>(g.heights[l]);
@@ -571,7 +591,7 @@ void kda_backward_kernel(const Geometry& g, int64_t chunks, const KdaBackward<sc
   const int64_t d = kChannels > 0 ? kChannels : g.channels;
   const int64_t cell = g.heads * d, value_numel = g.batch * g.tokens * cell;
   at::parallel_for(0, g.batch * g.heads * chunks, 1, [&](int64_t begin, int64_t end) {
-    KdaScratch<scalar_t> scratch(g);
+    KdaScratch<scalar_t> scratch(g, a.shared);
     for (int64_t index = begin; index < end; ++index) {
       const Unit u = unit(g, chunks, index);
       for (int64_t l = 0; l < g.levels; ++l) scratch.firsts[l] = (u.image * g.tokens + g.starts[l]) * cell + u.head * d;
