@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -71,43 +72,57 @@ inline void axpy(scalar_t* __restrict out, const scalar_t* __restrict row, scala
   for (int64_t c = 0; c < d; ++c) out[c] += weight * row[c];
 }
 
-// q[0:d] . k[0:d], in kLanes independent partial sums (vectorisable, and a fixed summation order)
+// The dot products below keep kLanes independent partial sums in one vector (a GCC / Clang vector
+// extension, so they vectorise whatever the loop vectoriser decides), added up in lane order at the
+// end: a fixed summation order, the same in every function here.
+constexpr int kLanes = 8;
+
 template <typename scalar_t>
-inline scalar_t dot(const scalar_t* __restrict q, const scalar_t* __restrict k, int64_t d) {
-  constexpr int kLanes = 8;
-  scalar_t partial[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= d; c += kLanes) {
-    for (int lane = 0; lane < kLanes; ++lane) partial[lane] += q[c + lane] * k[c + lane];
-  }
-  for (; c < d; ++c) partial[0] += q[c] * k[c];
+struct LaneVector {
+  typedef scalar_t type __attribute__((vector_size(kLanes * sizeof(scalar_t))));
+};
+
+template <typename scalar_t>
+inline typename LaneVector<scalar_t>::type load_lanes(const scalar_t* p) {
+  typename LaneVector<scalar_t>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename scalar_t>
+inline scalar_t sum_lanes(const typename LaneVector<scalar_t>::type& partial) {
   scalar_t total = 0;
   for (int lane = 0; lane < kLanes; ++lane) total += partial[lane];
   return total;
+}
+
+// q[0:d] . k[0:d]
+template <typename scalar_t>
+inline scalar_t dot(const scalar_t* __restrict q, const scalar_t* __restrict k, int64_t d) {
+  typename LaneVector<scalar_t>::type partial = {};
+  int64_t c = 0;
+  for (; c + kLanes <= d; c += kLanes) partial += load_lanes(q + c) * load_lanes(k + c);
+  for (; c < d; ++c) partial[0] += q[c] * k[c];
+  return sum_lanes<scalar_t>(partial);
 }
 
 // a[0:d] . row[0:d] and b[0:d] . row[0:d] in one pass over row, each as dot() sums it
 template <typename scalar_t>
 inline void dot2(const scalar_t* __restrict a, const scalar_t* __restrict b, const scalar_t* __restrict row, int64_t d,
                  scalar_t& a_row, scalar_t& b_row) {
-  constexpr int kLanes = 8;
-  scalar_t partial_a[kLanes] = {}, partial_b[kLanes] = {};
+  typename LaneVector<scalar_t>::type partial_a = {}, partial_b = {};
   int64_t c = 0;
   for (; c + kLanes <= d; c += kLanes) {
-    for (int lane = 0; lane < kLanes; ++lane) {
-      partial_a[lane] += a[c + lane] * row[c + lane];
-      partial_b[lane] += b[c + lane] * row[c + lane];
-    }
+    const auto r = load_lanes(row + c);
+    partial_a += load_lanes(a + c) * r;
+    partial_b += load_lanes(b + c) * r;
   }
   for (; c < d; ++c) {
     partial_a[0] += a[c] * row[c];
     partial_b[0] += b[c] * row[c];
   }
-  a_row = b_row = 0;
-  for (int lane = 0; lane < kLanes; ++lane) {
-    a_row += partial_a[lane];
-    b_row += partial_b[lane];
-  }
+  a_row = sum_lanes<scalar_t>(partial_a);
+  b_row = sum_lanes<scalar_t>(partial_b);
 }
 
 // grad_row[0:d] += weight * g[0:d]; returns g[0:d] . row[0:d] (summed as dot() sums it); one pass over the rows
