@@ -96,6 +96,23 @@ inline scalar_t sum_lanes(const typename LaneVector<scalar_t>::type& partial) {
   return total;
 }
 
+// out[0:d] = the sum over n corners of weight * (the corner's row of map)[0:d], each lane vector summed in
+// a register (not read and written back per corner)
+template <typename scalar_t>
+inline void sample_row(scalar_t* __restrict out, const scalar_t* __restrict map, const Corner<scalar_t>* corners, int n, int64_t d) {
+  int64_t c = 0;
+  for (; c + kLanes <= d; c += kLanes) {
+    typename LaneVector<scalar_t>::type sum = {};
+    for (int i = 0; i < n; ++i) sum += corners[i].weight * load_lanes(map + corners[i].offset + c);
+    std::memcpy(out + c, &sum, sizeof(sum));
+  }
+  for (; c < d; ++c) {
+    scalar_t sum = 0;
+    for (int i = 0; i < n; ++i) sum += corners[i].weight * map[corners[i].offset + c];
+    out[c] = sum;
+  }
+}
+
 // q[0:d] . k[0:d]
 template <typename scalar_t>
 inline scalar_t dot(const scalar_t* __restrict q, const scalar_t* __restrict k, int64_t d) {
@@ -327,7 +344,6 @@ void kda_kernel(const Geometry& g, const scalar_t* q, const scalar_t* k, const s
       const int64_t image = task / (g.queries * g.heads), head = task % g.heads;
       const scalar_t* task_q = q + task * d;
       const scalar_t* task_loc = loc + task * samples * 2;
-      std::fill(keys.begin(), keys.end(), scalar_t(0));
       scalar_t max_logit = -std::numeric_limits<scalar_t>::infinity();
       for (int64_t l = 0; l < g.levels; ++l) {
         const int64_t first = (image * g.tokens + g.starts[l]) * cell + head * d;
@@ -337,7 +353,7 @@ void kda_kernel(const Geometry& g, const scalar_t* q, const scalar_t* k, const s
           counts[s] = bilinear_corners(task_loc[2 * s], task_loc[2 * s + 1], g.heights[l], g.widths[l], cell, cs);
           level_of[s] = first;
           scalar_t* sampled = keys.data() + s * d;
-          for (int c = 0; c < counts[s]; ++c) axpy(sampled, k + first + cs[c].offset, cs[c].weight, d);
+          sample_row(sampled, k + first, cs, counts[s], d);
           logits[s] = dot(task_q, sampled, d) * scale + (bias ? bias[task * samples + s] : scalar_t(0));
           max_logit = std::max(max_logit, logits[s]);
         }
@@ -516,7 +532,6 @@ void kda_task_dots(const Geometry& g, const KdaBackward<scalar_t>& a, int64_t ta
   const scalar_t scale = scalar_t(1) / std::sqrt(static_cast<scalar_t>(d));
   const scalar_t *q = a.query + task * d, *grad = a.grad_out + task * d, *loc = a.locations + task * samples * 2;
   const scalar_t* bias = a.bias ? a.bias + task * samples : nullptr;
-  if (a.shared) std::fill(w.sampled.begin(), w.sampled.end(), scalar_t(0));
   for (int64_t l = 0; l < g.levels; ++l) {
     for (int64_t p = 0; p < g.points; ++p) {
       const int64_t s = l * g.points + p;
@@ -525,7 +540,7 @@ void kda_task_dots(const Geometry& g, const KdaBackward<scalar_t>& a, int64_t ta
       scalar_t logit = 0, sampled_grad = 0;
       if (a.shared) {
         scalar_t* sampled = w.sampled.data() + s * d;
-        for (int c = 0; c < w.counts[s]; ++c) axpy(sampled, a.value + w.firsts[l] + cs[c].offset, cs[c].weight, d);
+        sample_row(sampled, a.value + w.firsts[l], cs, w.counts[s], d);
         dot2(q, grad, sampled, d, logit, sampled_grad);
       } else {
         for (int c = 0; c < w.counts[s]; ++c) {
