@@ -124,10 +124,13 @@ def test_forward_and_every_gradient_agree_with_the_grid_sample_path_in_float32(o
         assert fused_error <= 2 * reference_error + 1e-7 * scale, (name, fused_error, reference_error)
 
 
-def test_shared_keys_get_the_sum_of_the_key_and_value_gradients():
-    """KDA(q, v, v) (sampled once) is KDA(q, k, v) with k == v; the value's gradient is the sum of both."""
-    x = inputs(SMALL, b=2, m=2, d=5, p=3, dtype=torch.float64)
-    grad_out = torch.randn(2, x["value"].shape[1], 10, dtype=torch.float64)
+@pytest.mark.parametrize("d", [5, 12])
+def test_shared_keys_get_the_sum_of_the_key_and_value_gradients(d):
+    """KDA(q, v, v) (sampled once, one combined gradient row per sample) is KDA(q, k, v) with k == v
+    (per-corner dot products and scatters); the value's gradient is the sum of both. D=5 runs the
+    kernels' per-channel tail only, D=12 their 8-lane vectors and the tail."""
+    x = inputs(SMALL, b=2, m=2, d=d, p=3, dtype=torch.float64)
+    grad_out = torch.randn(2, x["value"].shape[1], 2 * d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     shared = forward_and_grads("kda_shared", SMALL, x, grad_out)
     distinct = forward_and_grads("kda_distinct", SMALL, {**x, "key": x["value"]}, grad_out)
     torch.testing.assert_close(shared[0], distinct[0], rtol=1e-12, atol=1e-12)
