@@ -66,6 +66,22 @@ def test_float32_kernels_are_as_accurate_as_the_pytorch_path():
         assert kernel_error <= 2 * pytorch_error + 1e-7
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_are_computed_in_float32(dtype):
+    """bf16/fp16 inputs (autocast's, in inference) run the float32 kernels on the upcast inputs and come
+    back in their dtype: one rounding of the float32 result, more accurate than the PyTorch path in that dtype."""
+    low = {k: v.to(dtype) for k, v in inputs(torch.float32).items()}
+    up = {k: v.float() for k, v in low.items()}
+    truth = run_all({k: v.double() for k, v in up.items()})
+    with torch.no_grad():
+        outs, in_float32 = run_all(low), run_all(up)
+        with cpu_kernels.cpu_kernels_disabled():
+            pytorch = run_all(low)
+    for out, ref, exact, theirs in zip(outs, in_float32, truth, pytorch):
+        assert out.dtype == dtype and torch.equal(out, ref.to(dtype))
+        assert (out.double() - exact).abs().max() <= (theirs.double() - exact).abs().max()
+
+
 def test_results_do_not_depend_on_the_thread_count():
     x = inputs(torch.float32)
     threads = torch.get_num_threads()
@@ -96,7 +112,7 @@ def test_dispatch():
     assert cpu_kernels.enabled(x["value"]) and attention_backend(x["value"]) == "cpu_kernel"
     with cpu_kernels.cpu_kernels_disabled():
         assert not cpu_kernels.enabled(x["value"]) and attention_backend(x["value"]) == "gather"
-    assert attention_backend(x["value"].bfloat16()) == "gather", "low precision takes the PyTorch path"
+    assert attention_backend(x["value"].bfloat16()) == "cpu_kernel", "low precision is computed in float32"
     value = x["value"].requires_grad_()
     assert attention_backend(value) == "cpu_kernel", "with autograd: the fused forward and backward (tests/ops/test_cpu_backward.py)"
     with cpu_kernels.cpu_kernels_disabled():

@@ -30,15 +30,11 @@ import torch
 from torch import Tensor
 
 from litedetr.ops import cpu_kernels
+from litedetr.ops.cpu_kernels import compute_dtype
 from litedetr.ops.custom_ops import key_aware_input_grads
 from litedetr.ops.geometry import SpatialShapes
 
-__all__ = ["compute_dtype", "ms_deform_attn", "ms_deform_attn_key_aware"]
-
-
-def compute_dtype(value: Tensor) -> torch.dtype:
-    """The dtype the kernels run in for ``value``: float64 for float64, float32 for everything else."""
-    return torch.float64 if value.dtype == torch.float64 else torch.float32
+__all__ = ["ms_deform_attn", "ms_deform_attn_key_aware"]
 
 
 def _empty_like(t: Tensor) -> Tensor:

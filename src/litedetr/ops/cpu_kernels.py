@@ -43,6 +43,7 @@ __all__ = [
     "build_name",
     "check_key_aware_shapes",
     "check_shapes",
+    "compute_dtype",
     "cpu_kernels_disabled",
     "enabled",
     "extensions_root",
@@ -61,8 +62,7 @@ _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx2", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
 }
-_DTYPES = (torch.float32, torch.float64)
-_AUTOGRAD_DTYPES = (*_DTYPES, torch.bfloat16, torch.float16)  # computed in float32 (cpu_autograd casts)
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # the last two computed in float32
 _switch = KernelSwitch()
 
 
@@ -136,15 +136,21 @@ def _put_ninja_on_path() -> None:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-def enabled(*tensors: Tensor, autograd: bool = False) -> bool:
-    """Whether :mod:`litedetr.ops` runs these CPU tensors through the C++ kernels: float32/float64 (with
-    ``autograd``, the forward and fused backward of :mod:`litedetr.ops.cpu_autograd`, also bfloat16 and
-    float16, computed in float32), not switched off (``LITEDETR_CPU_KERNELS=0``, :func:`cpu_kernels_disabled`),
-    not inside ``torch.compile`` (which compiles the PyTorch implementation instead), and built."""
+def compute_dtype(value: Tensor) -> torch.dtype:
+    """The dtype the kernels run in for ``value``: float64 for float64, float32 for everything else
+    (bfloat16 and float16 from autocast are upcast, and the results cast back)."""
+    return torch.float64 if value.dtype == torch.float64 else torch.float32
+
+
+def enabled(*tensors: Tensor) -> bool:
+    """Whether :mod:`litedetr.ops` runs these CPU tensors through the C++ kernels (without autograd the
+    forward functions below, with autograd the forward and fused backward of
+    :mod:`litedetr.ops.cpu_autograd`): float32, float64, bfloat16 or float16 (the last two computed in
+    float32), not switched off (``LITEDETR_CPU_KERNELS=0``, :func:`cpu_kernels_disabled`), not inside
+    ``torch.compile`` (which compiles the PyTorch implementation instead), and built."""
     if _switched_off() or torch.compiler.is_compiling():
         return False
-    dtypes = _AUTOGRAD_DTYPES if autograd else _DTYPES
-    if not all(t.device.type == "cpu" and t.dtype in dtypes for t in tensors):
+    if not all(t.device.type == "cpu" and t.dtype in _DTYPES for t in tensors):
         return False
     return load() is not None
 
@@ -222,14 +228,15 @@ def check_key_aware_shapes(
 
 def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """MSDA forward: ``(B, S, M, D)`` values, ``(H_l, W_l)`` per level (a tuple or an ``(L, 2)`` tensor), ``(B, Lq, M, L, P, 2)`` locations,
-    ``(B, Lq, M, L, P)`` weights -> ``(B, Lq, M*D)``. No autograd.
+    ``(B, Lq, M, L, P)`` weights -> ``(B, Lq, M*D)`` in value's dtype (computed in :func:`compute_dtype`). No autograd.
 
     Raises:
         ValueError: a shape does not fit the others (named).
     """
     shapes = check_shapes(value, spatial_shapes, sampling_locations, attention_weights=(attention_weights, ("B", "Lq", "M", "L", "P")))
-    locations = sampling_locations.to(value.dtype)
-    return _kernels().ms_deform_attn_forward(value, shapes, locations, attention_weights)
+    dtype = compute_dtype(value)
+    out = _kernels().ms_deform_attn_forward(value.to(dtype), shapes, sampling_locations.to(dtype), attention_weights.to(dtype))
+    return out.to(value.dtype)
 
 
 def ms_deform_attn_key_aware(
@@ -237,12 +244,16 @@ def ms_deform_attn_key_aware(
 ) -> Tensor:
     """KDA forward: ``(B, Lq, M, D)`` queries, ``(B, S, M, D)`` keys and values (sampled once when
     ``key is value``), ``(H_l, W_l)`` per level, ``(B, Lq, M, L, P, 2)`` locations and an optional
-    ``(B, Lq, M, L, P)`` logit bias -> ``(B, Lq, M*D)``. No autograd.
+    ``(B, Lq, M, L, P)`` logit bias -> ``(B, Lq, M*D)`` in value's dtype (computed in :func:`compute_dtype`). No autograd.
 
     Raises:
         ValueError: a shape does not fit the others (named).
     """
     shapes = check_key_aware_shapes(query, key, value, spatial_shapes, sampling_locations, logit_bias)
-    locations = sampling_locations.to(value.dtype)
-    bias = None if logit_bias is None else logit_bias.to(value.dtype)
-    return _kernels().ms_deform_attn_key_aware_forward(query.to(value.dtype), key, value, shapes, locations, key is value, bias)
+    dtype = compute_dtype(value)
+    shared = key is value
+    values = value.to(dtype)
+    keys = values if shared else key.to(dtype)
+    bias = None if logit_bias is None else logit_bias.to(dtype)
+    out = _kernels().ms_deform_attn_key_aware_forward(query.to(dtype), keys, values, shapes, sampling_locations.to(dtype), shared, bias)
+    return out.to(value.dtype)

@@ -87,9 +87,10 @@ def attention_backend(*tensors: Tensor) -> str:
     """The implementation :func:`ms_deform_attn` and :func:`ms_deform_attn_key_aware` run for these inputs.
 
     ``"triton"`` (CUDA, Triton installed); ``"grid_sample"`` while tracing or exporting to ONNX;
-    ``"cpu_kernel"`` (the C++ kernels built and not switched off, CPU inputs outside ``torch.compile``:
-    without autograd float32/float64, the forward kernel alone; with autograd also bfloat16/float16,
-    the ``litedetr::cpu_*`` custom ops with the fused backward, computed in float32); otherwise
+    ``"cpu_kernel"`` (the C++ kernels built and not switched off, CPU inputs in float32, float64,
+    bfloat16 or float16 outside ``torch.compile``, the last two computed in float32: without autograd
+    the forward kernel alone, with autograd the ``litedetr::cpu_*`` custom ops with the fused
+    backward); otherwise
     ``"grid_sample"`` with autograd and ``"gather"`` (``embedding_bag`` row gathers) without.
     """
     if tensors[0].is_cuda:
@@ -99,10 +100,9 @@ def attention_backend(*tensors: Tensor) -> str:
             return "triton"
     if _traced():
         return "grid_sample"
-    autograd = _autograd(*tensors)
-    if cpu_kernels.enabled(*tensors, autograd=autograd):
+    if cpu_kernels.enabled(*tensors):
         return "cpu_kernel"
-    return "grid_sample" if autograd else "gather"
+    return "grid_sample" if _autograd(*tensors) else "gather"
 
 
 def _kda_gather(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: SpatialShapes, sampling_locations: Tensor, logit_bias: Tensor | None) -> Tensor:
