@@ -50,6 +50,38 @@ def test_resnet_frozen_params_get_no_gradient(r18):
     assert r18.body.layer2[0].conv1.weight.grad is not None
 
 
+def _module_chain(backbone: ResNetBackbone, images: torch.Tensor) -> list[torch.Tensor]:
+    """torchvision's own modules one after the other, frozen batch norms as separate ops: the reference."""
+    b = backbone.body
+    x = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(images)))))
+    c3 = b.layer2(x)
+    c4 = b.layer3(c3)
+    return [c3, c4, b.layer4(c4)]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_folded_frozen_norms_give_the_module_chains_outputs_and_gradients(name):
+    """The forward folds each frozen batch norm into its convolution (per call); with statistics far
+    from the identity, outputs and every trainable weight's gradient match torchvision's modules in float64."""
+    backbone = ResNetBackbone(name).double()
+    g = torch.Generator().manual_seed(0)
+    for norm in (m for m in backbone.modules() if isinstance(m, FrozenBatchNorm2d)):
+        for buffer, low, high in ((norm.weight, 0.5, 1.5), (norm.running_var, 0.2, 2.0), (norm.bias, -1, 1), (norm.running_mean, -1, 1)):
+            buffer.copy_(torch.rand(buffer.shape, generator=g, dtype=buffer.dtype) * (high - low) + low)
+    images = torch.randn(2, 3, 48, 64, generator=g, dtype=torch.float64)
+    features, reference = backbone(images), _module_chain(backbone, images)
+    for ours, theirs in zip(features, reference, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    trainable = [p for p in backbone.parameters() if p.requires_grad]
+
+    def weighted_sum(maps: list[torch.Tensor]) -> torch.Tensor:
+        return sum((f * torch.linspace(-1, 1, f.numel(), dtype=f.dtype).view_as(f)).sum() for f in maps)
+
+    ours, theirs = (torch.autograd.grad(weighted_sum(maps), trainable) for maps in (features, reference))
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 def test_unknown_backbone_names():
     with pytest.raises(ValueError, match="unknown backbone 'vgg16'"):
         build_backbone("vgg16")
