@@ -15,7 +15,10 @@ under autocast for bf16, backward, gradient clipping and a fused AdamW step) on 
 Every (model, precision) gets its own trainer from the same seed; the timed steps take turns
 (model 1 float32, model 1 bf16, model 2 float32, ...), so all see the same machine load. Whether
 bf16 pays depends on the CPU: with AVX-512 BF16 or AMX it is native, on AVX2 it is emulated and
-several times slower than float32 (``--precisions float32`` skips it there). Prints a table with each
+several times slower than float32 (``--precisions float32`` skips it there). In the same rotation each
+model's encoder runs alone, forward and backward, on the input-stage tokens of one batch
+(:func:`litedetr.bench.timing.encoder_run`): the step less its encoder, over DINO's step, is the least
+a Lite step could cost against DINO's if its encoder took no time at all. Prints a table with each
 step's ratio to DINO's and KDA's (with and without query logits) to MSDA's, and writes ``train_step[_<suite>].json`` to ``--out``
 (``_<capability>_emulated`` added when the ATen and oneDNN instruction sets are lowered by
 environment variables).
@@ -40,6 +43,7 @@ from pathlib import Path
 import torch
 
 from litedetr.bench.runs import Variant, lite_dino_variants, variant_recipe
+from litedetr.bench.timing import bench_images, encoder_run
 from litedetr.data import write_synthetic_dataset
 from litedetr.engine import Trainer
 from litedetr.engine.precision import cpu_bf16_native, resolve_precision
@@ -110,6 +114,7 @@ def main() -> None:
     batch_size = args.batch_size or suite.batch_size
     warmup = 2
     times: dict[tuple[str, str], list[float]] = {}
+    encoder_times: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         trainers: dict[tuple[str, str], Trainer] = {}
         for model in suite.models:
@@ -121,16 +126,23 @@ def main() -> None:
             for precision in args.precisions:
                 trainers[model.name, precision] = Trainer(dataclasses.replace(config, amp=PRECISIONS[precision]), Path(tmp) / f"{model.name}-{precision}")
                 times[model.name, precision] = []
+                encoder_times[model.name, precision] = []
         batches = {key: trainer.train_batches() for key, trainer in trainers.items()}
+        images = bench_images(batch_size, (suite.image_size, suite.image_size))
+        encoders = {key: encoder_run(t.model, images, train=True, autocast=torch.bfloat16 if key[1] == "bf16" else None) for key, t in trainers.items()}
         for i in range(warmup + args.steps):
             for key, trainer in trainers.items():
                 start = time.perf_counter()
                 trainer.train_step(*next(batches[key]))
+                middle = time.perf_counter()
+                encoders[key]()
                 if i >= warmup:
-                    times[key].append(time.perf_counter() - start)
+                    times[key].append(middle - start)
+                    encoder_times[key].append(time.perf_counter() - middle)
 
     native, why = cpu_bf16_native()
     median = {precision: {m.name: statistics.median(times[m.name, precision]) for m in suite.models} for precision in args.precisions}
+    encoder = {precision: {m.name: statistics.median(encoder_times[m.name, precision]) for m in suite.models} for precision in args.precisions}
     p90 = {precision: {m.name: sorted(times[m.name, precision])[max(0, round(0.9 * args.steps) - 1)] for m in suite.models} for precision in args.precisions}
     result = {
         "suite": args.suite,
@@ -150,6 +162,11 @@ def main() -> None:
         "median_step_s": median,
         "p90_step_s": p90,
         "over_dino": {p: {m.name: _ratio(median[p], m.name, "dino") for m in suite.models} for p in args.precisions},
+        "median_encoder_s": encoder,
+        "encoder_over_dino": {p: {m.name: _ratio(encoder[p], m.name, "dino") for m in suite.models} for p in args.precisions},
+        "step_without_encoder_over_dino": {
+            p: {m.name: (median[p][m.name] - encoder[p][m.name]) / median[p]["dino"] for m in suite.models} for p in args.precisions
+        },
         "kda_over_msda": {p: _ratio(median[p], "lite-kda", "lite-msda") for p in args.precisions},
         "kda_query_logits_over_msda": {p: _ratio(median[p], "lite-kda-ql", "lite-msda") for p in args.precisions},
     }
@@ -157,11 +174,13 @@ def main() -> None:
         result["bf16_over_float32"] = {m.name: median["bf16"][m.name] / median["float32"][m.name] for m in suite.models}
     print(f"CPU capability {result['cpu_capability']}, {args.threads} threads, {suite.image_size}x{suite.image_size}, batch {batch_size}: {why}")
     width = max(len(m.label) for m in suite.models)
-    print(f"{'model':<{width}} {'precision':>9} {'median s':>9} {'p90 s':>7} {'/ DINO':>7}")
+    print(f"{'model':<{width}} {'precision':>9} {'median s':>9} {'p90 s':>7} {'/ DINO':>7} {'encoder s':>10} {'/ DINO':>7} {'rest / DINO step':>17}")
     for model in suite.models:
         for precision in args.precisions:
-            ratio = result["over_dino"][precision][model.name]
-            print(f"{model.label:<{width}} {precision:>9} {median[precision][model.name]:>9.3f} {p90[precision][model.name]:>7.3f} {ratio:>6.2f}x")
+            ratio, enc = result["over_dino"][precision][model.name], result["encoder_over_dino"][precision][model.name]
+            rest = result["step_without_encoder_over_dino"][precision][model.name]
+            step = f"{median[precision][model.name]:>9.3f} {p90[precision][model.name]:>7.3f} {ratio:>6.2f}x"
+            print(f"{model.label:<{width}} {precision:>9} {step} {encoder[precision][model.name]:>10.3f} {enc:>6.2f}x {rest:>16.2f}x")
     for precision in args.precisions:
         with_logits = result["kda_query_logits_over_msda"][precision]
         print(
