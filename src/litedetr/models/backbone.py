@@ -68,9 +68,8 @@ class ResNetBackbone(nn.Module):
     """torchvision ResNet; by default with frozen batch norm and the stem and ``layer1`` frozen, as in DETR.
 
     With frozen batch norm each norm is folded into the convolution before it on every call
-    (:func:`conv_frozen_norm`; the parameters are unchanged) and the maps are channels-last: on two
-    cores of an AVX-512 CPU a ResNet-50 at 640x640 then takes 0.75x the time in float32 and 0.5x
-    under bf16 autocast (inference).
+    (:func:`conv_frozen_norm`; the parameters are unchanged) and the maps are channels-last (timings
+    in the README's notes on the training step).
 
     Args:
         name: ``resnet18``, ``resnet34``, ``resnet50`` or ``resnet101``.
