@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+from unittest import mock
 
 import pytest
 import torch
 
+from litedetr.ops import bilinear as bilinear_ops
 from litedetr.ops import cpu_kernels, key_aware_attention_weights, ms_deform_attn, ms_deform_attn_key_aware
 
 SHAPES = torch.tensor([[5, 7], [3, 4], [2, 2]])
@@ -73,9 +75,10 @@ def random_inputs(b=2, lq=5, m=2, d=4, p=3, dtype=torch.float64, requires_grad=F
     return [t.requires_grad_(requires_grad) for t in tensors]
 
 
-# the three CPU paths: "kernel" (C++, no autograd), "gather" (embedding_bag, no autograd) and
-# "grid_sample" (autograd: the inputs require grad)
-PATHS = ["kernel", "gather", "grid_sample"]
+# the CPU paths: "kernel" (C++, no autograd), "gather" (embedding_bag, no autograd), "traced_gather"
+# (the gather path as a trace records it, Gather and MatMul, run eagerly) and "grid_sample" (autograd:
+# the inputs require grad)
+PATHS = ["kernel", "gather", "traced_gather", "grid_sample"]
 
 
 def on_path(path: str, tensors: list[torch.Tensor]) -> contextlib.AbstractContextManager:
@@ -84,7 +87,13 @@ def on_path(path: str, tensors: list[torch.Tensor]) -> contextlib.AbstractContex
         pytest.skip("the C++ CPU kernels are not available here")
     for t in tensors:
         t.requires_grad_(path == "grid_sample")
-    return cpu_kernels.cpu_kernels_disabled() if path != "kernel" else contextlib.nullcontext()
+    if path == "kernel":
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(cpu_kernels.cpu_kernels_disabled())
+    if path == "traced_gather":
+        stack.enter_context(mock.patch.object(bilinear_ops, "tracing", return_value=True))
+    return stack
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -55,6 +55,31 @@ def test_onnxruntime_reproduces_pytorch(name, tmp_path):
     assert diff["boxes"] < 1e-3 and diff["scores"] < 1e-3 and diff["labels_equal"] == 1.0, diff
 
 
+@pytest.mark.parametrize(
+    "name,overrides",
+    [("lite-dino-r18-tiny-h3l1-2x3", {}), ("lite-dino-r18-tiny-h3l1-2x3", {"kda_key_proj": True}), ("deformable-detr-r18-tiny", {})],
+    ids=["kda-shared-keys", "kda-distinct-keys", "msda"],
+)
+def test_gather_sampling_has_no_grid_sample_and_matches_pytorch_per_query(name, overrides, tmp_path):
+    """``sampling="gather"``: Gather and MatMul instead of GridSample, the same detections, and every
+    query's outputs as PyTorch's on several sizes through one dynamic graph (padding masks included)."""
+    model = tiny(name, **overrides)
+    path = export_onnx(model, tmp_path / "model.onnx", SIZE, sampling="gather")
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "GridSample" not in ops and "Gather" in ops
+    diff = compare_with_runtime(model, path, normalized_scene(2, *SIZE, seed=3), SIZE)
+    assert diff["boxes"] < 1e-3 and diff["scores"] < 1e-3 and diff["labels_equal"] == 1.0, diff
+    spread_class_logits(model)
+    inputs = [normalized_scene(2, h, w, seed=h + w) for h, w in (SIZE, (96, 128))]
+    parity = query_parity(model, inputs, SIZE, tmp_path, sampling="gather")
+    assert parity["logits"] < 1e-4 and parity["boxes_px"] < 1e-2 and parity["reordered_gap"] < 1e-4, parity
+
+
+def test_an_unknown_sampling_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="sampling must be one of grid_sample, gather"):
+        export_onnx(tiny("deformable-detr-r18-tiny"), tmp_path / "model.onnx", SIZE, sampling="bilinear")
+
+
 def test_graph_equals_the_detectors_own_inference():
     model = tiny("lite-dino-r18-tiny-h3l1-2x3")
     with torch.no_grad():
@@ -94,6 +119,10 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--size", "128x128", "--out", str(out)]) == 0
     report = capsys.readouterr().out
     assert out.exists() and "labels equal 100%" in report
+    gathered = tmp_path / "gather.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--size", "128x128", "--sampling", "gather", "--out", str(gathered)]) == 0
+    assert "labels equal 100%" in capsys.readouterr().out
+    assert "GridSample" not in {node.op_type for node in onnx.load(str(gathered)).graph.node}
     assert main(["export", "--checkpoint", str(tmp_path / "none.safetensors"), "--size", "128x128", "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("litedetr: error: ")
 

@@ -1,7 +1,7 @@
 """Pure tensor functions: no parameters, no modules."""
 
 from litedetr.ops.boxes import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, distinct_topk, generalized_box_iou, inverse_sigmoid
-from litedetr.ops.deform_attn import attention_backend, key_aware_attention_weights, ms_deform_attn, ms_deform_attn_key_aware
+from litedetr.ops.deform_attn import TRACED_SAMPLING, attention_backend, key_aware_attention_weights, ms_deform_attn, ms_deform_attn_key_aware, traced_sampling
 from litedetr.ops.geometry import (
     LevelShapes,
     SpatialShapes,
@@ -17,6 +17,8 @@ from litedetr.ops.geometry import (
 
 __all__ = [
     "attention_backend",
+    "traced_sampling",
+    "TRACED_SAMPLING",
     "ms_deform_attn",
     "ms_deform_attn_key_aware",
     "key_aware_attention_weights",

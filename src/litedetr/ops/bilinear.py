@@ -20,7 +20,12 @@ from torch import Tensor
 
 from litedetr.ops.geometry import SpatialShapes, level_shapes
 
-__all__ = ["bilinear_corners", "gather_rows"]
+__all__ = ["bilinear_corners", "gather_rows", "tracing"]
+
+
+def tracing() -> bool:
+    """Whether a trace is being recorded (``torch.jit.trace``, ``torch.onnx.export(..., dynamo=False)``)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 @torch.no_grad()
@@ -41,8 +46,7 @@ def bilinear_corners(spatial_shapes: SpatialShapes, sampling_locations: Tensor, 
     b, lq, m, n_levels, p, _ = sampling_locations.shape
     index_dtype = torch.int32 if b * num_tokens * m < 2**31 else torch.int64
     device = sampling_locations.device
-    rows = torch.empty(b, lq, m, n_levels, p, 4, dtype=index_dtype, device=device)
-    weights = torch.empty(b, lq, m, n_levels, p, 4, dtype=dtype, device=device)
+    level_rows, level_weights = [], []
     # row of cell (y, x) of level l, image i, head h: (i * S + start_l + y * W_l + x) * M + h
     image_head = (
         torch.arange(b, dtype=index_dtype, device=device)[:, None, None, None] * (num_tokens * m)
@@ -62,14 +66,22 @@ def bilinear_corners(spatial_shapes: SpatialShapes, sampling_locations: Tensor, 
         first = image_head + start * m
         line = (y0.clamp(0, h - 1).to(index_dtype) * (w * m) + first, (y0 + 1).clamp_(0, h - 1).to(index_dtype) * (w * m) + first)
         corners = ((0, 0), (0, 1), (1, 0), (1, 1))
-        rows[:, :, :, lvl] = torch.stack([line[iy] + cols[ix] for iy, ix in corners], -1)
-        weights[:, :, :, lvl] = torch.stack([wy[iy] * wx[ix] for iy, ix in corners], -1)
+        level_rows.append(torch.stack([line[iy] + cols[ix] for iy, ix in corners], -1))
+        level_weights.append(torch.stack([wy[iy] * wx[ix] for iy, ix in corners], -1).to(dtype))
         start += h * w
+    rows, weights = torch.stack(level_rows, 3), torch.stack(level_weights, 3)
     return rows, weights
 
 
 def gather_rows(table: Tensor, rows: Tensor, weights: Tensor) -> Tensor:
-    """Weighted sums of table rows: ``(N, D)`` table, ``(..., K)`` rows and weights -> ``(..., D)``."""
+    """Weighted sums of table rows: ``(N, D)`` table, ``(..., K)`` rows and weights -> ``(..., D)``.
+
+    While tracing (ONNX has no ``embedding_bag``) the rows are gathered (``Gather``) and each bag's
+    weights applied as one matrix product (``MatMul``), materialising the ``(..., K, D)`` rows."""
     k = rows.shape[-1]
+    if tracing():
+        picked = table[rows.reshape(-1)].view(-1, k, table.shape[-1])
+        out = weights.reshape(-1, 1, k).to(table.dtype) @ picked
+        return out.view(*rows.shape[:-1], table.shape[-1])
     out = F.embedding_bag(rows.reshape(-1, k), table, per_sample_weights=weights.reshape(-1, k).to(table.dtype), mode="sum")
     return out.view(*rows.shape[:-1], table.shape[-1])

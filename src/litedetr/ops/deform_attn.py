@@ -3,7 +3,8 @@
 Pure tensor functions. The reference implementation is built on ``torch.nn.functional.grid_sample``
 (bilinear, zero padding outside the map, ``align_corners=False``: the sampling convention of the
 authors' code); the fused C++ CPU kernels (with and without autograd), the ``embedding_bag`` gather
-(CPU, no autograd) and the Triton kernels (CUDA) follow the same convention. Everything is
+(CPU, no autograd; traced as ``Gather`` and ``MatMul``, see :func:`traced_sampling`) and the Triton
+kernels (CUDA) follow the same convention. Everything is
 differentiable w.r.t. every floating-point input.
 
 Notation: ``B`` batch, ``S`` tokens over all levels, ``M`` heads, ``D`` channels per head, ``Lq``
@@ -12,17 +13,23 @@ queries, ``L`` levels, ``P`` points per level and head.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from litedetr.ops import cpu_autograd, cpu_kernels
-from litedetr.ops.bilinear import bilinear_corners, gather_rows
+from litedetr.ops.bilinear import bilinear_corners, gather_rows, tracing
 from litedetr.ops.geometry import LevelShapes, SpatialShapes, check_token_count, level_shapes
 
-__all__ = ["attention_backend", "ms_deform_attn", "ms_deform_attn_key_aware", "key_aware_attention_weights"]
+__all__ = ["TRACED_SAMPLING", "attention_backend", "ms_deform_attn", "ms_deform_attn_key_aware", "key_aware_attention_weights", "traced_sampling"]
+
+TRACED_SAMPLING = ("grid_sample", "gather")
+"""How a trace (ONNX export) records the deformable sampling, see :func:`traced_sampling`."""
+_traced_kind = ["grid_sample"]
 
 
 def _level_maps(feats: Tensor, spatial_shapes: SpatialShapes) -> list[Tensor]:
@@ -71,11 +78,28 @@ def _sample(maps: list[Tensor], grids: Tensor) -> Tensor:
     return torch.cat(sampled, -1).transpose(1, 2)
 
 
-def _traced() -> bool:
-    """Whether a trace is being recorded (``torch.jit.trace``, ``torch.onnx.export(..., dynamo=False)``):
-    it must record ``grid_sample`` (ONNX ``GridSample``, opset >= 16), as neither the C++ kernels
-    nor the gather path (``embedding_bag`` with per-sample weights) export."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+@contextlib.contextmanager
+def traced_sampling(kind: str) -> Iterator[None]:
+    """Within this context a trace (``torch.onnx.export(..., dynamo=False)``, ``torch.jit.trace``) records
+    the deformable sampling of :func:`ms_deform_attn` and :func:`ms_deform_attn_key_aware` as ``kind``:
+
+    - ``"grid_sample"`` (the default outside this context): one ``GridSample`` per level (ONNX opset >= 16);
+    - ``"gather"``: the four corner rows of every sample gathered from the flattened maps (``Gather``)
+      and weighted with ``MatMul`` (:func:`~litedetr.ops.bilinear.gather_rows`): no ``GridSample``, for
+      runtimes that lack it or compile it wrongly, at the cost of ``(B*Lq*M, 4*L*P, D)`` gathered rows.
+
+    Neither the C++ kernels nor ``embedding_bag`` can be traced, so a trace always takes one of these.
+
+    Raises:
+        ValueError: ``kind`` is not one of :data:`TRACED_SAMPLING`.
+    """
+    if kind not in TRACED_SAMPLING:
+        raise ValueError(f"sampling must be one of {', '.join(TRACED_SAMPLING)}, got {kind!r}")
+    _traced_kind.append(kind)
+    try:
+        yield
+    finally:
+        _traced_kind.pop()
 
 
 def _autograd(*tensors: Tensor) -> bool:
@@ -86,7 +110,8 @@ def _autograd(*tensors: Tensor) -> bool:
 def attention_backend(*tensors: Tensor) -> str:
     """The implementation :func:`ms_deform_attn` and :func:`ms_deform_attn_key_aware` run for these inputs.
 
-    ``"triton"`` (CUDA, Triton installed); ``"grid_sample"`` while tracing or exporting to ONNX;
+    ``"triton"`` (CUDA, Triton installed); while tracing or exporting to ONNX ``"grid_sample"``, or
+    ``"gather"`` within ``traced_sampling("gather")``;
     ``"cpu_kernel"`` (the C++ kernels built and not switched off, CPU inputs in float32, float64,
     bfloat16 or float16 outside ``torch.compile``, the last two computed in float32: without autograd
     the forward kernel alone, with autograd the ``litedetr::cpu_*`` custom ops with the fused
@@ -98,8 +123,8 @@ def attention_backend(*tensors: Tensor) -> str:
 
         if custom_ops.triton_enabled():
             return "triton"
-    if _traced():
-        return "grid_sample"
+    if tracing():
+        return _traced_kind[-1]
     if cpu_kernels.enabled(*tensors):
         return "cpu_kernel"
     return "grid_sample" if _autograd(*tensors) else "gather"

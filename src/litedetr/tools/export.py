@@ -43,7 +43,7 @@ from litedetr.models.config import DetectorConfig
 from litedetr.models.exported import METADATA_KEY, OUTPUT_NAMES, Backend, graph_input, graph_metadata, graph_runner, onnx_session, require
 from litedetr.models.image_batch import IMAGENET_MEAN, IMAGENET_STD
 from litedetr.models.inputs import find_images, to_image_tensor
-from litedetr.ops import box_cxcywh_to_xyxy
+from litedetr.ops import TRACED_SAMPLING, box_cxcywh_to_xyxy, traced_sampling
 from litedetr.ops.custom_ops import triton_disabled
 from litedetr.tools.args import int_at_least, load_detector, size_type
 from litedetr.tools.draw import synthetic_scene
@@ -153,7 +153,9 @@ def spread_class_logits(model: Detector, seed: int = 1) -> Detector:
     return model
 
 
-def query_parity(model: Detector, inputs: Tensor | list[Tensor], canvas: tuple[int, int], folder: str | os.PathLike) -> dict[str, float]:
+def query_parity(
+    model: Detector, inputs: Tensor | list[Tensor], canvas: tuple[int, int], folder: str | os.PathLike, sampling: str = "grid_sample"
+) -> dict[str, float]:
     """onnxruntime against PyTorch per query, before any top-k, on ``inputs``: one or several
     ``(B, 3, h, w)`` normalised batches (sizes up to the canvas), through one graph; the worst of them.
 
@@ -161,7 +163,7 @@ def query_parity(model: Detector, inputs: Tensor | list[Tensor], canvas: tuple[i
     are nearer than that can come out in another order; where the query content is a learned embedding
     taken by rank (DINO's mixed query selection, H-DETR's), such a swap changes those queries' outputs
     and then the final top-k. So the per-query outputs are compared with PyTorch run on onnxruntime's
-    ranking, and the ranking is compared apart.
+    ranking, and the ranking is compared apart. ``sampling``: how the graph samples (:func:`export_onnx`).
 
     Returns:
         ``logits`` and ``boxes_px``: the largest differences per query given the same ranking (boxes
@@ -170,7 +172,7 @@ def query_parity(model: Detector, inputs: Tensor | list[Tensor], canvas: tuple[i
         between the two tokens at such a position (0 when none).
     """
     probe = QueryProbe(cpu_model(model), canvas).eval()
-    path = _trace(probe, Path(folder) / "query_probe.onnx", canvas, ("logits", "boxes", "tokens"), dynamic_size=True)
+    path = _trace(probe, Path(folder) / "query_probe.onnx", canvas, ("logits", "boxes", "tokens"), True, sampling)
     session = onnx_session(path)
     height, width = canvas
     worst = {"logits": 0.0, "boxes_px": 0.0, "reordered": 0, "reordered_gap": 0.0}
@@ -208,12 +210,13 @@ def cpu_model(model: Detector) -> Detector:
     return copied.eval()
 
 
-def _trace(wrapper: OnnxDetector, path: Path, size: tuple[int, int], output_names: tuple[str, ...], dynamic_size: bool) -> Path:
+def _trace(wrapper: OnnxDetector, path: Path, size: tuple[int, int], output_names: tuple[str, ...], dynamic_size: bool, sampling: str) -> Path:
     """Trace ``wrapper`` (in eval mode, on the CPU) to an ONNX file at ``path`` for ``size = (H, W)`` canvases,
-    with the Triton kernels off; the batch is free, and with ``dynamic_size`` the height and width too."""
+    with the Triton kernels off and the deformable sampling recorded as ``sampling``
+    (:func:`~litedetr.ops.traced_sampling`); the batch is free, and with ``dynamic_size`` the height and width too."""
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
     dynamic_axes = {"images": axes, **{name: {0: "batch"} for name in output_names}}
-    with warnings.catch_warnings(), torch.no_grad(), triton_disabled():
+    with warnings.catch_warnings(), torch.no_grad(), triton_disabled(), traced_sampling(sampling):
         warnings.simplefilter("ignore")  # tracer warnings: the map sizes become constants, by design
         torch.onnx.export(
             wrapper, (torch.zeros(1, 3, *size),), str(path), dynamo=False, opset_version=OPSET,
@@ -222,14 +225,21 @@ def _trace(wrapper: OnnxDetector, path: Path, size: tuple[int, int], output_name
     return path
 
 
-def export_onnx(model: Detector, path: str | os.PathLike, size: tuple[int, int], dynamic_size: bool = False) -> Path:
+def export_onnx(model: Detector, path: str | os.PathLike, size: tuple[int, int], dynamic_size: bool = False, sampling: str = "grid_sample") -> Path:
     """Write ``model``'s inference graph for ``size = (H, W)`` canvases to ``path`` and check it with ``onnx.checker``.
 
-    Traced from :func:`cpu_model` with the Triton kernels off, wherever ``model`` lives."""
+    Traced from :func:`cpu_model` with the Triton kernels off, wherever ``model`` lives. ``sampling``: the
+    deformable attention's sampling as ``"grid_sample"`` (``GridSample``, the faster in ONNX Runtime and
+    OpenVINO on the CPU) or ``"gather"`` (``Gather`` and ``MatMul``, for runtimes without a ``GridSample``
+    they run correctly, e.g. TensorRT); see :func:`~litedetr.ops.traced_sampling`.
+
+    Raises:
+        ValueError: ``sampling`` is neither.
+    """
     onnx = require("onnx")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _trace(OnnxDetector(cpu_model(model), size).eval(), path, size, OUTPUT_NAMES, dynamic_size)
+    _trace(OnnxDetector(cpu_model(model), size).eval(), path, size, OUTPUT_NAMES, dynamic_size, sampling)
     graph = onnx.load(str(path))
     entry = graph.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, graph_metadata(model.config, size, dynamic_size)
@@ -239,13 +249,13 @@ def export_onnx(model: Detector, path: str | os.PathLike, size: tuple[int, int],
     return path
 
 
-def export_openvino(model: Detector, path: str | os.PathLike, size: tuple[int, int], dynamic_size: bool = False) -> Path:
+def export_openvino(model: Detector, path: str | os.PathLike, size: tuple[int, int], dynamic_size: bool = False, sampling: str = "grid_sample") -> Path:
     """Write ``model``'s graph as OpenVINO IR (``path``: the ``.xml``; its weights go beside it as ``.bin``),
-    converted from the ONNX graph of :func:`export_onnx`, with the same metadata."""
+    converted from the ONNX graph of :func:`export_onnx` (and its ``sampling``), with the same metadata."""
     ov = require("openvino")
     path = Path(path)
     with tempfile.TemporaryDirectory() as scratch:
-        converted = ov.convert_model(str(export_onnx(model, Path(scratch) / "model.onnx", size, dynamic_size)))
+        converted = ov.convert_model(str(export_onnx(model, Path(scratch) / "model.onnx", size, dynamic_size, sampling)))
     converted.set_rt_info(graph_metadata(model.config, size, dynamic_size), [METADATA_KEY])
     path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(converted, str(path), compress_to_fp16=False)  # float32 weights, as exported
@@ -354,11 +364,12 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         if args.int8 and args.format == "openvino":
             calibration = calibration_inputs(args.calibration, model.config, args.size, args.dynamic_size, args.calibration_images)
-            path = quantize_openvino(export_openvino(model, Path(scratch) / "float32.xml", args.size, args.dynamic_size), args.out, calibration)
+            float32 = export_openvino(model, Path(scratch) / "float32.xml", args.size, args.dynamic_size, args.sampling)
+            path = quantize_openvino(float32, args.out, calibration)
         elif args.int8:
-            path = quantize_onnx(export_onnx(model, Path(scratch) / "float32.onnx", args.size, args.dynamic_size), args.out)
+            path = quantize_onnx(export_onnx(model, Path(scratch) / "float32.onnx", args.size, args.dynamic_size, args.sampling), args.out)
         else:
-            path = write(model, args.out, args.size, args.dynamic_size)
+            path = write(model, args.out, args.size, args.dynamic_size, args.sampling)
     h, w = args.size
     check_size = (h * 3 // 4, w) if args.dynamic_size else (h, w)
     scene = normalized_scene(1, *check_size)
@@ -372,7 +383,7 @@ def run(args: argparse.Namespace) -> int:
         print("INT8 weights move scores and boxes by design: measure the AP change on your validation data (`litedetr eval`)")
         return 0
     with tempfile.TemporaryDirectory() as scratch:
-        parity = query_parity(model, scene, args.size, scratch)
+        parity = query_parity(model, scene, args.size, scratch, args.sampling)
     print(f"per query before the top-k, given the same ranking of the proposals: max |logits| {parity['logits']:.1e}, "
           f"max |boxes| {parity['boxes_px']:.1e} px; {parity['reordered']} query positions ranked otherwise by proposals "
           f"whose scores differ by at most {parity['reordered_gap']:.1e} (below float32 rounding: PyTorch reorders them too "
@@ -387,6 +398,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["onnx", "openvino"], default="onnx", help="ONNX (.onnx) or OpenVINO IR (.xml + .bin); default onnx")
     p.add_argument("--size", type=size_type(32), required=True, help="input canvas HxW, e.g. 800x1333")
     p.add_argument("--dynamic-size", action="store_true", help="accept any input up to HxW (padded onto the canvas in the graph)")
+    p.add_argument("--sampling", choices=TRACED_SAMPLING, default="grid_sample",
+                   help="the deformable attention's sampling in the graph: GridSample (default; the faster in ONNX Runtime and OpenVINO "
+                   "on the CPU) or gather (Gather and MatMul, no GridSample: for runtimes that lack it or compile it wrongly, e.g. TensorRT)")  # fmt: skip
     p.add_argument("--int8", action="store_true",
                    help="INT8: with --format onnx the linear layers (ONNX Runtime dynamic quantisation); with --format openvino "
                    "convolutions and linear layers, weights and activations (NNCF static quantisation, needs --calibration)")  # fmt: skip
