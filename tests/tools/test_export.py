@@ -61,18 +61,15 @@ def test_onnxruntime_reproduces_pytorch(name, tmp_path):
     ids=["kda-shared-keys", "kda-distinct-keys", "msda"],
 )
 def test_gather_sampling_has_no_grid_sample_and_matches_pytorch_per_query(name, overrides, tmp_path):
-    """``sampling="gather"``: Gather and MatMul instead of GridSample, the same detections, and every
-    query's outputs as PyTorch's on several sizes through one dynamic graph (padding masks included)."""
-    model = tiny(name, **overrides)
-    path = export_onnx(model, tmp_path / "model.onnx", SIZE, sampling="gather")
-    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
-    assert "GridSample" not in ops and "Gather" in ops
-    diff = compare_with_runtime(model, path, normalized_scene(2, *SIZE, seed=3), SIZE)
-    assert diff["boxes"] < 1e-3 and diff["scores"] < 1e-3 and diff["labels_equal"] == 1.0, diff
-    spread_class_logits(model)
+    """``sampling="gather"``: Gather and MatMul instead of GridSample, and every query's outputs as
+    PyTorch's on two sizes through one dynamic graph (padding masks included). The whole exported
+    graph and its detections: ``test_cli_export``."""
+    model = spread_class_logits(tiny(name, **overrides))
     inputs = [normalized_scene(2, h, w, seed=h + w) for h, w in (SIZE, (96, 128))]
     parity = query_parity(model, inputs, SIZE, tmp_path, sampling="gather")
     assert parity["logits"] < 1e-4 and parity["boxes_px"] < 1e-2 and parity["reordered_gap"] < 1e-4, parity
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "query_probe.onnx")).graph.node}  # the graph query_parity traced
+    assert "GridSample" not in ops and "Gather" in ops
 
 
 def test_an_unknown_sampling_is_refused(tmp_path):
