@@ -19,7 +19,7 @@ backbone), nothing downloaded. What a call covers:
   or AMX, :func:`litedetr.engine.precision.cpu_bf16_native`), otherwise reported with the reason. What
   bf16 costs in AP is measured on a trained model by ``benchmarks/quantization.py``;
 - everyone's ``onnxruntime-int8``: the same ONNX graph with INT8 linear layers
-  (:func:`litedetr.tools.export.quantize_onnx`, ONNX Runtime's dynamic quantisation) in ONNX Runtime.
+  (:func:`litedetr.models.quantized.quantize_onnx`, ONNX Runtime's dynamic quantisation) in ONNX Runtime.
   What it costs in AP is measured on a trained model by ``benchmarks/quantization.py``.
 
 A pair that cannot be built, exported or run here is reported with its one-line reason instead of a
@@ -48,7 +48,8 @@ from litedetr.bench.timing import bench_model, interleaved_ms, load_averages, ru
 from litedetr.engine.precision import cpu_bf16_native
 from litedetr.models.exported import InferencePrecision, openvino_cpu_config, require
 from litedetr.models.image_batch import IMAGENET_MEAN, IMAGENET_STD
-from litedetr.tools.export import export_onnx, normalized_scene, quantize_onnx
+from litedetr.models.quantized import quantize_onnx
+from litedetr.tools.export import export_onnx, normalized_scene
 
 # this folder's kernels.py would shadow the `kernels` package that transformers imports
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]

@@ -6,14 +6,14 @@ The model (``--model``, a litedetr model file, e.g. ``litedetr-demo/model.safete
 
 - ``pytorch``: the model file itself (float32);
 - ``onnxruntime`` / ``openvino``: the float32 graph of ``litedetr export``;
-- ``onnxruntime-int8``: that graph with INT8 linear layers (:func:`litedetr.tools.export.quantize_onnx`:
+- ``onnxruntime-int8``: that graph with INT8 linear layers (:func:`litedetr.models.quantized.quantize_onnx`:
   ONNX Runtime's dynamic quantisation, per-channel 7-bit weights, inputs quantised per call), and
   ``onnxruntime-int8-full``: the same with full 8-bit weights (exact only on CPUs with VNNI);
 - ``openvino-int8``: the 7-bit INT8 graph in OpenVINO;
 - ``pytorch-bf16``: the model file under bf16 autocast, and ``openvino-bf16``: the float32 graph in
   OpenVINO with bf16 inference precision (``--precision bf16`` of ``litedetr eval`` / ``predict``);
   they pay only on CPUs with AVX-512 BF16 or AMX, and elsewhere run emulated (slow) or in float32;
-- ``openvino-int8-nncf``: the float32 OpenVINO IR quantised by NNCF (:func:`litedetr.tools.export.quantize_openvino`:
+- ``openvino-int8-nncf``: the float32 OpenVINO IR quantised by NNCF (:func:`litedetr.models.quantized.quantize_openvino`:
   static INT8 of convolutions and matrix products, weights and activations), calibrated on the first 100
   training images (``litedetr export --format openvino --int8 --calibration``).
 
@@ -44,8 +44,9 @@ from litedetr.engine.recipes import DemoRecipe
 from litedetr.models import Detector
 from litedetr.models.exported import InferencePrecision, graph_runner
 from litedetr.models.image_batch import resize_and_normalize
+from litedetr.models.quantized import calibration_inputs, quantize_onnx, quantize_openvino
 from litedetr.tools.evaluate import evaluate_model_file
-from litedetr.tools.export import calibration_inputs, export_onnx, export_openvino, quantize_onnx, quantize_openvino
+from litedetr.tools.export import export_onnx, export_openvino
 from litedetr.weights import load_model
 
 VARIANTS = {

@@ -14,20 +14,19 @@ from litedetr import ExportedDetector, build_model, save_model
 from litedetr.cli import main
 from litedetr.models.exported import graph_runner
 from litedetr.models.image_batch import IMAGENET_MEAN, IMAGENET_STD
+from litedetr.models.quantized import calibration_inputs, quantize_onnx
 from litedetr.ops import custom_ops
 from litedetr.tools import export
 from litedetr.tools.draw import synthetic_scene
 from litedetr.tools.export import (
     OnnxDetector,
     QueryProbe,
-    calibration_inputs,
     compare_with_runtime,
     cpu_model,
     export_onnx,
     export_openvino,
     normalized_scene,
     onnx_session,
-    quantize_onnx,
     query_parity,
     require,
     spread_class_logits,

@@ -69,8 +69,7 @@ def bilinear_corners(spatial_shapes: SpatialShapes, sampling_locations: Tensor, 
         level_rows.append(torch.stack([line[iy] + cols[ix] for iy, ix in corners], -1))
         level_weights.append(torch.stack([wy[iy] * wx[ix] for iy, ix in corners], -1).to(dtype))
         start += h * w
-    rows, weights = torch.stack(level_rows, 3), torch.stack(level_weights, 3)
-    return rows, weights
+    return torch.stack(level_rows, 3), torch.stack(level_weights, 3)
 
 
 def gather_rows(table: Tensor, rows: Tensor, weights: Tensor) -> Tensor:

@@ -4,8 +4,8 @@ Pure tensor functions. The reference implementation is built on ``torch.nn.funct
 (bilinear, zero padding outside the map, ``align_corners=False``: the sampling convention of the
 authors' code); the fused C++ CPU kernels (with and without autograd), the ``embedding_bag`` gather
 (CPU, no autograd; traced as ``Gather`` and ``MatMul``, see :func:`traced_sampling`) and the Triton
-kernels (CUDA) follow the same convention. Everything is
-differentiable w.r.t. every floating-point input.
+kernels (CUDA) follow the same convention. Everything is differentiable w.r.t. every floating-point
+input.
 
 Notation: ``B`` batch, ``S`` tokens over all levels, ``M`` heads, ``D`` channels per head, ``Lq``
 queries, ``L`` levels, ``P`` points per level and head.
